@@ -1,0 +1,301 @@
+"""Every setting of the Random User ETL: its default, its environment variable, its flag.
+
+A flag beats the environment variable, which beats the default. `Settings` validates
+itself, so a bad value is refused the same way whether it came from a flag, a
+variable or Python code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import ipaddress
+import os
+import re
+from pathlib import Path
+from urllib.parse import urlsplit
+
+HERE = Path(__file__).resolve().parent
+
+# The service caps a page at 5000 users and only pages 1..10000 exist.
+MAX_PAGE_SIZE = 5000
+MAX_PAGES = 10_000
+
+# The nationalities randomuser.me 1.4 serves.
+NATIONALITIES = frozenset(
+    "au br ca ch de dk es fi fr gb ie in ir mx nl no nz rs tr ua us".split()
+)
+
+# A seed names a file, so it must be a plain file-name fragment: no separators, no
+# dots to climb with, no control characters, bounded length.
+SEED_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
+
+OFF_WORDS = frozenset({"", "off", "none", "no", "false", "0"})
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+
+
+class SettingsError(ValueError):
+    """A setting with a value the job cannot use (exit status 2)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One setting: its flag, variable, default, and how its text is read."""
+
+    name: str
+    flag: str
+    env: str
+    help: str
+    parse: object  # str -> value; raises ValueError with a short reason
+    metavar: str = ""
+
+
+def parse_int(text: str) -> int:
+    """A whole number written in decimal."""
+    if not re.fullmatch(r"\s*[+-]?\d+\s*", text):
+        raise ValueError("must be a whole number")
+    return int(text)
+
+
+def parse_float(text: str) -> float:
+    """A finite decimal number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("must be a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError("must be a finite number")
+    return value
+
+
+def parse_optional_path(text: str) -> str | None:
+    """A folder, or off."""
+    return None if text.strip().lower() in OFF_WORDS else text
+
+
+def parse_bool(text: str) -> bool:
+    """yes/no, true/false, on/off, 1/0."""
+    word = text.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in OFF_WORDS:
+        return False
+    raise ValueError("must be true or false")
+
+
+def parse_nat(text: str) -> tuple[str, ...]:
+    """A comma list of nationality codes, kept in the order given."""
+    return tuple(code.strip().lower() for code in text.split(",") if code.strip())
+
+
+SETTINGS = (
+    Setting("n", "--n", "RANDOM_USER_N", "how many users to fetch (default 100)", parse_int, "N"),
+    Setting(
+        "seed",
+        "--seed",
+        "RANDOM_USER_SEED",
+        "API seed; same seed, same users. {date} becomes the run's UTC date "
+        "(YYYYMMDD). Default: the service picks one",
+        lambda text: text or None,
+        "SEED",
+    ),
+    Setting(
+        "nat",
+        "--nat",
+        "RANDOM_USER_NAT",
+        "nationalities, a comma list such as us,gb (default: all)",
+        parse_nat,
+        "CODES",
+    ),
+    Setting(
+        "api_url",
+        "--api-url",
+        "RANDOM_USER_API_URL",
+        "API address (default https://randomuser.me/api/1.4/)",
+        str,
+        "URL",
+    ),
+    Setting(
+        "output_dir",
+        "--output-dir",
+        "RANDOM_USER_OUTPUT_DIR",
+        "where batches land: a folder or s3://bucket/prefix (default processed_data/)",
+        str,
+        "DIR",
+    ),
+    Setting(
+        "raw_dir",
+        "--raw-dir",
+        "RANDOM_USER_RAW_DIR",
+        "where raw answers are kept, gzip-compressed; 'off' keeps none (default raw_data/)",
+        parse_optional_path,
+        "DIR",
+    ),
+    Setting("timeout", "--timeout", "RANDOM_USER_TIMEOUT", "seconds to wait on the service per request (default 30)", parse_float, "S"),
+    Setting("retries", "--retries", "RANDOM_USER_RETRIES", "retries per request on transient faults (default 5)", parse_int, "K"),
+    Setting("backoff", "--backoff", "RANDOM_USER_BACKOFF", "base of the exponential backoff between retries, seconds (default 1)", parse_float, "S"),
+    Setting(
+        "rate_limit_wait",
+        "--rate-limit-wait",
+        "RANDOM_USER_RATE_LIMIT_WAIT",
+        "seconds to pause after the service's rate limit (HTTP 429 without Retry-After) (default 60)",
+        parse_float,
+        "S",
+    ),
+    Setting("concurrency", "--concurrency", "RANDOM_USER_CONCURRENCY", "pages fetched at once (default 4)", parse_int, "K"),
+    Setting(
+        "page_size",
+        "--page-size",
+        "RANDOM_USER_PAGE_SIZE",
+        "users per request (default and maximum 5000); the users of a seed depend on it, so keep it fixed",
+        parse_int,
+        "K",
+    ),
+    Setting(
+        "max_response_mb",
+        "--max-response-mb",
+        "RANDOM_USER_MAX_RESPONSE_MB",
+        "largest answer accepted, in MB; a larger one fails the run (default 64)",
+        parse_float,
+        "MB",
+    ),
+    Setting(
+        "allow_http",
+        "--allow-http",
+        "RANDOM_USER_ALLOW_HTTP",
+        "allow plain http:// to a host other than loopback (default false)",
+        parse_bool,
+        "BOOL",
+    ),
+)
+
+
+def default_output_dir() -> str:
+    """processed_data beside the job."""
+    return str(HERE / "processed_data")
+
+
+def default_raw_dir() -> str:
+    """raw_data beside the job."""
+    return str(HERE / "raw_data")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The validated settings of one run."""
+
+    n: int = 100
+    seed: str | None = None
+    nat: tuple[str, ...] = ()
+    api_url: str = "https://randomuser.me/api/1.4/"
+    output_dir: str = dataclasses.field(default_factory=default_output_dir)
+    raw_dir: str | None = dataclasses.field(default_factory=default_raw_dir)
+    timeout: float = 30.0
+    retries: int = 5
+    backoff: float = 1.0
+    rate_limit_wait: float = 60.0
+    concurrency: int = 4
+    page_size: int = MAX_PAGE_SIZE
+    max_response_mb: float = 64.0
+    allow_http: bool = False
+
+    def __post_init__(self):
+        """Refuse any value the job cannot use, with a reason that names the setting."""
+        check = _checker()
+        check("n", self.n >= 1, "must be at least 1")
+        check("page_size", 1 <= self.page_size <= MAX_PAGE_SIZE, f"must be between 1 and {MAX_PAGE_SIZE}")
+        most = self.page_size * MAX_PAGES
+        check("n", self.n <= most, f"must be at most {most:,} ({MAX_PAGES:,} pages of {self.page_size})")
+        if self.seed is not None:
+            check("seed", SEED_PATTERN.fullmatch(self.seed) is not None, seed_rule())
+        unknown = [code for code in self.nat if code not in NATIONALITIES]
+        check("nat", not unknown, f"unknown nationality {','.join(unknown)!r}; known: {','.join(sorted(NATIONALITIES))}")
+        check("timeout", self.timeout > 0, "must be more than 0")
+        check("retries", self.retries >= 0, "must be 0 or more")
+        check("backoff", self.backoff >= 0, "must be 0 or more")
+        check("rate_limit_wait", self.rate_limit_wait >= 0, "must be 0 or more")
+        check("concurrency", 1 <= self.concurrency <= 64, "must be between 1 and 64")
+        check("max_response_mb", self.max_response_mb > 0, "must be more than 0")
+        check("output_dir", bool(self.output_dir), "must not be empty")
+        check_api_url(self.api_url, self.allow_http)
+
+    @property
+    def max_response_bytes(self) -> int:
+        """The answer size bound in bytes."""
+        return int(self.max_response_mb * 1_000_000)
+
+
+def _checker():
+    """A check(name, ok, reason) that raises SettingsError naming the setting."""
+
+    def check(name, ok, reason):
+        if not ok:
+            raise SettingsError(f"{describe(name)} {reason}")
+
+    return check
+
+
+def describe(name: str) -> str:
+    """How a setting is named in errors: its flag and its variable."""
+    setting = next(s for s in SETTINGS if s.name == name)
+    return f"{setting.flag} ({setting.env})"
+
+
+def seed_rule() -> str:
+    """The seed rule, in words."""
+    return "must be 1 to 100 letters, digits, '-' or '_', starting with a letter or digit"
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and the loopback addresses."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_api_url(url: str, allow_http: bool) -> None:
+    """Refuse an API address that is not http(s), or plain http to a remote host unless allowed."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise SettingsError(f"{describe('api_url')} must be an https:// address, got {url!r}")
+    if parts.scheme == "http" and not allow_http and not is_loopback(parts.hostname):
+        raise SettingsError(
+            f"{describe('api_url')} is plain http:// to {parts.hostname}; use https, "
+            f"or allow it with {describe('allow_http')}"
+        )
+
+
+def expand_seed(seed: str | None, today: dt.date) -> str | None:
+    """Put the run's UTC date into a seed template such as 'daily-{date}'."""
+    if seed is None or "{date}" not in seed:
+        return seed
+    return seed.replace("{date}", today.strftime("%Y%m%d"))
+
+
+def load_settings(flags: dict | None = None, environ=None, today: dt.date | None = None) -> Settings:
+    """Settings from flag texts, then environment variables, then defaults."""
+    flags = flags or {}
+    environ = os.environ if environ is None else environ
+    values = {}
+    for setting in SETTINGS:
+        text, source = flags.get(setting.name), setting.flag
+        if text is None:
+            text, source = environ.get(setting.env), setting.env
+        if text is None:
+            continue
+        try:
+            values[setting.name] = setting.parse(text)
+        except ValueError as exc:
+            raise SettingsError(f"{source} {exc}, got {_shorten(text)!r}") from None
+    today = today or dt.datetime.now(dt.timezone.utc).date()
+    if "seed" in values:
+        values["seed"] = expand_seed(values["seed"], today)
+    return Settings(**values)
+
+
+def _shorten(text: str, limit: int = 60) -> str:
+    """Keep an echoed bad value to one short line."""
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -1,0 +1,767 @@
+"""Random User ETL: fetch fake people from randomuser.me, type them with Polars, land parquet.
+
+    python random_user_etl.py --n 500 --seed demo
+    >>> from random_user_etl import read_processed
+    >>> read_processed().filter(pl.col("nationality") == "GB").collect()
+
+The module reads as the job runs: settings, extract, transform, load, read, run, CLI.
+Each step is a function of its arguments, so tests and analysts can call any one alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as futures
+import contextlib
+import dataclasses
+import datetime as dt
+import fcntl
+import gzip
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import polars as pl
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import MaxRetryError, ProtocolError
+from urllib3.util.retry import Retry
+
+import random_user_config as config
+from random_user_config import Settings, SettingsError
+from schemas import (
+    INCLUDED_FIELDS,
+    NULLABLE_COLUMNS,
+    OUTPUT_SCHEMA,
+    QUALITY_METADATA_KEY,
+    RAW_RESPONSE,
+    SORT_KEY,
+    SOURCE_FIELDS,
+    UTC_INSTANT,
+)
+
+log = logging.getLogger("random_user_etl")
+
+BATCH_GLOB = "random_users_*.parquet"
+STAGING = ".staging"
+PART_METADATA_KEY = "random_user_etl.part"
+TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%S%.f%#z"
+
+
+class EtlError(Exception):
+    """A run that failed for a reason worth one clear line (exit status 1)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PageRequest:
+    """What one page should hold: a check on the answer wherever a field is not None."""
+
+    seed: str | None
+    page: int | None
+    results: int | None
+
+
+# ---------------------------------------------------------------- extract
+
+
+class RateGate:
+    """Holds every worker back while the service's rate limit is waited out."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._resume_at = 0.0
+
+    def pause(self, seconds: float) -> None:
+        """Close the gate for everyone for `seconds`, then wait for it to open."""
+        with self._lock:
+            self._resume_at = max(self._resume_at, time.monotonic() + seconds)
+        self.wait()
+
+    def wait(self) -> None:
+        """Block until the gate is open."""
+        while (left := self._resume_at - time.monotonic()) > 0:
+            time.sleep(min(left, 0.5))
+
+
+class PoliteRetry(Retry):
+    """urllib3's Retry, logging each retry and waiting out randomuser.me's bare 429."""
+
+    def __init__(self, *args, rate_limit_wait: float = 60.0, gate: RateGate | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rate_limit_wait = rate_limit_wait
+        self.gate = gate or RateGate()
+
+    def new(self, **kwargs):
+        """Carry our own settings into the copy urllib3 makes for each attempt."""
+        retry = super().new(**kwargs)
+        retry.rate_limit_wait, retry.gate = self.rate_limit_wait, self.gate
+        return retry
+
+    def increment(self, method=None, url=None, response=None, error=None, _pool=None, _stacktrace=None):
+        """Count one more try, and say in one log line what is retried and why."""
+        retry = super().increment(method, url, response, error, _pool, _stacktrace)
+        tries = len(retry.history)
+        log.warning("retry %d of %d for %s: %s", tries, self.total_budget, redact(url), retry_reason(response, error))
+        return retry
+
+    @property
+    def total_budget(self) -> int:
+        """How many retries this request may use in all."""
+        return self.total if self.total is not None else 0
+
+    def sleep(self, response=None) -> None:
+        """Pause before the next try: Retry-After if given, the rate-limit wait on a bare 429, else backoff."""
+        if response is not None and response.status == 429 and not response.headers.get("Retry-After"):
+            log.warning("rate limited by the service (HTTP 429): pausing all requests for %gs", self.rate_limit_wait)
+            self.gate.pause(self.rate_limit_wait)
+            return
+        super().sleep(response)
+
+
+def redact(url: str | None) -> str:
+    """A URL fit for the log: path and query only (they hold seeds and page numbers, no PII)."""
+    if not url:
+        return "the request"
+    return re.sub(r"^[a-z]+://[^/]+", "", url) or url
+
+
+def retry_reason(response, error) -> str:
+    """Why a try failed, in a few words."""
+    if response is not None and getattr(response, "status", None):
+        return f"HTTP {response.status}"
+    name = type(error).__name__ if error is not None else "unknown error"
+    text = str(error).split(": ", 1)[-1] if error is not None else ""
+    return f"{name} ({text[:120]})" if text else name
+
+
+def make_retry(settings: Settings, gate: RateGate | None = None) -> PoliteRetry:
+    """The retry policy: bounded exponential backoff with jitter, on connection faults, 429 and 5xx."""
+    return PoliteRetry(
+        total=settings.retries,
+        connect=settings.retries,
+        read=settings.retries,
+        status=settings.retries,
+        other=settings.retries,
+        backoff_factor=settings.backoff,
+        backoff_jitter=settings.backoff / 2,
+        backoff_max=max(settings.backoff * 32, settings.backoff),
+        status_forcelist=(429, 500, 502, 503, 504),
+        allowed_methods=frozenset({"GET"}),
+        respect_retry_after_header=True,
+        raise_on_status=False,
+        rate_limit_wait=settings.rate_limit_wait,
+        gate=gate,
+    )
+
+
+def make_session(settings: Settings, gate: RateGate | None = None) -> requests.Session:
+    """One pooled, verifying session with the retry policy mounted on it."""
+    session = requests.Session()
+    adapter = HTTPAdapter(
+        max_retries=make_retry(settings, gate),
+        pool_connections=1,
+        pool_maxsize=max(settings.concurrency, 1),
+    )
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    session.verify = True
+    session.headers["User-Agent"] = "random-user-etl/1.0"
+    return session
+
+
+def page_sizes(n: int, page_size: int) -> list[int]:
+    """How many users each page asks for: full pages, then the remainder."""
+    full, rest = divmod(n, page_size)
+    return [page_size] * full + ([rest] if rest else [])
+
+
+def page_params(settings: Settings, request: PageRequest) -> dict:
+    """The query of one page: only the fields the contract needs."""
+    params = {"results": request.results, "page": request.page, "inc": ",".join(INCLUDED_FIELDS)}
+    if request.seed is not None:
+        params["seed"] = request.seed
+    if settings.nat:
+        params["nat"] = ",".join(settings.nat)
+    return params
+
+
+def read_body(response: requests.Response, limit: int) -> bytes:
+    """The decoded body of a streamed answer, refusing one larger than `limit` bytes."""
+    declared = response.headers.get("Content-Length")
+    if declared and declared.isdigit() and int(declared) > limit and "gzip" not in response.headers.get("Content-Encoding", ""):
+        raise EtlError(f"answer of {int(declared):,} bytes is larger than the {limit:,}-byte limit (--max-response-mb)")
+    chunks, size = [], 0
+    for chunk in response.iter_content(chunk_size=1 << 16):
+        size += len(chunk)
+        if size > limit:
+            raise EtlError(f"answer larger than the {limit:,}-byte limit (--max-response-mb)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def fetch_page(session: requests.Session, settings: Settings, request: PageRequest, gate: RateGate | None = None) -> bytes:
+    """One page's raw body: transport faults retried, an HTTP error status refused."""
+    params = page_params(settings, request)
+    retry = make_retry(settings, gate)  # a cut-off body is retried here: urllib3 has returned by then
+    while True:
+        if gate is not None:
+            gate.wait()
+        try:
+            response = session.get(settings.api_url, params=params, timeout=settings.timeout, stream=True)
+        except requests.exceptions.RetryError as exc:
+            raise EtlError(f"page {request.page}: gave up after {settings.retries} retries ({short(exc)})") from None
+        except requests.RequestException as exc:
+            raise EtlError(f"page {request.page}: cannot reach {settings.api_url}: {short(exc)}") from None
+        with response:
+            try:
+                body = read_body(response, settings.max_response_bytes)
+            except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError) as exc:
+                try:
+                    retry = retry.increment("GET", response.url, error=ProtocolError(short(exc)))
+                except (MaxRetryError, ProtocolError):
+                    raise EtlError(f"page {request.page}: answer cut off, gave up after {settings.retries} retries") from None
+                retry.sleep()
+                continue
+            except EtlError as exc:
+                raise EtlError(f"page {request.page}: {exc}") from None
+        if response.status_code != 200:
+            raise EtlError(f"page {request.page}: HTTP {response.status_code}{service_says(body)}, after {settings.retries} retries")
+        return body
+
+
+def short(exc: BaseException) -> str:
+    """An exception as one short line, whatever it wraps."""
+    while exc.args and isinstance(exc.args[0], BaseException):
+        exc = exc.args[0]
+    reason = getattr(exc, "reason", None)
+    if isinstance(reason, BaseException):
+        exc = reason
+    text = str(exc).replace("\n", " ")
+    text = re.sub(r"<urllib3\.[^>]*>: ", "", text)
+    return f"{type(exc).__name__}: {text[:200]}"
+
+
+def service_says(body: bytes) -> str:
+    """The service's own error message in a body, as ': message', or ''."""
+    try:
+        message = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        return ""
+    return f": the service says {str(message)[:200]!r}" if message else ""
+
+
+# ---------------------------------------------------------------- transform
+
+
+def field(path: str) -> pl.Expr:
+    """An expression for a dotted field of the raw user struct."""
+    head, *rest = path.split(".")
+    expr = pl.col(head)
+    for name in rest:
+        expr = expr.struct.field(name)
+    return expr
+
+
+def parse_body(body: bytes) -> pl.DataFrame:
+    """Parse one answer against the raw schema: one row of results, info and error."""
+    try:
+        return pl.read_json(body, schema=RAW_RESPONSE)
+    except Exception as exc:  # polars reports malformed JSON as several error types
+        head = body[:64].lstrip()[:1]
+        if head == b"<":
+            raise EtlError("the answer is an HTML page, not JSON") from None
+        reason = str(exc).split("\n", 1)[0][:160]
+        raise EtlError(f"the answer is not JSON of the randomuser.me 1.4 shape ({reason})") from None
+
+
+def check_envelope(parsed: pl.DataFrame, expect: PageRequest | None) -> dict:
+    """The answer's info, after refusing an error body, missing results, or another page's answer."""
+    row = parsed.row(0, named=True)
+    if row["error"] is not None:
+        raise EtlError(f"the service answered with an error: {row['error'][:200]!r}")
+    if row["results"] is None:
+        raise EtlError("the answer has no results")
+    info = row["info"] or {}
+    got = len(row["results"])
+    if expect is None:
+        return info
+    if expect.results is not None and got != expect.results:
+        raise EtlError(f"asked for {expect.results} users, the answer holds {got}")
+    if expect.results is not None and info.get("results") not in (None, str(expect.results)):
+        raise EtlError(f"asked for {expect.results} users, the answer says info.results={info['results']}")
+    if expect.page is not None and info.get("page") != str(expect.page):
+        raise EtlError(f"asked for page {expect.page}, the answer is for page {info.get('page')}")
+    if expect.seed is not None and info.get("seed") != expect.seed:
+        raise EtlError(f"asked for seed {expect.seed!r}, the answer is for seed {shorten(info.get('seed'))!r}")
+    return info
+
+
+def shorten(text, limit: int = 40):
+    """A value echoed in an error, cut to a readable length."""
+    text = str(text)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def typed_columns() -> dict[str, pl.Expr]:
+    """Each contract column of a user, typed, from the flat text columns named as the contract."""
+    typed = {}
+    for name in SOURCE_FIELDS:
+        dtype = OUTPUT_SCHEMA[name]
+        col = pl.col(name)
+        if dtype == UTC_INSTANT:
+            typed[name] = col.str.to_datetime(TIMESTAMP_FORMAT, time_unit="us", time_zone="UTC", strict=False)
+        elif dtype != pl.String:
+            typed[name] = col.cast(dtype, strict=False)
+        elif name in NULLABLE_COLUMNS:
+            typed[name] = pl.when(col != "").then(col)  # the service writes "no id" as "" or null
+        else:
+            typed[name] = col
+    return typed
+
+
+def contract_violations(flat: pl.DataFrame, typed: pl.DataFrame) -> list[str]:
+    """What in these records breaks the contract, each with the field and the count of records."""
+    problems = []
+    missing = flat.null_count().row(0, named=True)
+    unparsed = typed.null_count().row(0, named=True)
+    for name, source in SOURCE_FIELDS.items():
+        if name not in NULLABLE_COLUMNS and missing[name]:
+            problems.append(f"{source} is missing or null in {missing[name]} records")
+        elif unparsed[name] > missing[name] and name not in NULLABLE_COLUMNS:
+            kind = "a date" if OUTPUT_SCHEMA[name] == UTC_INSTANT else f"a {OUTPUT_SCHEMA[name]}"
+            problems.append(f"{source} does not parse as {kind} in {unparsed[name] - missing[name]} records")
+    ranges = typed.select(
+        bad_latitude=(~pl.col("latitude").is_between(-90, 90)).sum(),
+        bad_longitude=(~pl.col("longitude").is_between(-180, 180)).sum(),
+        duplicates=pl.len() - pl.col("user_id").drop_nulls().n_unique() - pl.col("user_id").null_count(),
+    ).row(0, named=True)
+    if ranges["bad_latitude"]:
+        problems.append(f"latitude lies outside [-90, 90] in {ranges['bad_latitude']} records")
+    if ranges["bad_longitude"]:
+        problems.append(f"longitude lies outside [-180, 180] in {ranges['bad_longitude']} records")
+    if ranges["duplicates"]:
+        problems.append(f"login.uuid repeats in {ranges['duplicates']} records")
+    return problems
+
+
+def transform(body: bytes, expect: PageRequest | None = None, ingested_at: dt.datetime | None = None) -> pl.DataFrame:
+    """One raw answer body in, the contract frame out (sorted), or EtlError saying what is wrong."""
+    parsed = parse_body(body)
+    info = check_envelope(parsed, expect)
+    users = parsed.get_column("results").explode(empty_as_null=False).struct.unnest()
+    if users.height == 0:
+        return OUTPUT_SCHEMA.to_frame()
+    flat = users.select(**{name: field(source) for name, source in SOURCE_FIELDS.items()})
+    typed = flat.with_columns(**typed_columns())
+    problems = contract_violations(flat, typed)
+    if problems:
+        raise EtlError(f"{len(problems)} contract check(s) failed: " + "; ".join(problems))
+    ingested_at = ingested_at or dt.datetime.now(dt.timezone.utc)
+    page = info.get("page") or (expect.page if expect else None)
+    return (
+        typed.with_columns(
+            full_name=pl.concat_str("first_name", "last_name", separator=" "),
+            street_address=pl.concat_str(pl.col("street_number").cast(pl.String), "street_name", separator=" "),
+            seed=pl.lit(info.get("seed") or (expect.seed if expect else None), pl.String),
+            page=pl.lit(int(page) if page is not None else None, pl.Int32),
+            api_version=pl.lit(info.get("version"), pl.String),
+            ingested_at=pl.lit(ingested_at, UTC_INSTANT),
+        )
+        .select(OUTPUT_SCHEMA.names())
+        .sort(SORT_KEY)
+    )
+
+
+# ---------------------------------------------------------------- load
+
+
+def is_remote(location: str) -> bool:
+    """True for an object-storage address such as s3://bucket/prefix."""
+    return "://" in location
+
+
+def batch_path(output_dir: str, seed: str) -> str:
+    """Where a seed's batch lands; the seed is checked, so the path never leaves the folder."""
+    if not config.SEED_PATTERN.fullmatch(seed):
+        raise EtlError(f"seed {shorten(seed)!r} is not safe as a file name: it {config.seed_rule()}")
+    return f"{output_dir.rstrip('/')}/random_users_{seed}.parquet"
+
+
+def staging_root(output_dir: str) -> Path:
+    """The local folder for a run's part files: inside the output folder, or in temp for object storage."""
+    if is_remote(output_dir):
+        digest = hashlib.sha256(output_dir.encode()).hexdigest()[:16]
+        return Path(tempfile.gettempdir()) / "random_user_etl" / digest
+    return Path(output_dir) / STAGING
+
+
+@contextlib.contextmanager
+def seed_lock(root: Path, seed: str):
+    """Hold the seed's lock, so two runs of one seed take turns instead of mixing parts."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f"{seed}.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another run of seed %s is under way: waiting for it", seed)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def part_identity(settings: Settings, seed: str, page: int, rows: int) -> dict:
+    """What a staged part must prove about itself before a later run trusts it."""
+    return {"seed": seed, "page": page, "rows": rows, "page_size": settings.page_size, "nat": ",".join(settings.nat)}
+
+
+def part_path(folder: Path, page: int) -> Path:
+    """Where page `page` of a run is staged."""
+    return folder / f"part-{page:05d}.parquet"
+
+
+def write_atomically(path: Path, write) -> None:
+    """Call write(temp_path), then move the finished file into place in one step."""
+    temp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        write(temp)
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def stage_part(folder: Path, frame: pl.DataFrame, identity: dict) -> Path:
+    """Spill one transformed page to a part file that carries its identity."""
+    path = part_path(folder, identity["page"])
+    metadata = {PART_METADATA_KEY: json.dumps(identity, sort_keys=True)}
+    write_atomically(path, lambda temp: frame.write_parquet(temp, compression="zstd", metadata=metadata))
+    return path
+
+
+def trusted_part(path: Path, identity: dict) -> bool:
+    """True when a staged part is whole and is the page this run would fetch."""
+    try:
+        found = json.loads(pl.read_parquet_metadata(path).get(PART_METADATA_KEY, "null"))
+        rows = pl.scan_parquet(path).select(pl.len()).collect().item()
+    except Exception:  # a torn or foreign file is simply not trusted
+        return False
+    return found == identity and rows == identity["rows"]
+
+
+def save_raw(raw_dir: str | None, seed: str, page: int, body: bytes) -> Path | None:
+    """Keep the answer exactly as received, gzip-compressed, before it is transformed."""
+    if raw_dir is None:
+        return None
+    folder = Path(raw_dir) / seed
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"page-{page:05d}.json.gz"
+    write_atomically(path, lambda temp: temp.write_bytes(gzip.compress(body, mtime=0)))
+    return path
+
+
+def quality_report(parts: pl.LazyFrame) -> dict:
+    """What was checked of a batch: rows, unique ids, nulls per contract column."""
+    stats = parts.select(
+        pl.len().alias("__rows"),
+        pl.col("user_id").n_unique().alias("__unique"),
+        *[pl.col(name).null_count() for name in OUTPUT_SCHEMA.names()],
+    ).collect(engine="streaming").row(0, named=True)
+    return {
+        "rows": stats.pop("__rows"),
+        "unique_user_ids": stats.pop("__unique"),
+        "nulls": stats,
+        "checked_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_batch(parts: list[Path], destination: str, ingested_at: dt.datetime, expected_rows: int, storage_options=None) -> dict:
+    """Assemble staged parts into the sorted batch file with the streaming engine, atomically."""
+    lazy = pl.scan_parquet(parts)
+    report = quality_report(lazy)
+    if report["rows"] != expected_rows:
+        raise EtlError(f"staged parts hold {report['rows']} rows, expected {expected_rows}")
+    if report["unique_user_ids"] != report["rows"]:
+        raise EtlError(f"login.uuid repeats across pages in {report['rows'] - report['unique_user_ids']} records")
+    batch = lazy.with_columns(ingested_at=pl.lit(ingested_at, UTC_INSTANT)).sort(SORT_KEY)
+    sink = dict(compression="zstd", metadata={QUALITY_METADATA_KEY: json.dumps(report)}, engine="streaming")
+    if is_remote(destination):
+        # An object store shows an object only once its upload completes: no partial file is ever visible.
+        batch.sink_parquet(destination, storage_options=storage_options, **sink)
+    else:
+        final = Path(destination)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(final, lambda temp: batch.sink_parquet(temp, sync_on_close="all", **sink))
+    return report
+
+
+# ---------------------------------------------------------------- read
+
+
+def read_processed(output_dir: str | None = None, storage_options: dict | None = None) -> pl.LazyFrame:
+    """Every batch ever landed, as one lazy frame with the output schema (empty if there is none)."""
+    output_dir = output_dir or os.environ.get("RANDOM_USER_OUTPUT_DIR") or config.default_output_dir()
+    if is_remote(output_dir):
+        source = f"{output_dir.rstrip('/')}/{BATCH_GLOB}"
+    else:
+        source = sorted(str(p) for p in Path(output_dir).glob(BATCH_GLOB))
+    if not source:
+        return OUTPUT_SCHEMA.to_frame().lazy()
+    lazy = pl.scan_parquet(
+        source,
+        schema=OUTPUT_SCHEMA,
+        missing_columns="insert",  # a column added to the contract later reads as null in older batches
+        extra_columns="ignore",
+        storage_options=storage_options,
+    )
+    if is_remote(output_dir):
+        try:
+            lazy.select(pl.len()).collect()
+        except Exception as exc:  # no object under the prefix yet: an empty lake, not an error
+            if "expanded paths were empty" not in str(exc) and "No such file" not in str(exc):
+                raise
+            return OUTPUT_SCHEMA.to_frame().lazy()
+    return lazy
+
+
+# ---------------------------------------------------------------- run
+
+
+@dataclasses.dataclass
+class Batch:
+    """What a run landed."""
+
+    path: str
+    seed: str
+    rows: int
+    bytes: int
+    seconds: float
+    pages_fetched: int
+    pages_reused: int
+    report: dict
+
+
+class Progress:
+    """Users landed so far: a tqdm bar on a terminal, one log line per page otherwise."""
+
+    def __init__(self, total: int, pages: int, done: int = 0):
+        self.total, self.pages, self.done, self.started = total, pages, done, time.monotonic()
+        self.page_count, self.fresh = 0, 0
+        self.bar = None
+        if pages > 1 and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=done, unit=" users", unit_scale=True, file=sys.stderr)
+
+    def advance(self, page: int, rows: int) -> None:
+        """Count one landed page."""
+        self.done += rows
+        self.fresh += rows
+        self.page_count += 1
+        if self.bar is not None:
+            self.bar.update(rows)
+        elif self.pages > 1:
+            elapsed = max(time.monotonic() - self.started, 1e-9)
+            rate = self.fresh / elapsed
+            left = (self.total - self.done) / rate if rate else float("inf")
+            log.info(
+                "page %d done: %d/%d users (%.0f%%), %.0f users/s, about %.0fs left",
+                page, self.done, self.total, 100 * self.done / self.total, rate, left,
+            )
+
+    def close(self) -> None:
+        """Close the bar if there is one."""
+        if self.bar is not None:
+            self.bar.close()
+
+
+def fetch_stage(session, settings, seed, page, results, folder, gate) -> tuple[int, int]:
+    """Fetch, keep raw, transform and stage one page; return (page, rows)."""
+    request = PageRequest(seed, page, results)
+    body = fetch_page(session, settings, request, gate)
+    return stage_body(body, request, settings, folder)
+
+
+def stage_body(body: bytes, request: PageRequest, settings: Settings, folder: Path, raw: bool = True) -> tuple[int, int]:
+    """Keep raw (if asked), transform, and stage one answer; a rejected answer leaves no raw file."""
+    raw_path = save_raw(settings.raw_dir, request.seed, request.page, body) if raw else None
+    try:
+        frame = transform(body, request)
+    except EtlError as exc:
+        if raw_path is not None:
+            raw_path.unlink(missing_ok=True)
+        raise EtlError(f"page {request.page}: {exc}") from None
+    stage_part(folder, frame, part_identity(settings, request.seed, request.page, frame.height))
+    return request.page, frame.height
+
+
+def in_parallel(work, items, concurrency: int):
+    """Run work(item) for each item, at most `concurrency` at once; yield results as they finish."""
+    items = iter(items)
+    with futures.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="page") as pool:
+        pending = {pool.submit(work, item) for item in _take(items, concurrency)}
+        try:
+            while pending:
+                done, pending = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
+                for future in done:
+                    yield future.result()
+                pending |= {pool.submit(work, item) for item in _take(items, len(done))}
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def _take(items, count: int) -> list:
+    """The next `count` items of an iterator."""
+    return [item for _, item in zip(range(count), items)]
+
+
+def first_seed(session, settings, gate, sizes) -> tuple[str, bytes]:
+    """Ask for page 1 with no seed and take the seed the service picked."""
+    body = fetch_page(session, settings, PageRequest(None, 1, sizes[0]), gate)
+    seed = (parse_body(body).row(0, named=True)["info"] or {}).get("seed")
+    if not seed:
+        raise EtlError("page 1: the service picked no seed (info.seed missing)")
+    if not config.SEED_PATTERN.fullmatch(seed):
+        raise EtlError(f"page 1: the service's seed {shorten(seed)!r} is not safe as a file name")
+    return seed, body
+
+
+def run(settings: Settings | None = None, **overrides) -> Batch:
+    """Fetch, transform and land one batch: run() with the defaults, or run(n=500, seed="demo")."""
+    settings = dataclasses.replace(settings or Settings(), **overrides)
+    started = time.monotonic()
+    ingested_at = dt.datetime.now(dt.timezone.utc)
+    sizes = page_sizes(settings.n, settings.page_size)
+    gate = RateGate()
+    with make_session(settings, gate) as session:
+        seed, first_body = settings.seed, None
+        if seed is None:
+            seed, first_body = first_seed(session, settings, gate, sizes)
+        destination = batch_path(settings.output_dir, seed)
+        root = staging_root(settings.output_dir)
+        with seed_lock(root, seed):
+            folder = root / seed
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise EtlError(f"cannot write to {settings.output_dir}: {exc.strerror}") from None
+            todo = pending_pages(folder, settings, seed, sizes)
+            progress = Progress(settings.n, len(sizes), done=sum(sizes[p - 1] for p in range(1, len(sizes) + 1) if p not in todo))
+            if len(todo) < len(sizes):
+                log.info("resuming seed %s: %d of %d pages already staged", seed, len(sizes) - len(todo), len(sizes))
+            try:
+                if first_body is not None and 1 in todo:
+                    progress.advance(*stage_body(first_body, PageRequest(seed, 1, sizes[0]), settings, folder))
+                    todo.remove(1)
+                work = lambda page: fetch_stage(session, settings, seed, page, sizes[page - 1], folder, gate)
+                for page, rows in in_parallel(work, todo, settings.concurrency):
+                    progress.advance(page, rows)
+            finally:
+                progress.close()
+            return land(folder, settings, seed, sizes, destination, ingested_at, started, len(todo))
+
+
+def pending_pages(folder: Path, settings: Settings, seed: str, sizes: list[int]) -> list[int]:
+    """The pages still to fetch; staged parts that prove themselves are kept, the rest cleared."""
+    todo = []
+    for page, rows in enumerate(sizes, start=1):
+        path = part_path(folder, page)
+        if path.exists() and trusted_part(path, part_identity(settings, seed, page, rows)):
+            continue
+        todo.append(page)
+    wanted = {part_path(folder, page).name for page in range(1, len(sizes) + 1)}
+    for leftover in folder.iterdir():
+        if leftover.name not in wanted or leftover.name.endswith(".tmp"):
+            leftover.unlink(missing_ok=True)
+    for page in todo:
+        part_path(folder, page).unlink(missing_ok=True)
+    return todo
+
+
+def land(folder, settings, seed, sizes, destination, ingested_at, started, fetched) -> Batch:
+    """Write the batch from its staged parts, clear the staging, and say what landed."""
+    parts = [part_path(folder, page) for page in range(1, len(sizes) + 1)]
+    try:
+        report = write_batch(parts, destination, ingested_at, settings.n)
+    except OSError as exc:
+        raise EtlError(f"cannot write {destination}: {exc.strerror or exc}") from None
+    except pl.exceptions.PolarsError as exc:
+        raise EtlError(f"cannot write {destination}: {str(exc).splitlines()[0][:200]}") from None
+    shutil.rmtree(folder, ignore_errors=True)
+    size = Path(destination).stat().st_size if not is_remote(destination) else 0
+    seconds = time.monotonic() - started
+    log.info("landed %d rows, seed %s, file %s, %d bytes, %.2fs", report["rows"], seed, destination, size, seconds)
+    return Batch(destination, seed, report["rows"], size, seconds, fetched, len(sizes) - fetched, report)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line, exit status 2."""
+
+    def error(self, message):
+        """Say what is wrong in one line and exit 2."""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Flags for every setting, read from the settings table in random_user_config."""
+    parser = OneLineParser(
+        prog="random_user_etl.py",
+        description="Fetch fake people from randomuser.me and land them as one parquet file per seed.",
+        epilog="Every flag has an environment variable (shown in brackets); a flag beats its variable.",
+    )
+    for setting in config.SETTINGS:
+        if setting.name == "allow_http":
+            parser.add_argument(setting.flag, dest=setting.name, action="store_const", const="true", help=f"{setting.help} [{setting.env}]")
+        else:
+            parser.add_argument(setting.flag, dest=setting.name, metavar=setting.metavar, help=f"{setting.help} [{setting.env}]")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    return parser
+
+
+def configure_logging(verbose: bool) -> None:
+    """Log lines to stderr, one per event."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    logging.getLogger("urllib3").setLevel(logging.DEBUG if verbose else logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the job from the command line; return the exit status."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    verbose = args.pop("verbose")
+    configure_logging(verbose)
+    try:
+        settings = config.load_settings(args)
+    except SettingsError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        run(settings)
+    except EtlError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted; staged pages are kept and the next run resumes", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

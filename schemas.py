@@ -1,0 +1,131 @@
+"""The raw randomuser.me 1.4 response schema and the output contract, as Polars dtypes.
+
+The raw schema is what `transform` parses a response body against: every field is
+declared, so no type is ever guessed from the first rows. Numbers are declared as
+text and parsed strictly by the transform, because a JSON reader told "integer"
+silently truncates 1.5 to 1 and turns true into 1; read as text, such a value fails
+the strict parse and the run says so. Fields the service sends
+but the contract does not need (login.password, salt and hashes among them) are not
+declared, so they are never even parsed.
+"""
+
+import polars as pl
+
+S = pl.String
+
+RAW_USER = pl.Struct(
+    {
+        "gender": S,
+        "name": pl.Struct({"title": S, "first": S, "last": S}),
+        "location": pl.Struct(
+            {
+                "street": pl.Struct({"number": S, "name": S}),
+                "city": S,
+                "state": S,
+                "country": S,
+                # An integer for most nationalities, a string for GB, CA, NO ("0564"):
+                # read as text so neither kind is lost or reshaped.
+                "postcode": S,
+                # Strings in the source; parsed and range-checked by the transform.
+                "coordinates": pl.Struct({"latitude": S, "longitude": S}),
+                "timezone": pl.Struct({"offset": S, "description": S}),
+            }
+        ),
+        "email": S,
+        "login": pl.Struct({"uuid": S, "username": S}),
+        "dob": pl.Struct({"date": S, "age": S}),
+        "registered": pl.Struct({"date": S, "age": S}),
+        "phone": S,
+        "cell": S,
+        "id": pl.Struct({"name": S, "value": S}),
+        "picture": pl.Struct({"large": S}),
+        "nat": S,
+    }
+)
+
+RAW_INFO = pl.Struct({"seed": S, "results": S, "page": S, "version": S})
+
+RAW_RESPONSE = pl.Schema({"results": pl.List(RAW_USER), "info": RAW_INFO, "error": S})
+
+# The top-level user fields the contract needs: asked for with `inc=` to keep answers lean.
+INCLUDED_FIELDS = tuple(RAW_USER.to_schema())
+
+UTC_INSTANT = pl.Datetime("us", "UTC")
+
+# The output contract: names, order and types of every landed column.
+OUTPUT_SCHEMA = pl.Schema(
+    {
+        "user_id": S,
+        "gender": S,
+        "title": S,
+        "first_name": S,
+        "last_name": S,
+        "full_name": S,
+        "email": S,
+        "username": S,
+        "phone": S,
+        "cell": S,
+        "date_of_birth": UTC_INSTANT,
+        "age": pl.Int32,
+        "registered_at": UTC_INSTANT,
+        "street_number": pl.Int32,
+        "street_name": S,
+        "street_address": S,
+        "city": S,
+        "state": S,
+        "country": S,
+        "postcode": S,
+        "latitude": pl.Float64,
+        "longitude": pl.Float64,
+        "timezone_offset": S,
+        "timezone_description": S,
+        "national_id_type": S,
+        "national_id": S,
+        "nationality": S,
+        "picture_url": S,
+        "seed": S,
+        "page": pl.Int32,
+        "api_version": S,
+        "ingested_at": UTC_INSTANT,
+    }
+)
+
+# Where each user column comes from in the raw answer, for error messages that name it.
+SOURCE_FIELDS = {
+    "user_id": "login.uuid",
+    "gender": "gender",
+    "title": "name.title",
+    "first_name": "name.first",
+    "last_name": "name.last",
+    "email": "email",
+    "username": "login.username",
+    "phone": "phone",
+    "cell": "cell",
+    "date_of_birth": "dob.date",
+    "age": "dob.age",
+    "registered_at": "registered.date",
+    "street_number": "location.street.number",
+    "street_name": "location.street.name",
+    "city": "location.city",
+    "state": "location.state",
+    "country": "location.country",
+    "postcode": "location.postcode",
+    "latitude": "location.coordinates.latitude",
+    "longitude": "location.coordinates.longitude",
+    "timezone_offset": "location.timezone.offset",
+    "timezone_description": "location.timezone.description",
+    "national_id_type": "id.name",
+    "national_id": "id.value",
+    "nationality": "nat",
+    "picture_url": "picture.large",
+}
+
+# The service leaves national ids empty or null for some nationalities; every other
+# user column must be present in every record.
+NULLABLE_COLUMNS = frozenset({"national_id_type", "national_id"})
+
+# A rerun of a seed gives the same rows in the same order.
+SORT_KEY = ("nationality", "last_name", "first_name", "user_id")
+
+# Where the batch's data-quality report lives in the parquet key-value metadata.
+QUALITY_METADATA_KEY = "random_user_etl.quality"

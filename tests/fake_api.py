@@ -1,0 +1,740 @@
+"""A fake randomuser.me API 1.4: a real HTTP server on loopback, scriptable per request.
+
+It serves the recorded responses in `fixtures/` byte for byte, and deterministic synthetic
+users for every other (seed, page), so tests and benchmarks can pull any number of pages.
+Faults (error statuses, resets, hangs, truncated or endless bodies, doctored JSON) are
+queued with `FakeRandomUser.script(...)` and hit the next requests in arrival order.
+
+    with FakeRandomUser() as fake:
+        fake.script(rate_limited(), normal())
+        ...  # point the job at fake.url
+        assert [r.answer for r in fake.requests][:2] == ["status", "normal"]
+
+Connection refused: `FakeRandomUser().start_later(0.5)` reserves a port at once (`.url`
+works) and only starts listening after the delay, so early connects are refused.
+
+Standard library only: the job's own dependencies must not be needed to fake its source.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import gzip
+import hashlib
+import json
+import math
+import socket
+import socketserver
+import struct
+import sys
+import threading
+import time
+import traceback
+import uuid
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Callable, Iterable
+from urllib.parse import parse_qs, urlsplit
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+HOST = "127.0.0.1"
+API_PATH = "/api/1.4/"
+VERSION = "1.4"
+MAX_RESULTS = 5000
+MAX_PAGE = 10000
+
+# The service's top-level user fields, in the order it emits them.
+USER_FIELDS = (
+    "gender", "name", "location", "email", "login", "dob",
+    "registered", "phone", "cell", "id", "picture", "nat",
+)
+
+# (seed, page) pairs recorded from the real service; `narrow` (inc) and `noinfo` are left
+# out because their users are not what a plain request for that seed returns.
+_RECORDED_FILES = (
+    "default_seed-pura_results-100.json",
+    "paged_seed-paged_results-40_page-1.json",
+    "paged_seed-paged_results-40_page-2.json",
+    "paged_seed-paged_results-40_page-3.json",
+    "nat-gb_seed-gbonly_results-25.json",
+    "nat-ca-no-fr_seed-mixnat_results-25.json",
+    "noseed_results-5.json",
+)
+
+RATE_LIMIT_BODY = (FIXTURES / "error_429_rate-limit.json").read_bytes()
+SERVICE_ERROR_BODY = (FIXTURES / "error_service.json").read_bytes()
+# The seed the service picked when none was asked: served whenever a request has no seed.
+PICKED_SEED: str = json.loads((FIXTURES / "noseed_results-5.json").read_bytes())["info"]["seed"]
+
+JSON_TYPE = "application/json; charset=utf-8"
+
+# Fixed namespace so synthetic uuids are stable across runs and machines.
+_UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://randomuser.me/api/1.4/")
+# Placeholders spliced into pre-serialized templates; they occur in no recorded user.
+_UUID_MARK = "@@fake-uuid@@"
+_SUFFIX_MARK = "@@fake-suffix@@"
+_UUID_MARK_B = _UUID_MARK.encode()
+_SUFFIX_MARK_B = _SUFFIX_MARK.encode()
+# uuid5 hashes namespace + name: hashing the namespace once saves time on every user.
+_NAMESPACE_SHA1 = hashlib.sha1(_UUID_NAMESPACE.bytes)
+
+
+def _dumps(value: Any) -> str:
+    """Serialize like the service does: compact JSON with raw (unescaped) unicode."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+# --------------------------------------------------------------------------- users
+
+
+@functools.lru_cache(maxsize=None)
+def _recorded() -> dict[tuple[str, int], list[dict]]:
+    """Parse the recorded pages once; callers must not mutate the result."""
+    pages = {}
+    for name in _RECORDED_FILES:
+        doc = json.loads((FIXTURES / name).read_bytes())
+        pages[(doc["info"]["seed"], doc["info"]["page"])] = doc["results"]
+    return pages
+
+
+def recorded_pages() -> dict[tuple[str, int], list[dict]]:
+    """Return the users of each recorded (seed, page), as a fresh copy the caller may mutate."""
+    return copy.deepcopy(_recorded())
+
+
+@functools.lru_cache(maxsize=None)
+def _templates() -> tuple[dict, ...]:
+    """Every recorded user carrying all fields, in a fixed order, as synthetic templates."""
+    users = []
+    for path in sorted(FIXTURES.glob("*.json")):
+        doc = json.loads(path.read_bytes())
+        users += [u for u in doc.get("results", []) if set(u) == set(USER_FIELDS)]
+    return tuple(users)
+
+
+@functools.lru_cache(maxsize=64)
+def _template_json(fields: tuple[str, ...]) -> tuple[bytes, ...]:
+    """Serialize each template once (only `fields`), with marks where per-user values go.
+
+    Bytes, not str: splicing and joining UTF-8 bytes skips re-encoding megabytes per page.
+    """
+    out = []
+    for user in _templates():
+        user = copy.deepcopy(user)
+        user["login"]["uuid"] = _UUID_MARK
+        user["login"]["username"] += _SUFFIX_MARK
+        local, _, domain = user["email"].partition("@")
+        user["email"] = f"{local}{_SUFFIX_MARK}@{domain}"
+        out.append(_dumps({k: v for k, v in user.items() if k in fields}).encode("utf-8"))
+    return tuple(out)
+
+
+def _synthetic_json(seed: str, page: int, start: int, stop: int, fields: tuple[str, ...]) -> list[bytes]:
+    """Serialized synthetic users `start`..`stop-1` of (seed, page), keeping only `fields`."""
+    templates = _template_json(fields)
+    # A per-page rotation, so different pages do not all begin with the same person.
+    offset = uuid.uuid5(_UUID_NAMESPACE, f"{seed}/{page}").int % len(templates)
+    out = []
+    for index in range(start, stop):
+        user_id = _uuid5(f"{seed}/{page}/{index}").encode()
+        text = templates[(offset + index) % len(templates)]
+        out.append(text.replace(_UUID_MARK_B, user_id).replace(_SUFFIX_MARK_B, b"_" + user_id[:8] + user_id[9:13]))
+    return out
+
+
+def _uuid5(name: str) -> str:
+    """str(uuid.uuid5(_UUID_NAMESPACE, name)), four times faster: 5000-user pages need speed."""
+    digest = _NAMESPACE_SHA1.copy()
+    digest.update(name.encode("utf-8"))
+    raw = bytearray(digest.digest()[:16])
+    raw[6] = (raw[6] & 0x0F) | 0x50  # version 5
+    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def synthetic_users(seed: str, page: int, count: int) -> list[dict]:
+    """Deterministic full users 0..count-1 of (seed, page), each with its own uuid, username and email."""
+    return [json.loads(text) for text in _synthetic_json(seed, page, 0, count, USER_FIELDS)]
+
+
+def _split_fields(value: str | Iterable[str] | None) -> list[str]:
+    """Read an inc/exc value the way the service does: comma list, trimmed, lower case."""
+    if value is None:
+        return []
+    items = value.split(",") if isinstance(value, str) else value
+    return [item.strip().lower() for item in items if item.strip()]
+
+
+def kept_fields(inc: str | Iterable[str] | None = None, exc: str | Iterable[str] | None = None) -> tuple[str, ...]:
+    """The top-level user fields a response keeps for these inc/exc values, in service order."""
+    wanted = set(_split_fields(inc)) or set(USER_FIELDS)
+    wanted -= set(_split_fields(exc))
+    return tuple(f for f in USER_FIELDS if f in wanted)
+
+
+def page_body(
+    seed: str,
+    page: int,
+    results: int,
+    *,
+    inc: str | Iterable[str] | None = None,
+    exc: str | Iterable[str] | None = None,
+    noinfo: bool = False,
+) -> bytes:
+    """The exact body the fake sends for these (already sanitized) parameters."""
+    fields = kept_fields(inc, exc)
+    recorded = _recorded().get((seed, page), [])[:results]
+    users = [_dumps({k: v for k, v in u.items() if k in fields}).encode("utf-8") for u in recorded]
+    # "Page k with results=r is the first r users of page k": recorded users come first
+    # and synthetic ones continue the page, indexed by their position in it.
+    users += _synthetic_json(seed, page, len(recorded), results, fields)
+    info = b""
+    if not noinfo:
+        info = b',"info":' + _dumps({"seed": seed, "results": results, "page": page, "version": VERSION}).encode("utf-8")
+    return b"".join((b'{"results":[', b",".join(users), b"]", info, b"}"))
+
+
+@dataclass(frozen=True)
+class PageRequest:
+    """The sanitized parameters of one API request, as the real service would read them."""
+
+    seed: str
+    page: int
+    results: int
+    inc: str | None = None
+    exc: str | None = None
+    noinfo: bool = False
+
+    def body(self) -> bytes:
+        """The normal response body for this request."""
+        return page_body(self.seed, self.page, self.results, inc=self.inc, exc=self.exc, noinfo=self.noinfo)
+
+
+def parse_params(params: dict[str, str]) -> PageRequest:
+    """Sanitize query parameters like the service: out-of-range values silently fall back."""
+    results = _number(params.get("results"))
+    if math.isnan(results) or results < 0 or results > MAX_RESULTS:
+        results = 1
+    page = _number(params.get("page"))
+    # The service keeps fractional pages as distinct seeds; the fake treats them as page 1.
+    if math.isnan(page) or page < 1 or page > MAX_PAGE or page != int(page):
+        page = 1
+    return PageRequest(
+        seed=params.get("seed") or PICKED_SEED,
+        page=int(page),
+        # The service loops `i < results`, so 2.5 users means 3.
+        results=math.ceil(results),
+        inc=params.get("inc") or None,
+        exc=params.get("exc") or None,
+        noinfo="noinfo" in params,
+    )
+
+
+def _number(text: str | None) -> float:
+    """JavaScript-ish Number(): NaN for what does not parse, 0 for an empty string."""
+    if text is None:
+        return math.nan
+    if not text.strip():
+        return 0.0
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
+# --------------------------------------------------------------------------- answers
+
+
+@dataclass(frozen=True)
+class Answer:
+    """How the fake answers one request; build it with normal(), status(), reset(), ..."""
+
+    kind: str
+    status: int = 200
+    body: bytes = b""
+    content_type: str = JSON_TYPE
+    headers: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    total_bytes: int = 0
+    fn: Callable[[Any], Any] | None = None
+
+
+def normal() -> Answer:
+    """Serve as the real service would."""
+    return Answer("normal")
+
+
+def status(code: int, body: bytes | str | None = None, headers: dict[str, str] | None = None) -> Answer:
+    """Answer with this status and body (default: the service's own error body for 200/5xx)."""
+    if body is None:
+        body = RATE_LIMIT_BODY if code == 429 else SERVICE_ERROR_BODY if code == 200 or code >= 500 else b""
+    if isinstance(body, str):
+        body = body.encode("utf-8")
+    return Answer("status", status=code, body=body, headers=dict(headers or {}))
+
+
+def rate_limited(retry_after: int | float | str | None = None) -> Answer:
+    """HTTP 429 with the service's body; no Retry-After unless asked (the real one sends none)."""
+    headers = {} if retry_after is None else {"Retry-After": str(retry_after)}
+    return status(429, RATE_LIMIT_BODY, headers)
+
+
+def reset() -> Answer:
+    """Drop the connection with a TCP RST, without answering."""
+    return Answer("reset")
+
+
+def hang(seconds: float) -> Answer:
+    """Wait `seconds` (cut short by stop()) and then answer normally."""
+    return Answer("hang", seconds=seconds)
+
+
+def truncated() -> Answer:
+    """Status 200 and the full Content-Length, but only half the body, then close."""
+    return Answer("truncated")
+
+
+def body(bytes_: bytes | str, status: int = 200, content_type: str = "application/json") -> Answer:
+    """Answer with an arbitrary body (HTML, non-JSON, an error object...)."""
+    if isinstance(bytes_, str):
+        bytes_ = bytes_.encode("utf-8")
+    return Answer("body", status=status, body=bytes_, content_type=content_type)
+
+
+def mutate(fn: Callable[[dict], Any]) -> Answer:
+    """Serve fn(parsed normal response); fn may return a new value or edit in place and return None."""
+    return Answer("mutate", fn=fn)
+
+
+def huge(total_bytes: int) -> Answer:
+    """Stream total_bytes of never-ending-looking JSON, chunked with no Content-Length."""
+    return Answer("huge", total_bytes=total_bytes)
+
+
+# --------------------------------------------------------------------------- server
+
+
+@dataclass(frozen=True)
+class Received:
+    """One request as the fake received it."""
+
+    method: str
+    path: str  # without the query string
+    params: dict[str, str]  # first value of each query parameter
+    headers: dict[str, str]  # names lower-cased, since HTTP names are case-insensitive
+    at: float  # time.monotonic() on arrival, to check pacing and concurrency
+    answer: str  # kind of the Answer it got ("normal", "status", "reset", ...)
+
+
+class _Server(ThreadingHTTPServer):
+    """A threading HTTP server that knows its fake, its open connections and stays quiet."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128  # benchmarks open many connections at once
+
+    def __init__(self, fake: FakeRandomUser, port: int):
+        """Bind and listen on the loopback port (0: any free one)."""
+        self.fake = fake
+        self.stopping = threading.Event()
+        self.connections: set[socket.socket] = set()
+        self.connections_lock = threading.Lock()
+        super().__init__((HOST, port), _Handler)
+
+    def server_bind(self) -> None:
+        """Bind without HTTPServer's reverse DNS lookup, which can stall offline."""
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def process_request(self, request, client_address) -> None:
+        """Track the connection so stop() can wake handlers blocked on it."""
+        with self.connections_lock:
+            self.connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request) -> None:
+        """Forget the connection once its handler is done."""
+        with self.connections_lock:
+            self.connections.discard(request)
+        super().shutdown_request(request)
+
+    def handle_error(self, request, client_address) -> None:
+        """Stay silent when clients go away; keep anything else for the test to inspect."""
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            self.fake._error(error)
+
+    def close_connections(self) -> None:
+        """Shut every open connection, so idle keep-alive handlers stop waiting."""
+        with self.connections_lock:
+            connections = list(self.connections)
+        for conn in connections:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Answers one connection's requests following the fake's script."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive, like the real service and requests' pools
+    server_version = "FakeRandomUser/1.4"
+    sys_version = ""
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Stay quiet: test output is for the tests."""
+
+    def do_GET(self) -> None:
+        """Record the request, apply the latency, then give the scripted (or normal) answer."""
+        fake = self.server.fake
+        url = urlsplit(self.path)
+        query = parse_qs(url.query, keep_blank_values=True)
+        answer = fake._next_answer()
+        fake._record(
+            Received(
+                method=self.command,
+                path=url.path,
+                params={k: v[0] for k, v in query.items()},
+                headers={k.lower(): v for k, v in self.headers.items()},
+                at=time.monotonic(),
+                answer=answer.kind,
+            )
+        )
+        if not self._pause(fake.latency):
+            return
+        # The service reads the last of repeated parameters.
+        params = {k: v[-1] for k, v in query.items()}
+        try:
+            getattr(self, "_answer_" + answer.kind)(answer, url.path, params)
+        except OSError:
+            self.close_connection = True  # the client went away; nothing to tell anyone
+        except Exception as error:  # a bug in a test's mutate fn, say: report, don't hide
+            fake._error(error)
+            self._send(500, traceback.format_exc().encode(), "text/plain; charset=utf-8")
+            self.close_connection = True
+
+    # One method per Answer.kind.
+
+    def _answer_normal(self, answer: Answer, path: str, params: dict[str, str]) -> None:
+        """Serve the page the real service would."""
+        if not self._known_path(path):
+            return
+        self._send(200, self.server.fake._page(params))
+
+    def _answer_hang(self, answer: Answer, path: str, params: dict[str, str]) -> None:
+        """Stall, then serve normally unless the server is stopping."""
+        if self._pause(answer.seconds):
+            self._answer_normal(answer, path, params)
+
+    def _answer_status(self, answer: Answer, path: str, params: dict[str, str]) -> None:
+        """Send the scripted status and body."""
+        self._send(answer.status, answer.body, answer.content_type, answer.headers)
+
+    _answer_body = _answer_status
+
+    def _answer_mutate(self, answer: Answer, path: str, params: dict[str, str]) -> None:
+        """Serve the test's doctored version of the normal response."""
+        doc = json.loads(self.server.fake._page(params))
+        changed = answer.fn(doc)
+        self._send(200, _dumps(doc if changed is None else changed).encode("utf-8"))
+
+    def _answer_reset(self, answer: Answer, path: str, params: dict[str, str]) -> None:
+        """Abort the connection: linger 0 makes close() send RST instead of FIN."""
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.close_connection = True
+        # rfile holds a reference to the socket; the fd (and the RST) goes only when both close.
+        self.rfile.close()
+        self.connection.close()
+
+    def _answer_truncated(self, answer: Answer, path: str, params: dict[str, str]) -> None:
+        """Promise the whole body, send half of it, then close."""
+        wire, gzipped = self._encode(self.server.fake._page(params))
+        self._send_headers(200, JSON_TYPE, {"Content-Length": str(len(wire))}, gzipped)
+        self.wfile.write(wire[: len(wire) // 2])
+        self.close_connection = True
+
+    def _answer_huge(self, answer: Answer, path: str, params: dict[str, str]) -> None:
+        """Stream a JSON-looking body of total_bytes, chunk by chunk, until done or hung up on."""
+        self._send_headers(200, JSON_TYPE, {"Transfer-Encoding": "chunked"}, gzipped=False)
+        self.close_connection = True
+        stream = _huge_stream(answer.total_bytes)
+        for chunk in stream:
+            if self.server.stopping.is_set():
+                return
+            self.wfile.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        self.wfile.write(b"0\r\n\r\n")
+
+    # Helpers.
+
+    def _pause(self, seconds: float) -> bool:
+        """Wait, but give up at once when the server stops; True if still running."""
+        if seconds > 0 and self.server.stopping.wait(seconds):
+            self.close_connection = True
+            return False
+        return not self.server.stopping.is_set()
+
+    def _known_path(self, path: str) -> bool:
+        """Serve the API paths only, so a job with a wrong URL fails loudly."""
+        if path.rstrip("/") in ("/api/1.4", "/api"):
+            return True
+        self._send(404, _dumps({"error": f"fake randomuser.me: no route {path}"}).encode())
+        return False
+
+    def _encode(self, payload: bytes) -> tuple[bytes, bool]:
+        """Gzip the payload when the client accepts it, as the real service does."""
+        accepted = self.headers.get("Accept-Encoding", "")
+        codings = {part.split(";")[0].strip().lower() for part in accepted.split(",")}
+        if payload and "gzip" in codings:
+            return self.server.fake._gzip(payload), True
+        return payload, False
+
+    def _send_headers(self, code: int, content_type: str, headers: dict[str, str], gzipped: bool) -> None:
+        """Send the status line and headers."""
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        if gzipped:
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Vary", "Accept-Encoding")
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+
+    def _send(self, code: int, payload: bytes, content_type: str = JSON_TYPE, headers: dict[str, str] | None = None) -> None:
+        """Send a complete response, logging 200 bodies in fake.sent unless the write fails."""
+        wire, gzipped = self._encode(payload)
+        fake = self.server.fake
+        # Logged before writing: a client holding the response must already see it in .sent.
+        if code == 200:
+            fake._record_sent(payload)
+        try:
+            self._send_headers(code, content_type, {**(headers or {}), "Content-Length": str(len(wire))}, gzipped)
+            self.wfile.write(wire)
+        except OSError:
+            if code == 200:
+                fake._unrecord_sent(payload)
+            raise
+
+
+def _huge_stream(total_bytes: int, chunk_size: int = 64 * 1024) -> Iterable[bytes]:
+    """Yield total_bytes: the start of a results array, then users, with no end in sight."""
+    user = _synthetic_json("huge", 1, 0, 1, USER_FIELDS)[0] + b","
+    block = (user * (chunk_size // len(user) + 1))[:chunk_size]
+    head = b'{"results":['
+    sent = 0
+    while sent < total_bytes:
+        chunk = (head + block)[:chunk_size] if sent == 0 else block
+        chunk = chunk[: total_bytes - sent]
+        sent += len(chunk)
+        yield chunk
+
+
+def free_port() -> int:
+    """A loopback port that is free right now (for start_later or a refused-connection test)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+class _BytesCache:
+    """A thread-safe LRU of bytes values, bounded by their total size."""
+
+    def __init__(self, max_bytes: int):
+        """Keep at most max_bytes of values."""
+        self._max_bytes = max_bytes
+        self._size = 0
+        self._items: OrderedDict[Any, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any, make: Callable[[], bytes]) -> bytes:
+        """The cached value for key, made (outside the lock) and kept on a miss."""
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        value = make()
+        with self._lock:
+            if key not in self._items:
+                self._items[key] = value
+                self._size += len(value)
+            while self._size > self._max_bytes and len(self._items) > 1:
+                self._size -= len(self._items.popitem(last=False)[1])
+        return value
+
+
+class FakeRandomUser:
+    """A fake randomuser.me on 127.0.0.1; a context manager, scriptable per request."""
+
+    def __init__(self, latency: float = 0.0, port: int = 0):
+        """Configure; nothing listens until start() (or `with`)."""
+        self.latency = latency  # seconds before every answer; benchmarks use 0.2
+        self._port = port
+        self._lock = threading.Lock()
+        self._script: deque[Answer] = deque()
+        self._requests: list[Received] = []
+        self._sent: list[bytes] = []
+        self._errors: list[BaseException] = []
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._starter: threading.Thread | None = None
+        self._cancel_start = threading.Event()
+        # Benchmark rounds re-pull the same pages: building and gzipping 5 MB pages again
+        # would spend the GIL the job under test needs. Cached bodies are also the very
+        # objects kept in .sent, so the cache costs little extra memory.
+        self._pages = _BytesCache(256 * 2**20)
+        self._gzipped = _BytesCache(128 * 2**20)
+
+    # Lifecycle.
+
+    def start(self) -> FakeRandomUser:
+        """Start listening now (again on the same port after a stop()); returns self."""
+        with self._lock:
+            if self._server is not None:
+                return self
+            server = _Server(self, self._port)
+            # Keep the port, so a restarted fake (service back up) is at the same URL.
+            self._port = server.server_address[1]
+            self._server = server
+            self._thread = threading.Thread(
+                target=server.serve_forever, kwargs={"poll_interval": 0.02}, name=f"fake-randomuser-{self._port}", daemon=True
+            )
+            self._thread.start()
+        return self
+
+    def start_later(self, delay: float) -> FakeRandomUser:
+        """Reserve a port now and listen only after `delay` s: until then connects are refused."""
+        if self._port == 0:
+            self._port = free_port()
+        self._cancel_start.clear()
+
+        def start_after_delay() -> None:
+            """Start unless stop() came first."""
+            if not self._cancel_start.wait(delay):
+                self.start()
+
+        self._starter = threading.Thread(target=start_after_delay, name="fake-randomuser-starter", daemon=True)
+        self._starter.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop promptly, interrupting latency and hangs and closing open connections."""
+        self._cancel_start.set()
+        if self._starter is not None:
+            self._starter.join(timeout=1)
+            self._starter = None
+        with self._lock:
+            server, thread = self._server, self._thread
+            self._server = self._thread = None
+        if server is None:
+            return
+        server.stopping.set()
+        server.shutdown()
+        server.server_close()
+        server.close_connections()
+        thread.join(timeout=1)
+
+    def __enter__(self) -> FakeRandomUser:
+        """Start, unless start_later() is already taking care of it."""
+        if self._starter is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        """Stop."""
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        """The port it listens on (known before start only if given or reserved)."""
+        if self._port == 0:
+            raise RuntimeError("port not chosen yet: start() first, or pass port=free_port()")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """The API base URL, like https://randomuser.me/api/1.4/."""
+        return f"http://{HOST}:{self.port}{API_PATH}"
+
+    # Script and observations.
+
+    def script(self, *answers: Answer) -> FakeRandomUser:
+        """Queue answers for the next requests in arrival order; then it serves normally."""
+        with self._lock:
+            self._script.extend(answers)
+        return self
+
+    @property
+    def pending(self) -> int:
+        """How many scripted answers no request has used yet."""
+        with self._lock:
+            return len(self._script)
+
+    @property
+    def requests(self) -> list[Received]:
+        """A snapshot of the requests received so far, in arrival order."""
+        with self._lock:
+            return list(self._requests)
+
+    @property
+    def sent(self) -> list[bytes]:
+        """A snapshot of the complete status-200 bodies sent (before gzip), in order."""
+        with self._lock:
+            return list(self._sent)
+
+    @property
+    def errors(self) -> list[BaseException]:
+        """Unexpected exceptions inside the fake (a failing mutate fn, say); should stay empty."""
+        with self._lock:
+            return list(self._errors)
+
+    def clear(self) -> None:
+        """Forget the requests, bodies, errors and any unused script."""
+        with self._lock:
+            self._script.clear()
+            self._requests.clear()
+            self._sent.clear()
+            self._errors.clear()
+
+    def _page(self, params: dict[str, str]) -> bytes:
+        """The normal body for these query parameters."""
+        request = parse_params(params)
+        return self._pages.get(request, request.body)
+
+    def _gzip(self, payload: bytes) -> bytes:
+        """Gzip a body; keyed by the bytes themselves, so doctored bodies are cached too."""
+        # Level 1 because pages are 5 MB; mtime 0 keeps the bytes reproducible.
+        return self._gzipped.get(payload, lambda: gzip.compress(payload, compresslevel=1, mtime=0))
+
+    def _next_answer(self) -> Answer:
+        """Pop the next scripted answer, or serve normally."""
+        with self._lock:
+            return self._script.popleft() if self._script else Answer("normal")
+
+    def _record(self, received: Received) -> None:
+        """Log a request."""
+        with self._lock:
+            self._requests.append(received)
+
+    def _record_sent(self, payload: bytes) -> None:
+        """Log a status-200 body that was fully written."""
+        with self._lock:
+            self._sent.append(payload)
+
+    def _unrecord_sent(self, payload: bytes) -> None:
+        """Take back a body whose write failed: the client never got it."""
+        with self._lock:
+            for i in range(len(self._sent) - 1, -1, -1):
+                if self._sent[i] is payload:
+                    del self._sent[i]
+                    break
+
+    def _error(self, error: BaseException | None) -> None:
+        """Log an unexpected exception."""
+        with self._lock:
+            self._errors.append(error)

@@ -1,0 +1,321 @@
+"""The fake randomuser.me server behaves like the real one, and its faults do what they say."""
+
+import gzip
+import json
+import threading
+import time
+
+import pytest
+import requests
+
+from fake_api import (
+    FIXTURES,
+    PICKED_SEED,
+    FakeRandomUser,
+    body,
+    hang,
+    huge,
+    mutate,
+    normal,
+    page_body,
+    parse_params,
+    rate_limited,
+    recorded_pages,
+    reset,
+    status,
+    synthetic_users,
+    truncated,
+)
+
+
+def fixture_doc(name: str) -> dict:
+    """A recorded response, parsed."""
+    return json.loads((FIXTURES / name).read_bytes())
+
+
+@pytest.fixture
+def fake():
+    """A running fake, stopped after the test."""
+    with FakeRandomUser() as server:
+        yield server
+
+
+@pytest.fixture
+def http():
+    """A client that ignores proxy settings from the environment, so loopback stays local."""
+    with requests.Session() as session:
+        session.trust_env = False
+        yield session
+
+
+def get(http, fake, **params):
+    """GET the API with these query parameters."""
+    return http.get(fake.url, params=params, timeout=5)
+
+
+# --------------------------------------------------------------------------- service behaviour
+
+
+def test_recorded_page_is_served_byte_for_byte(fake, http):
+    raw = (FIXTURES / "default_seed-pura_results-100.json").read_bytes()
+    response = http.get(fake.url, params={"results": 100, "seed": "pura"}, headers={"Accept-Encoding": "identity"})
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith("application/json")
+    assert response.content == raw
+    assert fake.sent == [raw]
+    assert response.json()["results"] == recorded_pages()[("pura", 1)]
+
+
+def test_smaller_page_holds_the_first_users_of_the_recording(fake, http):
+    doc = get(http, fake, results=20, seed="paged", page=3).json()
+    assert doc["results"] == fixture_doc("paged_seed-paged_results-40_page-3.json")["results"][:20]
+    assert doc["info"] == {"seed": "paged", "results": 20, "page": 3, "version": "1.4"}
+
+
+def test_bigger_page_tops_recorded_users_up_with_synthetic_ones():
+    users = json.loads(page_body("paged", 1, 50))["results"]
+    assert users[:40] == recorded_pages()[("paged", 1)]
+    assert users[40:] == synthetic_users("paged", 1, 50)[40:]
+
+
+@pytest.mark.parametrize("asked, served", [("6000", 1), (None, 1), ("abc", 1), ("0", 0)])
+def test_results_out_of_range_silently_become_one(fake, http, asked, served):
+    params = {"seed": "cap"} | ({} if asked is None else {"results": asked})
+    doc = get(http, fake, **params).json()
+    assert len(doc["results"]) == served
+    assert doc["info"]["results"] == served
+
+
+def test_results_up_to_the_cap_are_kept():
+    assert parse_params({"results": "5000"}).results == 5000
+    assert parse_params({"results": "5001"}).results == 1
+
+
+@pytest.mark.parametrize("page", ["0", "10001", "-3", "x"])
+def test_pages_out_of_range_silently_become_page_one(fake, http, page):
+    doc = get(http, fake, results=40, seed="paged", page=page).json()
+    assert doc["info"]["page"] == 1
+    assert doc["results"] == recorded_pages()[("paged", 1)]
+
+
+def test_without_seed_the_service_picks_one(fake, http):
+    doc = get(http, fake, results=5).json()
+    assert doc == fixture_doc("noseed_results-5.json")
+    assert doc["info"]["seed"] == PICKED_SEED
+
+
+def test_inc_keeps_and_exc_drops_top_level_fields(fake, http):
+    included = get(http, fake, results=3, seed="pura", inc="gender,name,nat").json()["results"]
+    assert all(list(user) == ["gender", "name", "nat"] for user in included)
+    excluded = get(http, fake, results=3, seed="pura", exc="login, ID").json()["results"]
+    assert all("login" not in user and "id" not in user and "email" in user for user in excluded)
+
+
+def test_noinfo_drops_info(fake, http):
+    assert list(get(http, fake, results=2, seed="s", noinfo="").json()) == ["results"]
+
+
+def test_gzip_when_the_client_accepts_it(fake, http):
+    zipped = http.get(fake.url, params={"results": 10, "seed": "z"}, headers={"Accept-Encoding": "gzip"}, stream=True)
+    assert zipped.headers["Content-Encoding"] == "gzip"
+    wire = zipped.raw.read(decode_content=False)
+    assert gzip.decompress(wire) == page_body("z", 1, 10) == fake.sent[0]
+
+    plain = http.get(fake.url, params={"results": 10, "seed": "z"}, headers={"Accept-Encoding": "identity"})
+    assert "Content-Encoding" not in plain.headers
+    assert plain.content == page_body("z", 1, 10)
+
+
+def test_unknown_path_is_404(fake, http):
+    assert http.get(fake.url.replace("/api/1.4/", "/apii/"), timeout=5).status_code == 404
+
+
+def test_requests_are_recorded(fake, http):
+    get(http, fake, results=3, seed="rec", page=2, nat="gb")
+    [received] = fake.requests
+    assert received.path == "/api/1.4/"
+    assert received.params == {"results": "3", "seed": "rec", "page": "2", "nat": "gb"}
+    assert received.headers["user-agent"].startswith("python-requests")
+    assert received.answer == "normal"
+
+
+# --------------------------------------------------------------------------- synthetic users
+
+
+def test_synthetic_users_are_deterministic_and_distinct():
+    users = synthetic_users("syn", 4, 600)
+    assert users == synthetic_users("syn", 4, 600)
+    assert synthetic_users("syn", 4, 10) == users[:10]
+    for key in (lambda u: u["login"]["uuid"], lambda u: u["login"]["username"], lambda u: u["email"]):
+        assert len({key(u) for u in users}) == len(users)
+    other_page = {u["login"]["uuid"] for u in synthetic_users("syn", 5, 600)}
+    other_seed = {u["login"]["uuid"] for u in synthetic_users("nys", 4, 600)}
+    assert not other_page & {u["login"]["uuid"] for u in users}
+    assert not other_seed & {u["login"]["uuid"] for u in users}
+
+
+def test_full_synthetic_page_is_fast_and_valid():
+    started = time.perf_counter()
+    raw = page_body("bench", 9, 5000)
+    elapsed = time.perf_counter() - started
+    doc = json.loads(raw)
+    assert len({u["login"]["uuid"] for u in doc["results"]}) == 5000
+    assert doc["info"] == {"seed": "bench", "results": 5000, "page": 9, "version": "1.4"}
+    assert elapsed < 0.5  # about 30 ms here; generous for slow CI
+
+
+# --------------------------------------------------------------------------- faults
+
+
+def test_script_answers_requests_in_order_then_serves_normally(fake, http):
+    fake.script(status(503), normal(), rate_limited())
+    assert [get(http, fake, seed="o").status_code for _ in range(4)] == [503, 200, 429, 200]
+    assert [r.answer for r in fake.requests] == ["status", "normal", "status", "normal"]
+    assert fake.pending == 0
+
+
+def test_error_statuses_carry_the_service_bodies(fake, http):
+    fake.script(status(500), rate_limited(), rate_limited(retry_after=1), status(418, b"teapot", {"X-Why": "t"}))
+    failing = get(http, fake)
+    assert failing.status_code == 500 and failing.json() == fixture_doc("error_service.json")
+    limited = get(http, fake)
+    assert limited.status_code == 429 and limited.json() == fixture_doc("error_429_rate-limit.json")
+    assert "Retry-After" not in limited.headers
+    assert get(http, fake).headers["Retry-After"] == "1"
+    odd = get(http, fake)
+    assert (odd.status_code, odd.content, odd.headers["X-Why"]) == (418, b"teapot", "t")
+    assert fake.sent == []
+
+
+def test_body_serves_anything(fake, http):
+    fake.script(body(b"<html>down</html>", content_type="text/html"), body('{"error":"x"}', status=200))
+    page = get(http, fake)
+    assert (page.status_code, page.text, page.headers["Content-Type"]) == (200, "<html>down</html>", "text/html")
+    assert get(http, fake).json() == {"error": "x"}
+
+
+def test_mutate_serves_the_doctored_response(fake, http):
+    def wrong_page(doc):
+        doc["info"]["page"] = 7
+
+    fake.script(mutate(wrong_page), mutate(lambda doc: {"results": doc["results"][:1]}))
+    assert get(http, fake, results=3, seed="m").json()["info"]["page"] == 7
+    assert list(get(http, fake, results=3, seed="m").json()) == ["results"]
+
+
+def test_mutate_bug_is_reported_not_hidden(fake, http):
+    fake.script(mutate(lambda doc: 1 / 0))
+    assert get(http, fake).status_code == 500
+    assert [type(e) for e in fake.errors] == [ZeroDivisionError]
+
+
+def test_reset_is_a_connection_error(fake, http):
+    fake.script(reset())
+    with pytest.raises(requests.ConnectionError):
+        get(http, fake)
+    assert get(http, fake).status_code == 200
+
+
+def test_truncated_body_fails_on_read(fake, http):
+    fake.script(truncated(), truncated())
+    for encoding in ("identity", "gzip"):
+        with pytest.raises((requests.exceptions.ChunkedEncodingError, requests.ConnectionError)):
+            http.get(fake.url, params={"results": 50}, headers={"Accept-Encoding": encoding}, timeout=5)
+    assert fake.sent == []
+
+
+def test_hang_makes_a_read_timeout_and_does_not_delay_stop(http):
+    fake = FakeRandomUser().start()
+    fake.script(hang(30))
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        http.get(fake.url, timeout=0.2)
+    started = time.perf_counter()
+    fake.stop()
+    assert time.perf_counter() - started < 1
+
+
+def test_hang_then_answers(fake, http):
+    fake.script(hang(0.15))
+    started = time.perf_counter()
+    assert get(http, fake, seed="h").status_code == 200
+    assert time.perf_counter() - started >= 0.15
+
+
+def test_huge_streams_until_the_client_hangs_up(fake, http, capfd):
+    fake.script(huge(50_000_000), huge(300_000))
+    with http.get(fake.url, stream=True, timeout=5) as response:
+        assert response.status_code == 200 and "Content-Length" not in response.headers
+        read = 0
+        for chunk in response.iter_content(64 * 1024):
+            read += len(chunk)
+            if read >= 1_000_000:
+                break
+    assert read >= 1_000_000
+
+    whole = http.get(fake.url, timeout=5)
+    assert len(whole.content) == 300_000 and whole.content.startswith(b'{"results":[{')
+    with pytest.raises(ValueError):
+        json.loads(whole.content)
+
+    wait_until_idle(fake)
+    assert "Traceback" not in capfd.readouterr().err
+    assert fake.errors == []
+
+
+def test_disconnects_print_nothing(fake, http, capfd):
+    fake.script(reset(), truncated())
+    for _ in range(2):
+        with pytest.raises(requests.RequestException):
+            get(http, fake)
+    wait_until_idle(fake)
+    captured = capfd.readouterr()
+    assert captured.err == "" and captured.out == ""
+
+
+def wait_until_idle(fake, timeout=2.0):
+    """Wait until the fake has no open connection, so its handlers are done."""
+    deadline = time.monotonic() + timeout
+    while fake._server.connections and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+
+def test_latency_delays_every_answer_but_requests_run_in_parallel(http):
+    with FakeRandomUser(latency=0.2) as fake:
+        started = time.perf_counter()
+        threads = [threading.Thread(target=requests.get, args=(fake.url,)) for _ in range(5)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        elapsed = time.perf_counter() - started
+        assert 0.2 <= elapsed < 0.8
+        assert len(fake.sent) == 5
+
+
+def test_start_later_refuses_connections_first(http):
+    with FakeRandomUser().start_later(0.2) as fake:
+        with pytest.raises(requests.ConnectionError):
+            http.get(fake.url, timeout=1)
+        deadline = time.monotonic() + 3
+        while True:
+            try:
+                assert http.get(fake.url, timeout=1).status_code == 200
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+
+
+def test_stop_then_start_again_on_the_same_url(http):
+    fake = FakeRandomUser().start()
+    url = fake.url
+    assert http.get(url, timeout=1).status_code == 200  # leaves a keep-alive connection open
+    fake.stop()
+    with pytest.raises(requests.ConnectionError):
+        http.get(url, timeout=1)
+    with fake.start():
+        assert fake.url == url
+        assert http.get(url, timeout=1).status_code == 200
