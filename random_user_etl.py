@@ -336,7 +336,7 @@ def contract_violations(flat: pl.DataFrame, typed: pl.DataFrame) -> list[str]:
         if name not in NULLABLE_COLUMNS and missing[name]:
             problems.append(f"{source} is missing or null in {missing[name]} records")
         elif unparsed[name] > missing[name] and name not in NULLABLE_COLUMNS:
-            kind = "a date" if OUTPUT_SCHEMA[name] == UTC_INSTANT else f"a {OUTPUT_SCHEMA[name]}"
+            kind = {UTC_INSTANT: "a date", pl.Float64: "a number"}.get(OUTPUT_SCHEMA[name], "a whole number")
             problems.append(f"{source} does not parse as {kind} in {unparsed[name] - missing[name]} records")
     ranges = typed.select(
         bad_latitude=(~pl.col("latitude").is_between(-90, 90)).sum(),

@@ -193,10 +193,9 @@ def page_body(
     # "Page k with results=r is the first r users of page k": recorded users come first
     # and synthetic ones continue the page, indexed by their position in it.
     users += _synthetic_json(seed, page, len(recorded), results, fields)
-    info = b""
-    if not noinfo:
-        info = b',"info":' + _dumps({"seed": seed, "results": results, "page": page, "version": VERSION}).encode("utf-8")
-    return b"".join((b'{"results":[', b",".join(users), b"]", info, b"}"))
+    info = {"seed": seed, "results": results, "page": page, "version": VERSION}
+    tail = b"}" if noinfo else b',"info":' + _dumps(info).encode("utf-8") + b"}"
+    return b"".join((b'{"results":[', b",".join(users), b"]", tail))
 
 
 @dataclass(frozen=True)
@@ -506,7 +505,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
 
-    def _send(self, code: int, payload: bytes, content_type: str = JSON_TYPE, headers: dict[str, str] | None = None) -> None:
+    def _send(
+        self, code: int, payload: bytes, content_type: str = JSON_TYPE, headers: dict[str, str] | None = None
+    ) -> None:
         """Send a complete response, logging 200 bodies in fake.sent unless the write fails."""
         wire, gzipped = self._encode(payload)
         fake = self.server.fake
@@ -601,8 +602,12 @@ class FakeRandomUser:
             # Keep the port, so a restarted fake (service back up) is at the same URL.
             self._port = server.server_address[1]
             self._server = server
+            # A short poll interval, so stop() returns in milliseconds, not half a second.
             self._thread = threading.Thread(
-                target=server.serve_forever, kwargs={"poll_interval": 0.02}, name=f"fake-randomuser-{self._port}", daemon=True
+                target=server.serve_forever,
+                kwargs={"poll_interval": 0.02},
+                name=f"fake-randomuser-{self._port}",
+                daemon=True,
             )
             self._thread.start()
         return self

@@ -196,6 +196,7 @@ def test_body_serves_anything(fake, http):
 
 def test_mutate_serves_the_doctored_response(fake, http):
     def wrong_page(doc):
+        """Edit in place, returning None."""
         doc["info"]["page"] = 7
 
     fake.script(mutate(wrong_page), mutate(lambda doc: {"results": doc["results"][:1]}))

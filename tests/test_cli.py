@@ -1,0 +1,171 @@
+"""The job end to end, as an operator runs it: flags, variables, files landed, exit statuses."""
+
+from __future__ import annotations
+
+import polars as pl
+import pytest
+from conftest import batch_files, fast_env, fixture_json, landed
+from fake_api import PICKED_SEED, free_port, recorded_pages
+
+import random_user_etl as etl
+
+PURA = "default_seed-pura_results-100.json"
+
+
+def ids_of(users) -> list[str]:
+    """The user ids of raw users, sorted."""
+    return sorted(u["login"]["uuid"] for u in users)
+
+
+def test_default_run_lands_the_recorded_users(api, out, raw, cli):
+    result = cli("--seed", "pura", env=fast_env(api.url, out, raw))
+    assert result.returncode == 0, result.stderr
+    assert batch_files(out) == ["random_users_pura.parquet"]
+    frame = pl.read_parquet(out / "random_users_pura.parquet")
+    users = fixture_json(PURA)["results"]
+    assert sorted(frame["user_id"]) == ids_of(users)
+    by_id = {row["user_id"]: row for row in frame.to_dicts()}
+    for user in users:
+        row = by_id[user["login"]["uuid"]]
+        assert row["email"] == user["email"]
+        assert row["postcode"] == str(user["location"]["postcode"])
+        assert row["latitude"] == float(user["location"]["coordinates"]["latitude"])
+    # The default asks for 100 users, for the contract's fields only.
+    (request,) = api.requests
+    assert request.params["results"] == "100"
+    assert set(request.params["inc"].split(",")) >= {"login", "location", "dob", "id", "nat"}
+    assert "gzip" in request.headers["accept-encoding"]
+    summary = result.stderr.strip().splitlines()[-1]
+    assert "landed 100 rows, seed pura" in summary and "random_users_pura.parquet" in summary
+    assert "bytes" in summary and "s" in summary.split(",")[-1]
+
+
+def test_a_flag_beats_its_variable_which_beats_the_default(api, out, raw, cli):
+    env = fast_env(api.url, out, raw, RANDOM_USER_N=5, RANDOM_USER_SEED="pura")
+    assert cli(env=env).returncode == 0
+    assert cli("--n", "7", env=env).returncode == 0
+    assert cli("--n", "8", "--seed", "gbonly", env=env).returncode == 0
+    asked = [(r.params["results"], r.params["seed"]) for r in api.requests]
+    assert asked == [("5", "pura"), ("7", "pura"), ("8", "gbonly")]
+
+
+def test_nationalities_are_passed_on_in_the_order_given(api, out, raw, cli):
+    result = cli("--seed", "mixnat", "--n", "25", "--nat", "CA,no,fr", env=fast_env(api.url, out, raw))
+    assert result.returncode == 0, result.stderr
+    assert api.requests[0].params["nat"] == "ca,no,fr"
+
+
+def test_pages_of_the_page_size_with_the_remainder_last(api, out, raw, settings):
+    batch = etl.run(settings(n=100, seed="paged", page_size=40, concurrency=1))
+    asked = sorted((int(r.params["page"]), r.params["results"], r.params["seed"]) for r in api.requests)
+    assert asked == [(1, "40", "paged"), (2, "40", "paged"), (3, "20", "paged")]
+    pages = recorded_pages()
+    want = pages[("paged", 1)] + pages[("paged", 2)] + pages[("paged", 3)][:20]
+    frame = pl.read_parquet(batch.path)
+    assert sorted(frame["user_id"]) == ids_of(want)
+    page_of = {u["login"]["uuid"]: page for page in (1, 2, 3) for u in pages[("paged", page)]}
+    assert all(page_of[uid] == page for uid, page in frame.select("user_id", "page").rows())
+
+
+def test_the_default_page_size_is_the_service_maximum():
+    from random_user_config import Settings
+
+    assert Settings().page_size == 5000
+    assert etl.page_sizes(12_345, 5000) == [5000, 5000, 2345]
+
+
+def test_without_a_seed_the_service_picks_one_and_later_pages_reuse_it(api, out, raw, settings):
+    batch = etl.run(settings(n=12, page_size=5, seed=None))
+    assert batch.seed == PICKED_SEED
+    assert batch_files(out) == [f"random_users_{PICKED_SEED}.parquet"]
+    first, *later = sorted(api.requests, key=lambda r: int(r.params["page"]))
+    assert "seed" not in first.params
+    assert [r.params.get("seed") for r in later] == [PICKED_SEED, PICKED_SEED]
+    recorded = recorded_pages()[(PICKED_SEED, 1)]
+    frame = pl.read_parquet(batch.path)
+    assert set(ids_of(recorded)) <= set(frame["user_id"])
+    assert frame.height == 12 and frame["user_id"].n_unique() == 12
+
+
+def test_a_rerun_of_a_seed_replaces_its_batch(api, out, raw, settings):
+    etl.run(settings(seed="pura"))
+    first = pl.read_parquet(out / "random_users_pura.parquet")
+    etl.run(settings(seed="pura"))
+    assert batch_files(out) == ["random_users_pura.parquet"]
+    again = etl.read_processed(str(out)).collect()
+    assert again.height == 100 and again["user_id"].n_unique() == 100
+    assert again.drop("ingested_at").equals(first.drop("ingested_at"))
+
+
+def test_an_unreachable_service_fails_cleanly(out, raw, cli, tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}/api/1.4/"
+    result = cli("--seed", "pura", "--retries", "1", env=fast_env(dead, out, raw))
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("random_user_etl.py: error: page 1: cannot reach")
+    assert "Traceback" not in result.stderr
+    assert batch_files(out) == [] and not any(raw.rglob("*.gz"))
+
+
+@pytest.mark.parametrize(
+    "args, env, names",
+    [
+        (["--n", "abc"], {}, "--n"),
+        (["--n", "0"], {}, "--n"),
+        (["--n", "2.5"], {}, "--n"),
+        (["--n", "50000001"], {}, "--n"),
+        ([], {"RANDOM_USER_N": "-3"}, "--n"),
+        ([], {"RANDOM_USER_N": "many"}, "RANDOM_USER_N"),
+        (["--nat", "xx"], {}, "--nat"),
+        (["--nat", "us,zz"], {}, "'zz'"),
+        ([], {"RANDOM_USER_NAT": "gb,qq"}, "'qq'"),
+        (["--timeout", "0"], {}, "--timeout"),
+        (["--timeout", "soon"], {}, "--timeout"),
+        (["--retries", "-1"], {}, "--retries"),
+        (["--concurrency", "0"], {}, "--concurrency"),
+        (["--page-size", "6000"], {}, "--page-size"),
+        (["--api-url", "ftp://example.com/"], {}, "--api-url"),
+        (["--api-url", "http://example.com/api/"], {}, "plain http://"),
+        (["--seed", "../escape"], {}, "--seed"),
+        (["--no-such-flag"], {}, "unrecognized arguments"),
+    ],
+)
+def test_each_invalid_setting_exits_2_with_one_line(args, env, names, api, out, raw, cli):
+    before = landed(out)
+    result = cli(*args, env={**fast_env(api.url, out, raw), **env})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("random_user_etl.py: error:") and names in lines[0]
+    assert landed(out) == before and api.requests == []
+
+
+def test_help_lists_every_flag(cli):
+    from random_user_config import SETTINGS
+
+    result = cli("--help")
+    assert result.returncode == 0
+    for setting in SETTINGS:
+        assert setting.flag in result.stdout and setting.env in result.stdout
+
+
+def test_read_processed_of_an_empty_or_missing_folder_is_an_empty_frame(tmp_path):
+    from schemas import OUTPUT_SCHEMA
+
+    for folder in (tmp_path / "missing", tmp_path):
+        frame = etl.read_processed(str(folder))
+        assert isinstance(frame, pl.LazyFrame)
+        assert frame.collect_schema() == OUTPUT_SCHEMA and frame.collect().height == 0
+
+
+def test_read_processed_gives_every_batch_as_one_lazy_frame(api, out, raw, settings):
+    etl.run(settings(seed="pura"))
+    etl.run(settings(seed="gbonly", n=25))
+    lake = etl.read_processed(str(out))
+    assert isinstance(lake, pl.LazyFrame)
+    counts = dict(lake.group_by("seed").len().collect().rows())
+    assert counts == {"pura": 100, "gbonly": 25}
+    gb = lake.filter(pl.col("nationality") == "GB").select("postcode").collect()["postcode"].to_list()
+    raw_gb = [u["location"]["postcode"] for u in fixture_json("nat-gb_seed-gbonly_results-25.json")["results"]]
+    raw_gb += [str(u["location"]["postcode"]) for u in fixture_json(PURA)["results"] if u["nat"] == "GB"]
+    assert sorted(gb) == sorted(raw_gb)

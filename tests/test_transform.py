@@ -1,0 +1,180 @@
+"""The transform against the raw JSON: every contract column, value by value."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import polars as pl
+import pytest
+from conftest import fixture_bytes, fixture_json
+
+import random_user_etl as etl
+from schemas import OUTPUT_SCHEMA
+
+RECORDED = [
+    "default_seed-pura_results-100.json",
+    "paged_seed-paged_results-40_page-2.json",
+    "nat-gb_seed-gbonly_results-25.json",
+    "nat-ca-no-fr_seed-mixnat_results-25.json",
+    "noseed_results-5.json",
+    "noinfo_seed-noinfo_results-5.json",
+]
+CREDENTIALS = ("password", "salt", "md5", "sha1", "sha256")
+INGESTED = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+
+
+def instant(text: str) -> dt.datetime:
+    """An ISO instant as written by the service, read by the standard library."""
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def expected_row(user: dict, info: dict) -> dict:
+    """The contract row of one raw user, worked out by hand from the JSON."""
+    loc = user["location"]
+    return {
+        "user_id": user["login"]["uuid"],
+        "gender": user["gender"],
+        "title": user["name"]["title"],
+        "first_name": user["name"]["first"],
+        "last_name": user["name"]["last"],
+        "full_name": f'{user["name"]["first"]} {user["name"]["last"]}',
+        "email": user["email"],
+        "username": user["login"]["username"],
+        "phone": user["phone"],
+        "cell": user["cell"],
+        "date_of_birth": instant(user["dob"]["date"]),
+        "age": user["dob"]["age"],
+        "registered_at": instant(user["registered"]["date"]),
+        "street_number": loc["street"]["number"],
+        "street_name": loc["street"]["name"],
+        "street_address": f'{loc["street"]["number"]} {loc["street"]["name"]}',
+        "city": loc["city"],
+        "state": loc["state"],
+        "country": loc["country"],
+        "postcode": str(loc["postcode"]),
+        "latitude": float(loc["coordinates"]["latitude"]),
+        "longitude": float(loc["coordinates"]["longitude"]),
+        "timezone_offset": loc["timezone"]["offset"],
+        "timezone_description": loc["timezone"]["description"],
+        "national_id_type": user["id"]["name"] or None,
+        "national_id": user["id"]["value"] or None,
+        "nationality": user["nat"],
+        "picture_url": user["picture"]["large"],
+        "seed": info.get("seed"),
+        "page": info.get("page"),
+        "api_version": info.get("version"),
+        "ingested_at": INGESTED,
+    }
+
+
+@pytest.mark.parametrize("name", RECORDED)
+def test_every_column_matches_the_raw_json(name):
+    raw = fixture_json(name)
+    frame = etl.transform(fixture_bytes(name), ingested_at=INGESTED)
+    assert frame.schema == OUTPUT_SCHEMA
+    got = {row["user_id"]: row for row in frame.to_dicts()}
+    want = {u["login"]["uuid"]: expected_row(u, raw.get("info", {})) for u in raw["results"]}
+    assert got.keys() == want.keys()
+    for user_id, row in want.items():
+        assert got[user_id] == row, user_id
+
+
+@pytest.mark.parametrize("name", RECORDED)
+def test_rows_are_sorted_by_nationality_last_first_id(name):
+    frame = etl.transform(fixture_bytes(name))
+    users = fixture_json(name)["results"]
+    order = sorted((u["nat"], u["name"]["last"], u["name"]["first"], u["login"]["uuid"]) for u in users)
+    assert frame.select("nationality", "last_name", "first_name", "user_id").rows() == order
+
+
+def test_string_and_integer_postcodes_in_one_page_keep_their_text():
+    raw = fixture_json("nat-ca-no-fr_seed-mixnat_results-25.json")["results"]
+    kinds = {type(u["location"]["postcode"]) for u in raw}
+    assert kinds == {int, str}, "the recording should mix both kinds"
+    frame = etl.transform(fixture_bytes("nat-ca-no-fr_seed-mixnat_results-25.json"))
+    postcodes = dict(frame.select("user_id", "postcode").rows())
+    for user in raw:
+        assert postcodes[user["login"]["uuid"]] == str(user["location"]["postcode"])
+    # Norwegian postcodes are four digits that may start with 0: never reshaped to a number.
+    norwegian = [str(u["location"]["postcode"]) for u in raw if u["nat"] == "NO"]
+    assert norwegian and all(len(p) == 4 for p in norwegian)
+
+
+def test_british_string_postcodes_survive_a_page_that_starts_with_numbers():
+    # A page whose first rows have integer postcodes is what makes schema inference drop strings.
+    body = fixture_json("default_seed-pura_results-100.json")
+    gb = fixture_json("nat-gb_seed-gbonly_results-25.json")["results"]
+    body["results"] = body["results"][:10] + gb
+    body["info"]["results"] = len(body["results"])
+    import json
+
+    frame = etl.transform(json.dumps(body).encode())
+    postcodes = dict(frame.select("user_id", "postcode").rows())
+    for user in gb:
+        assert postcodes[user["login"]["uuid"]] == user["location"]["postcode"]
+        assert not user["location"]["postcode"].isdigit()
+
+
+def test_empty_and_null_national_ids_become_null_and_real_ones_stay():
+    raw = fixture_json("default_seed-pura_results-100.json")["results"]
+    frame = etl.transform(fixture_bytes("default_seed-pura_results-100.json"))
+    ids = {row[0]: row[1:] for row in frame.select("user_id", "national_id_type", "national_id").rows()}
+    empty = [u for u in raw if u["id"]["value"] is None]
+    assert empty, "the recording should hold users with no national id"
+    for user in raw:
+        id_type, id_value = ids[user["login"]["uuid"]]
+        assert id_type == (user["id"]["name"] or None)
+        assert id_value == user["id"]["value"]
+
+
+def test_credentials_never_reach_the_frame():
+    raw = fixture_json("default_seed-pura_results-100.json")["results"]
+    frame = etl.transform(fixture_bytes("default_seed-pura_results-100.json"))
+    secrets = {u["login"][key] for u in raw for key in CREDENTIALS}
+    cells = {value for row in frame.rows() for value in row}
+    assert not secrets & cells
+    assert not set(frame.columns) & set(CREDENTIALS)
+
+
+def test_an_empty_page_gives_an_empty_frame_with_the_contract_schema():
+    frame = etl.transform(b'{"results":[],"info":{"seed":"x","results":"0","page":1,"version":"1.4"}}')
+    assert frame.height == 0
+    assert frame.schema == OUTPUT_SCHEMA
+
+
+def test_expectations_are_checked_against_info():
+    body = fixture_bytes("paged_seed-paged_results-40_page-2.json")
+    etl.transform(body, etl.PageRequest("paged", 2, 40))
+    with pytest.raises(etl.EtlError, match="page 3"):
+        etl.transform(body, etl.PageRequest("paged", 3, 40))
+    with pytest.raises(etl.EtlError, match="seed 'other'"):
+        etl.transform(body, etl.PageRequest("other", 2, 40))
+    with pytest.raises(etl.EtlError, match="asked for 41 users"):
+        etl.transform(body, etl.PageRequest("paged", 2, 41))
+
+
+def test_a_field_the_contract_needs_but_the_answer_lacks_is_named():
+    # The service's inc= drops whole fields: such an answer cannot fill the contract.
+    with pytest.raises(etl.EtlError) as error:
+        etl.transform(fixture_bytes("inc-gender-name-nat_seed-narrow_results-10.json"))
+    assert "login.uuid is missing or null in 10 records" in str(error.value)
+    assert "location.city is missing or null in 10 records" in str(error.value)
+
+
+def test_numbers_are_not_silently_truncated():
+    import json
+
+    body = fixture_json("noseed_results-5.json")
+    body["results"][0]["dob"]["age"] = 41.5
+    body["results"][1]["location"]["street"]["number"] = True
+    with pytest.raises(etl.EtlError) as error:
+        etl.transform(json.dumps(body).encode())
+    assert "dob.age does not parse as a whole number in 1 records" in str(error.value)
+    assert "location.street.number does not parse as a whole number in 1 records" in str(error.value)
+
+
+def test_the_frame_is_lazy_friendly_and_round_trips_parquet(tmp_path):
+    frame = etl.transform(fixture_bytes("default_seed-pura_results-100.json"))
+    path = tmp_path / "x.parquet"
+    frame.write_parquet(path)
+    assert pl.read_parquet(path).equals(frame)
