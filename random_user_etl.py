@@ -282,25 +282,30 @@ def parse_body(body: bytes) -> pl.DataFrame:
         raise EtlError(f"the answer is not JSON of the randomuser.me 1.4 shape ({reason})") from None
 
 
+def envelope(parsed: pl.DataFrame) -> dict:
+    """The error, info and user count of a parsed answer, without turning users into Python objects."""
+    row = parsed.select("error", "info", count=pl.col("results").list.len()).row(0, named=True)
+    return {**row, "info": row["info"] or {}}
+
+
 def check_envelope(parsed: pl.DataFrame, expect: PageRequest | None) -> dict:
     """The answer's info, after refusing an error body, missing results, or another page's answer."""
-    row = parsed.row(0, named=True)
+    row = envelope(parsed)
     if row["error"] is not None:
         raise EtlError(f"the service answered with an error: {row['error'][:200]!r}")
-    if row["results"] is None:
+    if row["count"] is None:
         raise EtlError("the answer has no results")
-    info = row["info"] or {}
-    got = len(row["results"])
+    info, got = row["info"], row["count"]
     if expect is None:
         return info
+    if expect.seed is not None and info.get("seed") != expect.seed:
+        raise EtlError(f"asked for seed {expect.seed!r}, the answer is for seed {shorten(info.get('seed'))!r}")
     if expect.results is not None and got != expect.results:
         raise EtlError(f"asked for {expect.results} users, the answer holds {got}")
     if expect.results is not None and info.get("results") not in (None, str(expect.results)):
         raise EtlError(f"asked for {expect.results} users, the answer says info.results={info['results']}")
     if expect.page is not None and info.get("page") != str(expect.page):
         raise EtlError(f"asked for page {expect.page}, the answer is for page {info.get('page')}")
-    if expect.seed is not None and info.get("seed") != expect.seed:
-        raise EtlError(f"asked for seed {expect.seed!r}, the answer is for seed {shorten(info.get('seed'))!r}")
     return info
 
 
@@ -462,9 +467,12 @@ def save_raw(raw_dir: str | None, seed: str, page: int, body: bytes) -> Path | N
     if raw_dir is None:
         return None
     folder = Path(raw_dir) / seed
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"page-{page:05d}.json.gz"
-    write_atomically(path, lambda temp: temp.write_bytes(gzip.compress(body, mtime=0)))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, lambda temp: temp.write_bytes(gzip.compress(body, mtime=0)))
+    except OSError as exc:
+        raise EtlError(f"cannot keep the raw answer in {raw_dir}: {exc.strerror or exc}") from None
     return path
 
 
@@ -627,12 +635,25 @@ def _take(items, count: int) -> list:
 def first_seed(session, settings, gate, sizes) -> tuple[str, bytes]:
     """Ask for page 1 with no seed and take the seed the service picked."""
     body = fetch_page(session, settings, PageRequest(None, 1, sizes[0]), gate)
-    seed = (parse_body(body).row(0, named=True)["info"] or {}).get("seed")
+    seed = envelope(parse_body(body))["info"].get("seed")
     if not seed:
         raise EtlError("page 1: the service picked no seed (info.seed missing)")
     if not config.SEED_PATTERN.fullmatch(seed):
         raise EtlError(f"page 1: the service's seed {shorten(seed)!r} is not safe as a file name")
     return seed, body
+
+
+@contextlib.contextmanager
+def staging_for(settings: Settings, seed: str):
+    """Hold the seed's lock and give its staging folder, refusing an output folder we cannot write."""
+    root = staging_root(settings.output_dir)
+    try:
+        with seed_lock(root, seed):
+            folder = root / seed
+            folder.mkdir(parents=True, exist_ok=True)
+            yield folder
+    except OSError as exc:
+        raise EtlError(f"cannot write to {settings.output_dir}: {exc.strerror or exc}") from None
 
 
 def run(settings: Settings | None = None, **overrides) -> Batch:
@@ -647,17 +668,11 @@ def run(settings: Settings | None = None, **overrides) -> Batch:
         if seed is None:
             seed, first_body = first_seed(session, settings, gate, sizes)
         destination = batch_path(settings.output_dir, seed)
-        root = staging_root(settings.output_dir)
-        with seed_lock(root, seed):
-            folder = root / seed
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise EtlError(f"cannot write to {settings.output_dir}: {exc.strerror}") from None
+        with staging_for(settings, seed) as folder:
             todo = pending_pages(folder, settings, seed, sizes)
-            progress = Progress(settings.n, len(sizes), done=sum(sizes[p - 1] for p in range(1, len(sizes) + 1) if p not in todo))
             if len(todo) < len(sizes):
                 log.info("resuming seed %s: %d of %d pages already staged", seed, len(sizes) - len(todo), len(sizes))
+            progress = Progress(settings.n, len(sizes), done=settings.n - sum(sizes[page - 1] for page in todo))
             try:
                 if first_body is not None and 1 in todo:
                     progress.advance(*stage_body(first_body, PageRequest(seed, 1, sizes[0]), settings, folder))
@@ -667,7 +682,61 @@ def run(settings: Settings | None = None, **overrides) -> Batch:
                     progress.advance(page, rows)
             finally:
                 progress.close()
-            return land(folder, settings, seed, sizes, destination, ingested_at, started, len(todo))
+            return land(folder, settings, seed, sizes, destination, ingested_at, started, len(sizes) - len(todo))
+
+
+def kept_pages(source: Path) -> tuple[str, list[tuple[int, Path]]]:
+    """The seed and the numbered pages of a kept raw folder, or of one saved answer."""
+    if source.is_file():
+        info = envelope(parse_body(read_kept(source)))["info"]
+        if not info.get("seed"):
+            raise EtlError(f"{source}: the answer names no seed (info.seed), so it cannot be landed")
+        return info["seed"], [(int(info.get("page") or 1), source)]
+    if not source.is_dir():
+        raise EtlError(f"nothing to replay at {source}: no such folder or file")
+    numbered = {}
+    for path in source.iterdir():
+        match = re.fullmatch(r"page-(\d{5})\.json\.gz", path.name)
+        if match:
+            numbered[int(match.group(1))] = path
+    if not numbered:
+        raise EtlError(f"nothing to replay in {source}: no page-NNNNN.json.gz files")
+    missing = sorted(set(range(1, max(numbered) + 1)) - set(numbered))
+    if missing:
+        raise EtlError(f"cannot replay {source}: page {missing[0]} of {max(numbered)} is missing")
+    return source.name, sorted(numbered.items())
+
+
+def read_kept(path: Path) -> bytes:
+    """A kept answer's bytes, gunzipped if it was kept compressed."""
+    try:
+        data = path.read_bytes()
+        return gzip.decompress(data) if path.name.endswith(".gz") else data
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise EtlError(f"cannot read kept answer {path}: {exc}") from None
+
+
+def replay(source: str | Path, settings: Settings | None = None, **overrides) -> Batch:
+    """Rebuild a seed's batch from its kept raw answers alone, with no network at all."""
+    settings = dataclasses.replace(settings or Settings(), **overrides)
+    started = time.monotonic()
+    ingested_at = dt.datetime.now(dt.timezone.utc)
+    seed, pages = kept_pages(Path(source))
+    destination = batch_path(settings.output_dir, seed)
+    with staging_for(settings, seed) as folder:
+        for leftover in folder.iterdir():
+            leftover.unlink()
+        sizes = []
+        try:
+            for page, path in pages:
+                request = PageRequest(seed, page, None)
+                sizes.append(stage_body(read_kept(path), request, settings, folder, raw=False)[1])
+        except EtlError as exc:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise EtlError(f"cannot replay {source}: {exc}") from None
+        log.info("replayed %d kept pages of seed %s", len(pages), seed)
+        settings = dataclasses.replace(settings, n=max(sum(sizes), 1))
+        return land(folder, settings, seed, sizes, destination, ingested_at, started, 0)
 
 
 def pending_pages(folder: Path, settings: Settings, seed: str, sizes: list[int]) -> list[int]:
@@ -726,6 +795,11 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(setting.flag, dest=setting.name, action="store_const", const="true", help=f"{setting.help} [{setting.env}]")
         else:
             parser.add_argument(setting.flag, dest=setting.name, metavar=setting.metavar, help=f"{setting.help} [{setting.env}]")
+    parser.add_argument(
+        "--replay",
+        metavar="PATH",
+        help="rebuild a batch with no network from kept raw answers: a <raw-dir>/<seed> folder or one saved answer (.json or .json.gz)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
     return parser
 
@@ -745,7 +819,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the job from the command line; return the exit status."""
     parser = build_parser()
     args = vars(parser.parse_args(argv))
-    verbose = args.pop("verbose")
+    verbose, source = args.pop("verbose"), args.pop("replay")
     configure_logging(verbose)
     try:
         settings = config.load_settings(args)
@@ -753,7 +827,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
     try:
-        run(settings)
+        replay(source, settings) if source else run(settings)
     except EtlError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 1

@@ -1,0 +1,127 @@
+"""Raw landing and replay: what the service sent is kept, and any batch rebuilds from it offline."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import subprocess
+
+import polars as pl
+import pytest
+from conftest import ROOT, batch_files, fast_env, fixture_json, landed
+from fake_api import mutate
+
+import random_user_etl as etl
+
+PAGES = ["page-00001.json.gz", "page-00002.json.gz", "page-00003.json.gz"]
+
+
+def kept(raw, seed="paged") -> list[str]:
+    """The kept page files of a seed."""
+    return sorted(p.name for p in (raw / seed).glob("*")) if (raw / seed).exists() else []
+
+
+def test_raw_answers_are_kept_exactly_as_received(api, raw, settings):
+    etl.run(settings(n=100, seed="paged", page_size=40))
+    assert kept(raw) == PAGES
+    by_page = {json.loads(body)["info"]["page"]: body for body in api.sent}
+    for page, name in enumerate(PAGES, start=1):
+        assert gzip.decompress((raw / "paged" / name).read_bytes()) == by_page[page]
+
+
+def test_replay_with_the_service_gone_rebuilds_the_same_batch(api, out, raw, settings, cli):
+    live = etl.run(settings(n=100, seed="paged", page_size=40))
+    before = pl.read_parquet(live.path)
+    (out / "random_users_paged.parquet").unlink()
+    api.stop()  # from here on, any request would fail
+    result = cli("--replay", raw / "paged", "--output-dir", out)
+    assert result.returncode == 0, result.stderr
+    after = pl.read_parquet(out / "random_users_paged.parquet")
+    assert after.drop("ingested_at").equals(before.drop("ingested_at"))
+    assert after["ingested_at"].n_unique() == 1 and after["ingested_at"][0] > before["ingested_at"][0]
+
+
+def test_one_saved_answer_replays_offline_as_the_quick_start_shows(tmp_path, cli):
+    out = tmp_path / "out"
+    result = cli("--replay", ROOT / "tests/fixtures/default_seed-pura_results-100.json", "--output-dir", out)
+    assert result.returncode == 0, result.stderr
+    frame = pl.read_parquet(out / "random_users_pura.parquet")
+    users = fixture_json("default_seed-pura_results-100.json")["results"]
+    assert sorted(frame["user_id"]) == sorted(u["login"]["uuid"] for u in users)
+    assert "landed 100 rows, seed pura" in result.stderr
+
+
+def test_a_rejected_answer_is_not_kept(api, raw, settings):
+    def break_page(body):
+        body["results"][0]["login"]["uuid"] = None
+
+    api.script(mutate(break_page))
+    with pytest.raises(etl.EtlError, match="login.uuid is missing or null in 1 records"):
+        etl.run(settings(seed="pura", retries=0))
+    assert kept(raw, "pura") == []
+
+
+def test_raw_holds_credentials_and_the_lake_does_not(api, out, raw, settings):
+    etl.run(settings(seed="pura"))
+    body = json.loads(gzip.decompress((raw / "pura" / "page-00001.json.gz").read_bytes()))
+    passwords = {u["login"]["password"] for u in body["results"]}
+    assert passwords, "the raw answer should hold what the service sent, credentials included"
+    cells = {v for row in etl.read_processed(str(out)).collect().rows() for v in row}
+    assert not passwords & cells
+
+
+def test_raw_data_is_kept_out_of_git():
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout: nothing to ask git about")
+    ignored = subprocess.run(["git", "check-ignore", "-q", "raw_data/x/page-00001.json.gz"], cwd=ROOT)
+    assert ignored.returncode == 0
+
+
+def corrupt(folder):
+    """Make a kept page unreadable as gzip."""
+    (folder / "page-00002.json.gz").write_bytes(b"\x1f\x8b not really gzip")
+
+
+def gap(folder):
+    """Lose a page in the middle."""
+    (folder / "page-00002.json.gz").unlink()
+
+
+def another_seed(folder):
+    """Put another seed's answer under this seed's name."""
+    other = fixture_json("default_seed-pura_results-100.json")
+    other["info"]["page"] = 2
+    (folder / "page-00002.json.gz").write_bytes(gzip.compress(json.dumps(other).encode()))
+
+
+@pytest.mark.parametrize(
+    "damage, says",
+    [(corrupt, "cannot read kept answer"), (gap, "page 2 of 3 is missing"), (another_seed, "seed 'paged'")],
+)
+def test_bad_replay_input_fails_cleanly_and_writes_nothing(damage, says, api, out, raw, settings, cli, tmp_path):
+    etl.run(settings(n=100, seed="paged", page_size=40))
+    source = tmp_path / "copy" / "paged"
+    shutil.copytree(raw / "paged", source)
+    damage(source)
+    fresh = tmp_path / "fresh"
+    result = cli("--replay", source, "--output-dir", fresh)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("random_user_etl.py: error: cannot replay") and says in lines[-1], result.stderr
+    assert "Traceback" not in result.stderr
+    assert batch_files(fresh) == [] and not (fresh / ".staging" / "paged").exists()
+
+
+def test_a_missing_replay_folder_fails_cleanly(out, cli, tmp_path):
+    before = landed(out)
+    result = cli("--replay", tmp_path / "nowhere", "--output-dir", out)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [f"random_user_etl.py: error: nothing to replay at {tmp_path / 'nowhere'}: no such folder or file"]
+    assert landed(out) == before
+
+
+def test_raw_keeping_can_be_switched_off(api, out, raw, cli):
+    result = cli("--seed", "pura", env=fast_env(api.url, out, raw, RANDOM_USER_RAW_DIR="off"))
+    assert result.returncode == 0, result.stderr
+    assert not raw.exists() and batch_files(out) == ["random_users_pura.parquet"]
