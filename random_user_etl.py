@@ -20,6 +20,7 @@ import gzip
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -32,7 +33,7 @@ from pathlib import Path
 import polars as pl
 import requests
 from requests.adapters import HTTPAdapter
-from urllib3.exceptions import MaxRetryError, ProtocolError
+from urllib3.exceptions import InvalidHeader, MaxRetryError, ProtocolError
 from urllib3.util.retry import Retry
 
 import random_user_config as config
@@ -53,6 +54,8 @@ log = logging.getLogger("random_user_etl")
 BATCH_GLOB = "random_users_*.parquet"
 STAGING = ".staging"
 PART_METADATA_KEY = "random_user_etl.part"
+SORT_RUN_ROWS = 10_000  # rows sorted in memory at once: assembly memory stays flat whatever n
+SCATTER_ROWS = 20_000  # rows read at once when splitting the batch into key ranges
 TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%S%.f%#z"
 
 
@@ -106,21 +109,35 @@ class PoliteRetry(Retry):
         return retry
 
     def increment(self, method=None, url=None, response=None, error=None, _pool=None, _stacktrace=None):
-        """Count one more try, and say in one log line what is retried and why."""
+        """Count one more try, and say in one log line what is retried, why, and any wait the service set."""
         retry = super().increment(method, url, response, error, _pool, _stacktrace)
-        tries = len(retry.history)
-        log.warning("retry %d of %d for %s: %s", tries, self.total_budget, redact(url), retry_reason(response, error))
+        reason = retry_reason(response, error)
+        if self.bare_rate_limit(response):
+            reason += f", rate limited: pausing all requests for {self.rate_limit_wait:g}s"
+        elif response is not None and (asked := self.get_retry_after(response)):
+            reason += f", waiting {asked:g}s as the service asks (Retry-After)"
+        log.warning("retry %d of %d for %s: %s", len(retry.history), self.total_budget, redact(url), reason)
         return retry
 
     @property
     def total_budget(self) -> int:
-        """How many retries this request may use in all."""
-        return self.total if self.total is not None else 0
+        """How many retries this request may use in all (urllib3 counts `total` down in each copy)."""
+        return self.total + len(self.history) if self.total is not None else 0
+
+    def get_retry_after(self, response) -> float | None:
+        """Retry-After in seconds; None if absent or unreadable ("soon", "0.5"), so the 429 wait or backoff applies."""
+        try:
+            return super().get_retry_after(response)
+        except InvalidHeader:
+            return None
+
+    def bare_rate_limit(self, response) -> bool:
+        """True for randomuser.me's 429: no usable Retry-After, so the rate-limit wait applies."""
+        return response is not None and response.status == 429 and self.get_retry_after(response) is None
 
     def sleep(self, response=None) -> None:
         """Pause before the next try: Retry-After if given, the rate-limit wait on a bare 429, else backoff."""
-        if response is not None and response.status == 429 and not response.headers.get("Retry-After"):
-            log.warning("rate limited by the service (HTTP 429): pausing all requests for %gs", self.rate_limit_wait)
+        if self.bare_rate_limit(response):
             self.gate.pause(self.rate_limit_wait)
             return
         super().sleep(response)
@@ -389,8 +406,8 @@ def transform(body: bytes, expect: PageRequest | None = None, ingested_at: dt.da
 
 
 def is_remote(location: str) -> bool:
-    """True for an object-storage address such as s3://bucket/prefix."""
-    return "://" in location
+    """True for an object-storage address such as s3://bucket/prefix: a URL scheme, then ://."""
+    return re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", location) is not None
 
 
 def batch_path(output_dir: str, seed: str) -> str:
@@ -480,9 +497,12 @@ def quality_report(parts: pl.LazyFrame) -> dict:
     """What was checked of a batch: rows, unique ids, nulls per contract column."""
     stats = parts.select(
         pl.len().alias("__rows"),
-        pl.col("user_id").n_unique().alias("__unique"),
+        # 8-byte hashes keep the distinct count small in memory; only a suspected repeat is recounted exactly.
+        pl.col("user_id").hash().n_unique().alias("__unique"),
         *[pl.col(name).null_count() for name in OUTPUT_SCHEMA.names()],
     ).collect(engine="streaming").row(0, named=True)
+    if stats["__unique"] < stats["__rows"]:
+        stats["__unique"] = parts.select(pl.col("user_id").n_unique()).collect(engine="streaming").item()
     return {
         "rows": stats.pop("__rows"),
         "unique_user_ids": stats.pop("__unique"),
@@ -491,24 +511,89 @@ def quality_report(parts: pl.LazyFrame) -> dict:
     }
 
 
-def write_batch(parts: list[Path], destination: str, ingested_at: dt.datetime, expected_rows: int, storage_options=None) -> dict:
-    """Assemble staged parts into the sorted batch file with the streaming engine, atomically."""
-    lazy = pl.scan_parquet(parts)
-    report = quality_report(lazy)
+def sort_key() -> pl.Expr:
+    """The sort key as one string that orders exactly as the key's columns do."""
+    # "\x00" sorts before every other character, so a shorter field orders first, as in a tuple.
+    return pl.concat_str(*SORT_KEY, separator="\x00")
+
+
+def sorted_runs(parts: list[Path], work: Path, rows: int, run_rows: int = SORT_RUN_ROWS) -> pl.LazyFrame:
+    """The batch in key order, sorting at most about `run_rows` rows in memory at once (an external sort)."""
+    runs = math.ceil(rows / run_rows)
+    if runs <= 1:
+        return pl.scan_parquet(parts).sort(SORT_KEY)
+    shutil.rmtree(work, ignore_errors=True)
+    # Split the key space into ranges of about run_rows each, from a sample of the keys.
+    key = sort_key()
+    step = max(rows // (runs * 100), 1)
+    sample = pl.scan_parquet(parts).select(key.alias("key")).gather_every(step).collect(engine="streaming")["key"].sort()
+    bounds = pl.Series([sample[len(sample) * i // runs] for i in range(1, runs)], dtype=pl.String)
+    run_of = pl.lit(bounds).search_sorted(key, side="right").alias("__run")
+    # Parts are read a few at a time, so each scatter writes one piece per range, not thousands of slivers.
+    per_group = max(1, len(parts) * max(run_rows, SCATTER_ROWS) // rows)
+    for start in range(0, len(parts), per_group):
+        group = pl.scan_parquet(parts[start : start + per_group]).with_columns(run_of).collect()
+        for (run,), piece in group.partition_by("__run", as_dict=True, include_key=False).items():
+            folder = work / f"range-{run:05d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            piece.write_ipc(folder / f"{start:05d}.arrow")  # scratch: Arrow IPC skips parquet's encoding
+    sorted_files = []
+    for folder in sorted(work.glob("range-*")):
+        path = work / f"sorted-{folder.name}.parquet"
+        pl.scan_ipc(sorted(folder.glob("*.arrow"))).sort(SORT_KEY).sink_parquet(path, engine="streaming")
+        sorted_files.append(path)
+    return pl.scan_parquet(sorted_files, low_memory=True)
+
+
+def write_batch(
+    parts: list[Path],
+    destination: str,
+    ingested_at: dt.datetime,
+    expected_rows: int,
+    storage_options=None,
+    run_rows: int = SORT_RUN_ROWS,
+    landed: dict | None = None,
+) -> dict:
+    """Assemble staged parts into the sorted batch file with the streaming engine, atomically.
+
+    For object storage, `landed` (if given) receives the object's size as "bytes".
+    """
+    report = quality_report(pl.scan_parquet(parts))
     if report["rows"] != expected_rows:
         raise EtlError(f"staged parts hold {report['rows']} rows, expected {expected_rows}")
     if report["unique_user_ids"] != report["rows"]:
         raise EtlError(f"login.uuid repeats across pages in {report['rows'] - report['unique_user_ids']} records")
-    batch = lazy.with_columns(ingested_at=pl.lit(ingested_at, UTC_INSTANT)).sort(SORT_KEY)
-    sink = dict(compression="zstd", metadata={QUALITY_METADATA_KEY: json.dumps(report)}, engine="streaming")
+    ordered = sorted_runs(parts, parts[0].parent / "sort", report["rows"], run_rows)
+    batch = ordered.with_columns(ingested_at=pl.lit(ingested_at, UTC_INSTANT))
+    sink = dict(
+        compression="zstd",
+        metadata={QUALITY_METADATA_KEY: json.dumps(report)},
+        engine="streaming",
+        row_group_size=run_rows,
+    )
     if is_remote(destination):
-        # An object store shows an object only once its upload completes: no partial file is ever visible.
-        batch.sink_parquet(destination, storage_options=storage_options, **sink)
+        size = sink_to_store(batch, destination, storage_options, sink)
+        if landed is not None:
+            landed["bytes"] = size
     else:
         final = Path(destination)
         final.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(final, lambda temp: batch.sink_parquet(temp, sync_on_close="all", **sink))
     return report
+
+
+def sink_to_store(batch: pl.LazyFrame, destination: str, storage_options: dict | None, sink: dict) -> int:
+    """Stream the batch to an object key through Polars' cloud writer; return the object's size in bytes.
+
+    With no storage_options, Polars takes credentials, region and endpoint from the standard
+    AWS_* variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION,
+    AWS_ENDPOINT_URL). A PUT, or a multipart upload that is only completed after its last part,
+    replaces the key in one step: readers see the old batch or the new one, never part of one;
+    a failed upload leaves the old object (or none) in place.
+    """
+    sinked = []
+    batch.sink_parquet(destination, storage_options=storage_options, sinked_paths_callback=sinked.append, **sink)
+    return sum(path.num_bytes for args in sinked for path in args.paths)
 
 
 # ---------------------------------------------------------------- read
@@ -523,21 +608,15 @@ def read_processed(output_dir: str | None = None, storage_options: dict | None =
         source = sorted(str(p) for p in Path(output_dir).glob(BATCH_GLOB))
     if not source:
         return OUTPUT_SCHEMA.to_frame().lazy()
-    lazy = pl.scan_parquet(
+    # Given the schema, Polars reads a glob that matches no object as an empty frame, so an
+    # empty prefix is an empty lake without listing the bucket here: nothing is read until collect.
+    return pl.scan_parquet(
         source,
         schema=OUTPUT_SCHEMA,
         missing_columns="insert",  # a column added to the contract later reads as null in older batches
         extra_columns="ignore",
         storage_options=storage_options,
     )
-    if is_remote(output_dir):
-        try:
-            lazy.select(pl.len()).collect()
-        except Exception as exc:  # no object under the prefix yet: an empty lake, not an error
-            if "expanded paths were empty" not in str(exc) and "No such file" not in str(exc):
-                raise
-            return OUTPUT_SCHEMA.to_frame().lazy()
-    return lazy
 
 
 # ---------------------------------------------------------------- run
@@ -591,16 +670,14 @@ class Progress:
             self.bar.close()
 
 
-def fetch_stage(session, settings, seed, page, results, folder, gate) -> tuple[int, int]:
-    """Fetch, keep raw, transform and stage one page; return (page, rows)."""
-    request = PageRequest(seed, page, results)
+def fetch_and_keep(session, settings: Settings, request: PageRequest, gate: RateGate) -> tuple[PageRequest, bytes, Path | None]:
+    """Fetch one page and keep its raw answer: the part of a page's work that waits on the network."""
     body = fetch_page(session, settings, request, gate)
-    return stage_body(body, request, settings, folder)
+    return request, body, save_raw(settings.raw_dir, request.seed, request.page, body)
 
 
-def stage_body(body: bytes, request: PageRequest, settings: Settings, folder: Path, raw: bool = True) -> tuple[int, int]:
-    """Keep raw (if asked), transform, and stage one answer; a rejected answer leaves no raw file."""
-    raw_path = save_raw(settings.raw_dir, request.seed, request.page, body) if raw else None
+def stage_body(body: bytes, request: PageRequest, settings: Settings, folder: Path, raw_path: Path | None = None) -> tuple[int, int]:
+    """Transform and stage one answer; a rejected answer's raw file is removed."""
     try:
         frame = transform(body, request)
     except EtlError as exc:
@@ -675,11 +752,16 @@ def run(settings: Settings | None = None, **overrides) -> Batch:
             progress = Progress(settings.n, len(sizes), done=settings.n - sum(sizes[page - 1] for page in todo))
             try:
                 if first_body is not None and 1 in todo:
-                    progress.advance(*stage_body(first_body, PageRequest(seed, 1, sizes[0]), settings, folder))
+                    first = PageRequest(seed, 1, sizes[0])
+                    raw_path = save_raw(settings.raw_dir, seed, 1, first_body)
+                    progress.advance(*stage_body(first_body, first, settings, folder, raw_path))
                     todo.remove(1)
-                work = lambda page: fetch_stage(session, settings, seed, page, sizes[page - 1], folder, gate)
-                for page, rows in in_parallel(work, todo, settings.concurrency):
-                    progress.advance(page, rows)
+                # Threads wait on the network; pages are transformed one at a time here, so memory
+                # holds at most `concurrency` raw bodies and one page being typed, whatever n.
+                requests_ = [PageRequest(seed, page, sizes[page - 1]) for page in todo]
+                work = lambda request: fetch_and_keep(session, settings, request, gate)
+                for request, body, raw_path in in_parallel(work, requests_, settings.concurrency):
+                    progress.advance(*stage_body(body, request, settings, folder, raw_path))
             finally:
                 progress.close()
             return land(folder, settings, seed, sizes, destination, ingested_at, started, len(sizes) - len(todo))
@@ -724,13 +806,13 @@ def replay(source: str | Path, settings: Settings | None = None, **overrides) ->
     seed, pages = kept_pages(Path(source))
     destination = batch_path(settings.output_dir, seed)
     with staging_for(settings, seed) as folder:
-        for leftover in folder.iterdir():
-            leftover.unlink()
+        shutil.rmtree(folder)
+        folder.mkdir()
         sizes = []
         try:
             for page, path in pages:
                 request = PageRequest(seed, page, None)
-                sizes.append(stage_body(read_kept(path), request, settings, folder, raw=False)[1])
+                sizes.append(stage_body(read_kept(path), request, settings, folder)[1])
         except EtlError as exc:
             shutil.rmtree(folder, ignore_errors=True)
             raise EtlError(f"cannot replay {source}: {exc}") from None
@@ -749,24 +831,41 @@ def pending_pages(folder: Path, settings: Settings, seed: str, sizes: list[int])
         todo.append(page)
     wanted = {part_path(folder, page).name for page in range(1, len(sizes) + 1)}
     for leftover in folder.iterdir():
-        if leftover.name not in wanted or leftover.name.endswith(".tmp"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        elif leftover.name not in wanted or leftover.name.endswith(".tmp"):
             leftover.unlink(missing_ok=True)
     for page in todo:
         part_path(folder, page).unlink(missing_ok=True)
     return todo
 
 
+def write_error(exc: BaseException) -> str:
+    """Why a write failed, in one line; an object store's refusal by its S3 error code and message."""
+    text = str(exc).strip()
+    code = re.search(r"<Code>([^<]+)</Code>", text)
+    if code:
+        message = re.search(r"<Message>([^<]+)</Message>", text)
+        return f"the object store answered {code.group(1)}" + (f" ({message.group(1)[:160]})" if message else "")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    cause = re.sub(r"^\d+:\s*", "", lines[-1]) if len(lines) > 1 and "Caused by:" in text else ""
+    return lines[0][:200] + (f" ({cause[:80]})" if cause else "")
+
+
 def land(folder, settings, seed, sizes, destination, ingested_at, started, fetched) -> Batch:
     """Write the batch from its staged parts, clear the staging, and say what landed."""
     parts = [part_path(folder, page) for page in range(1, len(sizes) + 1)]
+    landed = {}
     try:
-        report = write_batch(parts, destination, ingested_at, settings.n)
+        report = write_batch(parts, destination, ingested_at, settings.n, landed=landed)
     except OSError as exc:
-        raise EtlError(f"cannot write {destination}: {exc.strerror or exc}") from None
+        raise EtlError(f"cannot write {destination}: {exc.strerror or write_error(exc)}") from None
     except pl.exceptions.PolarsError as exc:
-        raise EtlError(f"cannot write {destination}: {str(exc).splitlines()[0][:200]}") from None
+        raise EtlError(f"cannot write {destination}: {write_error(exc)}") from None
     shutil.rmtree(folder, ignore_errors=True)
-    size = Path(destination).stat().st_size if not is_remote(destination) else 0
+    size = landed.get("bytes", 0) if is_remote(destination) else Path(destination).stat().st_size
     seconds = time.monotonic() - started
     log.info("landed %d rows, seed %s, file %s, %d bytes, %.2fs", report["rows"], seed, destination, size, seconds)
     return Batch(destination, seed, report["rows"], size, seconds, fetched, len(sizes) - fetched, report)
