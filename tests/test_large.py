@@ -1,0 +1,182 @@
+"""Large pulls: external sort, concurrency, resume after a kill or the rate limit, progress."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import polars as pl
+import pytest
+from conftest import ROOT, batch_files, clean_environ, fast_env
+from fake_api import FakeRandomUser, hang, normal, rate_limited, recorded_pages
+
+import random_user_etl as etl
+from schemas import SORT_KEY
+
+
+def raw_key(user: dict) -> tuple:
+    """A raw user's sort key, from the JSON."""
+    return (user["nat"], user["name"]["last"], user["name"]["first"], user["login"]["uuid"])
+
+
+def test_the_external_sort_orders_the_batch_as_one_sort_of_the_raw_users(tmp_path):
+    pages = recorded_pages()
+    users = pages[("paged", 1)] + pages[("paged", 2)] + pages[("paged", 3)]
+    folder = tmp_path / "stage"
+    folder.mkdir()
+    parts = []
+    for page in (1, 2, 3):
+        body = (ROOT / f"tests/fixtures/paged_seed-paged_results-40_page-{page}.json").read_bytes()
+        frame = etl.transform(body, etl.PageRequest("paged", page, 40))
+        parts.append(etl.stage_part(folder, frame, {"page": page}))
+    when = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    report = etl.write_batch(parts, str(tmp_path / "batch.parquet"), when, 120, run_rows=17)
+    assert len(list((folder / "sort").glob("sorted-*.parquet"))) > 3, "the small run size should force several ranges"
+    batch = pl.read_parquet(tmp_path / "batch.parquet")
+    assert batch.select(SORT_KEY).rows() == sorted(raw_key(u) for u in users)
+    assert report["rows"] == 120 and report["unique_user_ids"] == 120
+
+
+def test_the_users_landed_do_not_depend_on_concurrency(api, tmp_path, settings):
+    one = etl.run(settings(n=95, seed="paged", page_size=10, concurrency=1, output_dir=str(tmp_path / "c1")))
+    four = etl.run(settings(n=95, seed="paged", page_size=10, concurrency=4, output_dir=str(tmp_path / "c4")))
+    a, b = pl.read_parquet(one.path), pl.read_parquet(four.path)
+    assert a.height == 95 and a["user_id"].n_unique() == 95
+    assert a.drop("ingested_at").equals(b.drop("ingested_at"))
+    # The recorded users of page 1 (first 10 of the 40 recorded) are in both.
+    assert {u["login"]["uuid"] for u in recorded_pages()[("paged", 1)][:10]} <= set(a["user_id"])
+
+
+def start_job(api_url, out, raw, *args):
+    """Start the CLI in the background, as cron would."""
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "random_user_etl.py"), *map(str, args)],
+        env=clean_environ(**fast_env(api_url, out, raw)),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for(predicate, timeout=20.0):
+    """Poll until predicate() holds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.02)
+
+
+def test_a_killed_run_resumes_from_its_staged_pages(tmp_path):
+    out, raw = tmp_path / "out", tmp_path / "raw"
+    staged = out / ".staging" / "paged"
+    args = ("--n", 50, "--seed", "paged", "--page-size", 10, "--concurrency", 1, "--timeout", 30)
+    with FakeRandomUser() as api:
+        api.script(normal(), normal(), hang(30))  # page 3 never answers
+        job = start_job(api.url, out, raw, *args)
+        wait_for(lambda: len(list(staged.glob("part-*.parquet"))) == 2 and len(api.requests) == 3)
+        os.kill(job.pid, signal.SIGKILL)
+        job.wait()
+        # Staged parts are never data: the lake is still empty.
+        assert etl.read_processed(str(out)).collect().height == 0
+    with FakeRandomUser() as api:
+        resumed = subprocess.run(
+            [sys.executable, str(ROOT / "random_user_etl.py"), *map(str, args)],
+            env=clean_environ(**fast_env(api.url, out, raw)),
+            capture_output=True, text=True, timeout=60,
+        )
+        assert resumed.returncode == 0, resumed.stderr
+        assert sorted(int(r.params["page"]) for r in api.requests) == [3, 4, 5]
+        assert "resuming seed paged: 2 of 5 pages already staged" in resumed.stderr
+        whole = etl.run(etl.Settings(n=50, seed="paged", page_size=10, api_url=api.url, output_dir=str(tmp_path / "whole"), raw_dir=None))
+    got, want = pl.read_parquet(out / "random_users_paged.parquet"), pl.read_parquet(whole.path)
+    assert got.drop("ingested_at").equals(want.drop("ingested_at"))
+    assert not staged.exists(), "a landed batch leaves no staging behind"
+
+
+def test_a_run_stopped_by_the_rate_limit_resumes_with_only_the_missing_pages(api, out, settings):
+    api.script(rate_limited(), rate_limited())  # page 1 and its one retry are refused
+    with pytest.raises(etl.EtlError, match="HTTP 429"):
+        etl.run(settings(n=30, seed="paged", page_size=10, concurrency=1, retries=1))
+    api.clear()
+    etl.run(settings(n=30, seed="paged", page_size=10, concurrency=1))
+    assert sorted(int(r.params["page"]) for r in api.requests) == [1, 2, 3]
+    api.clear()
+    # Now stop it at page 2: page 1 stays staged, and the next run asks for 2 and 3 only.
+    (out / "random_users_paged.parquet").unlink()
+    api.script(normal(), rate_limited(), rate_limited())
+    with pytest.raises(etl.EtlError, match="page 2"):
+        etl.run(settings(n=30, seed="paged", page_size=10, concurrency=1, retries=1))
+    api.clear()
+    etl.run(settings(n=30, seed="paged", page_size=10, concurrency=1))
+    assert sorted(int(r.params["page"]) for r in api.requests) == [2, 3]
+    assert pl.read_parquet(out / "random_users_paged.parquet")["user_id"].n_unique() == 30
+
+
+def test_the_rate_limit_pauses_every_worker(api, settings, caplog):
+    wait = 0.5
+    api.script(rate_limited())
+    with caplog.at_level("WARNING", logger="random_user_etl"):
+        batch = etl.run(settings(n=80, seed="paged", page_size=10, concurrency=4, rate_limit_wait=wait))
+    assert batch.rows == 80
+    arrivals = [r.at for r in api.requests]
+    limited = next(r.at for r in api.requests if r.answer == "status")
+    # Requests already on the wire may land just after the 429; no new one starts during the pause.
+    early = [t for t in arrivals if limited + 0.1 < t < limited + wait - 0.05]
+    assert early == [], f"requests sent during the pause at {[round(t - limited, 3) for t in early]}"
+    assert any("rate limited" in r.message and "pausing all requests" in r.message for r in caplog.records)
+
+
+def test_progress_is_one_line_per_page_off_a_terminal(api, out, raw, cli):
+    result = cli("--n", 30, "--seed", "paged", "--page-size", 10, env=fast_env(api.url, out, raw))
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if " done: " in line]
+    assert len(lines) == 3
+    assert all("users/s" in line and "left" in line for line in lines)
+    assert "30/30 users (100%)" in lines[-1]
+
+
+def test_progress_is_a_bar_on_a_terminal(api, out, raw):
+    import pty
+
+    leader, follower = pty.openpty()
+    import fcntl
+    import struct
+    import termios
+
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a real terminal has a size
+    job = subprocess.run(
+        [sys.executable, str(ROOT / "random_user_etl.py"), "--n", "30", "--seed", "paged", "--page-size", "10"],
+        env=clean_environ(**fast_env(api.url, out, raw)),
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=follower, timeout=60,
+    )
+    os.close(follower)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(leader)
+    assert job.returncode == 0
+    assert b"30.0/30.0" in shown and b"users" in shown and b"\r" in shown, shown  # tqdm redraws in place
+    assert b" done: " not in shown
+
+
+def test_staged_parts_are_never_read_as_data(api, out, settings):
+    etl.run(settings(seed="pura"))
+    # Page 1 of "paged" lands in staging, page 2 is refused: a batch half fetched.
+    api.script(normal(), *[rate_limited()] * 10)
+    with pytest.raises(etl.EtlError):
+        etl.run(settings(n=30, seed="paged", page_size=10, concurrency=1, retries=0))
+    assert list((out / ".staging" / "paged").glob("part-*.parquet"))
+    assert batch_files(out) == ["random_users_pura.parquet"]
+    lake = etl.read_processed(str(out)).collect()
+    assert set(lake["seed"]) == {"pura"} and lake.height == 100
