@@ -747,6 +747,7 @@ def run(settings: Settings | None = None, **overrides) -> Batch:
         destination = batch_path(settings.output_dir, seed)
         with staging_for(settings, seed) as folder:
             todo = pending_pages(folder, settings, seed, sizes)
+            fetched = len(todo)
             if len(todo) < len(sizes):
                 log.info("resuming seed %s: %d of %d pages already staged", seed, len(sizes) - len(todo), len(sizes))
             progress = Progress(settings.n, len(sizes), done=settings.n - sum(sizes[page - 1] for page in todo))
@@ -764,7 +765,7 @@ def run(settings: Settings | None = None, **overrides) -> Batch:
                     progress.advance(*stage_body(body, request, settings, folder, raw_path))
             finally:
                 progress.close()
-            return land(folder, settings, seed, sizes, destination, ingested_at, started, len(sizes) - len(todo))
+            return land(folder, settings, seed, sizes, destination, ingested_at, started, fetched)
 
 
 def kept_pages(source: Path) -> tuple[str, list[tuple[int, Path]]]:

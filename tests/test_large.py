@@ -112,8 +112,9 @@ def test_a_run_stopped_by_the_rate_limit_resumes_with_only_the_missing_pages(api
     with pytest.raises(etl.EtlError, match="page 2"):
         etl.run(settings(n=30, seed="paged", page_size=10, concurrency=1, retries=1))
     api.clear()
-    etl.run(settings(n=30, seed="paged", page_size=10, concurrency=1))
+    batch = etl.run(settings(n=30, seed="paged", page_size=10, concurrency=1))
     assert sorted(int(r.params["page"]) for r in api.requests) == [2, 3]
+    assert (batch.pages_fetched, batch.pages_reused) == (2, 1)
     assert pl.read_parquet(out / "random_users_paged.parquet")["user_id"].n_unique() == 30
 
 

@@ -1,0 +1,270 @@
+"""Landing in object storage: the real job against a real S3 server (moto's) on loopback.
+
+Nothing is patched: the job reaches the store through Polars' own cloud I/O, with credentials
+and the endpoint taken from the standard AWS_* variables, exactly as in a pod. boto3 only makes
+buckets and looks at what landed. Every value read back is checked against the recorded JSON.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import datetime as dt
+import json
+import logging
+import tempfile
+import uuid
+from pathlib import Path
+
+import boto3
+import polars as pl
+import pytest
+from conftest import fast_env, fixture_json
+from fake_api import mutate, status
+from moto.server import ThreadedMotoServer
+
+import random_user_etl as etl
+from schemas import OUTPUT_SCHEMA, QUALITY_METADATA_KEY
+
+PURA = "default_seed-pura_results-100.json"
+GBONLY = "nat-gb_seed-gbonly_results-25.json"
+PAGED = [f"paged_seed-paged_results-40_page-{page}.json" for page in (1, 2, 3)]
+
+# Columns compared value by value with the raw JSON.
+CHECKED = ("email", "postcode", "latitude", "age", "date_of_birth", "nationality")
+
+
+# ---------------------------------------------------------------- the raw reference
+
+
+def instant(text: str) -> dt.datetime:
+    """An ISO-8601 UTC time from the raw JSON as an aware datetime."""
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def raw_users(*names: str, limits: dict[str, int] | None = None) -> list[dict]:
+    """The users of recorded answers, parsed by the standard library (the first `limits[name]` of one)."""
+    users = []
+    for name in names:
+        results = fixture_json(name)["results"]
+        users += results[: (limits or {}).get(name, len(results))]
+    return users
+
+
+def expected_values(users: list[dict]) -> dict[str, dict]:
+    """What each user's checked columns must hold, keyed by user id, from the raw JSON."""
+    return {
+        u["login"]["uuid"]: {
+            "email": u["email"],
+            "postcode": str(u["location"]["postcode"]),
+            "latitude": float(u["location"]["coordinates"]["latitude"]),
+            "age": int(u["dob"]["age"]),
+            "date_of_birth": instant(u["dob"]["date"]),
+            "nationality": u["nat"],
+        }
+        for u in users
+    }
+
+
+def assert_rows_are(frame: pl.DataFrame, users: list[dict]) -> None:
+    """The frame holds exactly these raw users, each with the raw JSON's values."""
+    expected = expected_values(users)
+    assert sorted(frame["user_id"]) == sorted(expected)
+    for row in frame.select("user_id", *CHECKED).to_dicts():
+        assert {name: row[name] for name in CHECKED} == expected.pop(row["user_id"])
+
+
+def nationality_counts(users: list[dict]) -> dict[str, int]:
+    """How many raw users of each nationality."""
+    return dict(collections.Counter(u["nat"] for u in users))
+
+
+# ---------------------------------------------------------------- the S3 server
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's S3 server on a free loopback port, for the whole session."""
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+def aws_environ(endpoint: str, home: Path) -> dict[str, str]:
+    """The standard AWS_* variables for the loopback store; no profile or config file of the machine."""
+    return {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_CONFIG_FILE": str(home / "no-aws-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(home / "no-aws-credentials"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+
+
+@dataclasses.dataclass
+class Bucket:
+    """A fresh bucket on the loopback store, and what landed in it."""
+
+    name: str
+    client: object
+    temp: Path
+
+    def url(self, prefix: str = "lake") -> str:
+        """The s3:// address of a prefix in this bucket."""
+        return f"s3://{self.name}/{prefix}"
+
+    def keys(self, prefix: str = "") -> list[str]:
+        """Every key under a prefix."""
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.name, Prefix=prefix)
+        return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
+
+    def head(self, key: str) -> dict:
+        """The object's ETag, size and time."""
+        return self.client.head_object(Bucket=self.name, Key=key)
+
+    def staged(self, prefix: str = "lake") -> Path:
+        """The local staging folder of runs landing in this prefix."""
+        return etl.staging_root(self.url(prefix))
+
+
+@pytest.fixture
+def s3(s3_endpoint, tmp_path, monkeypatch) -> Bucket:
+    """A new bucket; AWS_* point this process and its children at the loopback store.
+
+    The temp folder (where runs for object storage stage their pages) is the test's own, for
+    this process (tempfile.tempdir) and for the CLI's (TMPDIR) alike.
+    """
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in aws_environ(s3_endpoint, tmp_path).items():
+        monkeypatch.setenv(name, value)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    # Polars keeps one client per bucket for the life of the process: a fresh name per test.
+    name = f"lake-{uuid.uuid4().hex[:12]}"
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket=name)
+    return Bucket(name, client, temp)
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_a_run_lands_the_recorded_users_as_one_object_and_reads_back(api, settings, s3, out):
+    batch = etl.run(settings(output_dir=s3.url(), seed="pura"))
+    key = "lake/random_users_pura.parquet"
+    assert s3.keys() == [key]
+    assert batch.path == f"s3://{s3.name}/{key}" and batch.rows == 100
+    # The size reported is the object's size in the store.
+    assert batch.bytes == s3.head(key)["ContentLength"] > 0
+    frame = etl.read_processed(s3.url()).collect()
+    assert frame.schema == OUTPUT_SCHEMA
+    assert_rows_are(frame, raw_users(PURA))
+    assert frame["seed"].unique().to_list() == ["pura"]
+    # The quality report travels inside the object.
+    report = json.loads(pl.read_parquet_metadata(batch.path)[QUALITY_METADATA_KEY])
+    assert report["rows"] == report["unique_user_ids"] == 100
+    # Nothing landed on the local disk, and the run's staged pages are cleared.
+    assert not out.exists()
+    assert not (s3.staged() / "pura").exists()
+
+
+def test_a_rerun_of_a_seed_replaces_its_object_and_each_seed_has_one(api, settings, s3):
+    url = s3.url()
+    etl.run(settings(output_dir=url, seed="pura"))
+    first = etl.read_processed(url).select(pl.col("ingested_at").unique()).collect().item()
+    etl.run(settings(output_dir=url, seed="pura"))
+    assert s3.keys() == ["lake/random_users_pura.parquet"]
+    again = etl.read_processed(url).collect()
+    assert again.height == 100
+    assert again["ingested_at"].unique().to_list() != [first]  # the second run's rows, not the first's
+    etl.run(settings(output_dir=url, seed="gbonly", n=25, nat=("gb",)))
+    assert s3.keys() == ["lake/random_users_gbonly.parquet", "lake/random_users_pura.parquet"]
+    lake = etl.read_processed(url).collect()
+    assert_rows_are(lake, raw_users(PURA, GBONLY))
+    counts = dict(lake.group_by("nationality").len().iter_rows())
+    assert counts == nationality_counts(raw_users(PURA, GBONLY))
+
+
+def test_the_cli_lands_in_s3_from_environment_variables_alone(api, out, raw, cli, s3, monkeypatch):
+    url = s3.url("users/daily")
+    env = fast_env(api.url, out, raw, RANDOM_USER_OUTPUT_DIR=url, RANDOM_USER_SEED="paged", RANDOM_USER_PAGE_SIZE=40)
+    result = cli(env=env)  # AWS_* and TMPDIR come from this process's environment, as in a pod
+    assert result.returncode == 0, result.stderr
+    key = "users/daily/random_users_paged.parquet"
+    assert s3.keys() == [key]
+    assert sorted(int(r.params["page"]) for r in api.requests) == [1, 2, 3]
+    summary = result.stderr.strip().splitlines()[-1]
+    assert f"landed 100 rows, seed paged, file s3://{s3.name}/{key}, {s3.head(key)['ContentLength']} bytes" in summary
+    # 100 users in pages of 40: pages 1 and 2 whole, the first 20 users of page 3.
+    users = raw_users(*PAGED, limits={PAGED[2]: 20})
+    # read_processed() with no argument reads the lake RANDOM_USER_OUTPUT_DIR names.
+    monkeypatch.setenv("RANDOM_USER_OUTPUT_DIR", url)
+    frame = etl.read_processed().collect()
+    assert_rows_are(frame, users)
+    assert sorted(frame["page"].unique()) == [1, 2, 3]
+
+
+def test_an_empty_prefix_reads_as_an_empty_contract_frame_and_nothing_is_read_before_collect(s3):
+    s3.client.put_object(Bucket=s3.name, Key="lake/notes.txt", Body=b"not a batch")
+    frame = etl.read_processed(s3.url()).collect()
+    assert frame.height == 0 and frame.schema == OUTPUT_SCHEMA
+    frame = etl.read_processed(s3.url("no/such/prefix")).collect()
+    assert frame.height == 0 and frame.schema == OUTPUT_SCHEMA
+    # Lazy: building the frame touches no store, so even a missing bucket only fails at collect.
+    lazy = etl.read_processed(f"s3://{s3.name}-missing/lake")
+    assert isinstance(lazy, pl.LazyFrame)
+    with pytest.raises(Exception, match="NoSuchBucket|404"):
+        lazy.collect()
+
+
+def test_a_failed_run_lands_nothing_and_leaves_the_previous_batch(api, settings, s3):
+    url = s3.url()
+    etl.run(settings(output_dir=url, seed="pura"))
+    key = "lake/random_users_pura.parquet"
+    before = s3.head(key)
+
+    def north(doc):
+        doc["results"][7]["location"]["coordinates"]["latitude"] = "north"
+
+    # A rerun whose answer breaks the contract fails before anything is written...
+    api.script(mutate(north))
+    with pytest.raises(etl.EtlError, match="latitude"):
+        etl.run(settings(output_dir=url, seed="pura"))
+    assert s3.keys() == [key]
+    after = s3.head(key)
+    assert (after["ETag"], after["LastModified"]) == (before["ETag"], before["LastModified"])
+    assert_rows_are(etl.read_processed(url).collect(), raw_users(PURA))
+    # ...and a new seed whose run fails leaves no object at all, partial or whole.
+    api.script(*[status(503)] * 4)  # the first try and all three retries
+    with pytest.raises(etl.EtlError, match="503"):
+        etl.run(settings(output_dir=url, seed="gbonly", n=25, nat=("gb",)))
+    assert s3.keys() == [key]
+
+
+def test_a_store_that_refuses_fails_in_one_line_and_the_next_run_reuses_the_staged_pages(
+    api, out, raw, cli, settings, s3
+):
+    missing = f"{s3.name}-later"
+    url = f"s3://{missing}/lake"
+    env = fast_env(api.url, out, raw, RANDOM_USER_OUTPUT_DIR=url, RANDOM_USER_SEED="paged", RANDOM_USER_PAGE_SIZE=40)
+    result = cli(env=env)
+    assert result.returncode == 1
+    (error,) = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert f"cannot write {url}/random_users_paged.parquet" in error and "NoSuchBucket" in error
+    assert len(api.requests) == 3
+    # The pages fetched are kept in the temp folder; once the bucket exists, the next run
+    # (this time in this process, same temp folder) lands them without asking the service again.
+    s3.client.create_bucket(Bucket=missing)
+    batch = etl.run(settings(output_dir=url, seed="paged", n=100, page_size=40))
+    assert len(api.requests) == 3
+    assert batch.rows == 100 and s3.client.list_objects_v2(Bucket=missing)["KeyCount"] == 1
+    assert_rows_are(etl.read_processed(url).collect(), raw_users(*PAGED, limits={PAGED[2]: 20}))
