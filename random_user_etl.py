@@ -290,13 +290,25 @@ def field(path: str) -> pl.Expr:
 def parse_body(body: bytes) -> pl.DataFrame:
     """Parse one answer against the raw schema: one row of results, info and error."""
     try:
-        return pl.read_json(body, schema=RAW_RESPONSE)
+        parsed = pl.read_json(body, schema=RAW_RESPONSE)
     except Exception as exc:  # polars reports malformed JSON as several error types
         head = body[:64].lstrip()[:1]
         if head == b"<":
             raise EtlError("the answer is an HTML page, not JSON") from None
-        reason = str(exc).split("\n", 1)[0][:160]
-        raise EtlError(f"the answer is not JSON of the randomuser.me 1.4 shape ({reason})") from None
+        raise EtlError(f"the answer is not JSON of the randomuser.me 1.4 shape ({json_fault(exc)})") from None
+    if parsed.height != 1 or not body.lstrip().startswith(b"{"):
+        raise EtlError("the answer is not one JSON object")
+    return parsed
+
+
+def json_fault(exc: Exception) -> str:
+    """What Polars found wrong with a body, without the offending value (it may be personal data)."""
+    text = str(exc)
+    wrong_type = re.search(r'deserializing value "(\w+)\(.*" as (\w+)', text)
+    if wrong_type:
+        return f"a JSON {wrong_type.group(1).lower()} where a {wrong_type.group(2)} belongs"
+    position = re.search(r"at character \d+", text)
+    return f"malformed JSON {position.group(0)}" if position else "malformed JSON"
 
 
 def envelope(parsed: pl.DataFrame) -> dict:
@@ -382,6 +394,7 @@ def transform(body: bytes, expect: PageRequest | None = None, ingested_at: dt.da
     if users.height == 0:
         return OUTPUT_SCHEMA.to_frame()
     flat = users.select(**{name: field(source) for name, source in SOURCE_FIELDS.items()})
+    flat = flat.with_columns(user_id=pl.when(pl.col("user_id") != "").then("user_id"))  # "" identifies no one
     typed = flat.with_columns(**typed_columns())
     problems = contract_violations(flat, typed)
     if problems:
@@ -451,9 +464,10 @@ def part_path(folder: Path, page: int) -> Path:
     return folder / f"part-{page:05d}.parquet"
 
 
-def write_atomically(path: Path, write) -> None:
+def write_atomically(path: Path, write, temp_dir: Path | None = None) -> None:
     """Call write(temp_path), then move the finished file into place in one step."""
-    temp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    # temp_dir must be on the same filesystem; a killed run's temp file is swept from there.
+    temp = (temp_dir or path.parent) / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
     try:
         write(temp)
         os.replace(temp, path)
@@ -484,13 +498,21 @@ def save_raw(raw_dir: str | None, seed: str, page: int, body: bytes) -> Path | N
     if raw_dir is None:
         return None
     folder = Path(raw_dir) / seed
-    path = folder / f"page-{page:05d}.json.gz"
+    # Named "unchecked" until the transform accepts it, so a bad answer never replaces a good one.
+    path = folder / f"unchecked-page-{page:05d}.json.gz"
     try:
         folder.mkdir(parents=True, exist_ok=True)
         write_atomically(path, lambda temp: temp.write_bytes(gzip.compress(body, mtime=0)))
     except OSError as exc:
         raise EtlError(f"cannot keep the raw answer in {raw_dir}: {exc.strerror or exc}") from None
     return path
+
+
+def settle_raw(path: Path | None, accepted: bool) -> None:
+    """Name a kept answer after its check: page-N (what replay reads) or rejected-page-N (for diagnosis)."""
+    if path is not None:
+        name = path.name.removeprefix("unchecked-")
+        os.replace(path, path.with_name(name if accepted else f"rejected-{name}"))
 
 
 def quality_report(parts: pl.LazyFrame) -> dict:
@@ -578,7 +600,8 @@ def write_batch(
     else:
         final = Path(destination)
         final.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(final, lambda temp: batch.sink_parquet(temp, sync_on_close="all", **sink))
+        write = lambda temp: batch.sink_parquet(temp, sync_on_close="all", **sink)
+        write_atomically(final, write, temp_dir=parts[0].parent)
     return report
 
 
@@ -677,14 +700,17 @@ def fetch_and_keep(session, settings: Settings, request: PageRequest, gate: Rate
 
 
 def stage_body(body: bytes, request: PageRequest, settings: Settings, folder: Path, raw_path: Path | None = None) -> tuple[int, int]:
-    """Transform and stage one answer; a rejected answer's raw file is removed."""
+    """Transform and stage one answer, and name its kept raw file after the verdict."""
     try:
         frame = transform(body, request)
     except EtlError as exc:
-        if raw_path is not None:
-            raw_path.unlink(missing_ok=True)
+        settle_raw(raw_path, accepted=False)
         raise EtlError(f"page {request.page}: {exc}") from None
-    stage_part(folder, frame, part_identity(settings, request.seed, request.page, frame.height))
+    settle_raw(raw_path, accepted=True)
+    try:
+        stage_part(folder, frame, part_identity(settings, request.seed, request.page, frame.height))
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        raise EtlError(f"page {request.page}: cannot stage in {folder}: {write_error(exc)}") from None
     return request.page, frame.height
 
 
@@ -748,6 +774,8 @@ def run(settings: Settings | None = None, **overrides) -> Batch:
         with staging_for(settings, seed) as folder:
             todo = pending_pages(folder, settings, seed, sizes)
             fetched = len(todo)
+            if settings.raw_dir is not None:
+                sweep_temp(Path(settings.raw_dir) / seed)
             if len(todo) < len(sizes):
                 log.info("resuming seed %s: %d of %d pages already staged", seed, len(sizes) - len(todo), len(sizes))
             progress = Progress(settings.n, len(sizes), done=settings.n - sum(sizes[page - 1] for page in todo))
@@ -822,6 +850,12 @@ def replay(source: str | Path, settings: Settings | None = None, **overrides) ->
         return land(folder, settings, seed, sizes, destination, ingested_at, started, 0)
 
 
+def sweep_temp(folder: Path) -> None:
+    """Remove the temporary files a killed run left in a folder (called under the seed's lock)."""
+    for leftover in folder.glob(".*.tmp"):
+        leftover.unlink(missing_ok=True)
+
+
 def pending_pages(folder: Path, settings: Settings, seed: str, sizes: list[int]) -> list[int]:
     """The pages still to fetch; staged parts that prove themselves are kept, the rest cleared."""
     todo = []
@@ -843,6 +877,8 @@ def pending_pages(folder: Path, settings: Settings, seed: str, sizes: list[int])
 
 def write_error(exc: BaseException) -> str:
     """Why a write failed, in one line; an object store's refusal by its S3 error code and message."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
     text = str(exc).strip()
     code = re.search(r"<Code>([^<]+)</Code>", text)
     if code:
@@ -861,9 +897,7 @@ def land(folder, settings, seed, sizes, destination, ingested_at, started, fetch
     landed = {}
     try:
         report = write_batch(parts, destination, ingested_at, settings.n, landed=landed)
-    except OSError as exc:
-        raise EtlError(f"cannot write {destination}: {exc.strerror or write_error(exc)}") from None
-    except pl.exceptions.PolarsError as exc:
+    except (OSError, pl.exceptions.PolarsError) as exc:
         raise EtlError(f"cannot write {destination}: {write_error(exc)}") from None
     shutil.rmtree(folder, ignore_errors=True)
     size = landed.get("bytes", 0) if is_remote(destination) else Path(destination).stat().st_size
@@ -930,6 +964,10 @@ def main(argv: list[str] | None = None) -> int:
         replay(source, settings) if source else run(settings)
     except EtlError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug, not bad input: still one line, and -v shows the traceback
+        log.debug("unexpected failure", exc_info=True)
+        print(f"{parser.prog}: error: unexpected {type(exc).__name__}: {write_error(exc)} (run with -v for details)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted; staged pages are kept and the next run resumes", file=sys.stderr)

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import concurrent.futures as futures
+import dataclasses
+import hashlib
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
+import tempfile
+import uuid
 from pathlib import Path
 
 import pytest
@@ -14,9 +21,13 @@ ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 sys.path[:0] = [str(ROOT), str(TESTS)]
 
-import random_user_etl as etl  # noqa: E402
 from fake_api import FIXTURES, FakeRandomUser  # noqa: E402
+
+import random_user_etl as etl  # noqa: E402
 from random_user_config import Settings  # noqa: E402
+
+PREFIX = "random_user_etl.py: error: "
+LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING) ")
 
 # Waits are settings: tests shrink them so no case sleeps for long.
 FAST = dict(timeout=2.0, retries=3, backoff=0.01, rate_limit_wait=0.05)
@@ -81,19 +92,89 @@ def fast_env(api_url: str, out: Path, raw: Path, **env) -> dict:
 @pytest.fixture
 def cli():
     """Run `python random_user_etl.py ARGS` in a subprocess, as an operator would."""
+    return run_cli
 
-    def run(*args, env: dict | None = None, timeout: float = 60, **popen) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, str(ROOT / "random_user_etl.py"), *map(str, args)],
-            env=clean_environ(**(env or {})),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-            **popen,
-        )
 
-    return run
+# A real S3-protocol server on loopback (moto), for the object-storage tests.
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's S3 server on a free loopback port, for the whole session."""
+    from moto.server import (
+        ThreadedMotoServer,  # imported here: only the S3 tests pay for it
+    )
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+def aws_environ(endpoint: str, home: Path) -> dict[str, str]:
+    """The standard AWS_* variables for the loopback store; no profile or config file of the machine."""
+    return {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_CONFIG_FILE": str(home / "no-aws-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(home / "no-aws-credentials"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+
+
+@dataclasses.dataclass
+class Bucket:
+    """A fresh bucket on the loopback store, and what landed in it."""
+
+    name: str
+    client: object
+    temp: Path
+
+    def url(self, prefix: str = "lake") -> str:
+        """The s3:// address of a prefix in this bucket."""
+        return f"s3://{self.name}/{prefix}"
+
+    def keys(self, prefix: str = "") -> list[str]:
+        """Every key under a prefix."""
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.name, Prefix=prefix)
+        return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
+
+    def head(self, key: str) -> dict:
+        """The object's ETag, size and time."""
+        return self.client.head_object(Bucket=self.name, Key=key)
+
+    def staged(self, prefix: str = "lake") -> Path:
+        """The local staging folder of runs landing in this prefix."""
+        return etl.staging_root(self.url(prefix))
+
+
+@pytest.fixture
+def s3(s3_endpoint, tmp_path, monkeypatch) -> Bucket:
+    """A new bucket; AWS_* point this process and its children at the loopback store.
+
+    The temp folder (where runs for object storage stage their pages) is the test's own, for
+    this process (tempfile.tempdir) and for the CLI's (TMPDIR) alike.
+    """
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in aws_environ(s3_endpoint, tmp_path).items():
+        monkeypatch.setenv(name, value)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    # Polars keeps one client per bucket for the life of the process: a fresh name per test.
+    import boto3
+
+    name = f"lake-{uuid.uuid4().hex[:12]}"
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket=name)
+    return Bucket(name, client, temp)
 
 
 def landed(folder: Path) -> dict[str, bytes]:
@@ -106,3 +187,88 @@ def landed(folder: Path) -> dict[str, bytes]:
 def batch_files(folder: Path) -> list[str]:
     """The names of the landed batch files in a folder."""
     return sorted(p.name for p in folder.glob(etl.BATCH_GLOB))
+
+
+def run_cli(*args, env: dict | None = None, timeout: float = 60, **popen) -> subprocess.CompletedProcess:
+    """`python random_user_etl.py ARGS` in a subprocess, like the `cli` fixture, usable from any thread."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "random_user_etl.py"), *map(str, args)],
+        env=clean_environ(**(env or {})),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        **popen,
+    )
+
+
+class CasePool:
+    """Runs the selected cases of a parametrised test a few at a time, each in its own folder.
+
+    A CLI run costs about half a second of CPU, mostly the Polars import: running the cases of a
+    matrix two or three at a time keeps the suite fast on two cores. Only the cases pytest
+    selected (see -k) are run; each test then asserts on its own case's outcome.
+    """
+
+    def __init__(self, request, argname: str, work, tmp_path_factory, workers: int = 3):
+        cases = [
+            item.callspec.params[argname]
+            for item in request.session.items
+            if item.module is request.module and argname in getattr(getattr(item, "callspec", None), "params", {})
+        ]
+        folders = {case: tmp_path_factory.mktemp(re.sub(r"\W+", "-", str(case))[:40]) for case in dict.fromkeys(cases)}
+        self.pool = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="case")
+        self.futures = {case: self.pool.submit(work, case, folder) for case, folder in folders.items()}
+
+    def result(self, case):
+        """The outcome of one case (its exception, if the harness itself failed)."""
+        return self.futures[case].result(timeout=120)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def digests(files: dict[str, bytes]) -> dict[str, str]:
+    """landed() with each file's bytes as a short hash: the same check, a readable diff."""
+    return {name: hashlib.sha256(data).hexdigest()[:16] for name, data in files.items()}
+
+
+def assert_one_error_line(stderr: str, says: str) -> str:
+    """Exactly one error line, last, matching `says`; every other line a log line; no traceback."""
+    assert "Traceback" not in stderr, stderr
+    lines = stderr.rstrip("\n").splitlines()
+    assert lines and lines[-1].startswith(PREFIX), stderr
+    assert re.search(says, lines[-1]), lines[-1]
+    assert len(lines[-1]) < 400, lines[-1]
+    assert all(LOG_LINE.match(line) for line in lines[:-1]), stderr
+    return lines[-1]
+
+
+# Answer doctors for fake_api.mutate: each returns a fn(doc) -> doc.
+
+
+def users(change):
+    """A mutate fn applying `change(results)` to the list of users, returning the document."""
+
+    def fn(doc):
+        change(doc["results"])
+        return doc
+
+    return fn
+
+
+def info(**fields):
+    """A mutate fn changing fields of `info`."""
+
+    def fn(doc):
+        doc["info"].update(fields)
+        return doc
+
+    return fn
+
+
+def duplicate_first_id(results):
+    results[1]["login"]["uuid"] = results[0]["login"]["uuid"]

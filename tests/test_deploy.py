@@ -21,12 +21,10 @@ import sys
 from pathlib import Path
 
 import kubernetes_validate
-import polars as pl
 import pytest
 import yaml
 from conftest import ROOT
 from fake_api import synthetic_users
-from test_s3 import s3, s3_endpoint  # noqa: F401  (fixtures: the loopback S3 server and a bucket)
 
 import random_user_config as config
 import random_user_etl as etl

@@ -52,14 +52,17 @@ def test_one_saved_answer_replays_offline_as_the_quick_start_shows(tmp_path, cli
     assert "landed 100 rows, seed pura" in result.stderr
 
 
-def test_a_rejected_answer_is_not_kept(api, raw, settings):
+def test_a_rejected_answer_is_kept_aside_where_replay_does_not_read_it(api, raw, settings):
     def break_page(body):
         body["results"][0]["login"]["uuid"] = None
 
     api.script(mutate(break_page))
     with pytest.raises(etl.EtlError, match="login.uuid is missing or null in 1 records"):
         etl.run(settings(seed="pura", retries=0))
-    assert kept(raw, "pura") == []
+    assert kept(raw, "pura") == ["rejected-page-00001.json.gz"]
+    assert gzip.decompress((raw / "pura" / "rejected-page-00001.json.gz").read_bytes()) == api.sent[0]
+    with pytest.raises(etl.EtlError, match="no page-NNNNN.json.gz files"):
+        etl.replay(raw / "pura", settings())
 
 
 def test_raw_holds_credentials_and_the_lake_does_not(api, out, raw, settings):

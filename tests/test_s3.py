@@ -8,20 +8,13 @@ buckets and looks at what landed. Every value read back is checked against the r
 from __future__ import annotations
 
 import collections
-import dataclasses
 import datetime as dt
 import json
-import logging
-import tempfile
-import uuid
-from pathlib import Path
 
-import boto3
 import polars as pl
 import pytest
 from conftest import fast_env, fixture_json
 from fake_api import mutate, status
-from moto.server import ThreadedMotoServer
 
 import random_user_etl as etl
 from schemas import OUTPUT_SCHEMA, QUALITY_METADATA_KEY
@@ -77,82 +70,6 @@ def assert_rows_are(frame: pl.DataFrame, users: list[dict]) -> None:
 def nationality_counts(users: list[dict]) -> dict[str, int]:
     """How many raw users of each nationality."""
     return dict(collections.Counter(u["nat"] for u in users))
-
-
-# ---------------------------------------------------------------- the S3 server
-
-
-@pytest.fixture(scope="session")
-def s3_endpoint():
-    """moto's S3 server on a free loopback port, for the whole session."""
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-def aws_environ(endpoint: str, home: Path) -> dict[str, str]:
-    """The standard AWS_* variables for the loopback store; no profile or config file of the machine."""
-    return {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_REGION": "us-east-1",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_CONFIG_FILE": str(home / "no-aws-config"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(home / "no-aws-credentials"),
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }
-
-
-@dataclasses.dataclass
-class Bucket:
-    """A fresh bucket on the loopback store, and what landed in it."""
-
-    name: str
-    client: object
-    temp: Path
-
-    def url(self, prefix: str = "lake") -> str:
-        """The s3:// address of a prefix in this bucket."""
-        return f"s3://{self.name}/{prefix}"
-
-    def keys(self, prefix: str = "") -> list[str]:
-        """Every key under a prefix."""
-        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.name, Prefix=prefix)
-        return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
-
-    def head(self, key: str) -> dict:
-        """The object's ETag, size and time."""
-        return self.client.head_object(Bucket=self.name, Key=key)
-
-    def staged(self, prefix: str = "lake") -> Path:
-        """The local staging folder of runs landing in this prefix."""
-        return etl.staging_root(self.url(prefix))
-
-
-@pytest.fixture
-def s3(s3_endpoint, tmp_path, monkeypatch) -> Bucket:
-    """A new bucket; AWS_* point this process and its children at the loopback store.
-
-    The temp folder (where runs for object storage stage their pages) is the test's own, for
-    this process (tempfile.tempdir) and for the CLI's (TMPDIR) alike.
-    """
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in aws_environ(s3_endpoint, tmp_path).items():
-        monkeypatch.setenv(name, value)
-    temp = tmp_path / "tmp"
-    temp.mkdir()
-    monkeypatch.setenv("TMPDIR", str(temp))
-    monkeypatch.setattr(tempfile, "tempdir", str(temp))
-    # Polars keeps one client per bucket for the life of the process: a fresh name per test.
-    name = f"lake-{uuid.uuid4().hex[:12]}"
-    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
-    client.create_bucket(Bucket=name)
-    return Bucket(name, client, temp)
 
 
 # ---------------------------------------------------------------- tests

@@ -1,0 +1,266 @@
+"""Hostile input of issue 3: seeds that try to leave the output folder, a huge answer, plain http,
+and no PII in the logs.
+
+The CLI cases run a few at a time through conftest.CasePool (each in its own folder with its own
+fake): the exit status and the one error line are checked on the real command.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from conftest import PREFIX, ROOT, CasePool, assert_one_error_line, batch_files, clean_environ, duplicate_first_id, fast_env, info, landed, run_cli, users
+from fake_api import FakeRandomUser, huge, mutate, rate_limited, recorded_pages, status
+
+import random_user_etl as etl
+from random_user_config import Settings, SettingsError, load_settings
+
+# Seeds that try to leave the output folder, or to be a file name no file system wants.
+SEEDS = {
+    "dotdot": "../../x",
+    "absolute": "/etc/x",
+    "climb-from-inside": "a/../../b",
+    "10k-chars": "x" * 10_000,
+    "date-template-climb": "../{date}",
+}
+NUL_SEED = "a\x00b"  # neither argv nor the environment can carry NUL: see the API and server cases
+SERVER_SEEDS = {**{k: v for k, v in SEEDS.items() if k != "date-template-climb"}, "nul-byte": NUL_SEED, "empty": ""}
+ETC_X_EXISTED = Path("/etc/x").exists()
+
+REMOTE_HTTP = "http://example.com/api/1.4/"
+
+
+def files_under(folder: Path) -> list[str]:
+    """Every file under a folder, relative, sorted."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() or p.is_symlink())
+
+
+def proxied_to(api: FakeRandomUser) -> dict:
+    """Proxy variables that send any plain-http request to the loopback fake, never to the internet."""
+    proxy = f"http://127.0.0.1:{api.port}"
+    return dict(HTTP_PROXY=proxy, http_proxy=proxy, HTTPS_PROXY=proxy, https_proxy=proxy, NO_PROXY="", no_proxy="")
+
+
+def pii_of(users_: list[dict]) -> list[tuple[str, str]]:
+    """(kind, value) of every personal value of these users: names, emails, ids, usernames, phones."""
+    values = []
+    for user in users_:
+        first, last = user["name"]["first"], user["name"]["last"]
+        values += [("first name", first), ("last name", last), ("full name", f"{first} {last}")]
+        values += [("email", user["email"]), ("user id", user["login"]["uuid"]), ("username", user["login"]["username"])]
+        values += [("phone", user["phone"]), ("cell", user["cell"])]
+        if user["id"]["value"]:
+            values.append(("national id", user["id"]["value"]))
+    return values
+
+
+def leaked(text: str, values: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The personal values that appear in text (names as whole words, the rest as substrings)."""
+    found = []
+    for kind, value in values:
+        if "name" in kind and " " not in value:
+            hit = re.search(rf"(?<!\w){re.escape(value)}(?!\w)", text)
+        else:
+            hit = value in text
+        if hit:
+            found.append((kind, value))
+    return found
+
+
+def wrong_type_name(doc):
+    """User 1's name as one string instead of an object: the answer no longer fits the raw schema."""
+    user = doc["results"][0]
+    user["name"] = f"{user['name']['first']} {user['name']['last']}"
+    return doc
+
+
+PAGED = [u for page in (1, 2, 3) for u in recorded_pages()[("paged", page)]]
+
+
+# ------------------------------------------------------------------ the CLI cases, run a few at a time
+
+
+def run_case(case: str, folder: Path) -> SimpleNamespace:
+    """Run one CLI case in its own folder tree against its own fake; say what it left behind."""
+    kind, source, name = (case.split(":") + [""])[:3]
+    base = folder / "d1" / "d2"  # deep, so a climbing seed would still land inside `folder`
+    out, raw, cwd = base / "out", base / "raw", base / "cwd"
+    cwd.mkdir(parents=True)
+    args: list[str] = ["--n", "5"]
+    with FakeRandomUser() as api:
+        env = fast_env(api.url, out, raw)
+        if kind == "seed":
+            seed = SERVER_SEEDS[name] if source == "server" else SEEDS[name]
+            if source == "flag":
+                args += ["--seed", seed]
+            elif source == "variable":
+                env["RANDOM_USER_SEED"] = seed
+            else:
+                api.script(mutate(info(seed=seed)))
+        elif kind == "http":
+            env.update(proxied_to(api))
+            url = REMOTE_HTTP if name != "file" else "file:///etc/passwd"
+            if source == "flag":
+                args += ["--api-url", url]
+            else:
+                env["RANDOM_USER_API_URL"] = url
+        elif kind == "pii":
+            args = ["-v", "--seed", "paged", "--n", "120", "--page-size", "40", "--concurrency", "2"]
+            script = {
+                "success": [status(503), rate_limited()],
+                "contract": [status(503), mutate(users(duplicate_first_id))],
+                "wrong-type": [mutate(wrong_type_name)],
+            }[name]
+            api.script(*script)
+        result = run_cli(*args, env=env, cwd=cwd)
+        return SimpleNamespace(
+            result=result, files=files_under(folder), out=out, raw=raw, requests=len(api.requests), errors=api.errors
+        )
+
+
+@pytest.fixture(scope="module")
+def hostile(request, tmp_path_factory):
+    with CasePool(request, "case", run_case, tmp_path_factory) as pool:
+        yield pool
+
+
+# ------------------------------------------------------------------ seeds
+
+
+@pytest.mark.parametrize("case", [f"seed:{source}:{name}" for source in ("flag", "variable") for name in SEEDS])
+def test_a_hostile_seed_setting_is_refused_before_anything_is_written(hostile, case):
+    outcome = hostile.result(case)
+    assert outcome.result.returncode == 2, outcome.result.stderr
+    assert_one_error_line(outcome.result.stderr, r"--seed \(RANDOM_USER_SEED\) must be 1 to 100 letters")
+    assert len(outcome.result.stderr.splitlines()) == 1
+    assert outcome.requests == 0
+    assert outcome.files == []  # nothing anywhere in the test's tree: not in out, raw, cwd, nor above them
+    assert ETC_X_EXISTED or not Path("/etc/x").exists()
+
+
+@pytest.mark.parametrize("case", [f"seed:server:{name}" for name in SERVER_SEEDS])
+def test_a_hostile_seed_from_the_server_fails_the_run_before_anything_is_written(hostile, case):
+    outcome = hostile.result(case)
+    stderr = outcome.result.stderr
+    assert outcome.result.returncode == 1, stderr
+    assert_one_error_line(stderr, r"page 1: the service('s seed .* is not safe as a file name| picked no seed)")
+    assert "\x00" not in stderr and len(stderr) < 2000
+    assert outcome.requests == 1
+    assert outcome.files == []
+    assert ETC_X_EXISTED or not Path("/etc/x").exists()
+
+
+@pytest.mark.parametrize("seed", [*SEEDS.values(), NUL_SEED], ids=[*SEEDS, "nul-byte"])
+def test_a_hostile_seed_is_refused_by_the_python_api_too(api, tmp_path, settings, seed):
+    with pytest.raises(SettingsError, match="seed"):
+        Settings(seed=seed)
+    with pytest.raises(SettingsError, match="seed"):
+        load_settings({"seed": seed}, environ={})
+    with pytest.raises(SettingsError, match="RANDOM_USER_SEED"):
+        load_settings({}, environ={"RANDOM_USER_SEED": seed})
+    with pytest.raises(SettingsError):
+        etl.run(settings(), seed=seed)
+    with pytest.raises(etl.EtlError, match="not safe as a file name"):
+        etl.batch_path(str(tmp_path / "out"), seed)  # the last guard before any path is built
+    assert api.requests == []
+    assert files_under(tmp_path) == []
+
+
+# ------------------------------------------------------------------ huge answers
+
+
+# Runs the job in-process and records its own high-water mark on exit. Not getrusage: on Linux
+# a child's ru_maxrss starts at its parent's RSS at fork, and pytest grows large over a session.
+PEAK_LAUNCHER = """
+import os, runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    status = open("/proc/self/status").read()
+    peak = next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))
+    open(os.environ["PEAK_FILE"], "w").write(peak)
+"""
+
+
+def test_a_huge_answer_fails_clearly_and_memory_stays_bounded(api, out, raw):
+    api.script(huge(200_000_000))
+    command = [sys.executable, "-c", PEAK_LAUNCHER, str(ROOT / "random_user_etl.py"), "--seed", "pura", "--max-response-mb", "1"]
+    err, peak_file = out.parent / "stderr.txt", out.parent / "peak.txt"
+    env = clean_environ(**fast_env(api.url, out, raw), PEAK_FILE=peak_file)
+    started = time.monotonic()
+    with open(err, "w") as stderr:
+        proc = subprocess.run(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+    elapsed = time.monotonic() - started
+    peak_mb = int(peak_file.read_text()) / 1024  # VmHWM is in kB
+    assert proc.returncode == 1
+    assert_one_error_line(err.read_text(), r"page 1: answer larger than the 1,000,000-byte limit \(--max-response-mb\)")
+    assert peak_mb < 200, f"peak RSS {peak_mb:.0f} MB"
+    assert elapsed < 15
+    assert batch_files(out) == [] and landed(raw) == {}
+    assert set(landed(out)) <= {".staging/pura.lock"}  # only the seed's (empty) lock file
+
+
+def test_the_size_bound_counts_the_answer_as_unpacked_not_as_sent(api, out, settings):
+    # The fake gzips what it sends: 30 MB of JSON padding is a few kB on the wire (a "gzip bomb").
+    api.script(status(200, b'{"results":[' + b" " * 30_000_000 + b"]}"))
+    with pytest.raises(etl.EtlError, match=r"page 1: answer larger than the 1,000,000-byte limit"):
+        etl.run(settings(seed="pura", max_response_mb=1, retries=0))
+    assert batch_files(out) == []
+
+
+# ------------------------------------------------------------------ plain http and TLS
+
+
+@pytest.mark.parametrize("case", ["http:flag:remote", "http:variable:remote", "http:flag:file"])
+def test_plain_http_to_a_remote_host_is_refused(hostile, case):
+    outcome = hostile.result(case)
+    assert outcome.result.returncode == 2, outcome.result.stderr
+    says = r"plain http:// to example\.com.*--allow-http" if case.endswith("remote") else r"must be an https:// address"
+    assert_one_error_line(outcome.result.stderr, says)
+    assert outcome.requests == 0  # not even through the (loopback) proxy the case sets
+    assert outcome.files == []
+
+
+def test_allow_http_is_accepted_as_a_setting_only():
+    # Checked as settings only: no test ever connects anywhere but loopback.
+    with pytest.raises(SettingsError, match="allow-http"):
+        load_settings({"api_url": REMOTE_HTTP}, environ={})
+    assert load_settings({"api_url": REMOTE_HTTP, "allow_http": "true"}, environ={}).allow_http is True
+    by_env = load_settings({}, environ={"RANDOM_USER_API_URL": REMOTE_HTTP, "RANDOM_USER_ALLOW_HTTP": "yes"})
+    assert by_env.api_url == REMOTE_HTTP and by_env.allow_http
+    flags = vars(etl.build_parser().parse_args(["--api-url", REMOTE_HTTP, "--allow-http"]))
+    flags = {k: v for k, v in flags.items() if k not in ("verbose", "replay")}
+    assert load_settings(flags, environ={}).allow_http is True
+    assert Settings(api_url="http://localhost:8080/api/").allow_http is False  # loopback needs no permission
+
+
+def test_tls_verification_is_never_switched_off(out):
+    for allow_http in (False, True):
+        session = etl.make_session(Settings(output_dir=str(out), allow_http=allow_http))
+        assert session.verify is True
+        assert isinstance(session.get_adapter("https://randomuser.me/").max_retries, etl.PoliteRetry)
+    source = (ROOT / "random_user_etl.py").read_text()
+    assert not re.search(r"verify\s*=\s*False|CERT_NONE", source)
+
+
+# ------------------------------------------------------------------ PII in logs
+
+
+@pytest.mark.parametrize("case", ["pii:run:success", "pii:run:contract", "pii:run:wrong-type"])
+def test_no_personal_data_in_the_logs(hostile, case):
+    outcome = hostile.result(case)
+    stderr = outcome.result.stderr
+    if case.endswith("success"):
+        assert outcome.result.returncode == 0, stderr
+        assert "retry 1 of 3" in stderr and "landed 120 rows" in stderr  # the log did say things
+    else:
+        assert outcome.result.returncode == 1, stderr
+        assert stderr.rstrip().splitlines()[-1].startswith(PREFIX)
+    assert leaked(stderr, pii_of(PAGED)) == [], stderr.rstrip().splitlines()[-1]
