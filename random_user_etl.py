@@ -28,12 +28,13 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import polars as pl
 import requests
 from requests.adapters import HTTPAdapter
-from urllib3.exceptions import InvalidHeader, MaxRetryError, ProtocolError
+from urllib3.exceptions import InvalidHeader, MaxRetryError, ProtocolError, ReadTimeoutError
 from urllib3.util.retry import Retry
 
 import random_user_config as config
@@ -191,6 +192,7 @@ def make_session(settings: Settings, gate: RateGate | None = None) -> requests.S
     session.mount("http://", adapter)
     session.verify = True
     session.headers["User-Agent"] = "random-user-etl/1.0"
+    session.headers["Accept-Encoding"] = "gzip"  # the one encoding read_body unpacks
     return session
 
 
@@ -210,22 +212,44 @@ def page_params(settings: Settings, request: PageRequest) -> dict:
     return params
 
 
-def read_body(response: requests.Response, limit: int) -> bytes:
-    """The decoded body of a streamed answer, refusing one larger than `limit` bytes."""
-    declared = response.headers.get("Content-Length")
-    if declared and declared.isdigit() and int(declared) > limit and "gzip" not in response.headers.get("Content-Encoding", ""):
-        raise EtlError(f"answer of {int(declared):,} bytes is larger than the {limit:,}-byte limit (--max-response-mb)")
-    chunks, size = [], 0
-    for chunk in response.iter_content(chunk_size=1 << 16):
-        size += len(chunk)
-        if size > limit:
-            raise EtlError(f"answer larger than the {limit:,}-byte limit (--max-response-mb)")
-        chunks.append(chunk)
-    return b"".join(chunks)
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    """One page's answer: its body, and the gzip bytes it crossed the wire as (None if it came plain)."""
+
+    body: bytes
+    gzipped: bytes | None = None
 
 
-def fetch_page(session: requests.Session, settings: Settings, request: PageRequest, gate: RateGate | None = None) -> bytes:
-    """One page's raw body: transport faults retried, an HTTP error status refused."""
+def too_large(limit: int) -> EtlError:
+    """The error for an answer past the size bound."""
+    return EtlError(f"answer larger than the {limit:,}-byte limit (--max-response-mb)")
+
+
+def read_body(response: requests.Response, limit: int) -> Answer:
+    """A streamed answer, unpacked here with the size bound applied to the unpacked bytes."""
+    encoding = response.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in ("", "identity", "gzip"):
+        raise EtlError(f"answer in an encoding that was not asked for: {encoding[:40]!r}")
+    # Unpacked by hand rather than by urllib3, so the gzip bytes can be kept as they came.
+    unpack = zlib.decompressobj(wbits=31) if encoding == "gzip" else None
+    wire, body, size = [], [], 0
+    try:
+        for chunk in response.raw.stream(1 << 16, decode_content=False):
+            wire.append(chunk)
+            data = unpack.decompress(chunk, limit + 1 - size) if unpack else chunk
+            size += len(data)
+            if size > limit or (unpack and unpack.unconsumed_tail) or len(wire) * (1 << 16) > 2 * limit + (1 << 16):
+                raise too_large(limit)
+            body.append(data)
+    except zlib.error:
+        raise EtlError("the answer is not valid gzip") from None
+    if unpack is not None and (not unpack.eof or unpack.unused_data):
+        raise EtlError("the answer's gzip stream is cut short or followed by other data")
+    return Answer(b"".join(body), b"".join(wire) if unpack else None)
+
+
+def fetch_page(session: requests.Session, settings: Settings, request: PageRequest, gate: RateGate | None = None) -> Answer:
+    """One page's answer: transport faults retried, an HTTP error status refused."""
     params = page_params(settings, request)
     retry = make_retry(settings, gate)  # a cut-off body is retried here: urllib3 has returned by then
     while True:
@@ -239,8 +263,8 @@ def fetch_page(session: requests.Session, settings: Settings, request: PageReque
             raise EtlError(f"page {request.page}: cannot reach {settings.api_url}: {short(exc)}") from None
         with response:
             try:
-                body = read_body(response, settings.max_response_bytes)
-            except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError) as exc:
+                answer = read_body(response, settings.max_response_bytes)
+            except (ProtocolError, ReadTimeoutError, requests.exceptions.RequestException) as exc:
                 try:
                     retry = retry.increment("GET", response.url, error=ProtocolError(short(exc)))
                 except (MaxRetryError, ProtocolError):
@@ -250,8 +274,8 @@ def fetch_page(session: requests.Session, settings: Settings, request: PageReque
             except EtlError as exc:
                 raise EtlError(f"page {request.page}: {exc}") from None
         if response.status_code != 200:
-            raise EtlError(f"page {request.page}: HTTP {response.status_code}{service_says(body)}, after {settings.retries} retries")
-        return body
+            raise EtlError(f"page {request.page}: HTTP {response.status_code}{service_says(answer.body)}, after {settings.retries} retries")
+        return answer
 
 
 def short(exc: BaseException) -> str:
@@ -493,7 +517,7 @@ def trusted_part(path: Path, identity: dict) -> bool:
     return found == identity and rows == identity["rows"]
 
 
-def save_raw(raw_dir: str | None, seed: str, page: int, body: bytes) -> Path | None:
+def save_raw(raw_dir: str | None, seed: str, page: int, answer: Answer) -> Path | None:
     """Keep the answer exactly as received, gzip-compressed, before it is transformed."""
     if raw_dir is None:
         return None
@@ -502,7 +526,9 @@ def save_raw(raw_dir: str | None, seed: str, page: int, body: bytes) -> Path | N
     path = folder / f"unchecked-page-{page:05d}.json.gz"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, lambda temp: temp.write_bytes(gzip.compress(body, mtime=0)))
+        # The service's own gzip bytes when it sent them: the same body, and no CPU spent again.
+        packed = answer.gzipped or gzip.compress(answer.body, compresslevel=1, mtime=0)
+        write_atomically(path, lambda temp: temp.write_bytes(packed))
     except OSError as exc:
         raise EtlError(f"cannot keep the raw answer in {raw_dir}: {exc.strerror or exc}") from None
     return path
@@ -695,8 +721,8 @@ class Progress:
 
 def fetch_and_keep(session, settings: Settings, request: PageRequest, gate: RateGate) -> tuple[PageRequest, bytes, Path | None]:
     """Fetch one page and keep its raw answer: the part of a page's work that waits on the network."""
-    body = fetch_page(session, settings, request, gate)
-    return request, body, save_raw(settings.raw_dir, request.seed, request.page, body)
+    answer = fetch_page(session, settings, request, gate)
+    return request, answer.body, save_raw(settings.raw_dir, request.seed, request.page, answer)
 
 
 def stage_body(body: bytes, request: PageRequest, settings: Settings, folder: Path, raw_path: Path | None = None) -> tuple[int, int]:
@@ -722,9 +748,10 @@ def in_parallel(work, items, concurrency: int):
         try:
             while pending:
                 done, pending = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
+                # Refill first, so the next fetches are on the wire while the caller works on these.
+                pending |= {pool.submit(work, item) for item in _take(items, len(done))}
                 for future in done:
                     yield future.result()
-                pending |= {pool.submit(work, item) for item in _take(items, len(done))}
         finally:
             for future in pending:
                 future.cancel()
@@ -735,15 +762,18 @@ def _take(items, count: int) -> list:
     return [item for _, item in zip(range(count), items)]
 
 
-def first_seed(session, settings, gate, sizes) -> tuple[str, bytes]:
+def first_seed(session, settings, gate, sizes) -> tuple[str, Answer]:
     """Ask for page 1 with no seed and take the seed the service picked."""
-    body = fetch_page(session, settings, PageRequest(None, 1, sizes[0]), gate)
-    seed = envelope(parse_body(body))["info"].get("seed")
+    answer = fetch_page(session, settings, PageRequest(None, 1, sizes[0]), gate)
+    try:
+        seed = envelope(parse_body(answer.body))["info"].get("seed")
+    except EtlError as exc:
+        raise EtlError(f"page 1: {exc}") from None
     if not seed:
         raise EtlError("page 1: the service picked no seed (info.seed missing)")
     if not config.SEED_PATTERN.fullmatch(seed):
         raise EtlError(f"page 1: the service's seed {shorten(seed)!r} is not safe as a file name")
-    return seed, body
+    return seed, answer
 
 
 @contextlib.contextmanager
@@ -767,9 +797,9 @@ def run(settings: Settings | None = None, **overrides) -> Batch:
     sizes = page_sizes(settings.n, settings.page_size)
     gate = RateGate()
     with make_session(settings, gate) as session:
-        seed, first_body = settings.seed, None
+        seed, first_answer = settings.seed, None
         if seed is None:
-            seed, first_body = first_seed(session, settings, gate, sizes)
+            seed, first_answer = first_seed(session, settings, gate, sizes)
         destination = batch_path(settings.output_dir, seed)
         with staging_for(settings, seed) as folder:
             todo = pending_pages(folder, settings, seed, sizes)
@@ -780,10 +810,10 @@ def run(settings: Settings | None = None, **overrides) -> Batch:
                 log.info("resuming seed %s: %d of %d pages already staged", seed, len(sizes) - len(todo), len(sizes))
             progress = Progress(settings.n, len(sizes), done=settings.n - sum(sizes[page - 1] for page in todo))
             try:
-                if first_body is not None and 1 in todo:
+                if first_answer is not None and 1 in todo:
                     first = PageRequest(seed, 1, sizes[0])
-                    raw_path = save_raw(settings.raw_dir, seed, 1, first_body)
-                    progress.advance(*stage_body(first_body, first, settings, folder, raw_path))
+                    raw_path = save_raw(settings.raw_dir, seed, 1, first_answer)
+                    progress.advance(*stage_body(first_answer.body, first, settings, folder, raw_path))
                     todo.remove(1)
                 # Threads wait on the network; pages are transformed one at a time here, so memory
                 # holds at most `concurrency` raw bodies and one page being typed, whatever n.

@@ -509,7 +509,8 @@ class _Handler(BaseHTTPRequestHandler):
         self, code: int, payload: bytes, content_type: str = JSON_TYPE, headers: dict[str, str] | None = None
     ) -> None:
         """Send a complete response, logging 200 bodies in fake.sent unless the write fails."""
-        wire, gzipped = self._encode(payload)
+        # A scripted Content-Encoding means the test sends the bytes as they are (a fake gzip, say).
+        wire, gzipped = (payload, False) if "Content-Encoding" in (headers or {}) else self._encode(payload)
         fake = self.server.fake
         # Logged before writing: a client holding the response must already see it in .sent.
         if code == 200:

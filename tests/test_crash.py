@@ -92,7 +92,9 @@ def test_kill_9_mid_fetch_shows_no_torn_batch_and_the_next_run_resumes(api, out,
     env = fast_env(api.url, out, raw)
 
     proc = spawn(*args, env=env, stderr=tmp_path / "killed.txt")
-    assert wait_until(lambda: len(api.requests) >= 3 or proc.poll() is not None)
+    staging = out / ".staging" / "paged"
+    # Page 3 is asked for while page 2 is still being staged: wait for both.
+    assert wait_until(lambda: (len(api.requests) >= 3 and len(list(staging.glob("part-*.parquet"))) == 2) or proc.poll() is not None)
     assert kill9(proc) == -signal.SIGKILL
 
     assert batch_files(out) == ["random_users_pura.parquet"]

@@ -335,3 +335,17 @@ def test_a_rejected_answer_keeps_the_raw_answers_of_an_earlier_good_run(api, out
     # The good answer kept earlier survives a bad answer for the same page; the bad one is kept aside.
     assert digests({"pura/page-00001.json.gz": after["pura/page-00001.json.gz"]}) == digests(kept)
     assert sorted(after) == ["pura/page-00001.json.gz", "pura/rejected-page-00001.json.gz"]
+
+
+def test_an_answer_that_claims_gzip_but_is_not_fails_clearly(api, out, settings):
+    api.script(status(200, b"this is not gzip", headers={"Content-Encoding": "gzip"}))
+    with pytest.raises(etl.EtlError, match="page 1: the answer is not valid gzip"):
+        etl.run(settings(seed="pura", retries=0))
+    assert batch_files(out) == []
+
+
+def test_an_answer_in_an_encoding_not_asked_for_is_refused(api, out, settings):
+    api.script(status(200, b"\x00\x01", headers={"Content-Encoding": "br"}))
+    with pytest.raises(etl.EtlError, match="encoding that was not asked for: 'br'"):
+        etl.run(settings(seed="pura", retries=0))
+    assert api.requests[0].headers["accept-encoding"] == "gzip"
