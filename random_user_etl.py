@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import fcntl
+import functools
 import gzip
 import hashlib
 import json
@@ -690,7 +691,7 @@ class Progress:
 
     def __init__(self, total: int, pages: int, done: int = 0):
         self.total, self.pages, self.done, self.started = total, pages, done, time.monotonic()
-        self.page_count, self.fresh = 0, 0
+        self.fresh = 0  # users fetched by this run, for the rate (resumed pages took no time)
         self.bar = None
         if pages > 1 and sys.stderr.isatty():
             from tqdm import tqdm
@@ -701,7 +702,6 @@ class Progress:
         """Count one landed page."""
         self.done += rows
         self.fresh += rows
-        self.page_count += 1
         if self.bar is not None:
             self.bar.update(rows)
         elif self.pages > 1:
@@ -817,9 +817,9 @@ def run(settings: Settings | None = None, **overrides) -> Batch:
                     todo.remove(1)
                 # Threads wait on the network; pages are transformed one at a time here, so memory
                 # holds at most `concurrency` raw bodies and one page being typed, whatever n.
-                requests_ = [PageRequest(seed, page, sizes[page - 1]) for page in todo]
-                work = lambda request: fetch_and_keep(session, settings, request, gate)
-                for request, body, raw_path in in_parallel(work, requests_, settings.concurrency):
+                wanted = [PageRequest(seed, page, sizes[page - 1]) for page in todo]
+                work = functools.partial(fetch_and_keep, session, settings, gate=gate)
+                for request, body, raw_path in in_parallel(work, wanted, settings.concurrency):
                     progress.advance(*stage_body(body, request, settings, folder, raw_path))
             finally:
                 progress.close()
