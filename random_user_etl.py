@@ -19,10 +19,12 @@ import fcntl
 import functools
 import gzip
 import hashlib
+import itertools
 import json
 import logging
 import math
 import os
+import random
 import re
 import shutil
 import sys
@@ -31,6 +33,7 @@ import threading
 import time
 import zlib
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import polars as pl
 import requests
@@ -120,6 +123,13 @@ class PoliteRetry(Retry):
             reason += f", waiting {asked:g}s as the service asks (Retry-After)"
         log.warning("retry %d of %d for %s: %s", len(retry.history), self.total_budget, redact(url), reason)
         return retry
+
+    def get_backoff_time(self) -> float:
+        """base, 2·base, 4·base... from the first retry (urllib3 retries the first at once), jittered, capped."""
+        errors = len(list(itertools.takewhile(lambda h: h.redirect_location is None, reversed(self.history))))
+        if errors == 0:
+            return 0.0
+        return min(self.backoff_max, self.backoff_factor * 2 ** (errors - 1) + random.random() * self.backoff_jitter)
 
     @property
     def total_budget(self) -> int:
@@ -257,7 +267,8 @@ def fetch_page(session: requests.Session, settings: Settings, request: PageReque
         if gate is not None:
             gate.wait()
         try:
-            response = session.get(settings.api_url, params=params, timeout=settings.timeout, stream=True)
+            # A redirect is not followed: it could lead to plain http on another host.
+            response = session.get(settings.api_url, params=params, timeout=settings.timeout, stream=True, allow_redirects=False)
         except requests.exceptions.RetryError as exc:
             raise EtlError(f"page {request.page}: gave up after {settings.retries} retries ({short(exc)})") from None
         except requests.RequestException as exc:
@@ -274,6 +285,9 @@ def fetch_page(session: requests.Session, settings: Settings, request: PageReque
                 continue
             except EtlError as exc:
                 raise EtlError(f"page {request.page}: {exc}") from None
+        if response.is_redirect:
+            target = urlsplit(response.headers.get("Location", "")).hostname or "elsewhere"
+            raise EtlError(f"page {request.page}: HTTP {response.status_code} redirect to {shorten(target)}, not followed")
         if response.status_code != 200:
             raise EtlError(f"page {request.page}: HTTP {response.status_code}{service_says(answer.body)}, after {settings.retries} retries")
         return answer
@@ -350,17 +364,23 @@ def check_envelope(parsed: pl.DataFrame, expect: PageRequest | None) -> dict:
     if row["count"] is None:
         raise EtlError("the answer has no results")
     info, got = row["info"], row["count"]
-    if expect is None:
-        return info
+    if info.get("page") is not None and not re.fullmatch(r"[1-9]\d{0,4}", info["page"]):
+        raise EtlError(f"the answer's info.page {shorten(info['page'])!r} is not a page number")
+    if expect is not None:
+        check_expected(info, got, expect)
+    if info.get("results") not in (None, str(got)):
+        raise EtlError(f"the answer says info.results={shorten(info['results'])} but holds {got} users")
+    return info
+
+
+def check_expected(info: dict, got: int, expect: PageRequest) -> None:
+    """Refuse an answer for another seed, another page, or another number of users than asked."""
     if expect.seed is not None and info.get("seed") != expect.seed:
         raise EtlError(f"asked for seed {expect.seed!r}, the answer is for seed {shorten(info.get('seed'))!r}")
     if expect.results is not None and got != expect.results:
         raise EtlError(f"asked for {expect.results} users, the answer holds {got}")
-    if expect.results is not None and info.get("results") not in (None, str(expect.results)):
-        raise EtlError(f"asked for {expect.results} users, the answer says info.results={info['results']}")
     if expect.page is not None and info.get("page") != str(expect.page):
         raise EtlError(f"asked for page {expect.page}, the answer is for page {info.get('page')}")
-    return info
 
 
 def shorten(text, limit: int = 40):
@@ -805,7 +825,7 @@ def run(settings: Settings | None = None, **overrides) -> Batch:
             todo = pending_pages(folder, settings, seed, sizes)
             fetched = len(todo)
             if settings.raw_dir is not None:
-                sweep_temp(Path(settings.raw_dir) / seed)
+                clear_stale_raw(Path(settings.raw_dir) / seed, len(sizes))
             if len(todo) < len(sizes):
                 log.info("resuming seed %s: %d of %d pages already staged", seed, len(sizes) - len(todo), len(sizes))
             progress = Progress(settings.n, len(sizes), done=settings.n - sum(sizes[page - 1] for page in todo))
@@ -829,7 +849,10 @@ def run(settings: Settings | None = None, **overrides) -> Batch:
 def kept_pages(source: Path) -> tuple[str, list[tuple[int, Path]]]:
     """The seed and the numbered pages of a kept raw folder, or of one saved answer."""
     if source.is_file():
-        info = envelope(parse_body(read_kept(source)))["info"]
+        try:
+            info = check_envelope(parse_body(read_kept(source)), None)
+        except EtlError as exc:
+            raise EtlError(f"cannot replay {source}: {exc}") from None
         if not info.get("seed"):
             raise EtlError(f"{source}: the answer names no seed (info.seed), so it cannot be landed")
         return info["seed"], [(int(info.get("page") or 1), source)]
@@ -853,7 +876,7 @@ def read_kept(path: Path) -> bytes:
     try:
         data = path.read_bytes()
         return gzip.decompress(data) if path.name.endswith(".gz") else data
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
         raise EtlError(f"cannot read kept answer {path}: {exc}") from None
 
 
@@ -875,15 +898,24 @@ def replay(source: str | Path, settings: Settings | None = None, **overrides) ->
         except EtlError as exc:
             shutil.rmtree(folder, ignore_errors=True)
             raise EtlError(f"cannot replay {source}: {exc}") from None
+        # Every page but the last is full, as the live run asked for them: anything else is a mix of runs.
+        if not sum(sizes) or any(size != sizes[0] for size in sizes[:-1]) or sizes[-1] > sizes[0]:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise EtlError(f"cannot replay {source}: the kept pages hold {sizes} users, not one run's pages")
         log.info("replayed %d kept pages of seed %s", len(pages), seed)
         settings = dataclasses.replace(settings, n=max(sum(sizes), 1))
         return land(folder, settings, seed, sizes, destination, ingested_at, started, 0)
 
 
-def sweep_temp(folder: Path) -> None:
-    """Remove the temporary files a killed run left in a folder (called under the seed's lock)."""
-    for leftover in folder.glob(".*.tmp"):
-        leftover.unlink(missing_ok=True)
+def clear_stale_raw(folder: Path, pages: int) -> None:
+    """Under the seed's lock: drop temp files and unchecked answers, and kept pages past this run's last.
+
+    Without this, an earlier, larger run of the seed would leave pages that a replay then lands.
+    """
+    for path in folder.glob("*"):
+        match = re.fullmatch(r"(?:rejected-)?page-(\d{5})\.json\.gz", path.name)
+        if path.name.endswith(".tmp") or path.name.startswith("unchecked-") or (match and int(match.group(1)) > pages):
+            path.unlink(missing_ok=True)
 
 
 def pending_pages(folder: Path, settings: Settings, seed: str, sizes: list[int]) -> list[int]:

@@ -349,3 +349,17 @@ def test_an_answer_in_an_encoding_not_asked_for_is_refused(api, out, settings):
     with pytest.raises(etl.EtlError, match="encoding that was not asked for: 'br'"):
         etl.run(settings(seed="pura", retries=0))
     assert api.requests[0].headers["accept-encoding"] == "gzip"
+
+
+def test_backoff_grows_from_the_first_retry_with_jitter_and_a_cap():
+    retry = etl.make_retry(Settings(backoff=1.0, retries=8))
+    waits = []
+    for _ in range(8):
+        retry = retry.increment("GET", "/api/1.4/", error=ConnectionResetError())
+        waits.append(retry.get_backoff_time())
+    # base 1 s doubling from the first retry, plus up to half a base of jitter, capped at 32 bases.
+    for k, wait in enumerate(waits[:6]):
+        assert 2**k <= wait <= 2**k + 0.5, waits
+    assert waits[6] == waits[7] == 32.0
+    again = etl.make_retry(Settings(backoff=1.0, retries=8)).increment("GET", "/", error=ConnectionResetError())
+    assert len({again.get_backoff_time() for _ in range(20)}) > 1, "no jitter"

@@ -264,3 +264,11 @@ def test_no_personal_data_in_the_logs(hostile, case):
         assert outcome.result.returncode == 1, stderr
         assert stderr.rstrip().splitlines()[-1].startswith(PREFIX)
     assert leaked(stderr, pii_of(PAGED)) == [], stderr.rstrip().splitlines()[-1]
+
+
+def test_a_redirect_is_not_followed(api, out, settings):
+    # Following it could take a request to plain http on another host, past the --allow-http guard.
+    api.script(status(302, b"", headers={"Location": "http://example.com/api/1.4/?results=100"}))
+    with pytest.raises(etl.EtlError, match="page 1: HTTP 302 redirect to example.com, not followed"):
+        etl.run(settings(seed="pura"))
+    assert len(api.requests) == 1 and batch_files(out) == []

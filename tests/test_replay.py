@@ -128,3 +128,39 @@ def test_raw_keeping_can_be_switched_off(api, out, raw, cli):
     result = cli("--seed", "pura", env=fast_env(api.url, out, raw, RANDOM_USER_RAW_DIR="off"))
     assert result.returncode == 0, result.stderr
     assert not raw.exists() and batch_files(out) == ["random_users_pura.parquet"]
+
+
+def test_pages_of_an_earlier_larger_run_do_not_leak_into_a_replay(api, out, raw, settings, cli):
+    etl.run(settings(n=120, seed="paged", page_size=40))
+    assert kept(raw) == PAGES
+    live = etl.run(settings(n=40, seed="paged", page_size=40))
+    assert kept(raw) == PAGES[:1], "pages past this run's last belong to the batch it replaced"
+    before = pl.read_parquet(live.path)
+    (out / "random_users_paged.parquet").unlink()
+    assert cli("--replay", raw / "paged", "--output-dir", out).returncode == 0
+    assert pl.read_parquet(out / "random_users_paged.parquet").drop("ingested_at").equals(before.drop("ingested_at"))
+
+
+def test_a_gzip_damaged_in_the_middle_fails_cleanly(api, out, raw, settings, cli, tmp_path):
+    etl.run(settings(n=100, seed="paged", page_size=40))
+    page = raw / "paged" / "page-00002.json.gz"
+    data = bytearray(page.read_bytes())
+    data[200:400] = bytes(b ^ 0xFF for b in data[200:400])
+    page.write_bytes(bytes(data))
+    fresh = tmp_path / "fresh"
+    result = cli("--replay", raw / "paged", "--output-dir", fresh)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("random_user_etl.py: error: cannot replay")
+    assert "cannot read kept answer" in result.stderr and "unexpected" not in result.stderr
+    assert batch_files(fresh) == [] and not (fresh / ".staging" / "paged").exists()
+
+
+def test_a_saved_answer_that_lost_a_user_is_refused(tmp_path, cli):
+    answer = fixture_json("default_seed-pura_results-100.json")
+    answer["results"].pop()
+    saved = tmp_path / "short.json"
+    saved.write_text(json.dumps(answer))
+    result = cli("--replay", saved, "--output-dir", tmp_path / "out")
+    assert result.returncode == 1
+    assert "info.results=100 but holds 99 users" in result.stderr.strip().splitlines()[-1]
+    assert batch_files(tmp_path / "out") == []

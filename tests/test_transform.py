@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 
 import polars as pl
 import pytest
@@ -106,8 +107,6 @@ def test_british_string_postcodes_survive_a_page_that_starts_with_numbers():
     gb = fixture_json("nat-gb_seed-gbonly_results-25.json")["results"]
     body["results"] = body["results"][:10] + gb
     body["info"]["results"] = len(body["results"])
-    import json
-
     frame = etl.transform(json.dumps(body).encode())
     postcodes = dict(frame.select("user_id", "postcode").rows())
     for user in gb:
@@ -162,8 +161,6 @@ def test_a_field_the_contract_needs_but_the_answer_lacks_is_named():
 
 
 def test_numbers_are_not_silently_truncated():
-    import json
-
     body = fixture_json("noseed_results-5.json")
     body["results"][0]["dob"]["age"] = 41.5
     body["results"][1]["location"]["street"]["number"] = True
@@ -178,3 +175,30 @@ def test_the_frame_is_lazy_friendly_and_round_trips_parquet(tmp_path):
     path = tmp_path / "x.parquet"
     frame.write_parquet(path)
     assert pl.read_parquet(path).equals(frame)
+
+
+def test_a_national_id_written_as_empty_text_or_null_is_null_either_way():
+    body = fixture_json("noseed_results-5.json")
+    body["results"][0]["id"] = {"name": None, "value": ""}
+    body["results"][1]["id"] = {"name": "", "value": None}
+    frame = etl.transform(json.dumps(body).encode())
+    ids = dict((row[0], row[1:]) for row in frame.select("user_id", "national_id_type", "national_id").rows())
+    assert ids[body["results"][0]["login"]["uuid"]] == (None, None)
+    assert ids[body["results"][1]["login"]["uuid"]] == (None, None)
+    third = body["results"][2]["id"]
+    assert ids[body["results"][2]["login"]["uuid"]] == (third["name"] or None, third["value"] or None)
+
+
+@pytest.mark.parametrize(
+    "change, says",
+    [
+        ({"results": "99"}, "info.results=99 but holds 100 users"),
+        ({"page": "abc"}, "info.page 'abc' is not a page number"),
+        ({"page": "0"}, "info.page '0' is not a page number"),
+    ],
+)
+def test_an_info_that_contradicts_the_answer_is_refused(change, says):
+    body = fixture_json("default_seed-pura_results-100.json")
+    body["info"].update(change)
+    with pytest.raises(etl.EtlError, match=says):
+        etl.transform(json.dumps(body).encode())
