@@ -804,7 +804,11 @@ def staging_for(settings: Settings, seed: str):
         with seed_lock(root, seed):
             folder = root / seed
             folder.mkdir(parents=True, exist_ok=True)
-            yield folder
+            try:
+                yield folder
+            finally:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only when empty: a run that staged nothing leaves no folder behind
     except OSError as exc:
         raise EtlError(f"cannot write to {settings.output_dir}: {exc.strerror or exc}") from None
 

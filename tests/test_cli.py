@@ -105,6 +105,7 @@ def test_an_unreachable_service_fails_cleanly(out, raw, cli, tmp_path):
     assert lines[-1].startswith("random_user_etl.py: error: page 1: cannot reach")
     assert "Traceback" not in result.stderr
     assert batch_files(out) == [] and not any(raw.rglob("*.gz"))
+    assert sorted(p.name for p in out.rglob("*")) == [".staging", "pura.lock"], "only the seed's empty lock file"
 
 
 @pytest.mark.parametrize(
