@@ -289,13 +289,14 @@ def load_settings(flags: dict | None = None, environ=None, today: dt.date | None
         try:
             values[setting.name] = setting.parse(text)
         except ValueError as exc:
-            raise SettingsError(f"{source} {exc}, got {_shorten(text)!r}") from None
+            raise SettingsError(f"{source} {exc}, got {shorten(text)!r}") from None
     today = today or dt.datetime.now(dt.timezone.utc).date()
     if "seed" in values:
         values["seed"] = expand_seed(values["seed"], today)
     return Settings(**values)
 
 
-def _shorten(text: str, limit: int = 60) -> str:
-    """Keep an echoed bad value to one short line."""
+def shorten(text, limit: int = 60) -> str:
+    """Keep an echoed value to one short line."""
+    text = str(text)
     return text if len(text) <= limit else text[:limit] + "..."

@@ -42,7 +42,7 @@ from urllib3.exceptions import InvalidHeader, MaxRetryError, ProtocolError, Read
 from urllib3.util.retry import Retry
 
 import random_user_config as config
-from random_user_config import Settings, SettingsError
+from random_user_config import Settings, SettingsError, shorten
 from schemas import (
     INCLUDED_FIELDS,
     NULLABLE_COLUMNS,
@@ -357,11 +357,16 @@ def envelope(parsed: pl.DataFrame) -> dict:
     return {**row, "info": row["info"] or {}}
 
 
+def service_error(message: str) -> EtlError:
+    """The error for an answer that is the service's own error body."""
+    return EtlError(f"the service answered with an error: {message[:200]!r}")
+
+
 def check_envelope(parsed: pl.DataFrame, expect: PageRequest | None) -> dict:
     """The answer's info, after refusing an error body, missing results, or another page's answer."""
     row = envelope(parsed)
     if row["error"] is not None:
-        raise EtlError(f"the service answered with an error: {row['error'][:200]!r}")
+        raise service_error(row["error"])
     if row["count"] is None:
         raise EtlError("the answer has no results")
     info, got = row["info"], row["count"]
@@ -382,12 +387,6 @@ def check_expected(info: dict, got: int, expect: PageRequest) -> None:
         raise EtlError(f"asked for {expect.results} users, the answer holds {got}")
     if expect.page is not None and info.get("page") != str(expect.page):
         raise EtlError(f"asked for page {expect.page}, the answer is for page {info.get('page')}")
-
-
-def shorten(text, limit: int = 40):
-    """A value echoed in an error, cut to a readable length."""
-    text = str(text)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def typed_columns() -> dict[str, pl.Expr]:
@@ -790,7 +789,7 @@ def first_seed(session, settings, gate, sizes) -> tuple[str, Answer]:
         # Only info and error: half the cost of a full parse, and the transform parses this page anyway.
         parsed = parse_body(answer.body, pl.Schema({"info": RAW_INFO, "error": pl.String}))
         if parsed.item(0, "error") is not None:
-            raise EtlError(f"the service answered with an error: {parsed.item(0, 'error')[:200]!r}")
+            raise service_error(parsed.item(0, "error"))
         seed = (parsed.item(0, "info") or {}).get("seed")
     except EtlError as exc:
         raise EtlError(f"page 1: {exc}") from None
