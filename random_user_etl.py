@@ -36,6 +36,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import polars as pl
+from polars.io.plugins import register_io_source
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import InvalidHeader, MaxRetryError, ProtocolError, ReadTimeoutError
@@ -61,7 +62,11 @@ BATCH_GLOB = "random_users_*.parquet"
 STAGING = ".staging"
 PART_METADATA_KEY = "random_user_etl.part"
 SORT_RUN_ROWS = 10_000  # rows sorted in memory at once: assembly memory stays flat whatever n
-SCATTER_ROWS = 20_000  # rows read at once when splitting the batch into key ranges
+SCATTER_ROWS = 20_000  # rows of staged parts split into key ranges together: fewer, larger pieces
+# Scratch files of the external sort are read once, soon after: uncompressed parquet is the
+# cheapest to write and read back (Arrow IPC measured slower here, zstd costs a third more).
+SCRATCH = dict(compression="uncompressed", statistics=False)
+STAGERS = 2  # pages unpacked and typed at once: both cores of a small machine, and a bounded peak
 TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%S%.f%#z"
 
 
@@ -226,10 +231,10 @@ def page_params(settings: Settings, request: PageRequest) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class Answer:
-    """One page's answer: its body, and the gzip bytes it crossed the wire as (None if it came plain)."""
+    """One page's answer as it crossed the wire: its bytes, and whether they are gzip."""
 
-    body: bytes
-    gzipped: bytes | None = None
+    wire: bytes
+    gzipped: bool = False
 
 
 def too_large(limit: int) -> EtlError:
@@ -237,27 +242,44 @@ def too_large(limit: int) -> EtlError:
     return EtlError(f"answer larger than the {limit:,}-byte limit (--max-response-mb)")
 
 
+def wire_limit(limit: int, gzipped: bool) -> int:
+    """The most bytes a body of at most `limit` bytes can take on the wire."""
+    # Deflate's worst case (stored blocks) adds 5 bytes per 16 kB, plus gzip's header and trailer.
+    return limit + (limit // 3000 + 1024 if gzipped else 0)
+
+
 def read_body(response: requests.Response, limit: int) -> Answer:
-    """A streamed answer, unpacked here with the size bound applied to the unpacked bytes."""
+    """A streamed answer's bytes as sent, refused once they cannot hold a body within the bound."""
     encoding = response.headers.get("Content-Encoding", "").strip().lower()
     if encoding not in ("", "identity", "gzip"):
         raise EtlError(f"answer in an encoding that was not asked for: {encoding[:40]!r}")
-    # Unpacked by hand rather than by urllib3, so the gzip bytes can be kept as they came.
-    unpack = zlib.decompressobj(wbits=31) if encoding == "gzip" else None
-    wire, body, size = [], [], 0
+    # Unpacked later by unpack(), not by urllib3: the gzip bytes are kept as they came, and
+    # unpacking on the thread that types the page frees this one for the next request.
+    gzipped, wire, size = encoding == "gzip", [], 0
+    for chunk in response.raw.stream(1 << 16, decode_content=False):
+        size += len(chunk)
+        if size > wire_limit(limit, gzipped):
+            raise too_large(limit)
+        wire.append(chunk)
+    return Answer(b"".join(wire), gzipped)
+
+
+def unpack(answer: Answer, limit: int) -> bytes:
+    """The answer's body, gunzipped if it came gzipped, refused past `limit` bytes unpacked."""
+    if not answer.gzipped:
+        if len(answer.wire) > limit:
+            raise too_large(limit)
+        return answer.wire
+    stream = zlib.decompressobj(wbits=31)
     try:
-        for chunk in response.raw.stream(1 << 16, decode_content=False):
-            wire.append(chunk)
-            data = unpack.decompress(chunk, limit + 1 - size) if unpack else chunk
-            size += len(data)
-            if size > limit or (unpack and unpack.unconsumed_tail) or len(wire) * (1 << 16) > 2 * limit + (1 << 16):
-                raise too_large(limit)
-            body.append(data)
+        body = stream.decompress(answer.wire, limit + 1)  # max_length: a gzip bomb stops here
     except zlib.error:
         raise EtlError("the answer is not valid gzip") from None
-    if unpack is not None and (not unpack.eof or unpack.unused_data):
+    if len(body) > limit or stream.unconsumed_tail:
+        raise too_large(limit)
+    if not stream.eof or stream.unused_data:
         raise EtlError("the answer's gzip stream is cut short or followed by other data")
-    return Answer(b"".join(body), b"".join(wire) if unpack else None)
+    return body
 
 
 def fetch_page(session: requests.Session, settings: Settings, request: PageRequest, gate: RateGate | None = None) -> Answer:
@@ -290,7 +312,8 @@ def fetch_page(session: requests.Session, settings: Settings, request: PageReque
             target = urlsplit(response.headers.get("Location", "")).hostname or "elsewhere"
             raise EtlError(f"page {request.page}: HTTP {response.status_code} redirect to {shorten(target)}, not followed")
         if response.status_code != 200:
-            raise EtlError(f"page {request.page}: HTTP {response.status_code}{service_says(answer.body)}, after {settings.retries} retries")
+            says = service_says(answer, settings.max_response_bytes)
+            raise EtlError(f"page {request.page}: HTTP {response.status_code}{says}, after {settings.retries} retries")
         return answer
 
 
@@ -306,11 +329,11 @@ def short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:200]}"
 
 
-def service_says(body: bytes) -> str:
-    """The service's own error message in a body, as ': message', or ''."""
+def service_says(answer: Answer, limit: int) -> str:
+    """The service's own error message in an answer, as ': message', or ''."""
     try:
-        message = json.loads(body).get("error")
-    except (ValueError, AttributeError):
+        message = json.loads(unpack(answer, limit)).get("error")
+    except (EtlError, ValueError, AttributeError):
         return ""
     return f": the service says {str(message)[:200]!r}" if message else ""
 
@@ -509,6 +532,11 @@ def part_path(folder: Path, page: int) -> Path:
     return folder / f"part-{page:05d}.parquet"
 
 
+def sort_folder(folder: Path) -> Path:
+    """Where a run's external sort keeps its scratch files: inside the run's staging folder."""
+    return folder / "sort"
+
+
 def write_atomically(path: Path, write, temp_dir: Path | None = None) -> None:
     """Call write(temp_path), then move the finished file into place in one step."""
     # temp_dir must be on the same filesystem; a killed run's temp file is swept from there.
@@ -548,7 +576,7 @@ def save_raw(raw_dir: str | None, seed: str, page: int, answer: Answer) -> Path 
     try:
         folder.mkdir(parents=True, exist_ok=True)
         # The service's own gzip bytes when it sent them: the same body, and no CPU spent again.
-        packed = answer.gzipped or gzip.compress(answer.body, compresslevel=1, mtime=0)
+        packed = answer.wire if answer.gzipped else gzip.compress(answer.wire, compresslevel=1, mtime=0)
         write_atomically(path, lambda temp: temp.write_bytes(packed))
     except OSError as exc:
         raise EtlError(f"cannot keep the raw answer in {raw_dir}: {exc.strerror or exc}") from None
@@ -581,37 +609,80 @@ def quality_report(parts: pl.LazyFrame) -> dict:
 
 
 def sort_key() -> pl.Expr:
-    """The sort key as one string that orders exactly as the key's columns do."""
-    # "\x00" sorts before every other character, so a shorter field orders first, as in a tuple.
-    return pl.concat_str(*SORT_KEY, separator="\x00")
+    """The sort key as one string that orders exactly as the key's columns do, even with NULs in them."""
+    # Each field ends in "\x00\x00", which sorts before anything else, so a shorter field orders
+    # first, as in a tuple; a NUL inside a field becomes "\x00\x01", after that end and before "\x01".
+    fields = [pl.col(name).str.replace_all("\x00", "\x00\x01", literal=True) for name in SORT_KEY]
+    return pl.concat_str(fields, separator="\x00\x00")
 
 
-def sorted_runs(parts: list[Path], work: Path, rows: int, run_rows: int = SORT_RUN_ROWS) -> pl.LazyFrame:
-    """The batch in key order, sorting at most about `run_rows` rows in memory at once (an external sort)."""
-    runs = math.ceil(rows / run_rows)
-    if runs <= 1:
-        return pl.scan_parquet(parts).sort(SORT_KEY)
-    shutil.rmtree(work, ignore_errors=True)
-    # Split the key space into ranges of about run_rows each, from a sample of the keys.
-    key = sort_key()
-    step = max(rows // (runs * 100), 1)
-    sample = pl.scan_parquet(parts).select(key.alias("key")).gather_every(step).collect(engine="streaming")["key"].sort()
-    bounds = pl.Series([sample[len(sample) * i // runs] for i in range(1, runs)], dtype=pl.String)
-    run_of = pl.lit(bounds).search_sorted(key, side="right").alias("__run")
-    # Parts are read a few at a time, so each scatter writes one piece per range, not thousands of slivers.
-    per_group = max(1, len(parts) * max(run_rows, SCATTER_ROWS) // rows)
-    for start in range(0, len(parts), per_group):
-        group = pl.scan_parquet(parts[start : start + per_group]).with_columns(run_of).collect()
-        for (run,), piece in group.partition_by("__run", as_dict=True, include_key=False).items():
-            folder = work / f"range-{run:05d}"
-            folder.mkdir(parents=True, exist_ok=True)
-            piece.write_ipc(folder / f"{start:05d}.arrow")  # scratch: Arrow IPC skips parquet's encoding
-    sorted_files = []
-    for folder in sorted(work.glob("range-*")):
-        path = work / f"sorted-{folder.name}.parquet"
-        pl.scan_ipc(sorted(folder.glob("*.arrow"))).sort(SORT_KEY).sink_parquet(path, engine="streaming")
-        sorted_files.append(path)
-    return pl.scan_parquet(sorted_files, low_memory=True)
+class ExternalSort:
+    """The batch in key order, sorting at most about `run_rows` rows in memory at once.
+
+    Staged parts are split into key ranges in groups as they arrive (add), while the run still
+    waits on the network; at the end (ordered) each range is sorted alone, in key order.
+    """
+
+    def __init__(self, work: Path, rows: int, run_rows: int = SORT_RUN_ROWS, group_rows: int = SCATTER_ROWS):
+        self.work, self.runs = work, math.ceil(rows / run_rows)
+        shutil.rmtree(work, ignore_errors=True)  # a killed run's ranges: this run splits its parts afresh
+        # Parts are split a group at a time, so each split writes one piece per range, not thousands of slivers.
+        self.group_rows = max(run_rows, group_rows)
+        self.bounds: pl.Series | None = None
+        self.waiting: list[Path] = []
+        self.waiting_rows, self.groups = 0, 0
+        self.taken: set[Path] = set()
+        self.lock = threading.Lock()
+
+    def add(self, part: Path, rows: int) -> None:
+        """Take one staged part; once a group's worth has come, split the group into key ranges."""
+        if self.runs <= 1:
+            return  # one range: ordered() sorts the parts directly
+        with self.lock:
+            self.taken.add(part)
+            self.waiting.append(part)
+            self.waiting_rows += rows
+            if self.waiting_rows >= self.group_rows:
+                self._split()
+
+    def _split(self) -> None:
+        """Write the waiting parts' rows to one file per key range (under the lock)."""
+        group, self.waiting, self.waiting_rows = self.waiting, [], 0
+        # The key is kept in the pieces: one string column sorts three times faster than the four it is made of.
+        rows = pl.scan_parquet(group).with_columns(sort_key().alias("__key"))
+        if self.bounds is None:
+            # The first group's keys set the ranges. Bounds only balance the ranges' sizes: any give the same order.
+            keys = rows.select("__key").collect().get_column("__key").sort()
+            self.bounds = pl.Series([keys[len(keys) * i // self.runs] for i in range(1, self.runs)], dtype=pl.String)
+        run_of = pl.lit(self.bounds).search_sorted(pl.col("__key"), side="right").alias("__run")
+        # Streamed into group-N/__run=R/ by Polars: the group is never held in memory whole.
+        target = pl.PartitionBy(self.work / f"group-{self.groups:05d}", key="__run", include_key=False)
+        rows.with_columns(run_of).sink_parquet(target, engine="streaming", **SCRATCH)
+        self.groups += 1
+
+    def ordered(self, parts: list[Path]) -> pl.LazyFrame:
+        """All of `parts` in key order: the parts not split yet are split now, then each range is sorted alone."""
+        if self.runs <= 1:
+            return pl.scan_parquet(parts).sort(SORT_KEY)
+        for part in parts:
+            if part not in self.taken:
+                self.add(part, pl.scan_parquet(part).select(pl.len()).collect().item())
+        with self.lock:
+            if self.waiting:
+                self._split()
+        ranges = [sorted(self.work.glob(f"group-*/__run={run}/*.parquet")) for run in range(self.runs)]
+
+        def ranges_in_order(with_columns, predicate, n_rows, batch_size):
+            for pieces in filter(None, ranges):
+                frame = pl.read_parquet(pieces, hive_partitioning=False).sort("__key").drop("__key")
+                if predicate is not None:
+                    frame = frame.filter(predicate)
+                yield frame.select(with_columns) if with_columns is not None else frame
+
+        # One pass: each range is read, sorted and handed straight to the sink, never written back.
+        # (register_io_source and PartitionBy are marked unstable in Polars 2; requirements pin
+        # polars <3 and test_large.py checks the order they give against the raw JSON.)
+        return register_io_source(ranges_in_order, schema=pl.read_parquet_schema(parts[0]))
 
 
 def write_batch(
@@ -622,20 +693,24 @@ def write_batch(
     storage_options=None,
     run_rows: int = SORT_RUN_ROWS,
     landed: dict | None = None,
+    sorter: ExternalSort | None = None,
 ) -> dict:
     """Assemble staged parts into the sorted batch file with the streaming engine, atomically.
 
-    For object storage, `landed` (if given) receives the object's size as "bytes".
+    `sorter` is the run's ExternalSort if it already split some parts; for object storage,
+    `landed` (if given) receives the object's size as "bytes".
     """
     report = quality_report(pl.scan_parquet(parts))
     if report["rows"] != expected_rows:
         raise EtlError(f"staged parts hold {report['rows']} rows, expected {expected_rows}")
     if report["unique_user_ids"] != report["rows"]:
         raise EtlError(f"login.uuid repeats across pages in {report['rows'] - report['unique_user_ids']} records")
-    ordered = sorted_runs(parts, parts[0].parent / "sort", report["rows"], run_rows)
+    sorter = sorter or ExternalSort(sort_folder(parts[0].parent), report["rows"], run_rows)
+    ordered = sorter.ordered(parts)
     batch = ordered.with_columns(ingested_at=pl.lit(ingested_at, UTC_INSTANT))
     sink = dict(
         compression="zstd",
+        compression_level=1,  # measured on 100k users: faster than the default level, and no larger
         metadata={QUALITY_METADATA_KEY: json.dumps(report)},
         engine="streaming",
         row_group_size=run_rows,
@@ -739,16 +814,16 @@ class Progress:
             self.bar.close()
 
 
-def fetch_and_keep(session, settings: Settings, request: PageRequest, gate: RateGate) -> tuple[PageRequest, bytes, Path | None]:
+def fetch_and_keep(session, settings: Settings, request: PageRequest, gate: RateGate) -> tuple[PageRequest, Answer, Path | None]:
     """Fetch one page and keep its raw answer: the part of a page's work that waits on the network."""
     answer = fetch_page(session, settings, request, gate)
-    return request, answer.body, save_raw(settings.raw_dir, request.seed, request.page, answer)
+    return request, answer, save_raw(settings.raw_dir, request.seed, request.page, answer)
 
 
-def stage_body(body: bytes, request: PageRequest, settings: Settings, folder: Path, raw_path: Path | None = None) -> tuple[int, int]:
-    """Transform and stage one answer, and name its kept raw file after the verdict."""
+def stage_body(answer: Answer, request: PageRequest, settings: Settings, folder: Path, raw_path: Path | None = None) -> tuple[int, int]:
+    """Unpack, transform and stage one answer, and name its kept raw file after the verdict."""
     try:
-        frame = transform(body, request)
+        frame = transform(unpack(answer, settings.max_response_bytes), request)
     except EtlError as exc:
         settle_raw(raw_path, accepted=False)
         raise EtlError(f"page {request.page}: {exc}") from None
@@ -758,6 +833,14 @@ def stage_body(body: bytes, request: PageRequest, settings: Settings, folder: Pa
     except (OSError, pl.exceptions.PolarsError) as exc:
         raise EtlError(f"page {request.page}: cannot stage in {folder}: {write_error(exc)}") from None
     return request.page, frame.height
+
+
+def split_part(sorter: ExternalSort, folder: Path, page: int, rows: int) -> None:
+    """Hand a staged page to the external sort, which splits it into key ranges while the run goes on."""
+    try:
+        sorter.add(part_path(folder, page), rows)
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        raise EtlError(f"page {page}: cannot split into key ranges in {folder}: {write_error(exc)}") from None
 
 
 def in_parallel(work, items, concurrency: int):
@@ -787,7 +870,8 @@ def first_seed(session, settings, gate, sizes) -> tuple[str, Answer]:
     answer = fetch_page(session, settings, PageRequest(None, 1, sizes[0]), gate)
     try:
         # Only info and error: half the cost of a full parse, and the transform parses this page anyway.
-        parsed = parse_body(answer.body, pl.Schema({"info": RAW_INFO, "error": pl.String}))
+        body = unpack(answer, settings.max_response_bytes)
+        parsed = parse_body(body, pl.Schema({"info": RAW_INFO, "error": pl.String}))
         if parsed.item(0, "error") is not None:
             raise service_error(parsed.item(0, "error"))
         seed = (parsed.item(0, "info") or {}).get("seed")
@@ -837,28 +921,36 @@ def run(settings: Settings | None = None, **overrides) -> Batch:
             if len(todo) < len(sizes):
                 log.info("resuming seed %s: %d of %d pages already staged", seed, len(sizes) - len(todo), len(sizes))
             progress = Progress(settings.n, len(sizes), done=settings.n - sum(sizes[page - 1] for page in todo))
+            sorter = ExternalSort(sort_folder(folder), settings.n)
+
+            def stage(fetched: tuple[PageRequest, Answer, Path | None]) -> tuple[int, int]:
+                request, answer, raw_path = fetched
+                page, rows = stage_body(answer, request, settings, folder, raw_path)
+                split_part(sorter, folder, page, rows)
+                return page, rows
+
             try:
                 if first_answer is not None and 1 in todo:
-                    first = PageRequest(seed, 1, sizes[0])
                     raw_path = save_raw(settings.raw_dir, seed, 1, first_answer)
-                    progress.advance(*stage_body(first_answer.body, first, settings, folder, raw_path))
+                    progress.advance(*stage((PageRequest(seed, 1, sizes[0]), first_answer, raw_path)))
                     todo.remove(1)
-                # Threads wait on the network; pages are transformed one at a time here, so memory
-                # holds at most `concurrency` raw bodies and one page being typed, whatever n.
+                # `concurrency` threads wait on the network while at most STAGERS pages are typed,
+                # so memory holds a bounded number of bodies and typed pages, whatever n.
                 wanted = [PageRequest(seed, page, sizes[page - 1]) for page in todo]
-                work = functools.partial(fetch_and_keep, session, settings, gate=gate)
-                for request, body, raw_path in in_parallel(work, wanted, settings.concurrency):
-                    progress.advance(*stage_body(body, request, settings, folder, raw_path))
+                fetch = functools.partial(fetch_and_keep, session, settings, gate=gate)
+                with contextlib.closing(in_parallel(fetch, wanted, settings.concurrency)) as answers:
+                    for page, rows in in_parallel(stage, answers, min(settings.concurrency, STAGERS)):
+                        progress.advance(page, rows)
             finally:
                 progress.close()
-            return land(folder, settings, seed, sizes, destination, ingested_at, started, fetched)
+            return land(folder, settings, seed, sizes, destination, ingested_at, started, fetched, sorter)
 
 
-def kept_pages(source: Path) -> tuple[str, list[tuple[int, Path]]]:
+def kept_pages(source: Path, limit: int) -> tuple[str, list[tuple[int, Path]]]:
     """The seed and the numbered pages of a kept raw folder, or of one saved answer."""
     if source.is_file():
         try:
-            info = check_envelope(parse_body(read_kept(source)), None)
+            info = check_envelope(parse_body(read_kept(source, limit)), None)
         except EtlError as exc:
             raise EtlError(f"cannot replay {source}: {exc}") from None
         if not info.get("seed"):
@@ -879,12 +971,13 @@ def kept_pages(source: Path) -> tuple[str, list[tuple[int, Path]]]:
     return source.name, sorted(numbered.items())
 
 
-def read_kept(path: Path) -> bytes:
-    """A kept answer's bytes, gunzipped if it was kept compressed."""
+def read_kept(path: Path, limit: int) -> bytes:
+    """A kept answer's body, gunzipped if it was kept compressed, under the same size bound as a live one."""
     try:
-        data = path.read_bytes()
-        return gzip.decompress(data) if path.name.endswith(".gz") else data
-    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+        return unpack(Answer(path.read_bytes(), gzipped=path.name.endswith(".gz")), limit)
+    except OSError as exc:
+        raise EtlError(f"cannot read kept answer {path}: {exc.strerror or exc}") from None
+    except EtlError as exc:
         raise EtlError(f"cannot read kept answer {path}: {exc}") from None
 
 
@@ -893,7 +986,7 @@ def replay(source: str | Path, settings: Settings | None = None, **overrides) ->
     settings = dataclasses.replace(settings or Settings(), **overrides)
     started = time.monotonic()
     ingested_at = dt.datetime.now(dt.timezone.utc)
-    seed, pages = kept_pages(Path(source))
+    seed, pages = kept_pages(Path(source), settings.max_response_bytes)
     destination = batch_path(settings.output_dir, seed)
     with staging_for(settings, seed) as folder:
         shutil.rmtree(folder)
@@ -902,7 +995,8 @@ def replay(source: str | Path, settings: Settings | None = None, **overrides) ->
         try:
             for page, path in pages:
                 request = PageRequest(seed, page, None)
-                sizes.append(stage_body(read_kept(path), request, settings, folder)[1])
+                body = read_kept(path, settings.max_response_bytes)
+                sizes.append(stage_body(Answer(body), request, settings, folder)[1])
         except EtlError as exc:
             shutil.rmtree(folder, ignore_errors=True)
             raise EtlError(f"cannot replay {source}: {exc}") from None
@@ -961,12 +1055,12 @@ def write_error(exc: BaseException) -> str:
     return lines[0][:200] + (f" ({cause[:80]})" if cause else "")
 
 
-def land(folder, settings, seed, sizes, destination, ingested_at, started, fetched) -> Batch:
+def land(folder, settings, seed, sizes, destination, ingested_at, started, fetched, sorter=None) -> Batch:
     """Write the batch from its staged parts, clear the staging, and say what landed."""
     parts = [part_path(folder, page) for page in range(1, len(sizes) + 1)]
     landed = {}
     try:
-        report = write_batch(parts, destination, ingested_at, settings.n, landed=landed)
+        report = write_batch(parts, destination, ingested_at, settings.n, landed=landed, sorter=sorter)
     except (OSError, pl.exceptions.PolarsError) as exc:
         raise EtlError(f"cannot write {destination}: {write_error(exc)}") from None
     shutil.rmtree(folder, ignore_errors=True)

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import polars as pl
 import pytest
-from conftest import ROOT, batch_files, clean_environ, fast_env
-from fake_api import FakeRandomUser, hang, normal, rate_limited, recorded_pages
+from conftest import ROOT, batch_files, clean_environ, duplicate_first_id, fast_env, users
+from fake_api import FakeRandomUser, hang, mutate, normal, rate_limited, recorded_pages
 
 import random_user_etl as etl
 from schemas import SORT_KEY
@@ -23,22 +25,54 @@ def raw_key(user: dict) -> tuple:
     return (user["nat"], user["name"]["last"], user["name"]["first"], user["login"]["uuid"])
 
 
-def test_the_external_sort_orders_the_batch_as_one_sort_of_the_raw_users(tmp_path):
-    pages = recorded_pages()
-    users = pages[("paged", 1)] + pages[("paged", 2)] + pages[("paged", 3)]
-    folder = tmp_path / "stage"
+def stage_recorded_pages(folder) -> list:
+    """Stage the three recorded 40-user pages of seed "paged" as part files."""
     folder.mkdir()
     parts = []
     for page in (1, 2, 3):
         body = (ROOT / f"tests/fixtures/paged_seed-paged_results-40_page-{page}.json").read_bytes()
         frame = etl.transform(body, etl.PageRequest("paged", page, 40))
         parts.append(etl.stage_part(folder, frame, {"page": page}))
+    return parts
+
+
+def test_the_external_sort_orders_the_batch_as_one_sort_of_the_raw_users(tmp_path):
+    pages = recorded_pages()
+    users = pages[("paged", 1)] + pages[("paged", 2)] + pages[("paged", 3)]
+    parts = stage_recorded_pages(tmp_path / "stage")
     when = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
     report = etl.write_batch(parts, str(tmp_path / "batch.parquet"), when, 120, run_rows=17)
-    assert len(list((folder / "sort").glob("sorted-*.parquet"))) > 3, "the small run size should force several ranges"
     batch = pl.read_parquet(tmp_path / "batch.parquet")
     assert batch.select(SORT_KEY).rows() == sorted(raw_key(u) for u in users)
     assert report["rows"] == 120 and report["unique_user_ids"] == 120
+
+
+def test_parts_are_split_into_key_ranges_while_the_run_goes_on(tmp_path):
+    users = [u for page in (1, 2, 3) for u in recorded_pages()[("paged", page)]]
+    parts = stage_recorded_pages(tmp_path / "stage")
+    sorter = etl.ExternalSort(tmp_path / "sort", rows=120, run_rows=17, group_rows=40)
+    sorter.add(parts[2], 40)  # pages finish out of order at concurrency > 1
+    pieces = list((tmp_path / "sort").glob("group-*/__run=*/*.parquet"))
+    assert len({piece.parent.name for piece in pieces}) > 3, "a group's worth of rows is split at once, before the batch is landed"
+    assert pl.scan_parquet(pieces, hive_partitioning=False).select(pl.len()).collect().item() == 40
+    sorter.add(parts[0], 40)
+    ordered = sorter.ordered(parts).collect()  # page 2 was never added: ordered() splits it too
+    assert ordered.select(SORT_KEY).rows() == sorted(raw_key(u) for u in users)
+
+
+def test_the_sort_key_orders_as_the_columns_do_even_with_nul_characters(tmp_path):
+    # A NUL inside a name must not let a row land in the wrong key range: compare with Python's tuple order.
+    names = ["", "A", "A\x00", "A\x00B", "A\x01", "AB", "\x00", "\x00\x00", "\x01", "é", "Z"]
+    rows = [(nat, last, first, f"id-{i:04d}") for i, (nat, last, first) in enumerate(itertools.product(["", "A", "A\x00"], names, names))]
+    frame = pl.DataFrame(rows, schema=list(SORT_KEY), orient="row")
+    assert frame.sort(etl.sort_key()).rows() == sorted(rows)
+    folder = tmp_path / "stage"
+    folder.mkdir()
+    half = len(rows) // 2
+    parts = [frame[:half].write_parquet(folder / "a.parquet") or folder / "a.parquet",
+             frame[half:].write_parquet(folder / "b.parquet") or folder / "b.parquet"]
+    ordered = etl.ExternalSort(tmp_path / "sort", rows=len(rows), run_rows=25, group_rows=25).ordered(parts)
+    assert ordered.collect().rows() == sorted(rows)
 
 
 def test_the_users_landed_do_not_depend_on_concurrency(api, tmp_path, settings):
@@ -181,3 +215,19 @@ def test_staged_parts_are_never_read_as_data(api, out, settings):
     assert batch_files(out) == ["random_users_pura.parquet"]
     lake = etl.read_processed(str(out)).collect()
     assert set(lake["seed"]) == {"pura"} and lake.height == 100
+
+
+def test_a_bad_page_at_concurrency_4_stops_the_run_and_the_rerun_fetches_only_what_is_missing(api, out, settings):
+    api.script(normal(), normal(), mutate(users(duplicate_first_id)))  # the third answer to arrive breaks the contract
+    with pytest.raises(etl.EtlError, match=r"^page \d+: 1 contract check\(s\) failed: login\.uuid repeats in 1 records$"):
+        etl.run(settings(n=100, seed="paged", page_size=10, concurrency=4))
+    assert batch_files(out) == []
+    assert [t.name for t in threading.enumerate() if t.name.startswith("page")] == [], "fetch and staging threads are all joined"
+    staged = sorted(p.name for p in (out / ".staging" / "paged").glob("part-*.parquet"))
+    assert len(staged) < 10, staged  # which pages got staged first depends on the threads
+    first = len(api.requests)
+    again = etl.run(settings(n=100, seed="paged", page_size=10, concurrency=4))
+    assert again.rows == 100 and again.pages_reused == len(staged)
+    asked = sorted(int(r.params["page"]) for r in api.requests[first:])
+    assert asked == sorted(set(range(1, 11)) - {int(name[5:10]) for name in staged}), "staged pages are not asked for again"
+    assert pl.read_parquet(again.path)["user_id"].n_unique() == 100
