@@ -419,7 +419,8 @@ def typed_columns() -> dict[str, pl.Expr]:
         dtype = OUTPUT_SCHEMA[name]
         col = pl.col(name)
         if dtype == UTC_INSTANT:
-            typed[name] = col.str.to_datetime(TIMESTAMP_FORMAT, time_unit="us", time_zone="UTC", strict=False)
+            # No cache: real answers hold distinct instants, so a cache is built per page and never hit.
+            typed[name] = col.str.to_datetime(TIMESTAMP_FORMAT, time_unit="us", time_zone="UTC", strict=False, cache=False)
         elif dtype != pl.String:
             typed[name] = col.cast(dtype, strict=False)
         elif name in NULLABLE_COLUMNS:
@@ -454,6 +455,14 @@ def contract_violations(flat: pl.DataFrame, typed: pl.DataFrame) -> list[str]:
     return problems
 
 
+def sort_key() -> pl.Expr:
+    """The sort key as one string that orders exactly as the key's columns do, even with NULs in them."""
+    # Each field ends in "\x00\x00", which sorts before anything else, so a shorter field orders
+    # first, as in a tuple; a NUL inside a field becomes "\x00\x01", after that end and before "\x01".
+    fields = [pl.col(name).str.replace_all("\x00", "\x00\x01", literal=True) for name in SORT_KEY]
+    return pl.concat_str(fields, separator="\x00\x00")
+
+
 def transform(body: bytes, expect: PageRequest | None = None, ingested_at: dt.datetime | None = None) -> pl.DataFrame:
     """One raw answer body in, the contract frame out (sorted), or EtlError saying what is wrong."""
     parsed = parse_body(body)
@@ -479,7 +488,7 @@ def transform(body: bytes, expect: PageRequest | None = None, ingested_at: dt.da
             ingested_at=pl.lit(ingested_at, UTC_INSTANT),
         )
         .select(OUTPUT_SCHEMA.names())
-        .sort(SORT_KEY)
+        .sort(sort_key())  # the key's columns as one string: the same order, three times faster
     )
 
 
@@ -606,14 +615,6 @@ def quality_report(parts: pl.LazyFrame) -> dict:
         "nulls": stats,
         "checked_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
-
-
-def sort_key() -> pl.Expr:
-    """The sort key as one string that orders exactly as the key's columns do, even with NULs in them."""
-    # Each field ends in "\x00\x00", which sorts before anything else, so a shorter field orders
-    # first, as in a tuple; a NUL inside a field becomes "\x00\x01", after that end and before "\x01".
-    fields = [pl.col(name).str.replace_all("\x00", "\x00\x01", literal=True) for name in SORT_KEY]
-    return pl.concat_str(fields, separator="\x00\x00")
 
 
 class ExternalSort:
