@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as futures
 import contextlib
+import ctypes
 import dataclasses
 import datetime as dt
 import fcntl
@@ -1114,12 +1115,25 @@ def configure_logging(verbose: bool) -> None:
     logging.getLogger("urllib3").setLevel(logging.DEBUG if verbose else logging.ERROR)
 
 
+def release_freed_buffers() -> None:
+    """On glibc, give large freed buffers straight back to the OS, so the job's RSS follows its live data."""
+    # Answer bodies are ~5 MB and short-lived. Once one is freed, glibc raises its mmap threshold
+    # and puts later ones on the heap, where freed space stays resident: about 25 MB more peak over
+    # a 200,000-user run, measured. Fixing the threshold (M_MMAP_THRESHOLD) stops that. The CLI
+    # owns its process, so it does this; an analyst's process importing run() is left alone.
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # -3 is M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass  # not glibc (musl, macOS): nothing to tune
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the job from the command line; return the exit status."""
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     verbose, source = args.pop("verbose"), args.pop("replay")
     configure_logging(verbose)
+    release_freed_buffers()
     try:
         settings = config.load_settings(args)
     except SettingsError as exc:
