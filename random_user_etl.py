@@ -129,6 +129,10 @@ class PoliteRetry(Retry):
         elif response is not None and (asked := self.get_retry_after(response)):
             reason += f", waiting {asked:g}s as the service asks (Retry-After)"
         log.warning("retry %d of %d for %s: %s", len(retry.history), self.total_budget, redact(url), reason)
+        if response is not None:
+            # urllib3 would read a retried answer's whole body to reuse its connection, so a huge or
+            # endless 503 body would fill memory. Closed unread instead; the retry connects afresh.
+            response.close()
         return retry
 
     def get_backoff_time(self) -> float:
@@ -626,8 +630,9 @@ class ExternalSort:
     """
 
     def __init__(self, work: Path, rows: int, run_rows: int = SORT_RUN_ROWS, group_rows: int = SCATTER_ROWS):
-        self.work, self.runs = work, math.ceil(rows / run_rows)
-        shutil.rmtree(work, ignore_errors=True)  # a killed run's ranges: this run splits its parts afresh
+        self.work, self.rows, self.runs = work, rows, math.ceil(rows / run_rows)
+        if work.exists():
+            shutil.rmtree(work)  # a killed run's ranges: this run splits its parts afresh
         # Parts are split a group at a time, so each split writes one piece per range, not thousands of slivers.
         self.group_rows = max(run_rows, group_rows)
         self.bounds: pl.Series | None = None
@@ -673,6 +678,9 @@ class ExternalSort:
             if self.waiting:
                 self._split()
         ranges = [sorted(self.work.glob(f"group-*/__run={run}/*.parquet")) for run in range(self.runs)]
+        held = pl.scan_parquet([p for r in ranges for p in r], hive_partitioning=False).select(pl.len()).collect().item()
+        if held != self.rows:  # the batch is built from these pieces, so they must hold every row, once
+            raise EtlError(f"the sort's key ranges hold {held} rows, expected {self.rows}")
 
         def ranges_in_order(with_columns, predicate, n_rows, batch_size):
             for pieces in filter(None, ranges):
@@ -853,10 +861,10 @@ def in_parallel(work, items, concurrency: int):
         try:
             while pending:
                 done, pending = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
-                # Refill first, so the next fetches are on the wire while the caller works on these.
+                results = [future.result() for future in done]  # a failure surfaces before more work is taken
+                # Refill before yielding, so the next items are under way while the caller works on these.
                 pending |= {pool.submit(work, item) for item in _take(items, len(done))}
-                for future in done:
-                    yield future.result()
+                yield from results
         finally:
             for future in pending:
                 future.cancel()
@@ -923,7 +931,7 @@ def run(settings: Settings | None = None, **overrides) -> Batch:
             if len(todo) < len(sizes):
                 log.info("resuming seed %s: %d of %d pages already staged", seed, len(sizes) - len(todo), len(sizes))
             progress = Progress(settings.n, len(sizes), done=settings.n - sum(sizes[page - 1] for page in todo))
-            sorter = ExternalSort(sort_folder(folder), settings.n)
+            sorter = ExternalSort(sort_folder(folder), settings.n, SORT_RUN_ROWS, SCATTER_ROWS)
 
             def stage(fetched: tuple[PageRequest, Answer, Path | None]) -> tuple[int, int]:
                 request, answer, raw_path = fetched
@@ -943,6 +951,9 @@ def run(settings: Settings | None = None, **overrides) -> Batch:
                 with contextlib.closing(in_parallel(fetch, wanted, settings.concurrency)) as answers:
                     for page, rows in in_parallel(stage, answers, min(settings.concurrency, STAGERS)):
                         progress.advance(page, rows)
+            except BaseException:
+                shutil.rmtree(sort_folder(folder), ignore_errors=True)  # derived scratch; the parts are kept
+                raise
             finally:
                 progress.close()
             return land(folder, settings, seed, sizes, destination, ingested_at, started, fetched, sorter)
@@ -975,8 +986,11 @@ def kept_pages(source: Path, limit: int) -> tuple[str, list[tuple[int, Path]]]:
 
 def read_kept(path: Path, limit: int) -> bytes:
     """A kept answer's body, gunzipped if it was kept compressed, under the same size bound as a live one."""
+    gzipped = path.name.endswith(".gz")
     try:
-        return unpack(Answer(path.read_bytes(), gzipped=path.name.endswith(".gz")), limit)
+        if path.stat().st_size > wire_limit(limit, gzipped):
+            raise too_large(limit)
+        return unpack(Answer(path.read_bytes(), gzipped), limit)
     except OSError as exc:
         raise EtlError(f"cannot read kept answer {path}: {exc.strerror or exc}") from None
     except EtlError as exc:
@@ -1065,6 +1079,8 @@ def land(folder, settings, seed, sizes, destination, ingested_at, started, fetch
         report = write_batch(parts, destination, ingested_at, settings.n, landed=landed, sorter=sorter)
     except (OSError, pl.exceptions.PolarsError) as exc:
         raise EtlError(f"cannot write {destination}: {write_error(exc)}") from None
+    finally:
+        shutil.rmtree(sort_folder(folder), ignore_errors=True)  # derived scratch; the parts stay for a rerun
     shutil.rmtree(folder, ignore_errors=True)
     size = landed.get("bytes", 0) if is_remote(destination) else Path(destination).stat().st_size
     seconds = time.monotonic() - started

@@ -310,9 +310,9 @@ def mutate(fn: Callable[[dict], Any]) -> Answer:
     return Answer("mutate", fn=fn)
 
 
-def huge(total_bytes: int) -> Answer:
+def huge(total_bytes: int, status: int = 200) -> Answer:
     """Stream total_bytes of never-ending-looking JSON, chunked with no Content-Length."""
-    return Answer("huge", total_bytes=total_bytes)
+    return Answer("huge", status=status, total_bytes=total_bytes)
 
 
 # --------------------------------------------------------------------------- server
@@ -461,7 +461,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer_huge(self, answer: Answer, path: str, params: dict[str, str]) -> None:
         """Stream a JSON-looking body of total_bytes, chunk by chunk, until done or hung up on."""
-        self._send_headers(200, JSON_TYPE, {"Transfer-Encoding": "chunked"}, gzipped=False)
+        self._send_headers(answer.status, JSON_TYPE, {"Transfer-Encoding": "chunked"}, gzipped=False)
         self.close_connection = True
         stream = _huge_stream(answer.total_bytes)
         for chunk in stream:

@@ -207,6 +207,21 @@ def test_a_huge_answer_fails_clearly_and_memory_stays_bounded(api, out, raw):
     assert set(landed(out)) <= {".staging/pura.lock"}  # only the seed's (empty) lock file
 
 
+def test_a_huge_error_answer_that_is_retried_is_not_read_into_memory(api, out, raw):
+    # urllib3 reads a retried answer's body to reuse the connection; this one never ends in time.
+    api.script(huge(300_000_000, status=503))  # then normal answers
+    command = [sys.executable, "-c", PEAK_LAUNCHER, str(ROOT / "random_user_etl.py"), "--seed", "pura", "--retries", "1"]
+    err, peak_file = out.parent / "stderr.txt", out.parent / "peak.txt"
+    env = clean_environ(**fast_env(api.url, out, raw), PEAK_FILE=peak_file)
+    with open(err, "w") as stderr:
+        proc = subprocess.run(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, timeout=60)
+    peak_mb = int(peak_file.read_text()) / 1024  # VmHWM is in kB
+    assert proc.returncode == 0, err.read_text()
+    assert "retry 1 of 1" in err.read_text() and "HTTP 503" in err.read_text()
+    assert peak_mb < 200, f"peak RSS {peak_mb:.0f} MB: the 503 body was read"
+    assert batch_files(out) == ["random_users_pura.parquet"]
+
+
 def test_the_size_bound_counts_the_answer_as_unpacked_not_as_sent(api, out, settings):
     # The fake gzips what it sends: 30 MB of JSON padding is a few kB on the wire (a "gzip bomb").
     api.script(status(200, b'{"results":[' + b" " * 30_000_000 + b"]}"))

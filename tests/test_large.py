@@ -217,12 +217,15 @@ def test_staged_parts_are_never_read_as_data(api, out, settings):
     assert set(lake["seed"]) == {"pura"} and lake.height == 100
 
 
-def test_a_bad_page_at_concurrency_4_stops_the_run_and_the_rerun_fetches_only_what_is_missing(api, out, settings):
+def test_a_bad_page_at_concurrency_4_stops_the_run_and_the_rerun_fetches_only_what_is_missing(api, out, settings, monkeypatch):
+    monkeypatch.setattr(etl, "SORT_RUN_ROWS", 17)  # so pages are split into key ranges during the run
+    monkeypatch.setattr(etl, "SCATTER_ROWS", 20)
     api.script(normal(), normal(), mutate(users(duplicate_first_id)))  # the third answer to arrive breaks the contract
     with pytest.raises(etl.EtlError, match=r"^page \d+: 1 contract check\(s\) failed: login\.uuid repeats in 1 records$"):
         etl.run(settings(n=100, seed="paged", page_size=10, concurrency=4))
     assert batch_files(out) == []
     assert [t.name for t in threading.enumerate() if t.name.startswith("page")] == [], "fetch and staging threads are all joined"
+    assert not (out / ".staging" / "paged" / "sort").exists(), "the failed run's key ranges are cleared"
     staged = sorted(p.name for p in (out / ".staging" / "paged").glob("part-*.parquet"))
     assert len(staged) < 10, staged  # which pages got staged first depends on the threads
     first = len(api.requests)
@@ -230,4 +233,18 @@ def test_a_bad_page_at_concurrency_4_stops_the_run_and_the_rerun_fetches_only_wh
     assert again.rows == 100 and again.pages_reused == len(staged)
     asked = sorted(int(r.params["page"]) for r in api.requests[first:])
     assert asked == sorted(set(range(1, 11)) - {int(name[5:10]) for name in staged}), "staged pages are not asked for again"
-    assert pl.read_parquet(again.path)["user_id"].n_unique() == 100
+    landed = pl.read_parquet(again.path)
+    assert landed["user_id"].n_unique() == 100
+    assert landed.select(SORT_KEY).rows() == sorted(landed.select(SORT_KEY).rows())
+
+
+def test_a_batch_is_refused_when_the_key_ranges_lose_a_piece(tmp_path):
+    parts = stage_recorded_pages(tmp_path / "stage")
+    sorter = etl.ExternalSort(tmp_path / "stage" / "sort", rows=120, run_rows=17, group_rows=40)
+    for part in parts:
+        sorter.add(part, 40)
+    next((tmp_path / "stage" / "sort").glob("group-*/__run=*/*.parquet")).unlink()
+    when = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    with pytest.raises(etl.EtlError, match=r"the sort's key ranges hold \d+ rows, expected 120"):
+        etl.write_batch(parts, str(tmp_path / "batch.parquet"), when, 120, run_rows=17, sorter=sorter)
+    assert not (tmp_path / "batch.parquet").exists()
