@@ -637,7 +637,7 @@ class ExternalSort:
         self.group_rows = max(run_rows, group_rows)
         self.bounds: pl.Series | None = None
         self.waiting: list[Path] = []
-        self.waiting_rows, self.groups = 0, 0
+        self.waiting_rows, self.added_rows, self.groups = 0, 0, 0
         self.taken: set[Path] = set()
         self.lock = threading.Lock()
 
@@ -649,42 +649,55 @@ class ExternalSort:
             self.taken.add(part)
             self.waiting.append(part)
             self.waiting_rows += rows
-            if self.waiting_rows >= self.group_rows:
+            self.added_rows += rows
+            # The last group is not written out: ordered() splits it in memory, saving a round trip.
+            if self.waiting_rows >= self.group_rows and self.added_rows < self.rows:
                 self._split()
+
+    def _keyed(self, group: list[Path]) -> pl.LazyFrame:
+        """A group's rows with their sort key and key range; the first group's keys set the ranges."""
+        # The key is kept in the pieces: one string column sorts three times faster than the four it is made of.
+        rows = pl.scan_parquet(group).with_columns(sort_key().alias("__key"))
+        if self.bounds is None:
+            # Bounds only balance the ranges' sizes: any bounds give the same order.
+            keys = rows.select("__key").collect().get_column("__key").sort()
+            self.bounds = pl.Series([keys[len(keys) * i // self.runs] for i in range(1, self.runs)], dtype=pl.String)
+        return rows.with_columns(pl.lit(self.bounds).search_sorted(pl.col("__key"), side="right").alias("__run"))
 
     def _split(self) -> None:
         """Write the waiting parts' rows to one file per key range (under the lock)."""
         group, self.waiting, self.waiting_rows = self.waiting, [], 0
-        # The key is kept in the pieces: one string column sorts three times faster than the four it is made of.
-        rows = pl.scan_parquet(group).with_columns(sort_key().alias("__key"))
-        if self.bounds is None:
-            # The first group's keys set the ranges. Bounds only balance the ranges' sizes: any give the same order.
-            keys = rows.select("__key").collect().get_column("__key").sort()
-            self.bounds = pl.Series([keys[len(keys) * i // self.runs] for i in range(1, self.runs)], dtype=pl.String)
-        run_of = pl.lit(self.bounds).search_sorted(pl.col("__key"), side="right").alias("__run")
         # Streamed into group-N/__run=R/ by Polars: the group is never held in memory whole.
         target = pl.PartitionBy(self.work / f"group-{self.groups:05d}", key="__run", include_key=False)
-        rows.with_columns(run_of).sink_parquet(target, engine="streaming", **SCRATCH)
+        self._keyed(group).sink_parquet(target, engine="streaming", **SCRATCH)
         self.groups += 1
 
     def ordered(self, parts: list[Path]) -> pl.LazyFrame:
-        """All of `parts` in key order: the parts not split yet are split now, then each range is sorted alone."""
+        """All of `parts` in key order: each key range, read from its pieces, sorted alone."""
         if self.runs <= 1:
             return pl.scan_parquet(parts).sort(SORT_KEY)
         for part in parts:
             if part not in self.taken:
                 self.add(part, pl.scan_parquet(part).select(pl.len()).collect().item())
         with self.lock:
-            if self.waiting:
-                self._split()
+            # The last group (at most about two groups' rows) is split here, in memory.
+            last = self._keyed(self.waiting).collect() if self.waiting else None
+            self.waiting, self.waiting_rows = [], 0
         ranges = [sorted(self.work.glob(f"group-*/__run={run}/*.parquet")) for run in range(self.runs)]
-        held = pl.scan_parquet([p for r in ranges for p in r], hive_partitioning=False).select(pl.len()).collect().item()
+        pieces = [piece for run in ranges for piece in run]
+        held = (pl.scan_parquet(pieces, hive_partitioning=False).select(pl.len()).collect().item() if pieces else 0)
+        held += last.height if last is not None else 0
         if held != self.rows:  # the batch is built from these pieces, so they must hold every row, once
             raise EtlError(f"the sort's key ranges hold {held} rows, expected {self.rows}")
 
         def ranges_in_order(with_columns, predicate, n_rows, batch_size):
-            for pieces in filter(None, ranges):
-                frame = pl.read_parquet(pieces, hive_partitioning=False).sort("__key").drop("__key")
+            for run, pieces in enumerate(ranges):
+                frames = [pl.read_parquet(pieces, hive_partitioning=False)] if pieces else []
+                if last is not None:
+                    frames.append(last.filter(pl.col("__run") == run).drop("__run"))
+                if not frames:
+                    continue
+                frame = pl.concat(frames).sort("__key").drop("__key")
                 if predicate is not None:
                     frame = frame.filter(predicate)
                 yield frame.select(with_columns) if with_columns is not None else frame
