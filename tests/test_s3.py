@@ -185,3 +185,18 @@ def test_a_store_that_refuses_fails_in_one_line_and_the_next_run_reuses_the_stag
     assert len(api.requests) == 3
     assert batch.rows == 100 and s3.client.list_objects_v2(Bucket=missing)["KeyCount"] == 1
     assert_rows_are(etl.read_processed(url).collect(), raw_users(*PAGED, limits={PAGED[2]: 20}))
+
+
+def test_a_batch_sorted_in_several_key_ranges_lands_in_s3_in_order(api, settings, s3, monkeypatch):
+    # Small ranges, so the external sort splits pages while the run goes on and streams its
+    # ranges to the object store through Polars' cloud writer.
+    monkeypatch.setattr(etl, "SORT_RUN_ROWS", 17)
+    monkeypatch.setattr(etl, "SCATTER_ROWS", 40)
+    batch = etl.run(settings(output_dir=s3.url(), seed="paged", n=100, page_size=40, concurrency=2))
+    frame = etl.read_processed(s3.url()).collect()
+    users = raw_users(*PAGED, limits={PAGED[2]: 20})
+    assert_rows_are(frame, users)
+    key = ["nationality", "last_name", "first_name", "user_id"]
+    raw_order = sorted((u["nat"], u["name"]["last"], u["name"]["first"], u["login"]["uuid"]) for u in users)
+    assert frame.select(key).rows() == raw_order
+    assert batch.rows == 100 and batch.report["unique_user_ids"] == 100
