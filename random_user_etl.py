@@ -261,7 +261,7 @@ def read_body(response: requests.Response, limit: int) -> Answer:
     # Unpacked later by unpack(), not by urllib3: the gzip bytes are kept as they came, and
     # unpacking on the thread that types the page frees this one for the next request.
     gzipped, wire, size = encoding == "gzip", [], 0
-    for chunk in response.raw.stream(1 << 16, decode_content=False):
+    for chunk in response.raw.stream(1 << 20, decode_content=False):  # 1 MB reads: fewer trips through urllib3
         size += len(chunk)
         if size > wire_limit(limit, gzipped):
             raise too_large(limit)
