@@ -866,6 +866,14 @@ def split_part(sorter: ExternalSort, folder: Path, page: int, rows: int) -> None
         raise EtlError(f"page {page}: cannot split into key ranges in {folder}: {write_error(exc)}") from None
 
 
+def stage_and_split(fetched: tuple[PageRequest, Answer, Path | None], settings: Settings, folder: Path, sorter: ExternalSort) -> tuple[int, int]:
+    """Stage one fetched answer, then hand the staged page to the external sort."""
+    request, answer, raw_path = fetched
+    page, rows = stage_body(answer, request, settings, folder, raw_path)
+    split_part(sorter, folder, page, rows)
+    return page, rows
+
+
 def in_parallel(work, items, concurrency: int):
     """Run work(item) for each item, at most `concurrency` at once; yield results as they finish."""
     items = iter(items)
@@ -945,13 +953,7 @@ def run(settings: Settings | None = None, **overrides) -> Batch:
                 log.info("resuming seed %s: %d of %d pages already staged", seed, len(sizes) - len(todo), len(sizes))
             progress = Progress(settings.n, len(sizes), done=settings.n - sum(sizes[page - 1] for page in todo))
             sorter = ExternalSort(sort_folder(folder), settings.n, SORT_RUN_ROWS, SCATTER_ROWS)
-
-            def stage(fetched: tuple[PageRequest, Answer, Path | None]) -> tuple[int, int]:
-                request, answer, raw_path = fetched
-                page, rows = stage_body(answer, request, settings, folder, raw_path)
-                split_part(sorter, folder, page, rows)
-                return page, rows
-
+            stage = functools.partial(stage_and_split, settings=settings, folder=folder, sorter=sorter)
             try:
                 if first_answer is not None and 1 in todo:
                     raw_path = save_raw(settings.raw_dir, seed, 1, first_answer)
