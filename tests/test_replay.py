@@ -6,6 +6,7 @@ import gzip
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -164,3 +165,22 @@ def test_a_saved_answer_that_lost_a_user_is_refused(tmp_path, cli):
     assert result.returncode == 1
     assert "info.results=100 but holds 99 users" in result.stderr.strip().splitlines()[-1]
     assert batch_files(tmp_path / "out") == []
+
+
+def test_a_kept_answer_past_the_size_bound_is_refused_before_it_is_read(tmp_path, cli, monkeypatch):
+    saved = tmp_path / "big.json"
+    with open(saved, "wb") as handle:
+        handle.truncate(300_000_000)  # 300 MB on paper, sparse on disk: reading it would show in RSS
+    result = cli("--replay", saved, "--output-dir", tmp_path / "out", "--max-response-mb", "1")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"random_user_etl.py: error: cannot replay {saved}: cannot read kept answer {saved}: answer larger than the 1,000,000-byte limit (--max-response-mb)"
+    ]
+    assert batch_files(tmp_path / "out") == []
+
+    def never(path):
+        raise AssertionError(f"{path} was read")
+
+    monkeypatch.setattr(Path, "read_bytes", never)  # the size is refused from the file's length alone
+    with pytest.raises(etl.EtlError, match="answer larger than the 1,000,000-byte limit"):
+        etl.replay(saved, output_dir=str(tmp_path / "out"), max_response_mb=1)
