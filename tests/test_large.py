@@ -248,3 +248,21 @@ def test_a_batch_is_refused_when_the_key_ranges_lose_a_piece(tmp_path):
     with pytest.raises(etl.EtlError, match=r"the sort's key ranges hold \d+ rows, expected 120"):
         etl.write_batch(parts, str(tmp_path / "batch.parquet"), when, 120, run_rows=17, sorter=sorter)
     assert not (tmp_path / "batch.parquet").exists()
+
+
+def test_in_parallel_raises_a_failure_before_taking_more_work():
+    taken = []
+
+    def items():
+        for item in range(10):
+            taken.append(item)
+            yield item
+
+    def work(item):
+        if item == 0:
+            raise ValueError("page 0 is bad")
+        return item
+
+    with pytest.raises(ValueError, match="page 0 is bad"):
+        list(etl.in_parallel(work, items(), 2))
+    assert taken == [0, 1], "nothing more is fetched once a result has failed"
