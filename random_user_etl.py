@@ -192,7 +192,7 @@ def make_retry(settings: Settings, gate: RateGate | None = None) -> PoliteRetry:
         other=settings.retries,
         backoff_factor=settings.backoff,
         backoff_jitter=settings.backoff / 2,
-        backoff_max=max(settings.backoff * 32, settings.backoff),
+        backoff_max=settings.backoff * 32,
         status_forcelist=(429, 500, 502, 503, 504),
         allowed_methods=frozenset({"GET"}),
         respect_retry_after_header=True,
@@ -390,6 +390,22 @@ def service_error(message: str) -> EtlError:
     return EtlError(f"the service answered with an error: {message[:200]!r}")
 
 
+def answer_info(body: bytes) -> dict:
+    """An answer's info alone, from a parse of only info and error (half a full parse); an error body refused."""
+    parsed = parse_body(body, pl.Schema({"info": RAW_INFO, "error": pl.String}))
+    if parsed.item(0, "error") is not None:
+        raise service_error(parsed.item(0, "error"))
+    info = parsed.item(0, "info") or {}
+    check_page_number(info)
+    return info
+
+
+def check_page_number(info: dict) -> None:
+    """Refuse an info.page that is not a page number."""
+    if info.get("page") is not None and not re.fullmatch(r"[1-9]\d{0,4}", info["page"]):
+        raise EtlError(f"the answer's info.page {shorten(info['page'])!r} is not a page number")
+
+
 def check_envelope(parsed: pl.DataFrame, expect: PageRequest | None) -> dict:
     """The answer's info, after refusing an error body, missing results, or another page's answer."""
     row = envelope(parsed)
@@ -398,8 +414,7 @@ def check_envelope(parsed: pl.DataFrame, expect: PageRequest | None) -> dict:
     if row["count"] is None:
         raise EtlError("the answer has no results")
     info, got = row["info"], row["count"]
-    if info.get("page") is not None and not re.fullmatch(r"[1-9]\d{0,4}", info["page"]):
-        raise EtlError(f"the answer's info.page {shorten(info['page'])!r} is not a page number")
+    check_page_number(info)
     if expect is not None:
         check_expected(info, got, expect)
     if info.get("results") not in (None, str(got)):
@@ -675,7 +690,7 @@ class ExternalSort:
     def ordered(self, parts: list[Path]) -> pl.LazyFrame:
         """All of `parts` in key order: each key range, read from its pieces, sorted alone."""
         if self.runs <= 1:
-            return pl.scan_parquet(parts).sort(SORT_KEY)
+            return pl.scan_parquet(parts).sort(sort_key())
         for part in parts:
             if part not in self.taken:
                 self.add(part, pl.scan_parquet(part).select(pl.len()).collect().item())
@@ -900,12 +915,7 @@ def first_seed(session, settings, gate, sizes) -> tuple[str, Answer]:
     """Ask for page 1 with no seed and take the seed the service picked."""
     answer = fetch_page(session, settings, PageRequest(None, 1, sizes[0]), gate)
     try:
-        # Only info and error: half the cost of a full parse, and the transform parses this page anyway.
-        body = unpack(answer, settings.max_response_bytes)
-        parsed = parse_body(body, pl.Schema({"info": RAW_INFO, "error": pl.String}))
-        if parsed.item(0, "error") is not None:
-            raise service_error(parsed.item(0, "error"))
-        seed = (parsed.item(0, "info") or {}).get("seed")
+        seed = answer_info(unpack(answer, settings.max_response_bytes)).get("seed")  # the transform checks the rest
     except EtlError as exc:
         raise EtlError(f"page 1: {exc}") from None
     if not seed:
@@ -926,6 +936,7 @@ def staging_for(settings: Settings, seed: str):
             try:
                 yield folder
             finally:
+                shutil.rmtree(sort_folder(folder), ignore_errors=True)  # derived scratch; the parts stay for a rerun
                 with contextlib.suppress(OSError):
                     folder.rmdir()  # only when empty: a run that staged nothing leaves no folder behind
     except OSError as exc:
@@ -966,9 +977,6 @@ def run(settings: Settings | None = None, **overrides) -> Batch:
                 with contextlib.closing(in_parallel(fetch, wanted, settings.concurrency)) as answers:
                     for page, rows in in_parallel(stage, answers, min(settings.concurrency, STAGERS)):
                         progress.advance(page, rows)
-            except BaseException:
-                shutil.rmtree(sort_folder(folder), ignore_errors=True)  # derived scratch; the parts are kept
-                raise
             finally:
                 progress.close()
             return land(folder, settings, seed, sizes, destination, ingested_at, started, fetched, sorter)
@@ -978,7 +986,7 @@ def kept_pages(source: Path, limit: int) -> tuple[str, list[tuple[int, Path]]]:
     """The seed and the numbered pages of a kept raw folder, or of one saved answer."""
     if source.is_file():
         try:
-            info = check_envelope(parse_body(read_kept(source, limit)), None)
+            info = answer_info(read_kept(source, limit))  # the transform checks the rest when it lands
         except EtlError as exc:
             raise EtlError(f"cannot replay {source}: {exc}") from None
         if not info.get("seed"):
@@ -1094,8 +1102,6 @@ def land(folder, settings, seed, sizes, destination, ingested_at, started, fetch
         report = write_batch(parts, destination, ingested_at, settings.n, landed=landed, sorter=sorter)
     except (OSError, pl.exceptions.PolarsError) as exc:
         raise EtlError(f"cannot write {destination}: {write_error(exc)}") from None
-    finally:
-        shutil.rmtree(sort_folder(folder), ignore_errors=True)  # derived scratch; the parts stay for a rerun
     shutil.rmtree(folder, ignore_errors=True)
     size = landed.get("bytes", 0) if is_remote(destination) else Path(destination).stat().st_size
     seconds = time.monotonic() - started
