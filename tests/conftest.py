@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as futures
 import dataclasses
+import datetime as dt
 import hashlib
 import json
 import logging
@@ -15,6 +17,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
+import polars as pl
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,6 +44,63 @@ def fixture_bytes(name: str) -> bytes:
 def fixture_json(name: str) -> dict:
     """A recorded answer, parsed by the standard library: the reference for every value check."""
     return json.loads(fixture_bytes(name))
+
+
+# ---------------------------------------------------------------- the raw reference
+# What the recorded JSON says, read by the standard library: what landed values are checked against.
+
+PURA = "default_seed-pura_results-100.json"
+GBONLY = "nat-gb_seed-gbonly_results-25.json"
+
+# Columns compared value by value with the raw JSON.
+CHECKED = ("email", "postcode", "latitude", "age", "date_of_birth", "nationality")
+
+
+def instant(text: str) -> dt.datetime:
+    """An ISO-8601 UTC time from the raw JSON as an aware datetime."""
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def raw_key(user: dict) -> tuple:
+    """A raw user's sort key (nationality, last name, first name, id), from the JSON."""
+    return (user["nat"], user["name"]["last"], user["name"]["first"], user["login"]["uuid"])
+
+
+def raw_users(*names: str, limits: dict[str, int] | None = None) -> list[dict]:
+    """The users of recorded answers, parsed by the standard library (the first `limits[name]` of one)."""
+    users = []
+    for name in names:
+        results = fixture_json(name)["results"]
+        users += results[: (limits or {}).get(name, len(results))]
+    return users
+
+
+def expected_values(users: list[dict]) -> dict[str, dict]:
+    """What each user's checked columns must hold, keyed by user id, from the raw JSON."""
+    return {
+        u["login"]["uuid"]: {
+            "email": u["email"],
+            "postcode": str(u["location"]["postcode"]),
+            "latitude": float(u["location"]["coordinates"]["latitude"]),
+            "age": int(u["dob"]["age"]),
+            "date_of_birth": instant(u["dob"]["date"]),
+            "nationality": u["nat"],
+        }
+        for u in users
+    }
+
+
+def assert_rows_are(frame: pl.DataFrame, users: list[dict]) -> None:
+    """The frame holds exactly these raw users, each with the raw JSON's values."""
+    expected = expected_values(users)
+    assert sorted(frame["user_id"]) == sorted(expected)
+    for row in frame.select("user_id", *CHECKED).to_dicts():
+        assert {name: row[name] for name in CHECKED} == expected.pop(row["user_id"])
+
+
+def nationality_counts(users: list[dict]) -> dict[str, int]:
+    """How many raw users of each nationality."""
+    return dict(collections.Counter(u["nat"] for u in users))
 
 
 @pytest.fixture
@@ -133,7 +193,6 @@ class Bucket:
 
     name: str
     client: object
-    temp: Path
 
     def url(self, prefix: str = "lake") -> str:
         """The s3:// address of a prefix in this bucket."""
@@ -174,7 +233,7 @@ def s3(s3_endpoint, tmp_path, monkeypatch) -> Bucket:
     name = f"lake-{uuid.uuid4().hex[:12]}"
     client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
     client.create_bucket(Bucket=name)
-    return Bucket(name, client, temp)
+    return Bucket(name, client)
 
 
 def landed(folder: Path) -> dict[str, bytes]:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import polars as pl
 import pytest
-from conftest import batch_files, fast_env, fixture_json, landed
+from conftest import PURA, batch_files, fast_env, fixture_json, landed
 from fake_api import PICKED_SEED, free_port, recorded_pages
 
 import random_user_etl as etl
-
-PURA = "default_seed-pura_results-100.json"
 
 
 def ids_of(users) -> list[str]:
@@ -37,7 +37,7 @@ def test_default_run_lands_the_recorded_users(api, out, raw, cli):
     assert "gzip" in request.headers["accept-encoding"]
     summary = result.stderr.strip().splitlines()[-1]
     assert "landed 100 rows, seed pura" in summary and "random_users_pura.parquet" in summary
-    assert "bytes" in summary and "s" in summary.split(",")[-1]
+    assert re.search(r", \d+ bytes, \d+\.\d\ds$", summary), summary
 
 
 def test_a_flag_beats_its_variable_which_beats_the_default(api, out, raw, cli):
@@ -95,9 +95,10 @@ def test_a_rerun_of_a_seed_replaces_its_batch(api, out, raw, settings):
     again = etl.read_processed(str(out)).collect()
     assert again.height == 100 and again["user_id"].n_unique() == 100
     assert again.drop("ingested_at").equals(first.drop("ingested_at"))
+    assert again["ingested_at"].unique().to_list() != first["ingested_at"].unique().to_list(), "the file was not replaced"
 
 
-def test_an_unreachable_service_fails_cleanly(out, raw, cli, tmp_path):
+def test_an_unreachable_service_fails_cleanly(out, raw, cli):
     dead = f"http://127.0.0.1:{free_port()}/api/1.4/"
     result = cli("--seed", "pura", "--retries", "1", env=fast_env(dead, out, raw))
     assert result.returncode == 1

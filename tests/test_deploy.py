@@ -241,7 +241,7 @@ BOOT = (
 )
 
 
-def image_environ(app: Path, temp: Path, **settings: str) -> dict:
+def image_environ(temp: Path, **settings: str) -> dict:
     """What the pod's container sees: this machine's base environment, the Dockerfile's ENV, the settings."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("RANDOM_USER_", "PYTHON"))}
     dockerfile_env = {}
@@ -260,7 +260,7 @@ def test_the_scheduled_run_from_the_image_files_and_configmap_lands_one_object_p
     bucket, _, prefix = data["RANDOM_USER_OUTPUT_DIR"].removeprefix("s3://").partition("/")
     s3.client.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": data["AWS_REGION"]})
     # The ConfigMap as it is, the AWS_* of the loopback store, and only the API pointed at the fake.
-    env = image_environ(app, temp, **data, RANDOM_USER_API_URL=api.url)
+    env = image_environ(temp, **data, RANDOM_USER_API_URL=api.url)
     before = dt.datetime.now(dt.timezone.utc).date()
     runs = [subprocess.run([sys.executable, "-c", BOOT], cwd=app, env=env, capture_output=True, text=True, timeout=120) for _ in range(2)]
     after = dt.datetime.now(dt.timezone.utc).date()

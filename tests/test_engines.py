@@ -20,8 +20,7 @@ import pandas as pd
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
-from conftest import fixture_json
-from test_s3 import GBONLY, PURA, assert_rows_are, expected_values, instant, nationality_counts, raw_users
+from conftest import GBONLY, PURA, assert_rows_are, expected_values, fixture_json, instant, nationality_counts, raw_users
 
 import random_user_etl as etl
 from schemas import OUTPUT_SCHEMA

@@ -22,6 +22,7 @@ import pytest
 from conftest import (
     FAST,
     LOG_LINE,
+    PURA,
     CasePool,
     assert_one_error_line,
     batch_files,
@@ -39,7 +40,6 @@ from fake_api import FakeRandomUser, body, hang, mutate, page_body, rate_limited
 import random_user_etl as etl
 from random_user_config import Settings
 
-PURA = "default_seed-pura_results-100.json"
 RETRY_LINE = re.compile(r"retry (\d+) of (\d+) for (\S+): (.+)")
 
 

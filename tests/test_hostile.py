@@ -189,18 +189,23 @@ finally:
 """
 
 
-def test_a_huge_answer_fails_clearly_and_memory_stays_bounded(api, out, raw):
-    api.script(huge(200_000_000))
-    command = [sys.executable, "-c", PEAK_LAUNCHER, str(ROOT / "random_user_etl.py"), "--seed", "pura", "--max-response-mb", "1"]
+def run_measured(api, out, raw, *args) -> tuple[subprocess.CompletedProcess, float, str]:
+    """Run the CLI against the fake with `args`; its result, its own peak RSS in MB, and its stderr."""
+    command = [sys.executable, "-c", PEAK_LAUNCHER, str(ROOT / "random_user_etl.py"), *args]
     err, peak_file = out.parent / "stderr.txt", out.parent / "peak.txt"
     env = clean_environ(**fast_env(api.url, out, raw), PEAK_FILE=peak_file)
-    started = time.monotonic()
     with open(err, "w") as stderr:
-        proc = subprocess.run(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+        proc = subprocess.run(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, timeout=60)
+    return proc, int(peak_file.read_text()) / 1024, err.read_text()  # VmHWM is in kB
+
+
+def test_a_huge_answer_fails_clearly_and_memory_stays_bounded(api, out, raw):
+    api.script(huge(200_000_000))
+    started = time.monotonic()
+    proc, peak_mb, stderr = run_measured(api, out, raw, "--seed", "pura", "--max-response-mb", "1")
     elapsed = time.monotonic() - started
-    peak_mb = int(peak_file.read_text()) / 1024  # VmHWM is in kB
     assert proc.returncode == 1
-    assert_one_error_line(err.read_text(), r"page 1: answer larger than the 1,000,000-byte limit \(--max-response-mb\)")
+    assert_one_error_line(stderr, r"page 1: answer larger than the 1,000,000-byte limit \(--max-response-mb\)")
     assert peak_mb < 200, f"peak RSS {peak_mb:.0f} MB"
     assert elapsed < 15
     assert batch_files(out) == [] and landed(raw) == {}
@@ -210,14 +215,9 @@ def test_a_huge_answer_fails_clearly_and_memory_stays_bounded(api, out, raw):
 def test_a_huge_error_answer_that_is_retried_is_not_read_into_memory(api, out, raw):
     # urllib3 reads a retried answer's body to reuse the connection; this one never ends in time.
     api.script(huge(300_000_000, status=503))  # then normal answers
-    command = [sys.executable, "-c", PEAK_LAUNCHER, str(ROOT / "random_user_etl.py"), "--seed", "pura", "--retries", "1"]
-    err, peak_file = out.parent / "stderr.txt", out.parent / "peak.txt"
-    env = clean_environ(**fast_env(api.url, out, raw), PEAK_FILE=peak_file)
-    with open(err, "w") as stderr:
-        proc = subprocess.run(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, timeout=60)
-    peak_mb = int(peak_file.read_text()) / 1024  # VmHWM is in kB
-    assert proc.returncode == 0, err.read_text()
-    assert "retry 1 of 1" in err.read_text() and "HTTP 503" in err.read_text()
+    proc, peak_mb, stderr = run_measured(api, out, raw, "--seed", "pura", "--retries", "1")
+    assert proc.returncode == 0, stderr
+    assert "retry 1 of 1" in stderr and "HTTP 503" in stderr
     assert peak_mb < 200, f"peak RSS {peak_mb:.0f} MB: the 503 body was read"
     assert batch_files(out) == ["random_users_pura.parquet"]
 

@@ -5,24 +5,17 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import os
-import signal
 import subprocess
 import sys
 import threading
-import time
 
 import polars as pl
 import pytest
-from conftest import ROOT, batch_files, clean_environ, duplicate_first_id, fast_env, users
-from fake_api import FakeRandomUser, hang, mutate, normal, rate_limited, recorded_pages
+from conftest import ROOT, batch_files, clean_environ, duplicate_first_id, fast_env, raw_key, users
+from fake_api import mutate, normal, rate_limited, recorded_pages
 
 import random_user_etl as etl
 from schemas import SORT_KEY
-
-
-def raw_key(user: dict) -> tuple:
-    """A raw user's sort key, from the JSON."""
-    return (user["nat"], user["name"]["last"], user["name"]["first"], user["login"]["uuid"])
 
 
 def stage_recorded_pages(folder) -> list:
@@ -83,53 +76,6 @@ def test_the_users_landed_do_not_depend_on_concurrency(api, tmp_path, settings):
     assert a.drop("ingested_at").equals(b.drop("ingested_at"))
     # The recorded users of page 1 (first 10 of the 40 recorded) are in both.
     assert {u["login"]["uuid"] for u in recorded_pages()[("paged", 1)][:10]} <= set(a["user_id"])
-
-
-def start_job(api_url, out, raw, *args):
-    """Start the CLI in the background, as cron would."""
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "random_user_etl.py"), *map(str, args)],
-        env=clean_environ(**fast_env(api_url, out, raw)),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def wait_for(predicate, timeout=20.0):
-    """Poll until predicate() holds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.02)
-
-
-def test_a_killed_run_resumes_from_its_staged_pages(tmp_path):
-    out, raw = tmp_path / "out", tmp_path / "raw"
-    staged = out / ".staging" / "paged"
-    args = ("--n", 50, "--seed", "paged", "--page-size", 10, "--concurrency", 1, "--timeout", 30)
-    with FakeRandomUser() as api:
-        api.script(normal(), normal(), hang(30))  # page 3 never answers
-        job = start_job(api.url, out, raw, *args)
-        wait_for(lambda: len(list(staged.glob("part-*.parquet"))) == 2 and len(api.requests) == 3)
-        os.kill(job.pid, signal.SIGKILL)
-        job.wait()
-        # Staged parts are never data: the lake is still empty.
-        assert etl.read_processed(str(out)).collect().height == 0
-    with FakeRandomUser() as api:
-        resumed = subprocess.run(
-            [sys.executable, str(ROOT / "random_user_etl.py"), *map(str, args)],
-            env=clean_environ(**fast_env(api.url, out, raw)),
-            capture_output=True, text=True, timeout=60,
-        )
-        assert resumed.returncode == 0, resumed.stderr
-        assert sorted(int(r.params["page"]) for r in api.requests) == [3, 4, 5]
-        assert "resuming seed paged: 2 of 5 pages already staged" in resumed.stderr
-        whole = etl.run(etl.Settings(n=50, seed="paged", page_size=10, api_url=api.url, output_dir=str(tmp_path / "whole"), raw_dir=None))
-    got, want = pl.read_parquet(out / "random_users_paged.parquet"), pl.read_parquet(whole.path)
-    assert got.drop("ingested_at").equals(want.drop("ingested_at"))
-    assert not staged.exists(), "a landed batch leaves no staging behind"
 
 
 def test_a_run_stopped_by_the_rate_limit_resumes_with_only_the_missing_pages(api, out, settings):

@@ -7,70 +7,17 @@ buckets and looks at what landed. Every value read back is checked against the r
 
 from __future__ import annotations
 
-import collections
-import datetime as dt
 import json
 
 import polars as pl
 import pytest
-from conftest import fast_env, fixture_json
+from conftest import GBONLY, PURA, assert_rows_are, fast_env, nationality_counts, raw_key, raw_users
 from fake_api import mutate, status
 
 import random_user_etl as etl
-from schemas import OUTPUT_SCHEMA, QUALITY_METADATA_KEY
+from schemas import OUTPUT_SCHEMA, QUALITY_METADATA_KEY, SORT_KEY
 
-PURA = "default_seed-pura_results-100.json"
-GBONLY = "nat-gb_seed-gbonly_results-25.json"
 PAGED = [f"paged_seed-paged_results-40_page-{page}.json" for page in (1, 2, 3)]
-
-# Columns compared value by value with the raw JSON.
-CHECKED = ("email", "postcode", "latitude", "age", "date_of_birth", "nationality")
-
-
-# ---------------------------------------------------------------- the raw reference
-
-
-def instant(text: str) -> dt.datetime:
-    """An ISO-8601 UTC time from the raw JSON as an aware datetime."""
-    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-
-
-def raw_users(*names: str, limits: dict[str, int] | None = None) -> list[dict]:
-    """The users of recorded answers, parsed by the standard library (the first `limits[name]` of one)."""
-    users = []
-    for name in names:
-        results = fixture_json(name)["results"]
-        users += results[: (limits or {}).get(name, len(results))]
-    return users
-
-
-def expected_values(users: list[dict]) -> dict[str, dict]:
-    """What each user's checked columns must hold, keyed by user id, from the raw JSON."""
-    return {
-        u["login"]["uuid"]: {
-            "email": u["email"],
-            "postcode": str(u["location"]["postcode"]),
-            "latitude": float(u["location"]["coordinates"]["latitude"]),
-            "age": int(u["dob"]["age"]),
-            "date_of_birth": instant(u["dob"]["date"]),
-            "nationality": u["nat"],
-        }
-        for u in users
-    }
-
-
-def assert_rows_are(frame: pl.DataFrame, users: list[dict]) -> None:
-    """The frame holds exactly these raw users, each with the raw JSON's values."""
-    expected = expected_values(users)
-    assert sorted(frame["user_id"]) == sorted(expected)
-    for row in frame.select("user_id", *CHECKED).to_dicts():
-        assert {name: row[name] for name in CHECKED} == expected.pop(row["user_id"])
-
-
-def nationality_counts(users: list[dict]) -> dict[str, int]:
-    """How many raw users of each nationality."""
-    return dict(collections.Counter(u["nat"] for u in users))
-
 
 # ---------------------------------------------------------------- tests
 
@@ -196,7 +143,5 @@ def test_a_batch_sorted_in_several_key_ranges_lands_in_s3_in_order(api, settings
     frame = etl.read_processed(s3.url()).collect()
     users = raw_users(*PAGED, limits={PAGED[2]: 20})
     assert_rows_are(frame, users)
-    key = ["nationality", "last_name", "first_name", "user_id"]
-    raw_order = sorted((u["nat"], u["name"]["last"], u["name"]["first"], u["login"]["uuid"]) for u in users)
-    assert frame.select(key).rows() == raw_order
+    assert frame.select(SORT_KEY).rows() == sorted(map(raw_key, users))
     assert batch.rows == 100 and batch.report["unique_user_ids"] == 100
