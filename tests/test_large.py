@@ -11,7 +11,7 @@ import threading
 
 import polars as pl
 import pytest
-from conftest import ROOT, batch_files, clean_environ, duplicate_first_id, fast_env, raw_key, users
+from conftest import ROOT, batch_files, clean_environ, duplicate_first_id, fast_env, fixture_bytes, raw_key, users
 from fake_api import mutate, normal, rate_limited, recorded_pages
 
 import random_user_etl as etl
@@ -23,7 +23,7 @@ def stage_recorded_pages(folder) -> list:
     folder.mkdir()
     parts = []
     for page in (1, 2, 3):
-        body = (ROOT / f"tests/fixtures/paged_seed-paged_results-40_page-{page}.json").read_bytes()
+        body = fixture_bytes(f"paged_seed-paged_results-40_page-{page}.json")
         frame = etl.transform(body, etl.PageRequest("paged", page, 40))
         parts.append(etl.stage_part(folder, frame, {"page": page}))
     return parts
