@@ -310,9 +310,10 @@ def mutate(fn: Callable[[dict], Any]) -> Answer:
     return Answer("mutate", fn=fn)
 
 
-def huge(total_bytes: int, status: int = 200) -> Answer:
-    """Stream total_bytes of never-ending-looking JSON, chunked with no Content-Length."""
-    return Answer("huge", status=status, total_bytes=total_bytes)
+def huge(total_bytes: int, status: int = 200, declared: bool = False) -> Answer:
+    """Stream total_bytes of never-ending-looking JSON: chunked, or with its Content-Length if declared."""
+    headers = {"Content-Length": str(total_bytes)} if declared else {"Transfer-Encoding": "chunked"}
+    return Answer("huge", status=status, total_bytes=total_bytes, headers=headers)
 
 
 # --------------------------------------------------------------------------- server
@@ -461,14 +462,17 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer_huge(self, answer: Answer, path: str, params: dict[str, str]) -> None:
         """Stream a JSON-looking body of total_bytes, chunk by chunk, until done or hung up on."""
-        self._send_headers(answer.status, JSON_TYPE, {"Transfer-Encoding": "chunked"}, gzipped=False)
+        self._send_headers(answer.status, JSON_TYPE, answer.headers, gzipped=False)
         self.close_connection = True
-        stream = _huge_stream(answer.total_bytes)
-        for chunk in stream:
+        chunked = "Transfer-Encoding" in answer.headers
+        for chunk in _huge_stream(answer.total_bytes):
             if self.server.stopping.is_set():
                 return
-            self.wfile.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
-        self.wfile.write(b"0\r\n\r\n")
+            self.wfile.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+            with self.server.fake._lock:
+                self.server.fake.huge_bytes_sent += len(chunk)  # what the client let through before hanging up
+        if chunked:
+            self.wfile.write(b"0\r\n\r\n")
 
     # Helpers.
 
@@ -581,6 +585,7 @@ class FakeRandomUser:
         self._script: deque[Answer] = deque()
         self._requests: list[Received] = []
         self._sent: list[bytes] = []
+        self.huge_bytes_sent = 0  # body bytes of huge() answers written so far
         self._errors: list[BaseException] = []
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -706,6 +711,7 @@ class FakeRandomUser:
             self._requests.clear()
             self._sent.clear()
             self._errors.clear()
+            self.huge_bytes_sent = 0
 
     def _page(self, params: dict[str, str]) -> bytes:
         """The normal body for these query parameters."""

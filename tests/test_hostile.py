@@ -212,6 +212,15 @@ def test_a_huge_answer_fails_clearly_and_memory_stays_bounded(api, out, raw):
     assert set(landed(out)) <= {".staging/pura.lock"}  # only the seed's (empty) lock file
 
 
+def test_an_answer_whose_content_length_is_past_the_bound_is_refused_unread(api, out, settings):
+    api.script(huge(2_000_000_000, declared=True))
+    with pytest.raises(etl.EtlError, match=r"page 1: answer larger than the 64,000,000-byte limit"):
+        etl.run(settings(seed="pura", max_response_mb=64, retries=0))
+    # Refused from its Content-Length: what got through is what the sockets' buffers held, not 64 MB.
+    assert api.huge_bytes_sent < 32_000_000, api.huge_bytes_sent
+    assert batch_files(out) == []
+
+
 def test_a_huge_error_answer_that_is_retried_is_not_read_into_memory(api, out, raw):
     # urllib3 reads a retried answer's body to reuse the connection; this one never ends in time.
     api.script(huge(300_000_000, status=503))  # then normal answers
