@@ -62,6 +62,7 @@ log = logging.getLogger("random_user_etl")
 BATCH_GLOB = "random_users_*.parquet"
 STAGING = ".staging"
 PART_METADATA_KEY = "random_user_etl.part"
+PART_NULLS_KEY = "random_user_etl.nulls"  # a staged page's nulls per column, counted as it was staged
 SORT_RUN_ROWS = 10_000  # rows sorted in memory at once: assembly memory stays flat whatever n
 SCATTER_ROWS = 20_000  # rows of staged parts split into key ranges together: fewer, larger pieces
 # Scratch files of the external sort are read once, soon after: uncompressed parquet is the
@@ -585,7 +586,10 @@ def write_atomically(path: Path, write, temp_dir: Path | None = None) -> None:
 def stage_part(folder: Path, frame: pl.DataFrame, identity: dict) -> Path:
     """Spill one transformed page to a part file that carries its identity."""
     path = part_path(folder, identity["page"])
-    metadata = {PART_METADATA_KEY: json.dumps(identity, sort_keys=True)}
+    metadata = {
+        PART_METADATA_KEY: json.dumps(identity, sort_keys=True),
+        PART_NULLS_KEY: json.dumps(frame.null_count().row(0, named=True)),
+    }
     write_atomically(path, lambda temp: frame.write_parquet(temp, compression="zstd", metadata=metadata))
     return path
 
@@ -593,11 +597,12 @@ def stage_part(folder: Path, frame: pl.DataFrame, identity: dict) -> Path:
 def trusted_part(path: Path, identity: dict) -> bool:
     """True when a staged part is whole and is the page this run would fetch."""
     try:
-        found = json.loads(pl.read_parquet_metadata(path).get(PART_METADATA_KEY, "null"))
+        metadata = pl.read_parquet_metadata(path)
+        found = json.loads(metadata.get(PART_METADATA_KEY, "null"))
         rows = pl.scan_parquet(path).select(pl.len()).collect().item()
     except Exception:  # a torn or foreign file is simply not trusted
         return False
-    return found == identity and rows == identity["rows"]
+    return found == identity and rows == identity["rows"] and PART_NULLS_KEY in metadata
 
 
 def save_raw(raw_dir: str | None, seed: str, page: int, answer: Answer) -> Path | None:
@@ -624,20 +629,23 @@ def settle_raw(path: Path | None, accepted: bool) -> None:
         os.replace(path, path.with_name(name if accepted else f"rejected-{name}"))
 
 
-def quality_report(parts: pl.LazyFrame) -> dict:
+def quality_report(parts: list[Path]) -> dict:
     """What was checked of a batch: rows, unique ids, nulls per contract column."""
-    stats = parts.select(
-        pl.len().alias("__rows"),
-        # 8-byte hashes keep the distinct count small in memory; only a suspected repeat is recounted exactly.
-        pl.col("user_id").hash().n_unique().alias("__unique"),
-        *[pl.col(name).null_count() for name in OUTPUT_SCHEMA.names()],
-    ).collect(engine="streaming").row(0, named=True)
-    if stats["__unique"] < stats["__rows"]:
-        stats["__unique"] = parts.select(pl.col("user_id").n_unique()).collect(engine="streaming").item()
+    # Nulls were counted from each page as it was staged; only the ids are read again here.
+    nulls = dict.fromkeys(OUTPUT_SCHEMA.names(), 0)
+    for part in parts:
+        for name, count in json.loads(pl.read_parquet_metadata(part)[PART_NULLS_KEY]).items():
+            nulls[name] += count
+    ids = pl.scan_parquet(parts).select("user_id")
+    # 8-byte hashes keep the distinct count small in memory; only a suspected repeat is recounted exactly.
+    stats = ids.select(rows=pl.len(), unique=pl.col("user_id").hash().n_unique()).collect(engine="streaming").row(0)
+    rows, unique = stats
+    if unique < rows:
+        unique = ids.select(pl.col("user_id").n_unique()).collect(engine="streaming").item()
     return {
-        "rows": stats.pop("__rows"),
-        "unique_user_ids": stats.pop("__unique"),
-        "nulls": stats,
+        "rows": rows,
+        "unique_user_ids": unique,
+        "nulls": nulls,
         "checked_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -743,7 +751,7 @@ def write_batch(
     `sorter` is the run's ExternalSort if it already split some parts; for object storage,
     `landed` (if given) receives the object's size as "bytes".
     """
-    report = quality_report(pl.scan_parquet(parts))
+    report = quality_report(parts)
     if report["rows"] != expected_rows:
         raise EtlError(f"staged parts hold {report['rows']} rows, expected {expected_rows}")
     if report["unique_user_ids"] != report["rows"]:
