@@ -68,6 +68,10 @@ SCATTER_ROWS = 20_000  # rows of staged parts split into key ranges together: fe
 # Scratch files of the external sort are read once, soon after: uncompressed parquet is the
 # cheapest to write and read back (Arrow IPC measured slower here, zstd costs a third more).
 SCRATCH = dict(compression="uncompressed", statistics=False)
+# Staged parts wait on disk for a rerun, so they are compressed, at zstd's fastest level (measured
+# on 100,000 users: 0.17 s to write at the default level, 0.10 s at level 1 with no statistics, and no
+# larger); nothing reads them by predicate, so their statistics would go unused.
+PART = dict(compression="zstd", compression_level=1, statistics=False)
 STAGERS = 2  # pages unpacked and typed at once: both cores of a small machine, and a bounded peak
 TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%S%.f%#z"
 
@@ -590,7 +594,7 @@ def stage_part(folder: Path, frame: pl.DataFrame, identity: dict) -> Path:
         PART_METADATA_KEY: json.dumps(identity, sort_keys=True),
         PART_NULLS_KEY: json.dumps(frame.null_count().row(0, named=True)),
     }
-    write_atomically(path, lambda temp: frame.write_parquet(temp, compression="zstd", metadata=metadata))
+    write_atomically(path, lambda temp: frame.write_parquet(temp, metadata=metadata, **PART))
     return path
 
 
