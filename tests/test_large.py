@@ -29,12 +29,13 @@ def stage_recorded_pages(folder) -> list:
     return parts
 
 
-def test_the_external_sort_orders_the_batch_as_one_sort_of_the_raw_users(tmp_path):
+@pytest.mark.parametrize("run_rows", [17, etl.SORT_RUN_ROWS], ids=["key-ranges", "one-range"])
+def test_the_batch_is_sorted_as_one_sort_of_the_raw_users(tmp_path, run_rows):
     pages = recorded_pages()
     users = pages[("paged", 1)] + pages[("paged", 2)] + pages[("paged", 3)]
     parts = stage_recorded_pages(tmp_path / "stage")
     when = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
-    report = etl.write_batch(parts, str(tmp_path / "batch.parquet"), when, 120, run_rows=17)
+    report = etl.write_batch(parts, str(tmp_path / "batch.parquet"), when, 120, run_rows=run_rows)
     batch = pl.read_parquet(tmp_path / "batch.parquet")
     assert batch.select(SORT_KEY).rows() == sorted(raw_key(u) for u in users)
     assert report["rows"] == 120 and report["unique_user_ids"] == 120
