@@ -272,16 +272,20 @@ def read_body(response: requests.Response, limit: int) -> Answer:
     # unpacking on the thread that types the page frees this one for the next request.
     gzipped, most = encoding == "gzip", wire_limit(limit, encoding == "gzip")
     declared = response.headers.get("Content-Length", "").strip()
-    if declared.isdigit() and int(declared) > most:
+    length = int(declared) if re.fullmatch(r"[0-9]{1,18}", declared) else None
+    if length is not None and length > most:
         raise too_large(limit)  # said to be too large: refused before a byte of it is read
-    # One read of at most the bound plus one byte: it ends at the body's end, so the bytes are
-    # copied once (reading 1 MB at a time cost 2 ms a page, on the critical path at concurrency 1).
-    wire = response.raw.read(most + 1, decode_content=False)
-    # A read ends early at the body's end or where it was cut off; the next read tells which
-    # (urllib3 raises IncompleteRead when fewer bytes came than the Content-Length promised).
-    if len(wire) > most or response.raw.read(1, decode_content=False):
-        raise too_large(limit)
-    return Answer(wire, gzipped)
+    # Steps of the declared length: the whole body in one read, copied once (1 MB steps cost
+    # 2 ms a page, on the critical path at concurrency 1). With no length, 1 MB steps, so memory
+    # follows the bytes that came. A body cut short ends in urllib3's IncompleteRead.
+    step = length + 1 if length is not None else 1 << 20
+    wire, size = [], 0
+    for chunk in response.raw.stream(step, decode_content=False):
+        size += len(chunk)
+        if size > most:
+            raise too_large(limit)
+        wire.append(chunk)
+    return Answer(b"".join(wire), gzipped)
 
 
 def unpack(answer: Answer, limit: int) -> bytes:
@@ -372,26 +376,36 @@ def field(path: str) -> pl.Expr:
 
 def parse_in_halves(body: bytes) -> pl.DataFrame | None:
     """A large answer parsed as two halves on two threads, cut between two users; None if it cannot be."""
-    # Polars parses one document on one thread. Cut where a user ends ("},{" then a key) past
-    # the middle: the first half is the start of the body closed with "]}", the second the
-    # rest of it reopened with {"results":[. The first half is valid JSON only if the cut lies
-    # outside every string, between two elements of the results array (anything else leaves a
-    # string or a user open), and then the second half is the answer without those users.
-    # Any half that does not parse sends the whole body to the plain parse, and its verdict.
+    # Polars parses one document on one thread. Cut where an object ends ("},{" then a key) past
+    # the middle: the first half is the start of the body closed with "]}", the second the rest
+    # reopened with {"results":[. The first half is valid JSON only if the cut lies outside every
+    # string, between two elements of a top-level array; it is the results array (so the second
+    # half is the answer without those users) when the first half holds results alone and the
+    # second the info, whose count covers both. Otherwise the body is parsed whole, which gives
+    # the verdict. (Duplicate top-level keys, which JSON leaves undefined, may read differently.)
     if len(body) < HALVES_FROM_BYTES or not body.startswith(RESULTS_HEAD):
         return None
     cut = body.find(b'},{"', len(body) // 2)
     if cut < 0:
         return None
+    first = HALF_PARSER.submit(pl.read_json, body[: cut + 1] + b"]}", schema=RAW_RESPONSE)
     try:
-        first = HALF_PARSER.submit(pl.read_json, body[: cut + 1] + b"]}", schema=RAW_RESPONSE)
         rest = pl.read_json(RESULTS_HEAD + body[cut + 2 :], schema=RAW_RESPONSE)
-        first = first.result()
     except Exception:  # polars reports malformed JSON as several error types
+        rest = None
+    try:
+        first = first.result()  # awaited even when the rest failed: no stray parse runs beside the whole one
+    except Exception:
         return None
-    if first.height != 1 or rest.height != 1:
+    if rest is None or first.height != 1 or rest.height != 1:
         return None
-    return rest.with_columns(results=first.get_column("results").list.concat(rest.get_column("results")))
+    if first.item(0, "info") is not None or first.item(0, "error") is not None:
+        return None
+    joined = rest.with_columns(results=first.get_column("results").list.concat(rest.get_column("results")))
+    info, count = joined.item(0, "info"), joined.select(pl.col("results").list.len()).item()
+    if info is None or info["results"] != str(count):
+        return None
+    return joined
 
 
 def parse_body(body: bytes, schema: pl.Schema = RAW_RESPONSE) -> pl.DataFrame:
@@ -632,12 +646,11 @@ def stage_part(folder: Path, frame: pl.DataFrame, identity: dict) -> Path:
 def trusted_part(path: Path, identity: dict) -> bool:
     """True when a staged part is whole and is the page this run would fetch."""
     try:
-        metadata = pl.read_parquet_metadata(path)
-        found = json.loads(metadata.get(PART_METADATA_KEY, "null"))
+        found = json.loads(pl.read_parquet_metadata(path).get(PART_METADATA_KEY, "null"))
         rows = pl.scan_parquet(path).select(pl.len()).collect().item()
     except Exception:  # a torn or foreign file is simply not trusted
         return False
-    return found == identity and rows == identity["rows"] and PART_NULLS_KEY in metadata
+    return found == identity and rows == identity["rows"]
 
 
 def save_raw(raw_dir: str | None, seed: str, page: int, answer: Answer) -> Path | None:
@@ -666,10 +679,16 @@ def settle_raw(path: Path | None, accepted: bool) -> None:
 
 def quality_report(parts: list[Path]) -> dict:
     """What was checked of a batch: rows, unique ids, nulls per contract column."""
-    # Nulls were counted from each page as it was staged; only the ids are read again here.
+    # Nulls were counted from each page as it was staged; only the ids are read again here
+    # (and the whole of a part staged by a version that did not count them).
     nulls = dict.fromkeys(OUTPUT_SCHEMA.names(), 0)
     for part in parts:
-        for name, count in json.loads(pl.read_parquet_metadata(part)[PART_NULLS_KEY]).items():
+        counted = pl.read_parquet_metadata(part).get(PART_NULLS_KEY)
+        if counted is not None:
+            counts = json.loads(counted)
+        else:
+            counts = pl.scan_parquet(part).select(pl.all().null_count()).collect().row(0, named=True)
+        for name, count in counts.items():
             nulls[name] += count
     ids = pl.scan_parquet(parts).select("user_id")
     # 8-byte hashes keep the distinct count small in memory; only a suspected repeat is recounted exactly.

@@ -310,6 +310,11 @@ def mutate(fn: Callable[[dict], Any]) -> Answer:
     return Answer("mutate", fn=fn)
 
 
+def unframed() -> Answer:
+    """The normal answer with neither Content-Length nor chunking: its end is the connection closing."""
+    return Answer("unframed")
+
+
 def huge(total_bytes: int, status: int = 200, declared: bool = False) -> Answer:
     """Stream total_bytes of never-ending-looking JSON: chunked, or with its Content-Length if declared."""
     headers = {"Content-Length": str(total_bytes)} if declared else {"Transfer-Encoding": "chunked"}
@@ -458,6 +463,15 @@ class _Handler(BaseHTTPRequestHandler):
         wire, gzipped = self._encode(self.server.fake._page(params))
         self._send_headers(200, JSON_TYPE, {"Content-Length": str(len(wire))}, gzipped)
         self.wfile.write(wire[: len(wire) // 2])
+        self.close_connection = True
+
+    def _answer_unframed(self, answer: Answer, path: str, params: dict[str, str]) -> None:
+        """Send the normal body with no length and no chunks, then close (HTTP/1.0 style)."""
+        payload = self.server.fake._page(params)
+        wire, gzipped = self._encode(payload)
+        self.server.fake._record_sent(payload)
+        self._send_headers(200, JSON_TYPE, {}, gzipped)
+        self.wfile.write(wire)
         self.close_connection = True
 
     def _answer_huge(self, answer: Answer, path: str, params: dict[str, str]) -> None:

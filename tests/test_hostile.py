@@ -15,8 +15,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import PREFIX, ROOT, CasePool, assert_one_error_line, batch_files, clean_environ, duplicate_first_id, fast_env, info, landed, run_cli, users
-from fake_api import FakeRandomUser, huge, mutate, rate_limited, recorded_pages, status
+import polars as pl
+from conftest import (
+    PREFIX, PURA, ROOT, CasePool, assert_one_error_line, assert_rows_are, batch_files, clean_environ, duplicate_first_id, fast_env, info,
+    landed, raw_users, run_cli, users,
+)
+from fake_api import FakeRandomUser, huge, mutate, rate_limited, recorded_pages, status, unframed
 
 import random_user_etl as etl
 from random_user_config import Settings, SettingsError, load_settings
@@ -210,6 +214,14 @@ def test_a_huge_answer_fails_clearly_and_memory_stays_bounded(api, out, raw):
     assert elapsed < 15
     assert batch_files(out) == [] and landed(raw) == {}
     assert set(landed(out)) <= {".staging/pura.lock"}  # only the seed's (empty) lock file
+
+
+def test_an_answer_ended_by_closing_the_connection_is_read_as_it_comes(api, out, settings):
+    # No length to read by: memory must follow the bytes that came, not the (here 1 TB) bound.
+    api.script(unframed())
+    batch = etl.run(settings(seed="pura", max_response_mb=1_000_000, retries=0))
+    assert api.requests[0].answer == "unframed"
+    assert_rows_are(pl.read_parquet(batch.path), raw_users(PURA))
 
 
 def test_an_answer_whose_content_length_is_past_the_bound_is_refused_unread(api, out, settings):

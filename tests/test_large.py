@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from conftest import ROOT, batch_files, clean_environ, duplicate_first_id, fast_
 from fake_api import mutate, normal, rate_limited, recorded_pages
 
 import random_user_etl as etl
+from random_user_config import Settings
 from schemas import SORT_KEY
 
 
@@ -42,6 +44,18 @@ def test_the_batch_is_sorted_as_one_sort_of_the_raw_users(tmp_path, run_rows):
     # Nulls are counted per page as it is staged and summed: the service leaves 27 of these ids empty.
     no_id = sum(1 for u in users if not u["id"]["value"])
     assert no_id == 27 and {k: v for k, v in report["nulls"].items() if v} == {"national_id": no_id, "national_id_type": no_id}
+
+
+def test_a_part_staged_before_nulls_were_counted_is_trusted_and_counted(tmp_path):
+    users = [u for page in (1, 2, 3) for u in recorded_pages()[("paged", page)]]
+    parts = stage_recorded_pages(tmp_path / "stage")
+    # Page 2 as the version before this one staged it: its identity, and no null counts.
+    identity = etl.part_identity(Settings(), "paged", 2, 40)
+    pl.read_parquet(parts[1]).write_parquet(parts[1], metadata={etl.PART_METADATA_KEY: json.dumps(identity, sort_keys=True)})
+    assert etl.trusted_part(parts[1], identity), "a resumed run after an upgrade must not fetch it again"
+    report = etl.write_batch(parts, str(tmp_path / "batch.parquet"), dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc), 120)
+    no_id = sum(1 for u in users if not u["id"]["value"])
+    assert {k: v for k, v in report["nulls"].items() if v} == {"national_id": no_id, "national_id_type": no_id}
 
 
 def test_parts_are_split_into_key_ranges_while_the_run_goes_on(tmp_path):

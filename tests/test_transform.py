@@ -100,6 +100,16 @@ def test_a_cut_that_would_fall_inside_a_string_is_never_trusted():
     assert_every_column_is_raw(etl.transform(body, ingested_at=INGESTED), doc)
 
 
+def test_a_cut_in_another_top_level_array_is_never_trusted():
+    # Valid JSON, not the service's: a later key holds an array of objects, and the middle falls in it.
+    doc = json.loads(page_body("halves", 3, 100))
+    doc["extra"] = [{"a": i} for i in range(200_000)]
+    body = _dumps(doc).encode()
+    assert body.find(b'},{"', len(body) // 2) > body.find(b'"extra":')
+    assert etl.parse_in_halves(body) is None, "the first half holds info: the cut is not in the results"
+    assert_every_column_is_raw(etl.transform(body, ingested_at=INGESTED), doc)
+
+
 def test_a_large_answer_cut_short_gets_the_plain_parse_verdict():
     body = page_body("halves", 3, 2000)[:-100]
     assert etl.parse_in_halves(body) is None
