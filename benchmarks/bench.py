@@ -685,7 +685,7 @@ def bench_end_to_end(report: Report, n: int, repeats: int, ids: list[str], with_
             spent_rows.append([label, *cells, f"{run_s - land:.2f}" if land is not None else "-"])
             if not raw:
                 reachable = bare_s / floor - 1 <= 0.15
-                why = "" if reachable or over <= 15 else f"; out of reach here: the bare client alone is {(bare_s / floor - 1) * 100:+.0f}%"
+                why = "" if reachable or over <= 15 else f"; the bare client alone is {(bare_s / floor - 1) * 100:+.0f}% here"
                 targets.append((f"end to end c={concurrency}: within 15% of the floor ({over:+.0f}%{why})", over <= 15))
     header = ["configuration", "floor s", "bare client s", "bare overhead", "run s", "overhead", "CPU s", "CPU s / cores", "process s", "users/s", "peak RSS MB", "<=15%"]
     report.table(header, rows)
