@@ -765,7 +765,9 @@ class ExternalSort:
             # The last group (at most about two groups' rows) is split here, in memory.
             last = self._keyed(self.waiting).collect() if self.waiting else None
             self.waiting, self.waiting_rows = [], 0
-        ranges = [sorted(self.work.glob(f"group-*/__run={run}/*.parquet")) for run in range(self.runs)]
+        ranges = [[] for _ in range(self.runs)]
+        for piece in sorted(self.work.glob("group-*/__run=*/*.parquet")):  # one walk, not one per range
+            ranges[int(piece.parent.name.removeprefix("__run="))].append(piece)
         pieces = [piece for run in ranges for piece in run]
         held = (pl.scan_parquet(pieces, hive_partitioning=False).select(pl.len()).collect().item() if pieces else 0)
         held += last.height if last is not None else 0
