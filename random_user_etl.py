@@ -63,6 +63,7 @@ BATCH_GLOB = "random_users_*.parquet"
 STAGING = ".staging"
 PART_METADATA_KEY = "random_user_etl.part"
 RESULTS_HEAD = b'{"results":['  # how the service's compact answers begin
+READ_STEP = 1 << 24  # 16 MB: an answer's bytes are read in steps of at most this
 HALVES_FROM_BYTES = 1 << 20  # answers this large (about 900 users) are parsed as two halves at once
 # One helper thread for the process, not one per answer: a new thread each time drew on a new
 # allocator arena, and the job's peak at 200,000 users grew by 40 MB; with this one it fell by 20 MB.
@@ -271,16 +272,14 @@ def read_body(response: requests.Response, limit: int) -> Answer:
     # Unpacked later by unpack(), not by urllib3: the gzip bytes are kept as they came, and
     # unpacking on the thread that types the page frees this one for the next request.
     gzipped, most = encoding == "gzip", wire_limit(limit, encoding == "gzip")
-    declared = response.headers.get("Content-Length", "").strip()
-    length = int(declared) if re.fullmatch(r"[0-9]{1,18}", declared) else None
+    length = response.raw.length_remaining  # urllib3's reading of Content-Length; None when chunked
     if length is not None and length > most:
         raise too_large(limit)  # said to be too large: refused before a byte of it is read
-    # Steps of the declared length: the whole body in one read, copied once (1 MB steps cost
-    # 2 ms a page, on the critical path at concurrency 1). With no length, 1 MB steps, so memory
-    # follows the bytes that came. A body cut short ends in urllib3's IncompleteRead.
-    step = length + 1 if length is not None else 1 << 20
+    # Read in steps of at most READ_STEP: a page in one read, copied once (1 MB steps cost 2 ms a
+    # page, on the critical path at concurrency 1), and never a read sized by the bound, which an
+    # answer with no length would allocate whole. A body cut short ends in urllib3's IncompleteRead.
     wire, size = [], 0
-    for chunk in response.raw.stream(step, decode_content=False):
+    for chunk in response.raw.stream(min(most + 1, READ_STEP), decode_content=False):
         size += len(chunk)
         if size > most:
             raise too_large(limit)
@@ -377,16 +376,16 @@ def field(path: str) -> pl.Expr:
 def parse_in_halves(body: bytes) -> pl.DataFrame | None:
     """A large answer parsed as two halves on two threads, cut between two users; None if it cannot be."""
     # Polars parses one document on one thread. Cut where an object ends ("},{" then a key) past
-    # the middle: the first half is the start of the body closed with "]}", the second the rest
-    # reopened with {"results":[. The first half is valid JSON only if the cut lies outside every
-    # string, between two elements of a top-level array; it is the results array (so the second
-    # half is the answer without those users) when the first half holds results alone and the
-    # second the info, whose count covers both. Otherwise the body is parsed whole, which gives
-    # the verdict. (Duplicate top-level keys, which JSON leaves undefined, may read differently.)
+    # the middle, with no "]" anywhere before it, so the results array is still open there. The
+    # first half is the start of the body closed with "]}", the second the rest reopened with
+    # {"results":[. The first half is valid JSON only if the cut lies outside every string and
+    # between two users (anything else leaves a string or a user open); the second half is then
+    # the answer without those users. If either half does not parse, the body is parsed whole,
+    # which gives the verdict. (Users hold no arrays; a "]" in some string only costs the speed.)
     if len(body) < HALVES_FROM_BYTES or not body.startswith(RESULTS_HEAD):
         return None
     cut = body.find(b'},{"', len(body) // 2)
-    if cut < 0:
+    if cut < 0 or body.find(b"]", len(RESULTS_HEAD), cut) >= 0:
         return None
     first = HALF_PARSER.submit(pl.read_json, body[: cut + 1] + b"]}", schema=RAW_RESPONSE)
     try:
@@ -399,13 +398,7 @@ def parse_in_halves(body: bytes) -> pl.DataFrame | None:
         return None
     if rest is None or first.height != 1 or rest.height != 1:
         return None
-    if first.item(0, "info") is not None or first.item(0, "error") is not None:
-        return None
-    joined = rest.with_columns(results=first.get_column("results").list.concat(rest.get_column("results")))
-    info, count = joined.item(0, "info"), joined.select(pl.col("results").list.len()).item()
-    if info is None or info["results"] != str(count):
-        return None
-    return joined
+    return rest.with_columns(results=first.get_column("results").list.concat(rest.get_column("results")))
 
 
 def parse_body(body: bytes, schema: pl.Schema = RAW_RESPONSE) -> pl.DataFrame:
@@ -766,8 +759,9 @@ class ExternalSort:
             last = self._keyed(self.waiting).collect() if self.waiting else None
             self.waiting, self.waiting_rows = [], 0
         ranges = [[] for _ in range(self.runs)]
+        by_folder = {f"__run={run}": pieces for run, pieces in enumerate(ranges)}
         for piece in sorted(self.work.glob("group-*/__run=*/*.parquet")):  # one walk, not one per range
-            ranges[int(piece.parent.name.removeprefix("__run="))].append(piece)
+            by_folder.get(piece.parent.name, []).append(piece)  # anything else is not a range's piece
         pieces = [piece for run in ranges for piece in run]
         held = (pl.scan_parquet(pieces, hive_partitioning=False).select(pl.len()).collect().item() if pieces else 0)
         held += last.height if last is not None else 0

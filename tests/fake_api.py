@@ -312,7 +312,12 @@ def mutate(fn: Callable[[dict], Any]) -> Answer:
 
 def unframed() -> Answer:
     """The normal answer with neither Content-Length nor chunking: its end is the connection closing."""
-    return Answer("unframed")
+    return Answer("reframed")
+
+
+def chunked(headers: dict[str, str] | None = None) -> Answer:
+    """The normal answer in 64 kB chunks, with any extra headers (a Content-Length that chunking overrides, say)."""
+    return Answer("reframed", headers={"Transfer-Encoding": "chunked", **(headers or {})})
 
 
 def huge(total_bytes: int, status: int = 200, declared: bool = False) -> Answer:
@@ -465,13 +470,19 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(wire[: len(wire) // 2])
         self.close_connection = True
 
-    def _answer_unframed(self, answer: Answer, path: str, params: dict[str, str]) -> None:
-        """Send the normal body with no length and no chunks, then close (HTTP/1.0 style)."""
+    def _answer_reframed(self, answer: Answer, path: str, params: dict[str, str]) -> None:
+        """Send the normal body chunked, or with no length at all (its end is the connection closing)."""
         payload = self.server.fake._page(params)
         wire, gzipped = self._encode(payload)
         self.server.fake._record_sent(payload)
-        self._send_headers(200, JSON_TYPE, {}, gzipped)
-        self.wfile.write(wire)
+        self._send_headers(200, JSON_TYPE, answer.headers, gzipped)
+        if "Transfer-Encoding" in answer.headers:
+            for start in range(0, len(wire), 64 * 1024):
+                chunk = wire[start : start + 64 * 1024]
+                self.wfile.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+            self.wfile.write(b"0\r\n\r\n")
+        else:
+            self.wfile.write(wire)
         self.close_connection = True
 
     def _answer_huge(self, answer: Answer, path: str, params: dict[str, str]) -> None:

@@ -7,20 +7,19 @@ fake): the exit status and the one error line are checked on the real command.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import polars as pl
-from conftest import (
-    PREFIX, PURA, ROOT, CasePool, assert_one_error_line, assert_rows_are, batch_files, clean_environ, duplicate_first_id, fast_env, info,
-    landed, raw_users, run_cli, users,
-)
-from fake_api import FakeRandomUser, huge, mutate, rate_limited, recorded_pages, status, unframed
+from conftest import PREFIX, ROOT, CasePool, assert_one_error_line, assert_rows_are, batch_files, clean_environ, duplicate_first_id, fast_env, info, landed, run_cli, users
+from fake_api import FakeRandomUser, chunked, huge, mutate, page_body, rate_limited, recorded_pages, status, unframed
 
 import random_user_etl as etl
 from random_user_config import Settings, SettingsError, load_settings
@@ -216,12 +215,28 @@ def test_a_huge_answer_fails_clearly_and_memory_stays_bounded(api, out, raw):
     assert set(landed(out)) <= {".staging/pura.lock"}  # only the seed's (empty) lock file
 
 
-def test_an_answer_ended_by_closing_the_connection_is_read_as_it_comes(api, out, settings):
-    # No length to read by: memory must follow the bytes that came, not the (here 1 TB) bound.
-    api.script(unframed())
-    batch = etl.run(settings(seed="pura", max_response_mb=1_000_000, retries=0))
-    assert api.requests[0].answer == "unframed"
-    assert_rows_are(pl.read_parquet(batch.path), raw_users(PURA))
+FRAMINGS = {
+    "closed-connection": unframed(),
+    "chunked": chunked(),
+    "chunked-and-length-0": chunked({"Content-Length": "0"}),  # chunking overrides a Content-Length
+    "chunked-and-length-not-a-number": chunked({"Content-Length": "\u00b2"}),
+}
+
+
+@pytest.mark.parametrize("framing", FRAMINGS)
+def test_an_answer_with_no_length_to_trust_is_read_as_it_comes(api, out, settings, framing):
+    # No length to read by: what is held must follow the bytes that came (a full page, 1.6 MB of
+    # gzip), not the bound (here 1 TB), and the read must not go by a length that chunking overrides.
+    api.script(FRAMINGS[framing])
+    tracemalloc.start()  # Python's own allocations, where a read's buffers are made
+    try:
+        batch = etl.run(settings(seed="framing", n=5000, max_response_mb=1_000_000, retries=0))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert api.requests[0].answer == "reframed"
+    assert peak < 64 * 2**20, f"{peak / 2**20:.0f} MB allocated at the peak"
+    assert_rows_are(pl.read_parquet(batch.path), json.loads(page_body("framing", 1, 5000))["results"])
 
 
 def test_an_answer_whose_content_length_is_past_the_bound_is_refused_unread(api, out, settings):
