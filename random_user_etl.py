@@ -765,14 +765,16 @@ class ExternalSort:
         pieces = [piece for run in ranges for piece in run]
         held = (pl.scan_parquet(pieces, hive_partitioning=False).select(pl.len()).collect().item() if pieces else 0)
         held += last.height if last is not None else 0
+        # The last group's rows, by key range, in one pass (not one filter per range).
+        tails = last.partition_by("__run", as_dict=True, include_key=False) if last is not None else {}
         if held != self.rows:  # the batch is built from these pieces, so they must hold every row, once
             raise EtlError(f"the sort's key ranges hold {held} rows, expected {self.rows}")
 
         def ranges_in_order(with_columns, predicate, n_rows, batch_size):
             for run, pieces in enumerate(ranges):
                 frames = [pl.read_parquet(pieces, hive_partitioning=False)] if pieces else []
-                if last is not None:
-                    frames.append(last.filter(pl.col("__run") == run).drop("__run"))
+                if (run,) in tails:
+                    frames.append(tails[(run,)])
                 if not frames:
                     continue
                 frame = pl.concat(frames).sort("__key").drop("__key")
