@@ -685,8 +685,7 @@ def quality_report(parts: list[Path]) -> dict:
             nulls[name] += count
     ids = pl.scan_parquet(parts).select("user_id")
     # 8-byte hashes keep the distinct count small in memory; only a suspected repeat is recounted exactly.
-    stats = ids.select(rows=pl.len(), unique=pl.col("user_id").hash().n_unique()).collect(engine="streaming").row(0)
-    rows, unique = stats
+    rows, unique = ids.select(pl.len(), pl.col("user_id").hash().n_unique()).collect(engine="streaming").row(0)
     if unique < rows:
         unique = ids.select(pl.col("user_id").n_unique()).collect(engine="streaming").item()
     return {
@@ -765,10 +764,10 @@ class ExternalSort:
         pieces = [piece for run in ranges for piece in run]
         held = (pl.scan_parquet(pieces, hive_partitioning=False).select(pl.len()).collect().item() if pieces else 0)
         held += last.height if last is not None else 0
-        # The last group's rows, by key range, in one pass (not one filter per range).
-        tails = last.partition_by("__run", as_dict=True, include_key=False) if last is not None else {}
         if held != self.rows:  # the batch is built from these pieces, so they must hold every row, once
             raise EtlError(f"the sort's key ranges hold {held} rows, expected {self.rows}")
+        # The last group's rows, by key range, in one pass (not one filter per range).
+        tails = last.partition_by("__run", as_dict=True, include_key=False) if last is not None else {}
 
         def ranges_in_order(with_columns, predicate, n_rows, batch_size):
             for run, pieces in enumerate(ranges):
