@@ -396,7 +396,7 @@ def parse_in_halves(body: bytes) -> pl.DataFrame | None:
         first = first.result()  # awaited even when the rest failed: no stray parse runs beside the whole one
     except Exception:
         return None
-    if rest is None or first.height != 1 or rest.height != 1:
+    if rest is None:
         return None
     return rest.with_columns(results=first.get_column("results").list.concat(rest.get_column("results")))
 
@@ -441,10 +441,10 @@ def service_error(message: str) -> EtlError:
 
 def answer_info(body: bytes) -> dict:
     """An answer's info alone, from a parse of only info and error (half a full parse); an error body refused."""
-    parsed = parse_body(body, pl.Schema({"info": RAW_INFO, "error": pl.String}))
-    if parsed.item(0, "error") is not None:
-        raise service_error(parsed.item(0, "error"))
-    info = parsed.item(0, "info") or {}
+    row = parse_body(body, pl.Schema({"info": RAW_INFO, "error": pl.String})).row(0, named=True)
+    if row["error"] is not None:
+        raise service_error(row["error"])
+    info = row["info"] or {}
     check_page_number(info)
     return info
 
@@ -1027,7 +1027,7 @@ def run(settings: Settings | None = None, **overrides) -> Batch:
             if len(todo) < len(sizes):
                 log.info("resuming seed %s: %d of %d pages already staged", seed, len(sizes) - len(todo), len(sizes))
             progress = Progress(settings.n, len(sizes), done=settings.n - sum(sizes[page - 1] for page in todo))
-            sorter = ExternalSort(sort_folder(folder), settings.n, SORT_RUN_ROWS, SCATTER_ROWS)
+            sorter = ExternalSort(sort_folder(folder), settings.n, SORT_RUN_ROWS, SCATTER_ROWS)  # read now: tests set them
             stage = functools.partial(stage_and_split, settings=settings, folder=folder, sorter=sorter)
             try:
                 if first_answer is not None and 1 in todo:
