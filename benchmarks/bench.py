@@ -1,11 +1,11 @@
 """Benchmark of issue 4: the job's transform against the alternatives, the job end to end, memory.
 
-    python benchmarks/bench.py            # the full benchmark (about 2-3 minutes on 2 cores)
+    python benchmarks/bench.py            # the full benchmark (about 2.5 minutes on 2 cores)
     python benchmarks/bench.py --quick    # smaller sizes, one repeat: a smoke run of well under a minute
 
 Offline: every byte comes from tests/fake_api.py (recorded randomuser.me users, distinct ids).
-Every timed answer is checked (row counts, user ids, postcodes as text, ...), so a fast wrong
-answer cannot pass. The end-to-end and memory runs each run the job's CLI in a fresh
+Every transform's output and every landed batch is checked against the raw JSON (row counts,
+user ids, order, postcodes as text, ...), so a fast wrong answer cannot pass. The end-to-end and memory runs each run the job's CLI in a fresh
 subprocess against a loopback fake served from another subprocess, so neither steals the
 other's GIL, and peak RSS is the kernel's high-water mark of that one job process (VmHWM).
 The full output is also written to benchmarks/results/latest.txt.
@@ -98,9 +98,8 @@ class CpuWitness:
         end = self._sample()
         wall = end[0] - self.started[0]
         others = max((end[1] - self.started[1]) - (end[2] - self.started[2]), 0.0) / wall
-        cores = os.cpu_count() or 1
-        warn = "  WARNING: the machine was busy with other work, timings are pessimistic" if others > 0.15 * cores else ""
-        return f"  other processes used {others:.2f} of {cores} cores on average during this section.{warn}"
+        warn = "  WARNING: the machine was busy with other work, timings are pessimistic" if others > 0.15 * CORES else ""
+        return f"  other processes used {others:.2f} of {CORES} cores on average during this section.{warn}"
 
 
 # ---------------------------------------------------------------- 1. transform
@@ -121,22 +120,20 @@ class Reference:
     """What the raw JSON says, parsed by the standard library: the answer key of every check."""
 
     def __init__(self, bodies: list[bytes]):
-        self.ids: list[str] = []
         self.users: dict[str, dict] = {}
         self.order: list[list[str]] = []  # per page, the ids in the answer's own order
         for body in bodies:
             results = json.loads(body)["results"]
             self.order.append([u["login"]["uuid"] for u in results])
             for user in results:
-                uid = user["login"]["uuid"]
-                self.ids.append(uid)
-                self.users[uid] = {
+                self.users[user["login"]["uuid"]] = {
                     "postcode": str(user["location"]["postcode"]),
                     "latitude": float(user["location"]["coordinates"]["latitude"]),
                     "longitude": float(user["location"]["coordinates"]["longitude"]),
                     "dob": user["dob"]["date"],
                     "national_id": user["id"]["value"] or None,
                 }
+        self.ids = [uid for page in self.order for uid in page]
         self.id_set = set(self.ids)
 
 
@@ -334,7 +331,7 @@ def bench_transform(report: Report, pages: int, repeats: int) -> dict:
     )
     report(
         f"  polars {pl.__version__} ({pl.thread_pool_size()} threads), pandas {pd.__version__}, python {sys.version.split()[0]}, "
-        f"{os.cpu_count()} cores; {repeats} timed pass(es) each after a warm-up, interleaved, gc paused while timing; median reported"
+        f"{CORES} cores; {repeats} timed pass(es) each after a warm-up, interleaved, gc paused while timing; median reported"
     )
     approaches = {
         "job transform(body)": etl.transform,
@@ -455,6 +452,22 @@ def serve(latency: float, warm_pages: int) -> None:
         sys.stdin.read()
 
 
+def run_helper(flag: str, args: list[str], name: str, env: dict | None = None) -> dict:
+    """This script with a hidden flag in a fresh process: its last stdout line as a dict, process_s, or an error."""
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), flag, *args], capture_output=True, text=True, env=env, cwd=ROOT)
+    result = {"process_s": time.perf_counter() - started}
+    try:
+        result.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+    except (ValueError, IndexError):
+        result["error"] = f"no result from the {name} process (exit {proc.returncode}): {proc.stderr.strip()[-400:]}"
+        return result
+    if proc.returncode != 0:
+        last = proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else ""
+        result["error"] = f"the {name} failed (exit {proc.returncode}): {last}"
+    return result
+
+
 def run_job(url: str, n: int, concurrency: int, raw: bool = False) -> dict:
     """Run the job's CLI in a fresh process; its wall times, peak RSS (VmHWM) and output folder."""
     out = tempfile.mkdtemp(prefix="bench-out-")
@@ -464,20 +477,8 @@ def run_job(url: str, n: int, concurrency: int, raw: bool = False) -> dict:
         "--concurrency", str(concurrency), "--retries", "0", "--timeout", "60",
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RANDOM_USER_")}
-    started = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--_child", *args], capture_output=True, text=True, env=env, cwd=ROOT
-    )
-    result = {"process_s": time.perf_counter() - started, "out": out, "rc": proc.returncode}
-    try:
-        result.update(json.loads(proc.stdout.strip().splitlines()[-1]))
-        result["rss_mb"] = result["hwm_kb"] * 1024 / 1e6
-    except (ValueError, IndexError, KeyError, TypeError):
-        result["error"] = f"no result from the job process (exit {proc.returncode}): {proc.stderr.strip()[-400:]}"
-        return result
-    if proc.returncode != 0:
-        last = proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else ""
-        result["error"] = f"the job failed (exit {proc.returncode}): {last}"
+    result = {"out": out, **run_helper("--_child", args, "job", env)}
+    result["rss_mb"] = result["hwm_kb"] * 1024 / 1e6 if result.get("hwm_kb") else math.nan
     return result
 
 
@@ -497,8 +498,7 @@ def peak_rss_kb() -> int | None:
 
 
 def child(args: list[str]) -> None:
-    """--_child: time the import and the CLI run of the job, report as one JSON line."""
-    started = time.perf_counter()
+    """--_child: time the CLI run of the job (after its imports), report as one JSON line."""
     sys.path.insert(0, str(ROOT))
     import random_user_etl as etl
 
@@ -526,17 +526,15 @@ def child(args: list[str]) -> None:
     rc = etl.main(args)
     done = time.perf_counter()
     cpu_s = sum(os.times()[:2]) - cpu_before  # every thread of the process, Polars' own included
-    print(json.dumps({"import_s": imported - started, "run_s": done - imported, "cpu_s": cpu_s, "spent": spent, "hwm_kb": peak_rss_kb(), "import_kb": import_kb}), flush=True)
+    print(json.dumps({"run_s": done - imported, "cpu_s": cpu_s, "spent": spent, "hwm_kb": peak_rss_kb(), "import_kb": import_kb}), flush=True)
     sys.exit(rc)
 
 
 def bare_client(args: list[str]) -> None:
     """--_bare URL N C: the least any job must do, timed: fetch every page C at a time, gunzip and parse them meanwhile."""
-    import zlib
     from concurrent.futures import ThreadPoolExecutor
 
     import polars as pl
-    import requests
 
     sys.path.insert(0, str(ROOT))
     import random_user_etl as etl
@@ -544,19 +542,15 @@ def bare_client(args: list[str]) -> None:
     from schemas import RAW_RESPONSE
 
     url, n, concurrency = args[0], int(args[1]), int(args[2])
-    settings = Settings(n=n, seed=SEED, api_url=url, raw_dir=None)
-    session = requests.Session()
-    session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=concurrency))
+    settings = Settings(n=n, seed=SEED, api_url=url, raw_dir=None, concurrency=concurrency, retries=0)
+    session = etl.make_session(settings)  # the job's own network code: what differs from the job is all after it
 
-    def download(page: int) -> bytes:
-        params = etl.page_params(settings, etl.PageRequest(SEED, page, PAGE))
-        with session.get(url, params=params, stream=True, headers={"Accept-Encoding": "gzip"}, timeout=60) as response:
-            response.raise_for_status()
-            return response.raw.read(decode_content=False)
+    def download(page: int) -> etl.Answer:
+        return etl.fetch_page(session, settings, etl.PageRequest(SEED, page, PAGE))
 
-    def parse(wire: bytes) -> pl.DataFrame:
+    def parse(answer: etl.Answer) -> pl.DataFrame:
         # The fastest parser here (Polars', against the raw schema; json.loads would hold the GIL), nothing typed.
-        return pl.read_json(zlib.decompress(wire, wbits=31), schema=RAW_RESPONSE)
+        return pl.read_json(etl.unpack(answer, settings.max_response_bytes), schema=RAW_RESPONSE)
 
     started = time.perf_counter()
     # Pipelined like the job: the next requests go out while answers are parsed on the other threads.
@@ -571,15 +565,8 @@ def bare_client(args: list[str]) -> None:
 
 def run_bare(url: str, n: int, concurrency: int) -> dict:
     """The bare client in a fresh process: its wall time, or an error."""
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--_bare", url, str(n), str(concurrency)],
-        capture_output=True, text=True, cwd=ROOT,
-    )
-    try:
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        return {"error": f"the bare client failed (exit {proc.returncode}): {proc.stderr.strip()[-300:]}"}
-    if result["users"] != n:
+    result = run_helper("--_bare", [url, str(n), str(concurrency)], "bare client")
+    if "error" not in result and result["users"] != n:
         result["error"] = f"the bare client got {result['users']:,} users, expected {n:,}"
     return result
 
@@ -604,10 +591,12 @@ def check_landed(result: dict, n: int, expected_order: list[str] | None) -> list
             problems.append(f"landed {ids.len():,} rows, expected {n:,}")
         if ids.n_unique() != ids.len():
             problems.append(f"landed ids repeat: {ids.len() - ids.n_unique():,} duplicates")
-        if expected_order is not None and set(ids.to_list()) != set(expected_order):
-            problems.append("landed ids differ from the ids in the raw JSON served")
-        elif expected_order is not None and ids.to_list() != expected_order:
-            problems.append("landed rows are not in the raw users' key order (nationality, last, first, id)")
+        landed = ids.to_list()
+        if expected_order is not None and landed != expected_order:
+            problems.append(
+                "landed ids differ from the ids in the raw JSON served" if set(landed) != set(expected_order)
+                else "landed rows are not in the raw users' key order (nationality, last, first, id)"
+            )
         raw = Path(result["out"]) / "raw"
         leftovers = [p.name for p in Path(result["out"]).rglob("*") if p.is_file() and p != path and raw not in p.parents and not p.name.endswith(".lock")]
         if leftovers:
@@ -632,8 +621,10 @@ def expected_order(pages: int) -> list[str]:
 
 
 def pages_of(n: int) -> int:
-    """How many pages of PAGE users hold n users."""
-    return math.ceil(n / PAGE)
+    """How many pages of PAGE users the job asks for to get n users."""
+    import random_user_etl as etl
+
+    return len(etl.page_sizes(n, PAGE))
 
 
 # ---------------------------------------------------------------- 2. end to end
@@ -662,14 +653,15 @@ def bench_end_to_end(report: Report, n: int, repeats: int, ids: list[str], with_
                 problems = check_landed(result, n, ids)
                 failures += [f"end to end, {label}: {p}" for p in problems]
                 results.append(result)
-            ok = [r for r in results if "run_s" in r]
+            ok = [r for r in results if "error" not in r]  # a failed run is reported, never timed
             if not ok:
                 rows.append([label, "failed", "", "", "", "", "", "", "", "", "", ""])
                 continue
             floor = -(-pages // concurrency) * LATENCY
             bare = [run_bare(server.url, n, concurrency) for _ in range(0 if raw else repeats)]
             failures += [f"end to end, bare client at {label}: {b['error']}" for b in bare if "error" in b]
-            bare_s = statistics.median(b["run_s"] for b in bare if "run_s" in b) if bare else math.nan
+            timed = [b["run_s"] for b in bare if "error" not in b]
+            bare_s = statistics.median(timed) if timed else math.nan
             middle = sorted(ok, key=lambda r: r["run_s"])[len(ok) // 2]  # the median run, for its breakdown
             run_s = middle["run_s"]
             proc_s = statistics.median(r["process_s"] for r in ok)
@@ -677,7 +669,7 @@ def bench_end_to_end(report: Report, n: int, repeats: int, ids: list[str], with_
             over = (run_s / floor - 1) * 100
             verdict_text = "(info)" if raw else verdict(over <= 15)
             cpu = middle.get("cpu_s", float("nan"))
-            bare_cells = [f"{bare_s:.2f}", f"{(bare_s / floor - 1) * 100:+.0f}%"] if bare else ["-", "-"]
+            bare_cells = [f"{bare_s:.2f}", f"{(bare_s / floor - 1) * 100:+.0f}%"] if timed else ["-", "-"]
             rows.append([label, f"{floor:.2f}", *bare_cells, f"{run_s:.2f}", f"{over:+.0f}%", f"{cpu:.2f}", f"{cpu / CORES:.2f}", f"{proc_s:.2f}", rate(n, run_s), f"{rss:.0f}", verdict_text])
             spent = middle.get("spent", {})
             cells = [f"{spent[name]:.2f}" if name in spent else "-" for name in STEPS]
@@ -711,7 +703,7 @@ def bench_memory(report: Report, small: int, large: int, repeats: int) -> dict:
                 result = run_job(server.url, n, 4)
                 failures += [f"memory n={n:,}: {p}" for p in check_landed(result, n, ids)]
                 results.append(result)
-            ok = [r for r in results if "run_s" in r]
+            ok = [r for r in results if "error" not in r]  # a failed run is reported, never timed
             if not ok:
                 rows.append([f"n = {n:,}", "failed", "", "", "", "", ""])
                 continue
