@@ -51,6 +51,7 @@ def fixture_json(name: str) -> dict:
 
 PURA = "default_seed-pura_results-100.json"
 GBONLY = "nat-gb_seed-gbonly_results-25.json"
+PAGED = tuple(f"paged_seed-paged_results-40_page-{page}.json" for page in (1, 2, 3))  # seed "paged", 40 a page
 
 # Columns compared value by value with the raw JSON.
 CHECKED = ("email", "postcode", "latitude", "age", "date_of_birth", "nationality")
@@ -96,6 +97,33 @@ def assert_rows_are(frame: pl.DataFrame, users: list[dict]) -> None:
     assert sorted(frame["user_id"]) == sorted(expected)
     for row in frame.select("user_id", *CHECKED).to_dicts():
         assert {name: row[name] for name in CHECKED} == expected.pop(row["user_id"])
+
+
+def served_users(seed: str, n: int, page_size: int) -> list[dict]:
+    """The users the fake serves a run of (seed, n, page_size), page by page, parsed by the standard library."""
+    from fake_api import page_body
+
+    sizes = etl.page_sizes(n, page_size)
+    return [u for page, size in enumerate(sizes, start=1) for u in json.loads(page_body(seed, page, size))["results"]]
+
+
+def assert_null_counts(report: dict, users: list[dict]) -> None:
+    """A batch's quality report counts, as nulls, exactly the raw users' empty national ids (no other column has any)."""
+    no_id = sum(1 for u in users if not u["id"]["value"])
+    assert no_id and {k: v for k, v in report["nulls"].items() if v} == {"national_id": no_id, "national_id_type": no_id}
+
+
+def record_sorts(monkeypatch) -> list:
+    """Every ExternalSort the job makes from here on (the real class), to check how many key ranges it used."""
+    made = []
+
+    class Recorded(etl.ExternalSort):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(etl, "ExternalSort", Recorded)
+    return made
 
 
 def nationality_counts(users: list[dict]) -> dict[str, int]:

@@ -476,30 +476,32 @@ class _Handler(BaseHTTPRequestHandler):
         wire, gzipped = self._encode(payload)
         self.server.fake._record_sent(payload)
         self._send_headers(200, JSON_TYPE, answer.headers, gzipped)
-        if "Transfer-Encoding" in answer.headers:
-            for start in range(0, len(wire), 64 * 1024):
-                chunk = wire[start : start + 64 * 1024]
-                self.wfile.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
-            self.wfile.write(b"0\r\n\r\n")
-        else:
-            self.wfile.write(wire)
         self.close_connection = True
+        pieces = (wire[start : start + 64 * 1024] for start in range(0, len(wire), 64 * 1024))
+        self._write_body(pieces, chunked="Transfer-Encoding" in answer.headers)
 
     def _answer_huge(self, answer: Answer, path: str, params: dict[str, str]) -> None:
         """Stream a JSON-looking body of total_bytes, chunk by chunk, until done or hung up on."""
         self._send_headers(answer.status, JSON_TYPE, answer.headers, gzipped=False)
         self.close_connection = True
-        chunked = "Transfer-Encoding" in answer.headers
-        for chunk in _huge_stream(answer.total_bytes):
-            if self.server.stopping.is_set():
-                return
-            self.wfile.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
-            with self.server.fake._lock:
-                self.server.fake.huge_bytes_sent += len(chunk)  # what the client let through before hanging up
-        if chunked:
-            self.wfile.write(b"0\r\n\r\n")
+        self._write_body(_huge_stream(answer.total_bytes), chunked="Transfer-Encoding" in answer.headers, sent=self._count_huge)
+
+    def _count_huge(self, size: int) -> None:
+        """Count body bytes of huge() written: what the client let through before hanging up."""
+        with self.server.fake._lock:
+            self.server.fake.huge_bytes_sent += size
 
     # Helpers.
+
+    def _write_body(self, pieces: Iterable[bytes], chunked: bool, sent: Callable[[int], Any] = lambda size: None) -> None:
+        """Write a body piece by piece, in chunked framing or bare, until done or the server stops."""
+        for piece in pieces:
+            if self.server.stopping.is_set():
+                return
+            self.wfile.write(b"%x\r\n%b\r\n" % (len(piece), piece) if chunked else piece)
+            sent(len(piece))
+        if chunked:
+            self.wfile.write(b"0\r\n\r\n")
 
     def _pause(self, seconds: float) -> bool:
         """Wait, but give up at once when the server stops; True if still running."""

@@ -12,8 +12,8 @@ import threading
 
 import polars as pl
 import pytest
-from conftest import ROOT, batch_files, clean_environ, duplicate_first_id, fast_env, fixture_bytes, raw_key, users
-from fake_api import mutate, normal, rate_limited, recorded_pages
+from conftest import PAGED, ROOT, assert_null_counts, assert_rows_are, batch_files, clean_environ, duplicate_first_id, fast_env, fixture_bytes, raw_key, raw_users, record_sorts, served_users, users
+from fake_api import mutate, normal, rate_limited
 
 import random_user_etl as etl
 from random_user_config import Settings
@@ -24,42 +24,38 @@ def stage_recorded_pages(folder) -> list:
     """Stage the three recorded 40-user pages of seed "paged" as part files."""
     folder.mkdir()
     parts = []
-    for page in (1, 2, 3):
-        body = fixture_bytes(f"paged_seed-paged_results-40_page-{page}.json")
-        frame = etl.transform(body, etl.PageRequest("paged", page, 40))
+    for page, name in enumerate(PAGED, start=1):
+        frame = etl.transform(fixture_bytes(name), etl.PageRequest("paged", page, 40))
         parts.append(etl.stage_part(folder, frame, {"page": page}))
     return parts
 
 
 @pytest.mark.parametrize("run_rows", [17, etl.SORT_RUN_ROWS], ids=["key-ranges", "one-range"])
-def test_the_batch_is_sorted_as_one_sort_of_the_raw_users(tmp_path, run_rows):
-    pages = recorded_pages()
-    users = pages[("paged", 1)] + pages[("paged", 2)] + pages[("paged", 3)]
+def test_the_batch_is_sorted_as_one_sort_of_the_raw_users(tmp_path, monkeypatch, run_rows):
+    users = raw_users(*PAGED)
     parts = stage_recorded_pages(tmp_path / "stage")
+    sorts = record_sorts(monkeypatch)
     when = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
     report = etl.write_batch(parts, str(tmp_path / "batch.parquet"), when, 120, run_rows=run_rows)
+    assert sorts[0].runs == -(-120 // run_rows), "the batch was sorted in this many key ranges"
     batch = pl.read_parquet(tmp_path / "batch.parquet")
     assert batch.select(SORT_KEY).rows() == sorted(raw_key(u) for u in users)
     assert report["rows"] == 120 and report["unique_user_ids"] == 120
-    # Nulls are counted per page as it is staged and summed: the service leaves 27 of these ids empty.
-    no_id = sum(1 for u in users if not u["id"]["value"])
-    assert no_id == 27 and {k: v for k, v in report["nulls"].items() if v} == {"national_id": no_id, "national_id_type": no_id}
+    assert_null_counts(report, users)  # counted per page as it is staged, then summed
 
 
 def test_a_part_staged_before_nulls_were_counted_is_trusted_and_counted(tmp_path):
-    users = [u for page in (1, 2, 3) for u in recorded_pages()[("paged", page)]]
     parts = stage_recorded_pages(tmp_path / "stage")
     # Page 2 as the version before this one staged it: its identity, and no null counts.
     identity = etl.part_identity(Settings(), "paged", 2, 40)
     pl.read_parquet(parts[1]).write_parquet(parts[1], metadata={etl.PART_METADATA_KEY: json.dumps(identity, sort_keys=True)})
     assert etl.trusted_part(parts[1], identity), "a resumed run after an upgrade must not fetch it again"
     report = etl.write_batch(parts, str(tmp_path / "batch.parquet"), dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc), 120)
-    no_id = sum(1 for u in users if not u["id"]["value"])
-    assert {k: v for k, v in report["nulls"].items() if v} == {"national_id": no_id, "national_id_type": no_id}
+    assert_null_counts(report, raw_users(*PAGED))
 
 
 def test_parts_are_split_into_key_ranges_while_the_run_goes_on(tmp_path):
-    users = [u for page in (1, 2, 3) for u in recorded_pages()[("paged", page)]]
+    users = raw_users(*PAGED)
     parts = stage_recorded_pages(tmp_path / "stage")
     sorter = etl.ExternalSort(tmp_path / "sort", rows=120, run_rows=17, group_rows=40)
     sorter.add(parts[2], 40)  # pages finish out of order at concurrency > 1
@@ -90,10 +86,10 @@ def test_the_users_landed_do_not_depend_on_concurrency(api, tmp_path, settings):
     one = etl.run(settings(n=95, seed="paged", page_size=10, concurrency=1, output_dir=str(tmp_path / "c1")))
     four = etl.run(settings(n=95, seed="paged", page_size=10, concurrency=4, output_dir=str(tmp_path / "c4")))
     a, b = pl.read_parquet(one.path), pl.read_parquet(four.path)
-    assert a.height == 95 and a["user_id"].n_unique() == 95
+    users = served_users("paged", 95, 10)
+    assert_rows_are(a, users)
+    assert a.select(SORT_KEY).rows() == sorted(map(raw_key, users))
     assert a.drop("ingested_at").equals(b.drop("ingested_at"))
-    # The recorded users of page 1 (first 10 of the 40 recorded) are in both.
-    assert {u["login"]["uuid"] for u in recorded_pages()[("paged", 1)][:10]} <= set(a["user_id"])
 
 
 def test_a_run_stopped_by_the_rate_limit_resumes_with_only_the_missing_pages(api, out, settings):
@@ -182,14 +178,16 @@ def test_staged_parts_are_never_read_as_data(api, out, settings):
 
 
 def test_a_bad_page_at_concurrency_4_stops_the_run_and_the_rerun_fetches_only_what_is_missing(api, out, settings, monkeypatch):
-    monkeypatch.setattr(etl, "SORT_RUN_ROWS", 17)  # so pages are split into key ranges during the run
-    monkeypatch.setattr(etl, "SCATTER_ROWS", 20)
+    # Ranges and groups of one page, so every good page is split into key ranges as soon as it is staged.
+    monkeypatch.setattr(etl, "SORT_RUN_ROWS", 10)
+    monkeypatch.setattr(etl, "SCATTER_ROWS", 10)
+    sorts = record_sorts(monkeypatch)
     api.script(normal(), normal(), mutate(users(duplicate_first_id)))  # the third answer to arrive breaks the contract
     with pytest.raises(etl.EtlError, match=r"^page \d+: 1 contract check\(s\) failed: login\.uuid repeats in 1 records$"):
         etl.run(settings(n=100, seed="paged", page_size=10, concurrency=4))
     assert batch_files(out) == []
     assert [t.name for t in threading.enumerate() if t.name.startswith("page")] == [], "fetch and staging threads are all joined"
-    assert not (out / ".staging" / "paged" / "sort").exists(), "the failed run's key ranges are cleared"
+    assert sorts[0].groups >= 1 and not (out / ".staging" / "paged" / "sort").exists(), "the failed run's key ranges are cleared"
     staged = sorted(p.name for p in (out / ".staging" / "paged").glob("part-*.parquet"))
     assert len(staged) < 10, staged  # which pages got staged first depends on the threads
     first = len(api.requests)
@@ -197,9 +195,9 @@ def test_a_bad_page_at_concurrency_4_stops_the_run_and_the_rerun_fetches_only_wh
     assert again.rows == 100 and again.pages_reused == len(staged)
     asked = sorted(int(r.params["page"]) for r in api.requests[first:])
     assert asked == sorted(set(range(1, 11)) - {int(name[5:10]) for name in staged}), "staged pages are not asked for again"
-    landed = pl.read_parquet(again.path)
-    assert landed["user_id"].n_unique() == 100
-    assert landed.select(SORT_KEY).rows() == sorted(landed.select(SORT_KEY).rows())
+    landed, served = pl.read_parquet(again.path), served_users("paged", 100, 10)
+    assert_rows_are(landed, served)
+    assert landed.select(SORT_KEY).rows() == sorted(map(raw_key, served))
 
 
 def test_a_batch_is_refused_when_the_key_ranges_lose_a_piece(tmp_path):
