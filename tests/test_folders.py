@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 import polars as pl
@@ -186,7 +187,7 @@ def test_a_staged_part_that_is_a_link_is_not_trusted(api, out, settings, tmp_pat
 
 def test_object_storage_runs_stage_in_a_folder_only_this_user_can_enter(api, settings, s3):
     private = s3.staged().parent
-    assert str(private).startswith(str(Path(etl.tempfile.gettempdir())))
+    assert str(private).startswith(str(Path(tempfile.gettempdir())))
     api.script(normal(), status(500))
     with pytest.raises(etl.EtlError, match="HTTP 500"):
         etl.run(settings(output_dir=s3.url(), seed="paged", n=80, page_size=40, retries=0, concurrency=1))
@@ -316,7 +317,7 @@ def test_neighbouring_folders_do_not_overlap(tmp_path):
 
 
 def test_a_raw_folder_in_the_staging_folder_of_object_storage_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(etl.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     url = "s3://bucket/lake"
     private = etl.staging_root(url).parent
     for raw_dir in (private, etl.staging_root(url), etl.staging_root(url) / "x", tmp_path):
