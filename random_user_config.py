@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 import ipaddress
 import os
 import re
+import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -29,6 +31,8 @@ NATIONALITIES = frozenset(
 # A seed names a file, so it must be a plain file-name fragment: no separators, no
 # dots to climb with, no control characters, bounded length.
 SEED_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
+
+STAGING = ".staging"  # the folder of a run's staged pages, inside a local output folder
 
 OFF_WORDS = frozenset({"", "off", "none", "no", "false", "0"})
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
@@ -217,6 +221,7 @@ class Settings:
         check("concurrency", 1 <= self.concurrency <= 64, "must be between 1 and 64")
         check("max_response_mb", self.max_response_mb > 0, "must be more than 0")
         check("output_dir", bool(self.output_dir), "must not be empty")
+        check_folders_apart(self.output_dir, self.raw_dir)
         check_api_url(self.api_url, self.allow_http)
 
     @property
@@ -265,6 +270,37 @@ def check_api_url(url: str, allow_http: bool) -> None:
         raise SettingsError(
             f"{describe('api_url')} is plain http:// to {parts.hostname}; use https, "
             f"or allow it with {describe('allow_http')}"
+        )
+
+
+def is_remote(location: str) -> bool:
+    """True for an object-storage address such as s3://bucket/prefix: a URL scheme, then ://."""
+    return re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", location) is not None
+
+
+def staging_root(output_dir: str) -> Path:
+    """The local folder for a run's part files: inside the output folder, or in this user's private temp folder."""
+    if is_remote(output_dir):
+        # Per user, and made 0700 by the run (or refused): a shared, predictable temp path could
+        # be pre-created by another local user as a link to a folder of theirs or of ours.
+        digest = hashlib.sha256(output_dir.encode()).hexdigest()[:16]
+        return Path(tempfile.gettempdir()) / f"random_user_etl-{os.getuid()}" / digest
+    return Path(output_dir) / STAGING
+
+
+def check_folders_apart(output_dir: str, raw_dir: str | None) -> None:
+    """Refuse a raw folder that is, lies inside, or holds the output folder (or object storage's private staging)."""
+    if raw_dir is None:
+        return
+    # Staged pages are swept and batches are read by folder: a raw folder among them would be
+    # swept or read as a batch. Resolved, so a relative path, "..", or a link hides nothing.
+    local = staging_root(output_dir).parent if is_remote(output_dir) else Path(output_dir)
+    ours, raws = Path(os.path.realpath(local)), Path(os.path.realpath(raw_dir))
+    if ours == raws or ours in raws.parents or raws in ours.parents:
+        where = f" the staging folder {shorten(local, 120)} of" if is_remote(output_dir) else ""
+        raise SettingsError(
+            f"{describe('raw_dir')} {shorten(raw_dir, 120)!r} overlaps{where} {describe('output_dir')} "
+            f"{shorten(output_dir, 120)!r}: keep them apart, neither inside the other"
         )
 
 

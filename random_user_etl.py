@@ -16,10 +16,10 @@ import contextlib
 import ctypes
 import dataclasses
 import datetime as dt
+import errno
 import fcntl
 import functools
 import gzip
-import hashlib
 import itertools
 import json
 import logging
@@ -28,8 +28,8 @@ import os
 import random
 import re
 import shutil
+import stat
 import sys
-import tempfile
 import threading
 import time
 import zlib
@@ -44,7 +44,7 @@ from urllib3.exceptions import InvalidHeader, MaxRetryError, ProtocolError, Read
 from urllib3.util.retry import Retry
 
 import random_user_config as config
-from random_user_config import Settings, SettingsError, shorten
+from random_user_config import Settings, SettingsError, is_remote, shorten, staging_root
 from schemas import (
     INCLUDED_FIELDS,
     NULLABLE_COLUMNS,
@@ -60,7 +60,8 @@ from schemas import (
 log = logging.getLogger("random_user_etl")
 
 BATCH_GLOB = "random_users_*.parquet"
-STAGING = ".staging"
+# A kept answer: accepted-page-N until its batch lands (then page-N, what replay reads), rejected-page-N if refused.
+KEPT_PAGE = re.compile(r"(accepted-|rejected-)?page-(\d{5})\.json\.gz")
 PART_METADATA_KEY = "random_user_etl.part"
 RESULTS_HEAD = b'{"results":['  # how the service's compact answers begin
 READ_STEP = 1 << 24  # 16 MB: an answer's bytes are read in steps of at most this
@@ -563,11 +564,6 @@ def transform(body: bytes, expect: PageRequest | None = None, ingested_at: dt.da
 # ---------------------------------------------------------------- load
 
 
-def is_remote(location: str) -> bool:
-    """True for an object-storage address such as s3://bucket/prefix: a URL scheme, then ://."""
-    return re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", location) is not None
-
-
 def batch_path(output_dir: str, seed: str) -> str:
     """Where a seed's batch lands; the seed is checked, so the path never leaves the folder."""
     if not config.SEED_PATTERN.fullmatch(seed):
@@ -575,19 +571,73 @@ def batch_path(output_dir: str, seed: str) -> str:
     return f"{output_dir.rstrip('/')}/random_users_{seed}.parquet"
 
 
-def staging_root(output_dir: str) -> Path:
-    """The local folder for a run's part files: inside the output folder, or in temp for object storage."""
+def check_own(path: Path, info: os.stat_result, kind: str) -> None:
+    """Refuse a link, or anything but a plain folder or file (`kind`), where the job keeps one of its own."""
+    if stat.S_ISLNK(info.st_mode):
+        raise EtlError(f"refusing {path}: a symbolic link where the job keeps its own {kind}; it was left as it is")
+    if not (stat.S_ISDIR if kind == "folder" else stat.S_ISREG)(info.st_mode):
+        raise EtlError(f"refusing {path}: not a plain {kind}; it was left as it is")
+
+
+def plain_folder(path: Path, mode: int = 0o777) -> Path:
+    """Make the job's own folder `path` (and its parents) if it is not there; refuse it unless it is a plain folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)  # the operator's folders: these may be links
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode)
+    check_own(path, os.lstat(path), "folder")
+    return path
+
+
+def found_plain_folder(path: Path) -> bool:
+    """True if the job's own folder `path` is there, False if not; a link or a file there is refused."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    check_own(path, info, "folder")
+    return True
+
+
+def is_plain_file(path: Path) -> bool:
+    """True for a regular file, not a link to one."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def private_folder(path: Path) -> Path:
+    """A folder only this user can enter: made now with mode 0700, or found to be ours and closed to others."""
+    plain_folder(path, mode=0o700)
+    info = os.lstat(path)
+    if info.st_uid != os.getuid():
+        raise EtlError(f"refusing {path}: owned by uid {info.st_uid}, not by this user (uid {os.getuid()}); it was left as it is")
+    if info.st_mode & 0o077:
+        raise EtlError(f"refusing {path}: other users may enter it (mode {stat.S_IMODE(info.st_mode):04o}, 0700 expected); it was left as it is")
+    return path
+
+
+def own_staging_root(output_dir: str) -> Path:
+    """The staging root, made or checked: a plain folder, in a private one for object storage."""
+    root = staging_root(output_dir)
     if is_remote(output_dir):
-        digest = hashlib.sha256(output_dir.encode()).hexdigest()[:16]
-        return Path(tempfile.gettempdir()) / "random_user_etl" / digest
-    return Path(output_dir) / STAGING
+        private_folder(root.parent)
+    return plain_folder(root)
 
 
 @contextlib.contextmanager
 def seed_lock(root: Path, seed: str):
     """Hold the seed's lock, so two runs of one seed take turns instead of mixing parts."""
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f"{seed}.lock", "a+") as handle:
+    path = root / f"{seed}.lock"
+    try:
+        # Never through a link, and never blocking on a FIFO planted under the lock's name.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            check_own(path, os.lstat(path), "file")
+        raise
+    with open(fd, "rb") as handle:
+        check_own(path, os.fstat(fd), "file")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -654,7 +704,7 @@ def save_raw(raw_dir: str | None, seed: str, page: int, answer: Answer) -> Path 
     # Named "unchecked" until the transform accepts it, so a bad answer never replaces a good one.
     path = folder / f"unchecked-page-{page:05d}.json.gz"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        plain_folder(folder)
         # The service's own gzip bytes when it sent them: the same body, and no CPU spent again.
         packed = answer.wire if answer.gzipped else gzip.compress(answer.wire, compresslevel=1, mtime=0)
         write_atomically(path, lambda temp: temp.write_bytes(packed))
@@ -664,10 +714,10 @@ def save_raw(raw_dir: str | None, seed: str, page: int, answer: Answer) -> Path 
 
 
 def settle_raw(path: Path | None, accepted: bool) -> None:
-    """Name a kept answer after its check: page-N (what replay reads) or rejected-page-N (for diagnosis)."""
+    """Name a kept answer after its check: accepted-page-N (page-N once its batch lands) or rejected-page-N."""
     if path is not None:
         name = path.name.removeprefix("unchecked-")
-        os.replace(path, path.with_name(name if accepted else f"rejected-{name}"))
+        os.replace(path, path.with_name(f"accepted-{name}" if accepted else f"rejected-{name}"))
 
 
 def quality_report(parts: list[Path]) -> dict:
@@ -705,7 +755,7 @@ class ExternalSort:
 
     def __init__(self, work: Path, rows: int, run_rows: int = SORT_RUN_ROWS, group_rows: int = SCATTER_ROWS):
         self.work, self.rows, self.runs = work, rows, math.ceil(rows / run_rows)
-        if work.exists():
+        if found_plain_folder(work):
             shutil.rmtree(work)  # a killed run's ranges: this run splits its parts afresh
         # Parts are split a group at a time, so each split writes one piece per range, not thousands of slivers.
         self.group_rows = max(run_rows, group_rows)
@@ -847,12 +897,12 @@ def sink_to_store(batch: pl.LazyFrame, destination: str, storage_options: dict |
 
 
 def read_processed(output_dir: str | None = None, storage_options: dict | None = None) -> pl.LazyFrame:
-    """Every batch ever landed, as one lazy frame with the output schema (empty if there is none)."""
+    """Every batch ever landed, as one lazy frame with the output schema (empty if the folder holds none)."""
     output_dir = output_dir or os.environ.get("RANDOM_USER_OUTPUT_DIR") or config.default_output_dir()
     if is_remote(output_dir):
         source = f"{output_dir.rstrip('/')}/{BATCH_GLOB}"
     else:
-        source = sorted(str(p) for p in Path(output_dir).glob(BATCH_GLOB))
+        source = sorted(str(p) for p in lake_folder(output_dir).glob(BATCH_GLOB))
     if not source:
         return OUTPUT_SCHEMA.to_frame().lazy()
     # Given the schema, Polars reads a glob that matches no object as an empty frame, so an
@@ -864,6 +914,16 @@ def read_processed(output_dir: str | None = None, storage_options: dict | None =
         extra_columns="ignore",
         storage_options=storage_options,
     )
+
+
+def lake_folder(output_dir: str) -> Path:
+    """A local lake's folder; FileNotFoundError or NotADirectoryError naming it (a typo is not an empty lake)."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        if folder.exists():
+            raise NotADirectoryError(errno.ENOTDIR, "not a folder of batches", output_dir)
+        raise FileNotFoundError(errno.ENOENT, "no such folder of batches (a typo, or no batch has landed there yet?)", output_dir)
+    return folder
 
 
 # ---------------------------------------------------------------- run
@@ -992,11 +1052,11 @@ def first_seed(session, settings, gate, sizes) -> tuple[str, Answer]:
 @contextlib.contextmanager
 def staging_for(settings: Settings, seed: str):
     """Hold the seed's lock and give its staging folder, refusing an output folder we cannot write."""
-    root = staging_root(settings.output_dir)
     try:
+        root = own_staging_root(settings.output_dir)
         with seed_lock(root, seed):
-            folder = root / seed
-            folder.mkdir(parents=True, exist_ok=True)
+            folder = plain_folder(root / seed)
+            found_plain_folder(sort_folder(folder))  # cleared below: refused now if it is a link
             try:
                 yield folder
             finally:
@@ -1020,10 +1080,11 @@ def run(settings: Settings | None = None, **overrides) -> Batch:
             seed, first_answer = first_seed(session, settings, gate, sizes)
         destination = batch_path(settings.output_dir, seed)
         with staging_for(settings, seed) as folder:
+            kept = kept_folder(settings.raw_dir, seed)
             todo = pending_pages(folder, settings, seed, sizes)
             fetched = len(todo)
-            if settings.raw_dir is not None:
-                clear_stale_raw(Path(settings.raw_dir) / seed, len(sizes))
+            if kept is not None:
+                clear_stale_raw(kept, todo)
             if len(todo) < len(sizes):
                 log.info("resuming seed %s: %d of %d pages already staged", seed, len(sizes) - len(todo), len(sizes))
             progress = Progress(settings.n, len(sizes), done=settings.n - sum(sizes[page - 1] for page in todo))
@@ -1043,21 +1104,27 @@ def run(settings: Settings | None = None, **overrides) -> Batch:
                         progress.advance(page, rows)
             finally:
                 progress.close()
-            return land(folder, settings, seed, sizes, destination, ingested_at, started, fetched, sorter)
+            return land(folder, settings, seed, sizes, destination, ingested_at, started, fetched, sorter, kept)
 
 
 def kept_pages(source: Path, limit: int) -> tuple[str, list[tuple[int, Path]]]:
     """The seed and the numbered pages of a kept raw folder, or of one saved answer."""
-    if source.is_file():
+    if not source.exists():
+        raise EtlError(f"nothing to replay at {source}: no such folder or file")
+    if not source.is_dir():
         try:
             info = answer_info(read_kept(source, limit))  # the transform checks the rest when it lands
         except EtlError as exc:
             raise EtlError(f"cannot replay {source}: {exc}") from None
         if not info.get("seed"):
             raise EtlError(f"{source}: the answer names no seed (info.seed), so it cannot be landed")
-        return info["seed"], [(int(info.get("page") or 1), source)]
-    if not source.is_dir():
-        raise EtlError(f"nothing to replay at {source}: no such folder or file")
+        page = int(info.get("page") or 1)
+        if page != 1:
+            raise EtlError(
+                f"cannot replay {source}: it is page {page} of seed {shorten(info['seed'])!r}, and a batch starts "
+                "at page 1; replay the seed's kept folder instead"
+            )
+        return info["seed"], [(page, source)]
     numbered = {}
     for path in source.iterdir():
         match = re.fullmatch(r"page-(\d{5})\.json\.gz", path.name)
@@ -1074,10 +1141,19 @@ def kept_pages(source: Path, limit: int) -> tuple[str, list[tuple[int, Path]]]:
 def read_kept(path: Path, limit: int) -> bytes:
     """A kept answer's body, gunzipped if it was kept compressed, under the same size bound as a live one."""
     gzipped = path.name.endswith(".gz")
+    most = wire_limit(limit, gzipped)
     try:
-        if path.stat().st_size > wire_limit(limit, gzipped):
+        # Opened without blocking and read only if regular: a FIFO or a device would hang or never end.
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as handle:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise EtlError("not a regular file")
+            if info.st_size > most:
+                raise too_large(limit)
+            wire = handle.read(most + 1)
+        if len(wire) > most:  # grew since it was measured
             raise too_large(limit)
-        return unpack(Answer(path.read_bytes(), gzipped), limit)
+        return unpack(Answer(wire, gzipped), limit)
     except OSError as exc:
         raise EtlError(f"cannot read kept answer {path}: {exc.strerror or exc}") from None
     except EtlError as exc:
@@ -1112,15 +1188,42 @@ def replay(source: str | Path, settings: Settings | None = None, **overrides) ->
         return land(folder, settings, seed, sizes, destination, ingested_at, started, 0)
 
 
-def clear_stale_raw(folder: Path, pages: int) -> None:
-    """Under the seed's lock: drop temp files and unchecked answers, and kept pages past this run's last.
+def kept_folder(raw_dir: str | None, seed: str) -> Path | None:
+    """The seed's raw folder (None when raw answers are not kept); refused now if it is a link or a file."""
+    if raw_dir is None:
+        return None
+    folder = Path(raw_dir) / seed
+    try:
+        found_plain_folder(folder)
+    except OSError as exc:
+        raise EtlError(f"cannot keep the raw answer in {raw_dir}: {exc.strerror or exc}") from None
+    return folder
 
-    Without this, an earlier, larger run of the seed would leave pages that a replay then lands.
+
+def clear_stale_raw(folder: Path, todo: list[int]) -> None:
+    """Under the seed's lock: drop temp files, unchecked answers, and accepted answers of pages fetched again.
+
+    The kept pages (page-N) stay: they are the landed batch's, until a new batch lands (keep_landed_raw).
+    """
+    again = set(todo)
+    for path in folder.glob("*"):
+        match = KEPT_PAGE.fullmatch(path.name)
+        accepted_again = match is not None and match.group(1) == "accepted-" and int(match.group(2)) in again
+        if path.name.endswith(".tmp") or path.name.startswith("unchecked-") or accepted_again:
+            path.unlink(missing_ok=True)  # a link is removed as a link, never followed
+
+
+def keep_landed_raw(folder: Path, pages: int) -> None:
+    """Once a batch has landed: its accepted answers become the kept pages replay reads; pages past its last go.
+
+    Without the pruning, an earlier, larger run of the seed would leave pages that a replay then lands.
     """
     for path in folder.glob("*"):
-        match = re.fullmatch(r"(?:rejected-)?page-(\d{5})\.json\.gz", path.name)
-        if path.name.endswith(".tmp") or path.name.startswith("unchecked-") or (match and int(match.group(1)) > pages):
+        match = KEPT_PAGE.fullmatch(path.name)
+        if match and int(match.group(2)) > pages:
             path.unlink(missing_ok=True)
+        elif match and match.group(1) == "accepted-":
+            os.replace(path, path.with_name(path.name.removeprefix("accepted-")))
 
 
 def pending_pages(folder: Path, settings: Settings, seed: str, sizes: list[int]) -> list[int]:
@@ -1128,12 +1231,12 @@ def pending_pages(folder: Path, settings: Settings, seed: str, sizes: list[int])
     todo = []
     for page, rows in enumerate(sizes, start=1):
         path = part_path(folder, page)
-        if path.exists() and trusted_part(path, part_identity(settings, seed, page, rows)):
-            continue
+        if is_plain_file(path) and trusted_part(path, part_identity(settings, seed, page, rows)):
+            continue  # never a link: what lands is what this job staged, nothing reached through one
         todo.append(page)
     wanted = {part_path(folder, page).name for page in range(1, len(sizes) + 1)}
     for leftover in folder.iterdir():
-        if leftover.is_dir():
+        if leftover.is_dir() and not leftover.is_symlink():
             shutil.rmtree(leftover, ignore_errors=True)
         elif leftover.name not in wanted or leftover.name.endswith(".tmp"):
             leftover.unlink(missing_ok=True)
@@ -1158,14 +1261,20 @@ def write_error(exc: BaseException) -> str:
     return lines[0][:200] + (f" ({cause[:80]})" if cause else "")
 
 
-def land(folder, settings, seed, sizes, destination, ingested_at, started, fetched, sorter=None) -> Batch:
-    """Write the batch from its staged parts, clear the staging, and say what landed."""
+def land(folder, settings, seed, sizes, destination, ingested_at, started, fetched, sorter=None, kept=None) -> Batch:
+    """Write the batch from its staged parts, keep its raw answers (if `kept`), clear the staging, say what landed."""
     parts = [part_path(folder, page) for page in range(1, len(sizes) + 1)]
     landed = {}
     try:
         report = write_batch(parts, destination, ingested_at, settings.n, landed=landed, sorter=sorter)
     except (OSError, pl.exceptions.PolarsError) as exc:
         raise EtlError(f"cannot write {destination}: {write_error(exc)}") from None
+    try:
+        # Before the staging is cleared: a run killed in between finds the parts and lands (and keeps) again.
+        if kept is not None:
+            keep_landed_raw(kept, len(sizes))
+    except OSError as exc:
+        raise EtlError(f"landed {destination}, but cannot keep its raw answers in {kept}: {exc.strerror or exc}") from None
     shutil.rmtree(folder, ignore_errors=True)
     size = landed.get("bytes", 0) if is_remote(destination) else Path(destination).stat().st_size
     seconds = time.monotonic() - started

@@ -1,0 +1,408 @@
+"""Files of issue 11: never lose what we kept, never touch what is not ours.
+
+A link planted where the job keeps its own folders is refused, and its target (the "bait") is
+left byte for byte as it was; object-storage runs stage in a private folder; a run that does not
+land never deletes the kept answers behind the batch in the lake; overlapping folders are refused
+at start; replay reads only regular files; read_processed names a folder that is not there.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+import polars as pl
+import pytest
+from conftest import PAGED, ROOT, assert_one_error_line, assert_rows_are, batch_files, fast_env, landed, raw_users
+from fake_api import mutate, normal, status
+
+import random_user_config as config
+import random_user_etl as etl
+from random_user_config import Settings, SettingsError
+from schemas import OUTPUT_SCHEMA
+
+PURA_ANSWER = ROOT / "tests/fixtures/default_seed-pura_results-100.json"
+PAGE_2_ANSWER = ROOT / "tests/fixtures" / PAGED[1]
+
+
+def make_bait(tmp_path: Path) -> Path:
+    """A folder that is not the job's, holding a file and a kept-answer look-alike, for a link to point at."""
+    bait = tmp_path / "bait"
+    bait.mkdir()
+    (bait / "precious.txt").write_bytes(b"not the job's to touch\n")
+    (bait / "page-00009.json.gz").write_bytes(gzip.compress(b"{}"))
+    (bait / "unchecked-page-00001.json.gz").write_bytes(b"looks like a kept answer")
+    return bait
+
+
+def refused_untouched(run, bait: Path, says: str) -> None:
+    """run() fails with EtlError matching `says`, and the bait holds the same files with the same bytes."""
+    before = landed(bait)
+    with pytest.raises(etl.EtlError, match=says) as caught:
+        run()
+    assert "\n" not in str(caught.value)
+    assert landed(bait) == before and sorted(os.listdir(bait)) == sorted(before)
+
+
+# ---------------------------------------------------------------- links where the job keeps its folders
+
+
+def link_staging(out, raw, bait):
+    """<output>/.staging is a link."""
+    out.mkdir()
+    (out / ".staging").symlink_to(bait, target_is_directory=True)
+    return out / ".staging"
+
+
+def link_seed_staging(out, raw, bait):
+    """<output>/.staging/<seed> is a link: today the job empties its target."""
+    (out / ".staging").mkdir(parents=True)
+    (out / ".staging" / "pura").symlink_to(bait, target_is_directory=True)
+    return out / ".staging" / "pura"
+
+
+def link_sort_folder(out, raw, bait):
+    """The external sort's scratch folder is a link."""
+    (out / ".staging" / "pura").mkdir(parents=True)
+    (out / ".staging" / "pura" / "sort").symlink_to(bait, target_is_directory=True)
+    return out / ".staging" / "pura" / "sort"
+
+
+def link_raw_seed(out, raw, bait):
+    """<raw>/<seed> is a link: today the job sweeps and writes kept answers in its target."""
+    raw.mkdir()
+    (raw / "pura").symlink_to(bait, target_is_directory=True)
+    return raw / "pura"
+
+
+def link_lock(out, raw, bait):
+    """The seed's lock file is a dangling link into the bait: opening it would create the target."""
+    (out / ".staging").mkdir(parents=True)
+    (out / ".staging" / "pura.lock").symlink_to(bait / "planted.lock")
+    return out / ".staging" / "pura.lock"
+
+
+def file_as_seed_staging(out, raw, bait):
+    """<output>/.staging/<seed> is a plain file, not a folder."""
+    (out / ".staging").mkdir(parents=True)
+    (out / ".staging" / "pura").write_bytes(b"a file")
+    return out / ".staging" / "pura"
+
+
+def fifo_as_lock(out, raw, bait):
+    """The seed's lock is a FIFO, not a file."""
+    (out / ".staging").mkdir(parents=True)
+    os.mkfifo(out / ".staging" / "pura.lock")
+    return out / ".staging" / "pura.lock"
+
+
+PLANTED = [link_staging, link_seed_staging, link_sort_folder, link_raw_seed, link_lock, file_as_seed_staging, fifo_as_lock]
+
+
+@pytest.mark.parametrize("plant", PLANTED, ids=lambda plant: plant.__name__)
+def test_a_link_or_odd_file_where_the_job_keeps_a_folder_is_refused_and_its_target_untouched(plant, api, out, raw, settings, tmp_path):
+    bait = make_bait(tmp_path)
+    planted = plant(out, raw, bait)
+    refused_untouched(lambda: etl.run(settings(seed="pura")), bait, f"refusing {planted}: (a symbolic link|not a (plain )?(folder|file))")
+    assert api.requests == [] and batch_files(out) == []
+    assert os.path.lexists(planted)  # refused, not "repaired" behind the operator's back
+
+
+@pytest.mark.parametrize("plant", [link_staging, link_seed_staging, link_lock], ids=lambda plant: plant.__name__)
+def test_replay_refuses_a_planted_link_too(plant, out, raw, tmp_path):
+    bait = make_bait(tmp_path)
+    planted = plant(out, raw, bait)
+    refused_untouched(lambda: etl.replay(PURA_ANSWER, output_dir=str(out), raw_dir=None), bait, f"refusing {planted}")
+    assert batch_files(out) == []
+
+
+def test_the_cli_refuses_a_linked_seed_staging_folder_in_one_line_and_empties_nothing(api, out, raw, tmp_path, cli):
+    bait = make_bait(tmp_path)
+    planted = link_seed_staging(out, raw, bait)
+    before = landed(bait)
+    result = cli("--seed", "pura", env=fast_env(api.url, out, raw))
+    assert result.returncode == 1
+    assert_one_error_line(result.stderr, f"refusing {planted}: a symbolic link")
+    assert landed(bait) == before and api.requests == []
+
+
+def test_operator_named_top_folders_may_be_links(api, tmp_path, settings):
+    real_out, real_raw = tmp_path / "real-out", tmp_path / "real-raw"
+    real_out.mkdir(), real_raw.mkdir()
+    (tmp_path / "out-link").symlink_to(real_out, target_is_directory=True)
+    (tmp_path / "raw-link").symlink_to(real_raw, target_is_directory=True)
+    etl.run(settings(seed="pura", output_dir=str(tmp_path / "out-link"), raw_dir=str(tmp_path / "raw-link")))
+    assert batch_files(real_out) == ["random_users_pura.parquet"]
+    assert sorted(landed(real_raw)) == ["pura/page-00001.json.gz"]
+
+
+def leftover_links(folder: Path, bait: Path) -> list[Path]:
+    """Links a dead run (or anyone) left in a staging folder: to a folder, to a file, as a part, as a temp file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    planted = {
+        "junk": bait,
+        "part-00009.parquet": bait / "precious.txt",
+        ".part-00001.parquet.1.2.tmp": bait / "precious.txt",
+        "part-00001.parquet": bait / "precious.txt",
+    }
+    for name, target in planted.items():
+        (folder / name).symlink_to(target)
+    return [folder / name for name in planted]
+
+
+def test_links_left_inside_the_staging_folder_are_removed_as_links_never_followed(api, out, raw, settings, tmp_path):
+    bait = make_bait(tmp_path)
+    before = landed(bait)
+    leftover_links(out / ".staging" / "pura", bait)
+    leftover_links(raw / "pura", bait)  # and in the raw seed folder: swept or replaced, never followed
+    (raw / "pura" / "page-00001.json.gz").symlink_to(bait / "precious.txt")
+    (raw / "pura" / "unchecked-page-00002.json.gz").symlink_to(bait / "precious.txt")
+    etl.run(settings(seed="pura"))
+    assert landed(bait) == before
+    assert not (out / ".staging" / "pura").exists()
+    assert (raw / "pura" / "page-00001.json.gz").is_file() and not (raw / "pura" / "page-00001.json.gz").is_symlink()
+    assert not os.path.lexists(raw / "pura" / "unchecked-page-00002.json.gz")
+
+
+def test_a_staged_part_that_is_a_link_is_not_trusted(api, out, settings, tmp_path):
+    run = settings(seed="pura", raw_dir=None)
+    # A whole part of this very page, as a killed run would have staged it, but reached through a link.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    frame = etl.transform(PURA_ANSWER.read_bytes(), etl.PageRequest("pura", 1, 100))
+    real = etl.stage_part(elsewhere, frame, etl.part_identity(run, "pura", 1, 100))
+    before = landed(elsewhere)
+    (out / ".staging" / "pura").mkdir(parents=True)
+    (out / ".staging" / "pura" / real.name).symlink_to(real)
+    etl.run(run)
+    assert len(api.requests) == 1, "the linked part was reused instead of fetched"
+    assert landed(elsewhere) == before
+
+
+# ---------------------------------------------------------------- object storage stages privately
+
+
+def test_object_storage_runs_stage_in_a_folder_only_this_user_can_enter(api, settings, s3):
+    private = s3.staged().parent
+    assert str(private).startswith(str(Path(tempfile.gettempdir())))
+    api.script(normal(), status(500))
+    with pytest.raises(etl.EtlError, match="HTTP 500"):
+        etl.run(settings(output_dir=s3.url(), seed="paged", n=80, page_size=40, retries=0, concurrency=1))
+    info = os.lstat(private)
+    assert stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid()
+    assert stat.S_IMODE(info.st_mode) & 0o077 == 0, f"{private} is open to others: {oct(info.st_mode)}"
+    assert [p.name for p in (s3.staged() / "paged").glob("part-*")] == ["part-00001.parquet"]
+    # The next run of the same user resumes from it: only page 2 is fetched again.
+    etl.run(settings(output_dir=s3.url(), seed="paged", n=80, page_size=40))
+    assert sorted(int(r.params["page"]) for r in api.requests) == [1, 2, 2]
+    assert_rows_are(etl.read_processed(s3.url()).collect(), raw_users(*PAGED[:2]))
+
+
+def pre_create_link(private: Path, bait: Path) -> None:
+    """Another user made the private folder's name a link to their own folder."""
+    private.symlink_to(bait, target_is_directory=True)
+
+
+def pre_create_foreign(private: Path, bait: Path) -> None:
+    """Another user made the folder, and owns it."""
+    private.mkdir(mode=0o700)
+    os.chown(private, 12345, 12345)
+
+
+def pre_create_open(private: Path, bait: Path) -> None:
+    """The folder is ours, but anyone may enter and write in it."""
+    private.mkdir()
+    os.chmod(private, 0o777)
+
+
+@pytest.mark.parametrize("pre_create", [pre_create_link, pre_create_foreign, pre_create_open], ids=lambda f: f.__name__)
+def test_a_private_staging_folder_made_by_someone_else_is_refused(pre_create, api, settings, s3, tmp_path):
+    bait = make_bait(tmp_path)
+    private = s3.staged().parent
+    pre_create(private, bait)
+    if not private.is_symlink():
+        (private / "theirs.txt").write_bytes(b"left alone")
+    before = landed(private), landed(bait)
+    refused_untouched(lambda: etl.run(settings(output_dir=s3.url(), seed="pura")), bait, f"refusing {private}: ")
+    assert (landed(private), landed(bait)) == before
+    assert api.requests == [] and s3.keys() == []
+
+
+# ---------------------------------------------------------------- kept answers behind a landed batch
+
+
+def replay_into(fresh: Path, raw: Path) -> pl.DataFrame:
+    """Replay the kept answers of seed "paged" into a fresh folder and read what landed."""
+    batch = etl.replay(raw / "paged", output_dir=str(fresh), raw_dir=None)
+    return pl.read_parquet(batch.path)
+
+
+def kept_pages(raw: Path) -> dict[str, bytes]:
+    """The kept pages replay reads (page-NNNNN.json.gz), with their bytes."""
+    return {name: data for name, data in landed(raw).items() if "/page-" in name}
+
+
+def test_a_failed_rerun_with_a_smaller_n_keeps_the_kept_pages_of_the_landed_batch(api, out, raw, settings, tmp_path):
+    etl.run(settings(seed="paged", n=120, page_size=40))
+    kept = landed(raw)
+    api.script(normal(), status(500))  # page 1 answers, page 2 fails: the rerun does not land
+    with pytest.raises(etl.EtlError, match="HTTP 500"):
+        etl.run(settings(seed="paged", n=80, page_size=40, retries=0, concurrency=1))
+    assert kept_pages(raw) == kept
+    assert_rows_are(replay_into(tmp_path / "fresh", raw), raw_users(*PAGED))
+
+
+def test_a_rerun_that_fails_at_landing_does_not_replace_the_kept_pages_of_the_landed_batch(api, out, raw, settings, tmp_path):
+    etl.run(settings(seed="paged", n=120, page_size=40))
+    kept = landed(raw)
+    first_id = raw_users(PAGED[0])[0]["login"]["uuid"]
+
+    def repeat_page_1s_user(doc):
+        doc["results"][0]["login"]["uuid"] = first_id
+
+    # Page 3 of this rerun holds 20 users, not 40: accepted alone, refused at landing (a repeated id).
+    api.script(normal(), normal(), mutate(repeat_page_1s_user))
+    with pytest.raises(etl.EtlError, match="repeats across pages"):
+        etl.run(settings(seed="paged", n=100, page_size=40, concurrency=1))
+    assert kept_pages(raw) == kept
+    assert_rows_are(replay_into(tmp_path / "fresh", raw), raw_users(*PAGED))
+
+
+def test_stale_pages_are_pruned_once_the_smaller_batch_has_landed(api, out, raw, settings, tmp_path):
+    etl.run(settings(seed="paged", n=120, page_size=40))
+    etl.run(settings(seed="paged", n=80, page_size=40))
+    assert sorted(landed(raw)) == ["paged/page-00001.json.gz", "paged/page-00002.json.gz"]
+    assert_rows_are(replay_into(tmp_path / "fresh", raw), raw_users(*PAGED[:2]))
+
+
+# ---------------------------------------------------------------- overlapping folders
+
+
+def overlaps(tmp_path: Path) -> dict[str, tuple[str, str]]:
+    """(output_dir, raw_dir) pairs that overlap, some only once paths are resolved."""
+    out = tmp_path / "out"
+    (tmp_path / "link-to-out").symlink_to(out, target_is_directory=True)
+    return {
+        "same": (str(out), str(out)),
+        "raw-is-staging": (str(out), str(out / ".staging")),
+        "raw-inside-output": (str(out), str(out / "raw")),
+        "raw-holds-output": (str(out / "lake"), str(out)),
+        "same-through-a-link": (str(out), str(tmp_path / "link-to-out")),
+        "staging-through-a-link": (str(tmp_path / "link-to-out"), str(out / ".staging")),
+        "same-spelled-relative": (str(out), "out/./"),
+        "same-with-dot-dot": (str(out), str(out / "x" / "..")),
+    }
+
+
+OVERLAPS = ["same", "raw-is-staging", "raw-inside-output", "raw-holds-output", "same-through-a-link",
+            "staging-through-a-link", "same-spelled-relative", "same-with-dot-dot"]
+
+
+@pytest.mark.parametrize("case", OVERLAPS)
+def test_overlapping_output_and_raw_folders_are_refused_by_the_settings(case, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    output_dir, raw_dir = overlaps(tmp_path)[case]
+    with pytest.raises(SettingsError, match=r"--raw-dir \(RANDOM_USER_RAW_DIR\).*--output-dir \(RANDOM_USER_OUTPUT_DIR\)"):
+        Settings(output_dir=output_dir, raw_dir=raw_dir)
+
+
+def test_neighbouring_folders_do_not_overlap(tmp_path):
+    Settings(output_dir=str(tmp_path / "out"), raw_dir=str(tmp_path / "out2"))
+    Settings(output_dir=str(tmp_path / "data" / "out"), raw_dir=str(tmp_path / "data" / "raw"))
+    Settings(output_dir=str(tmp_path / "out"), raw_dir=None)
+
+
+def test_a_raw_folder_in_the_staging_folder_of_object_storage_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    url = "s3://bucket/lake"
+    private = etl.staging_root(url).parent
+    for raw_dir in (private, etl.staging_root(url), etl.staging_root(url) / "x", tmp_path):
+        with pytest.raises(SettingsError, match="--raw-dir .*--output-dir"):
+            Settings(output_dir=url, raw_dir=str(raw_dir))
+    Settings(output_dir=url, raw_dir=str(tmp_path.parent / "raw"))
+
+
+def test_the_cli_refuses_a_raw_folder_in_staging_at_start_and_keeps_every_kept_answer(api, out, raw, settings, cli):
+    etl.run(settings(seed="pura"))
+    before = landed(out)
+    result = cli("--seed", "pura", "--raw-dir", out / ".staging", env=fast_env(api.url, out, raw))
+    assert result.returncode == 2
+    assert_one_error_line(result.stderr, "--raw-dir .* --output-dir")
+    assert landed(out) == before and len(api.requests) == 1
+
+
+# ---------------------------------------------------------------- replay reads regular files only
+
+
+def test_replay_of_a_fifo_page_fails_in_one_line_instead_of_hanging(raw, out, cli, tmp_path):
+    folder = tmp_path / "kept" / "paged"
+    folder.mkdir(parents=True)
+    os.mkfifo(folder / "page-00001.json.gz")
+    result = cli("--replay", folder, "--output-dir", out, timeout=30)
+    assert result.returncode == 1
+    assert_one_error_line(result.stderr, f"{folder / 'page-00001.json.gz'}: not a regular file")
+    assert batch_files(out) == [] and not (out / ".staging" / "paged").exists()
+
+
+def test_replay_of_a_fifo_as_one_saved_answer_fails_in_one_line(out, cli, tmp_path):
+    fifo = tmp_path / "answer.json"
+    os.mkfifo(fifo)
+    result = cli("--replay", fifo, "--output-dir", out, timeout=30)
+    assert result.returncode == 1
+    assert_one_error_line(result.stderr, f"{fifo}: not a regular file")
+    assert not out.exists()
+
+
+def test_replay_of_a_device_is_refused(out, tmp_path):
+    folder = tmp_path / "kept" / "pura"
+    folder.mkdir(parents=True)
+    (folder / "page-00001.json.gz").symlink_to("/dev/null")
+    (tmp_path / "answer.json").symlink_to("/dev/null")
+    for source in (folder, tmp_path / "answer.json"):
+        with pytest.raises(etl.EtlError, match="not a regular file"):
+            etl.replay(source, output_dir=str(out), raw_dir=None)
+    assert batch_files(out) == [] and not (out / ".staging" / "pura").exists()
+
+
+def test_replay_of_a_single_page_2_answer_says_why_and_leaves_nothing_behind(out, cli):
+    result = cli("--replay", PAGE_2_ANSWER, "--output-dir", out)
+    assert result.returncode == 1
+    assert_one_error_line(result.stderr, f"cannot replay {PAGE_2_ANSWER}: it is page 2 of seed 'paged', and a batch starts at page 1")
+    assert batch_files(out) == [] and landed(out) == {}
+    assert not (out / ".staging" / "paged").exists()
+
+
+# ---------------------------------------------------------------- read_processed names a folder that is not there
+
+
+def test_read_processed_of_a_missing_folder_names_it(tmp_path):
+    missing = tmp_path / "no" / "such" / "folder"
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        etl.read_processed(str(missing))
+
+
+def test_read_processed_of_a_file_says_it_is_not_a_folder(tmp_path):
+    path = tmp_path / "a-file"
+    path.write_bytes(b"x")
+    with pytest.raises(NotADirectoryError, match=str(path)):
+        etl.read_processed(str(path))
+
+
+def test_read_processed_of_an_empty_folder_is_an_empty_contract_frame(tmp_path):
+    frame = etl.read_processed(str(tmp_path))
+    assert isinstance(frame, pl.LazyFrame)
+    assert frame.collect_schema() == OUTPUT_SCHEMA and frame.collect().height == 0
+
+
+def test_read_processed_with_no_folder_named_and_no_default_folder_yet_names_the_default(tmp_path, monkeypatch):
+    monkeypatch.delenv("RANDOM_USER_OUTPUT_DIR", raising=False)
+    default = tmp_path / "processed_data"
+    monkeypatch.setattr(config, "default_output_dir", lambda: str(default))
+    with pytest.raises(FileNotFoundError, match=str(default)):
+        etl.read_processed()
+    default.mkdir()
+    assert etl.read_processed().collect().height == 0
