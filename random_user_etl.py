@@ -1257,6 +1257,7 @@ def main(argv: list[str] | None = None) -> int:
     release_freed_buffers()
     try:
         settings = config.load_settings(args)
+        config.check_path_text("--replay", source)
     except SettingsError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2

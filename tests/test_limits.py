@@ -49,6 +49,133 @@ def load(name: str, text: str) -> Settings:
     return load_settings({name: text}, environ={})
 
 
+# ------------------------------------------------------------------ numeric ranges
+
+
+@pytest.mark.parametrize("end", ["lowest", "highest"])
+@pytest.mark.parametrize("name", RANGES)
+def test_each_end_of_a_range_is_accepted(name, end):
+    value = RANGES[name][0 if end == "lowest" else 1]
+    assert getattr(load(name, str(value)), name) == value
+    assert getattr(Settings(**{name: value}), name) == value
+
+
+@pytest.mark.parametrize("side", ["below", "above"])
+@pytest.mark.parametrize("name", RANGES)
+def test_a_value_just_outside_a_range_is_refused_naming_the_setting(name, side):
+    value = RANGES[name][2 if side == "below" else 3]
+    for make in (lambda: load(name, str(value)), lambda: Settings(**{name: value})):
+        with pytest.raises(SettingsError) as refused:
+            make()
+        assert f"{FLAG[name]} ({ENV[name]}) must be" in str(refused.value)
+
+
+@pytest.mark.parametrize("name", CRASHED)
+def test_the_values_that_crashed_the_job_are_refused(name):
+    with pytest.raises(SettingsError, match=rf"^{FLAG[name]} \({ENV[name]}\) must be"):
+        load(name, CRASHED[name])
+
+
+def test_a_number_out_of_range_stops_the_cli_with_one_line_before_any_request(api, out, raw):
+    result = run_cli("--seed", "pura", "--timeout", "1e10", env=fast_env(api.url, out, raw))
+    assert result.returncode == 2
+    assert_one_error_line(result.stderr, r"--timeout \(RANDOM_USER_TIMEOUT\) must be more than 0 and at most 3600")
+    assert api.requests == [] and not out.exists() and not raw.exists()
+
+
+@pytest.mark.parametrize("name", ["n", "retries"])
+def test_a_whole_number_of_5000_digits_is_refused_in_plain_words(name):
+    with pytest.raises(SettingsError, match=rf"^{FLAG[name]} (must be|is too large)") as refused:
+        load(name, "9" * 5000)
+    assert "sys." not in str(refused.value) and len(str(refused.value)) < 200
+
+
+NUMBER_TEXTS = st.one_of(
+    st.text(),
+    st.text(alphabet="0123456789+-.eE_ infa"),
+    st.floats().map(repr),
+    st.integers().map(str),
+    st.integers(min_value=-(10**400), max_value=10**400).map(str),
+)
+
+
+@hypothesis_settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(name=st.sampled_from(sorted(RANGES)), text=NUMBER_TEXTS)
+def test_any_text_for_a_number_gives_settings_in_range_or_a_settings_error(name, text):
+    try:
+        value = getattr(load(name, text), name)
+    except SettingsError as exc:
+        assert str(exc).startswith(FLAG[name]) and "\n" not in str(exc) and "sys." not in str(exc)
+        return
+    if name == "n":
+        return  # its top depends on the page size; the default one is in RANGES
+    low, high = (0, RANGES[name][1]) if name in ABOVE_ZERO else RANGES[name][:2]
+    assert math.isfinite(value) and low <= value <= high and (value > 0 or name not in ABOVE_ZERO)
+
+
+def test_the_largest_retries_and_waits_work_in_a_run(api, settings):
+    # urllib3 retries by calling itself: 1000 retries ran out of stack; 100 all used must still land.
+    api.script(*[status(503)] * 100)
+    top = dict(timeout=3600, rate_limit_wait=3600, max_response_mb=1000, concurrency=64)
+    batch = etl.run(settings(seed="pura", retries=100, backoff=0, **top))
+    assert batch.rows == 100 and len(api.requests) == 101
+
+
+def test_the_largest_backoff_waits_at_most_an_hour_after_every_retry():
+    retry = etl.make_retry(Settings(backoff=100, retries=100))
+    for _ in range(100):
+        retry = retry.increment("GET", "/api/1.4/", error=ProtocolError("cut off"))
+        assert 0 <= retry.get_backoff_time() <= 3600
+
+
+# ------------------------------------------------------------------ path and URL texts
+
+PATHS = {"output_dir": "/data/lake", "raw_dir": "/data/raw", "api_url": "https://randomuser.me/api/1.4/"}
+DIRTY = {
+    "leading-space": lambda text: " " + text,
+    "trailing-space": lambda text: text + " ",
+    "trailing-newline": lambda text: text + "\n",
+    "leading-tab": lambda text: "\t" + text,
+    "trailing-no-break-space": lambda text: text + "\u00a0",
+    "newline-inside": lambda text: text[:5] + "\n" + text[5:],
+    "nul-inside": lambda text: text[:5] + "\x00" + text[5:],
+    "escape-inside": lambda text: text[:5] + "\x1b[2J" + text[5:],
+    "delete-inside": lambda text: text[:5] + "\x7f" + text[5:],
+    "c1-control-inside": lambda text: text[:5] + "\x9b" + text[5:],
+}
+
+
+@pytest.mark.parametrize("dirt", DIRTY)
+@pytest.mark.parametrize("name", PATHS)
+def test_a_path_or_url_with_whitespace_at_an_end_or_a_control_character_is_refused(name, dirt):
+    text = DIRTY[dirt](PATHS[name])
+    with pytest.raises(SettingsError, match=rf"^{FLAG[name]} \({ENV[name]}\) (has whitespace|holds a control)"):
+        Settings(**{name: text})
+    if "\x00" not in text:  # no environment variable can hold a NUL
+        with pytest.raises(SettingsError, match=rf"^{FLAG[name]} \({ENV[name]}\)"):
+            load_settings(environ={ENV[name]: text})
+
+
+def test_a_space_inside_a_path_is_kept(api, settings, tmp_path):
+    batch = etl.run(settings(seed="pura", output_dir=str(tmp_path / "my lake"), raw_dir=str(tmp_path / "my raw")))
+    assert batch_files(tmp_path / "my lake") == ["random_users_pura.parquet"]
+    assert (tmp_path / "my raw" / "pura").is_dir()
+
+
+def test_an_output_folder_with_a_leading_space_stops_the_cli_and_creates_nothing(api, out, raw, tmp_path):
+    result = run_cli(env=fast_env(api.url, f" {out}", raw, RANDOM_USER_SEED="pura"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert_one_error_line(result.stderr, r"--output-dir \(RANDOM_USER_OUTPUT_DIR\) has whitespace at its start or end")
+    assert api.requests == [] and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_replay_path_with_a_trailing_newline_is_refused(api, out, raw, settings):
+    etl.run(settings(seed="pura"))
+    result = run_cli("--replay", f"{raw / 'pura'}\n", env=fast_env(api.url, out, raw))
+    assert result.returncode == 2
+    assert_one_error_line(result.stderr, r"--replay holds a control character|--replay has whitespace")
+
+
 # ------------------------------------------------------------------ memory
 
 FAT_BYTES = 40_000_000
