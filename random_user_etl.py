@@ -81,9 +81,11 @@ PART = dict(compression="zstd", compression_level=1, statistics=False)
 STAGERS = 2  # pages unpacked and typed at once: both cores of a small machine, and a bounded peak
 TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%S%.f%#z"
 # The longest text field of a real user is 48 bytes (a picture URL). Bounding every field bounds a
-# row, so the typed pages, staged parts and sort runs (held by row counts) are bounded by the
-# settings, whatever the answers hold: one 40 MB name took a page's peak from 90 MB to 550 MB.
-MAX_FIELD_BYTES = 1_000
+# row, so typed pages, staged parts and sort runs (all held by row count) are bounded by the
+# settings, whatever the answers hold. Measured peaks: one 40 MB name took a page from 90 MB to
+# 550 MB; 60,000 users with every text field at the bound peak at 544 MB with 256 bytes (940 MB
+# with 1,000: too near the CronJob's 1 GiB), against 264 MB for 60,000 real users.
+MAX_FIELD_BYTES = 256
 
 
 class EtlError(Exception):

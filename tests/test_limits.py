@@ -178,6 +178,23 @@ def test_a_replay_path_with_a_trailing_newline_is_refused(api, out, raw, setting
 
 # ------------------------------------------------------------------ memory
 
+TEXT_FIELDS = {  # every text field of the contract: where it is in a raw user, and its column
+    ("gender",): "gender", ("name", "title"): "title", ("name", "first"): "first_name", ("name", "last"): "last_name",
+    ("email",): "email", ("login", "username"): "username", ("phone",): "phone", ("cell",): "cell",
+    ("location", "street", "name"): "street_name", ("location", "city"): "city", ("location", "state"): "state",
+    ("location", "country"): "country", ("location", "postcode"): "postcode", ("location", "timezone", "offset"): "timezone_offset",
+    ("location", "timezone", "description"): "timezone_description", ("id", "name"): "national_id_type",
+    ("id", "value"): "national_id", ("nat",): "nationality", ("picture", "large"): "picture_url",
+}
+
+
+def holder(user: dict, path: tuple[str, ...]) -> dict:
+    """The object of a raw user that holds the field at path."""
+    for key in path[:-1]:
+        user = user[key]
+    return user
+
+
 FAT_BYTES = 40_000_000
 
 
@@ -195,35 +212,46 @@ def test_four_answers_each_with_a_40_mb_name_stay_within_the_pods_memory(api, ou
     assert max(len(body) for body in api.sent) > FAT_BYTES  # the 40 MB names did cross the wire
     assert peak_mb < 1024, f"peak RSS {peak_mb:.0f} MB"
     assert proc.returncode == 1, stderr
-    assert_one_error_line(stderr, r"page [1-4]: 1 contract check\(s\) failed: name\.first is longer than 1,000 bytes in 1 records$")
+    assert_one_error_line(stderr, r"page [1-4]: 1 contract check\(s\) failed: name\.first is longer than 256 bytes in 1 records$")
     assert batch_files(out) == []
 
 
-LONGEST = "\u00e9" * 500  # 1,000 bytes of UTF-8, 500 characters
+LONGEST = "\u00e9" * 128  # 256 bytes of UTF-8, 128 characters
 
 
-@pytest.mark.parametrize("path", ["name.first", "location.timezone.description"])
-def test_a_field_of_1000_bytes_lands_as_sent(api, settings, path):
-    head, *rest = path.split(".")
-
-    def longest(doc):
-        target = doc["results"][3][head]
-        for key in rest[:-1]:
-            target = target[key]
-        target[rest[-1]] = LONGEST
-        return doc
-
-    api.script(mutate(longest))
+@pytest.mark.parametrize("path", [("name", "first"), ("location", "timezone", "description")])
+def test_a_field_of_256_bytes_lands_as_sent(api, settings, path):
+    api.script(mutate(lambda doc: holder(doc["results"][3], path).update({path[-1]: LONGEST})))
     batch = etl.run(settings(seed="pura"))
     sent = json.loads(api.sent[0])["results"][3]
     frame = pl.read_parquet(batch.path).filter(pl.col("user_id") == sent["login"]["uuid"])
-    column = {"name.first": "first_name", "location.timezone.description": "timezone_description"}[path]
-    assert frame[column].to_list() == [LONGEST]
-    assert len(LONGEST.encode()) == 1000
+    assert frame[TEXT_FIELDS[path]].to_list() == [holder(sent, path)[path[-1]]] == [LONGEST]
+    assert len(LONGEST.encode()) == 256
 
 
-def test_a_field_of_1001_bytes_is_refused_naming_the_field(api, out, settings):
+def test_a_field_of_257_bytes_is_refused_naming_the_field(api, out, settings):
     api.script(mutate(lambda doc: doc["results"][7]["location"]["street"].update(name=LONGEST + "x")))
-    with pytest.raises(etl.EtlError, match=r"^page 1: 1 contract check\(s\) failed: location\.street\.name is longer than 1,000 bytes in 1 records$"):
+    with pytest.raises(etl.EtlError, match=r"^page 1: 1 contract check\(s\) failed: location\.street\.name is longer than 256 bytes in 1 records$"):
         etl.run(settings(seed="pura", retries=0))
     assert batch_files(out) == []
+
+
+def widest(doc):
+    """Every text field of every user at the 256-byte bound, each value its own."""
+    for number, user in enumerate(doc["results"]):
+        for path in TEXT_FIELDS:
+            holder(user, path)[path[-1]] = f"{doc['info']['page']}-{number:05d}-{path[-1]}".ljust(256, "w")
+    return doc
+
+
+def test_full_pages_with_every_text_field_at_the_bound_land_within_the_pods_memory(api, out, raw):
+    # The widest rows the contract accepts, 20,000 of them: what sorting and landing hold is bounded by rows.
+    api.script(*[mutate(widest)] * 4)
+    proc, peak_mb, stderr = run_measured(api, out, raw, "--seed", "wide", "--n", "20000", "--timeout", "60")
+    assert peak_mb < 1024, f"peak RSS {peak_mb:.0f} MB"
+    assert proc.returncode == 0, stderr
+    sent = [user for body in api.sent for user in json.loads(body)["results"]]
+    frame = pl.read_parquet(out / "random_users_wide.parquet").sort("user_id")
+    for path, column in TEXT_FIELDS.items():
+        expected = {user["login"]["uuid"]: holder(user, path)[path[-1]] for user in sent}
+        assert dict(zip(frame["user_id"], frame[column])) == expected, column
