@@ -34,6 +34,23 @@ SEED_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
 
 STAGING = ".staging"  # the folder of a run's staged pages, inside a local output folder
 
+# Ranges of the numeric settings. A wait (timeout, rate-limit pause) is at most an hour: longer reads
+# as a hung job, and past about 1e9 s the sockets' and sleeps' clocks overflow.
+LONGEST_WAIT = 3600
+# urllib3 retries by calling itself, one frame per retry: about 970 retries exhaust Python's stack
+# (RecursionError). 100 is far beyond what a transient fault needs, and well inside the stack.
+MOST_RETRIES = 100
+# The job caps a backoff wait at 32 times the base (make_retry): a base of 100 s keeps it under an hour.
+MOST_BACKOFF = 100
+# An answer is held whole while it is parsed. 1,000 MB is 200 times a real 5,000-user page (~5 MB)
+# and already more than the CronJob's 1 GiB holds; past about 9e12 MB the byte count overflows C.
+MOST_RESPONSE_MB = 1000
+MOST_CONCURRENCY = 64
+
+# A path or URL is taken as typed: whitespace at either end (" /data" makes ./ /data) or a control
+# character anywhere (a newline from a heredoc) would name a folder nobody meant.
+CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
 OFF_WORDS = frozenset({"", "off", "none", "no", "false", "0"})
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 
@@ -58,7 +75,10 @@ def parse_int(text: str) -> int:
     """A whole number written in decimal."""
     if not re.fullmatch(r"\s*[+-]?\d+\s*", text):
         raise ValueError("must be a whole number")
-    return int(text)
+    try:
+        return int(text)
+    except ValueError:  # past Python's 4,300-digit limit for reading an int
+        raise ValueError("is too large a number") from None
 
 
 def parse_float(text: str) -> float:
@@ -214,13 +234,15 @@ class Settings:
             check("seed", SEED_PATTERN.fullmatch(self.seed) is not None, seed_rule())
         unknown = [code for code in self.nat if code not in NATIONALITIES]
         check("nat", not unknown, f"unknown nationality {','.join(unknown)!r}; known: {','.join(sorted(NATIONALITIES))}")
-        check("timeout", self.timeout > 0, "must be more than 0")
-        check("retries", self.retries >= 0, "must be 0 or more")
-        check("backoff", self.backoff >= 0, "must be 0 or more")
-        check("rate_limit_wait", self.rate_limit_wait >= 0, "must be 0 or more")
-        check("concurrency", 1 <= self.concurrency <= 64, "must be between 1 and 64")
-        check("max_response_mb", self.max_response_mb > 0, "must be more than 0")
+        check("timeout", 0 < self.timeout <= LONGEST_WAIT, f"must be more than 0 and at most {LONGEST_WAIT}")
+        check("retries", 0 <= self.retries <= MOST_RETRIES, f"must be between 0 and {MOST_RETRIES}")
+        check("backoff", 0 <= self.backoff <= MOST_BACKOFF, f"must be between 0 and {MOST_BACKOFF}")
+        check("rate_limit_wait", 0 <= self.rate_limit_wait <= LONGEST_WAIT, f"must be between 0 and {LONGEST_WAIT}")
+        check("concurrency", 1 <= self.concurrency <= MOST_CONCURRENCY, f"must be between 1 and {MOST_CONCURRENCY}")
+        check("max_response_mb", 0 < self.max_response_mb <= MOST_RESPONSE_MB, f"must be more than 0 and at most {MOST_RESPONSE_MB}")
         check("output_dir", bool(self.output_dir), "must not be empty")
+        for name in ("api_url", "output_dir", "raw_dir"):
+            check_path_text(describe(name), getattr(self, name))
         check_folders_apart(self.output_dir, self.raw_dir)
         check_api_url(self.api_url, self.allow_http)
 
@@ -244,6 +266,16 @@ def describe(name: str) -> str:
     """How a setting is named in errors: its flag and its variable."""
     setting = next(s for s in SETTINGS if s.name == name)
     return f"{setting.flag} ({setting.env})"
+
+
+def check_path_text(label: str, text: str | None) -> None:
+    """Refuse a path or URL with whitespace at either end or a control character anywhere."""
+    if text is None:
+        return
+    if text != text.strip():
+        raise SettingsError(f"{label} has whitespace at its start or end, got {shorten(text)!r}")
+    if CONTROL_CHARACTER.search(text):
+        raise SettingsError(f"{label} holds a control character, got {shorten(text)!r}")
 
 
 def seed_rule() -> str:

@@ -224,12 +224,12 @@ FRAMINGS = {
 
 @pytest.mark.parametrize("framing", FRAMINGS)
 def test_an_answer_with_no_length_to_trust_is_read_as_it_comes(api, settings, framing):
-    # No length to read by: what is held must follow the bytes that came (a full page, 1.6 MB of
-    # gzip), not the bound (here 1 TB), and the read must not go by a length that chunking overrides.
+    # No length to read by: what is held must follow the bytes that came (a full page, 1.6 MB of gzip),
+    # not the bound (here 1 GB, the largest allowed), and the read must not go by a length that chunking overrides.
     api.script(FRAMINGS[framing])
     tracemalloc.start()  # Python's own allocations, where a read's buffers are made
     try:
-        batch = etl.run(settings(seed="framing", n=5000, max_response_mb=1_000_000, retries=0))
+        batch = etl.run(settings(seed="framing", n=5000, max_response_mb=1000, retries=0))
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

@@ -1,0 +1,257 @@
+"""Issue 11, memory and settings: every number has a range, every path is clean text, memory is bounded.
+
+Ranges and texts are checked in-process through load_settings and Settings (Python callers get the
+same refusals), and once per kind of refusal through the CLI. Peak memory is measured on the job in
+its own process, fed by the fake over loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import polars as pl
+import pytest
+from conftest import assert_one_error_line, batch_files, fast_env, run_cli
+from fake_api import mutate, status
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+from test_hostile import run_measured
+from urllib3.exceptions import ProtocolError
+
+import random_user_etl as etl
+from random_user_config import SETTINGS, Settings, SettingsError, load_settings
+
+LARGEST_N = 5000 * 10_000  # 10,000 pages of the default 5,000 users
+
+# name: (lowest accepted, highest accepted, just below, just above); timeout and the size bound take any value above 0.
+ABOVE_ZERO = ("timeout", "max_response_mb")
+RANGES = {
+    "n": (1, LARGEST_N, 0, LARGEST_N + 1),
+    "page_size": (1, 5000, 0, 5001),
+    "concurrency": (1, 64, 0, 65),
+    "retries": (0, 100, -1, 101),
+    "timeout": (1e-6, 3600, 0, 3600.001),
+    "backoff": (0, 100, -0.001, 100.001),
+    "rate_limit_wait": (0, 3600, -0.001, 3600.001),
+    "max_response_mb": (1e-6, 1000, 0, 1000.001),
+}
+# The values that crashed the job before they had a range, and a rate-limit pause of 3e300 years.
+CRASHED = {"timeout": "1e10", "backoff": "1e308", "max_response_mb": "1e20", "retries": "1000", "rate_limit_wait": "1e308"}
+
+FLAG = {s.name: s.flag for s in SETTINGS}
+ENV = {s.name: s.env for s in SETTINGS}
+
+
+def load(name: str, text: str) -> Settings:
+    """Settings from one flag's text, with no environment."""
+    return load_settings({name: text}, environ={})
+
+
+# ------------------------------------------------------------------ numeric ranges
+
+
+@pytest.mark.parametrize("end", ["lowest", "highest"])
+@pytest.mark.parametrize("name", RANGES)
+def test_each_end_of_a_range_is_accepted(name, end):
+    value = RANGES[name][0 if end == "lowest" else 1]
+    assert getattr(load(name, str(value)), name) == value
+    assert getattr(Settings(**{name: value}), name) == value
+
+
+@pytest.mark.parametrize("side", ["below", "above"])
+@pytest.mark.parametrize("name", RANGES)
+def test_a_value_just_outside_a_range_is_refused_naming_the_setting(name, side):
+    value = RANGES[name][2 if side == "below" else 3]
+    for make in (lambda: load(name, str(value)), lambda: Settings(**{name: value})):
+        with pytest.raises(SettingsError) as refused:
+            make()
+        assert f"{FLAG[name]} ({ENV[name]}) must be" in str(refused.value)
+
+
+@pytest.mark.parametrize("name", CRASHED)
+def test_the_values_that_crashed_the_job_are_refused(name):
+    with pytest.raises(SettingsError, match=rf"^{FLAG[name]} \({ENV[name]}\) must be"):
+        load(name, CRASHED[name])
+
+
+def test_a_number_out_of_range_stops_the_cli_with_one_line_before_any_request(api, out, raw):
+    result = run_cli("--seed", "pura", "--timeout", "1e10", env=fast_env(api.url, out, raw))
+    assert result.returncode == 2
+    assert_one_error_line(result.stderr, r"--timeout \(RANDOM_USER_TIMEOUT\) must be more than 0 and at most 3600")
+    assert api.requests == [] and not out.exists() and not raw.exists()
+
+
+@pytest.mark.parametrize("name", ["n", "retries"])
+def test_a_whole_number_of_5000_digits_is_refused_in_plain_words(name):
+    with pytest.raises(SettingsError, match=rf"^{FLAG[name]} (must be|is too large)") as refused:
+        load(name, "9" * 5000)
+    assert "sys." not in str(refused.value) and len(str(refused.value)) < 200
+
+
+NUMBER_TEXTS = st.one_of(
+    st.text(),
+    st.text(alphabet="0123456789+-.eE_ infa"),
+    st.floats().map(repr),
+    st.integers().map(str),
+    st.integers(min_value=-(10**400), max_value=10**400).map(str),
+)
+
+
+@hypothesis_settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(name=st.sampled_from(sorted(RANGES)), text=NUMBER_TEXTS)
+def test_any_text_for_a_number_gives_settings_in_range_or_a_settings_error(name, text):
+    try:
+        value = getattr(load(name, text), name)
+    except SettingsError as exc:
+        assert str(exc).startswith(FLAG[name]) and "\n" not in str(exc) and "sys." not in str(exc)
+        return
+    if name == "n":
+        return  # its top depends on the page size; the default one is in RANGES
+    low, high = (0, RANGES[name][1]) if name in ABOVE_ZERO else RANGES[name][:2]
+    assert math.isfinite(value) and low <= value <= high and (value > 0 or name not in ABOVE_ZERO)
+
+
+def test_the_largest_retries_and_waits_work_in_a_run(api, settings):
+    # urllib3 retries by calling itself: 1000 retries ran out of stack; 100 all used must still land.
+    api.script(*[status(503)] * 100)
+    top = dict(timeout=3600, rate_limit_wait=3600, max_response_mb=1000, concurrency=64)
+    batch = etl.run(settings(seed="pura", retries=100, backoff=0, **top))
+    assert batch.rows == 100 and len(api.requests) == 101
+
+
+def test_the_largest_backoff_waits_at_most_an_hour_after_every_retry():
+    retry = etl.make_retry(Settings(backoff=100, retries=100))
+    for _ in range(100):
+        retry = retry.increment("GET", "/api/1.4/", error=ProtocolError("cut off"))
+        assert 0 <= retry.get_backoff_time() <= 3600
+
+
+# ------------------------------------------------------------------ path and URL texts
+
+PATHS = {"output_dir": "/data/lake", "raw_dir": "/data/raw", "api_url": "https://randomuser.me/api/1.4/"}
+DIRTY = {
+    "leading-space": lambda text: " " + text,
+    "trailing-space": lambda text: text + " ",
+    "trailing-newline": lambda text: text + "\n",
+    "leading-tab": lambda text: "\t" + text,
+    "trailing-no-break-space": lambda text: text + "\u00a0",
+    "newline-inside": lambda text: text[:5] + "\n" + text[5:],
+    "nul-inside": lambda text: text[:5] + "\x00" + text[5:],
+    "escape-inside": lambda text: text[:5] + "\x1b[2J" + text[5:],
+    "delete-inside": lambda text: text[:5] + "\x7f" + text[5:],
+    "c1-control-inside": lambda text: text[:5] + "\x9b" + text[5:],
+}
+
+
+@pytest.mark.parametrize("dirt", DIRTY)
+@pytest.mark.parametrize("name", PATHS)
+def test_a_path_or_url_with_whitespace_at_an_end_or_a_control_character_is_refused(name, dirt):
+    text = DIRTY[dirt](PATHS[name])
+    with pytest.raises(SettingsError, match=rf"^{FLAG[name]} \({ENV[name]}\) (has whitespace|holds a control)"):
+        Settings(**{name: text})
+    if "\x00" not in text:  # no environment variable can hold a NUL
+        with pytest.raises(SettingsError, match=rf"^{FLAG[name]} \({ENV[name]}\)"):
+            load_settings(environ={ENV[name]: text})
+
+
+def test_a_space_inside_a_path_is_kept(api, settings, tmp_path):
+    batch = etl.run(settings(seed="pura", output_dir=str(tmp_path / "my lake"), raw_dir=str(tmp_path / "my raw")))
+    assert batch_files(tmp_path / "my lake") == ["random_users_pura.parquet"]
+    assert (tmp_path / "my raw" / "pura").is_dir()
+
+
+def test_an_output_folder_with_a_leading_space_stops_the_cli_and_creates_nothing(api, out, raw, tmp_path):
+    result = run_cli(env=fast_env(api.url, f" {out}", raw, RANDOM_USER_SEED="pura"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert_one_error_line(result.stderr, r"--output-dir \(RANDOM_USER_OUTPUT_DIR\) has whitespace at its start or end")
+    assert api.requests == [] and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_replay_path_with_a_trailing_newline_is_refused(api, out, raw, settings):
+    etl.run(settings(seed="pura"))
+    result = run_cli("--replay", f"{raw / 'pura'}\n", env=fast_env(api.url, out, raw))
+    assert result.returncode == 2
+    assert_one_error_line(result.stderr, r"--replay holds a control character|--replay has whitespace")
+
+
+# ------------------------------------------------------------------ memory
+
+TEXT_FIELDS = {  # every text field of the contract: where it is in a raw user, and its column
+    ("gender",): "gender", ("name", "title"): "title", ("name", "first"): "first_name", ("name", "last"): "last_name",
+    ("email",): "email", ("login", "username"): "username", ("phone",): "phone", ("cell",): "cell",
+    ("location", "street", "name"): "street_name", ("location", "city"): "city", ("location", "state"): "state",
+    ("location", "country"): "country", ("location", "postcode"): "postcode", ("location", "timezone", "offset"): "timezone_offset",
+    ("location", "timezone", "description"): "timezone_description", ("id", "name"): "national_id_type",
+    ("id", "value"): "national_id", ("nat",): "nationality", ("picture", "large"): "picture_url",
+}
+
+
+def holder(user: dict, path: tuple[str, ...]) -> dict:
+    """The object of a raw user that holds the field at path."""
+    for key in path[:-1]:
+        user = user[key]
+    return user
+
+
+FAT_BYTES = 40_000_000
+
+
+def fat_first_name(doc):
+    """The first user's name.first made 40 MB long: a page far under the 64 MB bound, all in one field."""
+    doc["results"][0]["name"]["first"] = "a" * FAT_BYTES
+    return doc
+
+
+def test_four_answers_each_with_a_40_mb_name_stay_within_the_pods_memory(api, out, raw):
+    # Four pages in flight at the default concurrency (4) and size bound (64 MB); the CronJob's limit is 1 GiB.
+    api.script(*[mutate(fat_first_name)] * 4)
+    proc, peak_mb, stderr = run_measured(api, out, raw, "--seed", "fat", "--n", "40", "--page-size", "10", "--timeout", "30")
+    assert [r.answer for r in api.requests] == ["mutate"] * 4
+    assert max(len(body) for body in api.sent) > FAT_BYTES  # the 40 MB names did cross the wire
+    assert peak_mb < 1024, f"peak RSS {peak_mb:.0f} MB"
+    assert proc.returncode == 1, stderr
+    assert_one_error_line(stderr, r"page [1-4]: 1 contract check\(s\) failed: name\.first is longer than 256 bytes in 1 records$")
+    assert batch_files(out) == []
+
+
+LONGEST = "\u00e9" * 128  # 256 bytes of UTF-8, 128 characters
+
+
+@pytest.mark.parametrize("path", [("name", "first"), ("location", "timezone", "description")])
+def test_a_field_of_256_bytes_lands_as_sent(api, settings, path):
+    api.script(mutate(lambda doc: holder(doc["results"][3], path).update({path[-1]: LONGEST})))
+    batch = etl.run(settings(seed="pura"))
+    sent = json.loads(api.sent[0])["results"][3]
+    frame = pl.read_parquet(batch.path).filter(pl.col("user_id") == sent["login"]["uuid"])
+    assert frame[TEXT_FIELDS[path]].to_list() == [holder(sent, path)[path[-1]]] == [LONGEST]
+    assert len(LONGEST.encode()) == 256
+
+
+def test_a_field_of_257_bytes_is_refused_naming_the_field(api, out, settings):
+    api.script(mutate(lambda doc: doc["results"][7]["location"]["street"].update(name=LONGEST + "x")))
+    with pytest.raises(etl.EtlError, match=r"^page 1: 1 contract check\(s\) failed: location\.street\.name is longer than 256 bytes in 1 records$"):
+        etl.run(settings(seed="pura", retries=0))
+    assert batch_files(out) == []
+
+
+def widest(doc):
+    """Every text field of every user at the 256-byte bound, each value its own."""
+    for number, user in enumerate(doc["results"]):
+        for path in TEXT_FIELDS:
+            holder(user, path)[path[-1]] = f"{doc['info']['page']}-{number:05d}-{path[-1]}".ljust(256, "w")
+    return doc
+
+
+def test_full_pages_with_every_text_field_at_the_bound_land_within_the_pods_memory(api, out, raw):
+    # The widest rows the contract accepts, 20,000 of them: what sorting and landing hold is bounded by rows.
+    api.script(*[mutate(widest)] * 4)
+    proc, peak_mb, stderr = run_measured(api, out, raw, "--seed", "wide", "--n", "20000", "--timeout", "60")
+    assert peak_mb < 1024, f"peak RSS {peak_mb:.0f} MB"
+    assert proc.returncode == 0, stderr
+    sent = [user for body in api.sent for user in json.loads(body)["results"]]
+    frame = pl.read_parquet(out / "random_users_wide.parquet").sort("user_id")
+    for path, column in TEXT_FIELDS.items():
+        expected = {user["login"]["uuid"]: holder(user, path)[path[-1]] for user in sent}
+        assert dict(zip(frame["user_id"], frame[column])) == expected, column
