@@ -979,7 +979,7 @@ def lake_batches(folder: Path) -> list[str]:
             if fnmatch.fnmatchcase(entry.name, BATCH_GLOB):
                 # Followed, so a link to a batch reads as the batch; a FIFO would hang the reader, and
                 # a folder or device is not a batch the job landed: something odd is in the lake.
-                if not entry.is_file(follow_symlinks=True) or not stat.S_ISREG(entry.stat().st_mode):
+                if not entry.is_file(follow_symlinks=True):
                     raise EtlError(f"{entry.path}: named like a batch but not a regular file; move it out of the lake")
                 batches.append(entry.path)
     return sorted(batches)

@@ -541,7 +541,8 @@ def test_a_temp_file_is_created_exclusively_private_and_at_an_unpredictable_name
         etl.write_atomically(tmp_path / "part-00001.parquet", write)
     assert [found[1:] for found in seen] == [(True, 0o600, 0)] * 2
     names = [found[0] for found in seen]
-    assert names[0] != names[1] and str(os.getpid()) not in names[0]
+    old_name = f".part-00001.parquet.{os.getpid()}.{threading.get_ident()}.tmp"  # predictable: anyone could plant it
+    assert names[0] != names[1] and old_name not in names
     assert (tmp_path / "part-00001.parquet").read_bytes() == b"done"
     assert sorted(os.listdir(tmp_path)) == ["part-00001.parquet"]
 
