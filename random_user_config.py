@@ -243,6 +243,7 @@ class Settings:
         check("output_dir", bool(self.output_dir), "must not be empty")
         for name in ("api_url", "output_dir", "raw_dir"):
             check_path_text(describe(name), getattr(self, name))
+        check_folder_addresses(self.output_dir, self.raw_dir)
         check_folders_apart(self.output_dir, self.raw_dir)
         check_api_url(self.api_url, self.allow_http)
 
@@ -308,6 +309,17 @@ def check_api_url(url: str, allow_http: bool) -> None:
 def is_remote(location: str) -> bool:
     """True for an object-storage address such as s3://bucket/prefix: a URL scheme, then ://."""
     return re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", location) is not None
+
+
+def check_folder_addresses(output_dir: str, raw_dir: str | None) -> None:
+    """Refuse a file:// output folder, and any URL as the raw folder: a local folder is a plain path."""
+    # A file:// address would pass for object storage: staged in the temp folder, and compared with
+    # the raw folder as a URL, never as the folder it names.
+    if is_remote(output_dir) and urlsplit(output_dir).scheme.lower() == "file":
+        raise SettingsError(f"{describe('output_dir')} is a file:// address, got {shorten(output_dir)!r}; use a plain path for a local folder")
+    if raw_dir is not None and is_remote(raw_dir):
+        scheme = urlsplit(raw_dir).scheme
+        raise SettingsError(f"{describe('raw_dir')} is a local folder, not a {scheme}:// address, got {shorten(raw_dir)!r}; use a plain path")
 
 
 def staging_root(output_dir: str) -> Path:

@@ -18,6 +18,7 @@ import dataclasses
 import datetime as dt
 import errno
 import fcntl
+import fnmatch
 import functools
 import gzip
 import itertools
@@ -27,6 +28,7 @@ import math
 import os
 import random
 import re
+import secrets
 import shutil
 import stat
 import sys
@@ -601,22 +603,38 @@ def check_own(path: Path, info: os.stat_result, kind: str) -> None:
         raise EtlError(f"refusing {path}: not a plain {kind}; it was left as it is")
 
 
-def plain_folder(path: Path, mode: int = 0o777) -> Path:
-    """Make the job's own folder `path` (and its parents) if it is not there; refuse it unless it is a plain folder."""
+def check_ours(path: Path, info: os.stat_result, closed: int = 0o022) -> None:
+    """Refuse a folder or file of the job's that another user owns, or that has any of the `closed` mode bits.
+
+    By default others may not write in it (they could plant links or forged parts there); object
+    storage's private staging also closes it to their eyes (closed=0o077).
+    """
+    if info.st_uid != os.getuid():
+        raise EtlError(f"refusing {path}: owned by uid {info.st_uid}, not by this user (uid {os.getuid()}); it was left as it is")
+    if info.st_mode & closed:
+        mode, most = stat.S_IMODE(info.st_mode), 0o777 & ~closed
+        raise EtlError(f"refusing {path}: open to other users (mode {mode:04o}, at most {most:04o} expected); it was left as it is")
+
+
+def own_folder(path: Path, closed: int = 0o022) -> Path:
+    """Make the job's own folder `path` (mode 0700; its parents as usual) or find it ours; refuse a link, a file, or another's."""
     path.parent.mkdir(parents=True, exist_ok=True)  # the operator's folders: these may be links
     with contextlib.suppress(FileExistsError):
-        path.mkdir(mode)
-    check_own(path, os.lstat(path), "folder")
+        path.mkdir(0o700)
+    info = os.lstat(path)
+    check_own(path, info, "folder")
+    check_ours(path, info, closed)
     return path
 
 
-def found_plain_folder(path: Path) -> bool:
-    """True if the job's own folder `path` is there, False if not; a link or a file there is refused."""
+def found_own_folder(path: Path) -> bool:
+    """True if the job's own folder `path` is there, False if not; a link, a file, or another's folder there is refused."""
     try:
         info = os.lstat(path)
     except FileNotFoundError:
         return False
     check_own(path, info, "folder")
+    check_ours(path, info)
     return True
 
 
@@ -628,23 +646,12 @@ def is_plain_file(path: Path) -> bool:
         return False
 
 
-def private_folder(path: Path) -> Path:
-    """A folder only this user can enter: made now with mode 0700, or found to be ours and closed to others."""
-    plain_folder(path, mode=0o700)
-    info = os.lstat(path)
-    if info.st_uid != os.getuid():
-        raise EtlError(f"refusing {path}: owned by uid {info.st_uid}, not by this user (uid {os.getuid()}); it was left as it is")
-    if info.st_mode & 0o077:
-        raise EtlError(f"refusing {path}: other users may enter it (mode {stat.S_IMODE(info.st_mode):04o}, 0700 expected); it was left as it is")
-    return path
-
-
 def own_staging_root(output_dir: str) -> Path:
-    """The staging root, made or checked: a plain folder, in a private one for object storage."""
+    """The staging root, made or checked: the job's own folder, in one only this user can enter for object storage."""
     root = staging_root(output_dir)
     if is_remote(output_dir):
-        private_folder(root.parent)
-    return plain_folder(root)
+        own_folder(root.parent, closed=0o077)  # in the shared temp folder: closed to others' eyes too
+    return own_folder(root)
 
 
 @contextlib.contextmanager
@@ -652,14 +659,19 @@ def seed_lock(root: Path, seed: str):
     """Hold the seed's lock, so two runs of one seed take turns instead of mixing parts."""
     path = root / f"{seed}.lock"
     try:
-        # Never through a link, and never blocking on a FIFO planted under the lock's name.
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+        # Never through a link, and never blocking on a FIFO planted under the lock's name. 0600:
+        # flock needs only a file one can open, so a lock others can read is one they can hold forever.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
+        with contextlib.suppress(OSError):  # a link, a folder, a socket: named as what it is
             check_own(path, os.lstat(path), "file")
-        raise
+        raise EtlError(f"cannot open the seed lock {path}: {exc.strerror or exc}") from None
     with open(fd, "rb") as handle:
-        check_own(path, os.fstat(fd), "file")
+        info = os.fstat(fd)
+        check_own(path, info, "file")
+        check_ours(path, info, closed=0)
+        if stat.S_IMODE(info.st_mode) & 0o077:
+            os.fchmod(fd, 0o600)  # ours, left readable by an older version of the job
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -686,10 +698,26 @@ def sort_folder(folder: Path) -> Path:
     return folder / "sort"
 
 
-def write_atomically(path: Path, write, temp_dir: Path | None = None) -> None:
-    """Call write(temp_path), then move the finished file into place in one step."""
+def fresh_temp(folder: Path, name: str, mode: int) -> Path:
+    """A new empty file in `folder` at an unpredictable name ending .tmp, made by this call alone (never through a link)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(100):  # as tempfile.mkstemp, which cannot be given the mode of a file for others to read
+        temp = folder / f".{name}.{secrets.token_hex(8)}.tmp"
+        try:
+            os.close(os.open(temp, flags, mode))
+            return temp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no unused temp file name", str(folder))
+
+
+def write_atomically(path: Path, write, temp_dir: Path | None = None, mode: int = 0o600) -> None:
+    """Call write(temp_path) on a fresh temp file, then move the finished file into place in one step.
+
+    `mode` (less the umask) is the file's: 0600 for the job's own files, 0666 for what others read.
+    """
     # temp_dir must be on the same filesystem; a killed run's temp file is swept from there.
-    temp = (temp_dir or path.parent) / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
+    temp = fresh_temp(temp_dir or path.parent, path.name, mode)
     try:
         write(temp)
         os.replace(temp, path)
@@ -726,12 +754,12 @@ def save_raw(raw_dir: str | None, seed: str, page: int, answer: Answer) -> Path 
     # Named "unchecked" until the transform accepts it, so a bad answer never replaces a good one.
     path = folder / f"unchecked-page-{page:05d}.json.gz"
     try:
-        plain_folder(folder)
+        own_folder(folder)
         # The service's own gzip bytes when it sent them: the same body, and no CPU spent again.
         packed = answer.wire if answer.gzipped else gzip.compress(answer.wire, compresslevel=1, mtime=0)
-        write_atomically(path, lambda temp: temp.write_bytes(packed))
+        write_atomically(path, lambda temp: temp.write_bytes(packed), mode=0o666)
     except OSError as exc:
-        raise EtlError(f"cannot keep the raw answer in {raw_dir}: {exc.strerror or exc}") from None
+        raise EtlError(f"cannot keep the raw answer in {exc.filename or raw_dir}: {exc.strerror or exc}") from None
     return path
 
 
@@ -739,7 +767,11 @@ def settle_raw(path: Path | None, accepted: bool) -> None:
     """Name a kept answer after its check: accepted-page-N (page-N once its batch lands) or rejected-page-N."""
     if path is not None:
         name = path.name.removeprefix("unchecked-")
-        os.replace(path, path.with_name(f"accepted-{name}" if accepted else f"rejected-{name}"))
+        settled = path.with_name(f"accepted-{name}" if accepted else f"rejected-{name}")
+        try:
+            os.replace(path, settled)
+        except OSError as exc:
+            raise EtlError(f"cannot keep the raw answer as {settled}: {exc.strerror or exc}") from None
 
 
 def quality_report(parts: list[Path]) -> dict:
@@ -777,7 +809,7 @@ class ExternalSort:
 
     def __init__(self, work: Path, rows: int, run_rows: int = SORT_RUN_ROWS, group_rows: int = SCATTER_ROWS):
         self.work, self.rows, self.runs = work, rows, math.ceil(rows / run_rows)
-        if found_plain_folder(work):
+        if found_own_folder(work):
             shutil.rmtree(work)  # a killed run's ranges: this run splits its parts afresh
         # Parts are split a group at a time, so each split writes one piece per range, not thousands of slivers.
         self.group_rows = max(run_rows, group_rows)
@@ -813,6 +845,7 @@ class ExternalSort:
     def _split(self) -> None:
         """Write the waiting parts' rows to one file per key range (under the lock)."""
         group, self.waiting, self.waiting_rows = self.waiting, [], 0
+        own_folder(self.work)  # made when first needed (0700): a run that never splits leaves none behind
         # Streamed into group-N/__run=R/ by Polars: the group is never held in memory whole.
         target = pl.PartitionBy(self.work / f"group-{self.groups:05d}", key="__run", include_key=False)
         self._keyed(group).sink_parquet(target, engine="streaming", **SCRATCH)
@@ -897,7 +930,7 @@ def write_batch(
         final = Path(destination)
         final.parent.mkdir(parents=True, exist_ok=True)
         write = lambda temp: batch.sink_parquet(temp, sync_on_close="all", **sink)
-        write_atomically(final, write, temp_dir=parts[0].parent)
+        write_atomically(final, write, temp_dir=parts[0].parent, mode=0o666)  # analysts read the lake
     return report
 
 
@@ -924,7 +957,7 @@ def read_processed(output_dir: str | None = None, storage_options: dict | None =
     if is_remote(output_dir):
         source = f"{output_dir.rstrip('/')}/{BATCH_GLOB}"
     else:
-        source = sorted(str(p) for p in lake_folder(output_dir).glob(BATCH_GLOB))
+        source = lake_batches(lake_folder(output_dir))
     if not source:
         return OUTPUT_SCHEMA.to_frame().lazy()
     # Given the schema, Polars reads a glob that matches no object as an empty frame, so an
@@ -936,6 +969,20 @@ def read_processed(output_dir: str | None = None, storage_options: dict | None =
         extra_columns="ignore",
         storage_options=storage_options,
     )
+
+
+def lake_batches(folder: Path) -> list[str]:
+    """The batch files of a local lake, sorted; a folder that cannot be listed, or an odd thing named like a batch, raises."""
+    batches = []
+    with os.scandir(folder) as entries:  # PermissionError naming the folder: pathlib's glob would skip it
+        for entry in entries:
+            if fnmatch.fnmatchcase(entry.name, BATCH_GLOB):
+                # Followed, so a link to a batch reads as the batch; a FIFO would hang the reader, and
+                # a folder or device is not a batch the job landed: something odd is in the lake.
+                if not entry.is_file(follow_symlinks=True):
+                    raise EtlError(f"{entry.path}: named like a batch but not a regular file; move it out of the lake")
+                batches.append(entry.path)
+    return sorted(batches)
 
 
 def lake_folder(output_dir: str) -> Path:
@@ -1077,8 +1124,8 @@ def staging_for(settings: Settings, seed: str):
     try:
         root = own_staging_root(settings.output_dir)
         with seed_lock(root, seed):
-            folder = plain_folder(root / seed)
-            found_plain_folder(sort_folder(folder))  # cleared below: refused now if it is a link
+            folder = own_folder(root / seed)
+            found_own_folder(sort_folder(folder))  # cleared below: refused now if it is a link or another's
             try:
                 yield folder
             finally:
@@ -1086,7 +1133,7 @@ def staging_for(settings: Settings, seed: str):
                 with contextlib.suppress(OSError):
                     folder.rmdir()  # only when empty: a run that staged nothing leaves no folder behind
     except OSError as exc:
-        raise EtlError(f"cannot write to {settings.output_dir}: {exc.strerror or exc}") from None
+        raise EtlError(f"cannot write to {exc.filename or settings.output_dir}: {exc.strerror or exc}") from None
 
 
 def run(settings: Settings | None = None, **overrides) -> Batch:
@@ -1148,10 +1195,14 @@ def kept_pages(source: Path, limit: int) -> tuple[str, list[tuple[int, Path]]]:
             )
         return info["seed"], [(page, source)]
     numbered = {}
-    for path in source.iterdir():
-        match = re.fullmatch(r"page-(\d{5})\.json\.gz", path.name)
+    try:
+        names = os.listdir(source)
+    except OSError as exc:
+        raise EtlError(f"cannot replay {source}: {exc.strerror or exc}") from None
+    for name in names:
+        match = re.fullmatch(r"page-(\d{5})\.json\.gz", name)
         if match:
-            numbered[int(match.group(1))] = path
+            numbered[int(match.group(1))] = source / name
     if not numbered:
         raise EtlError(f"nothing to replay in {source}: no page-NNNNN.json.gz files")
     missing = sorted(set(range(1, max(numbered) + 1)) - set(numbered))
@@ -1182,11 +1233,23 @@ def read_kept(path: Path, limit: int) -> bytes:
         raise EtlError(f"cannot read kept answer {path}: {exc}") from None
 
 
+def check_not_staging(source: Path, output_dir: str) -> None:
+    """Refuse a replay source in the output's staging folder: replay clears the seed's staging folder first."""
+    staging = Path(os.path.realpath(staging_root(output_dir)))
+    found = Path(os.path.realpath(source))  # resolved: a link or ".." hides nothing
+    if found == staging or staging in found.parents:
+        raise EtlError(
+            f"cannot replay {source}: it lies in the staging folder {staging_root(output_dir)} of the output, "
+            "which a run clears; copy the kept answers elsewhere and replay the copy"
+        )
+
+
 def replay(source: str | Path, settings: Settings | None = None, **overrides) -> Batch:
     """Rebuild a seed's batch from its kept raw answers alone, with no network at all."""
     settings = dataclasses.replace(settings or Settings(), **overrides)
     started = time.monotonic()
     ingested_at = dt.datetime.now(dt.timezone.utc)
+    check_not_staging(Path(source), settings.output_dir)
     seed, pages = kept_pages(Path(source), settings.max_response_bytes)
     destination = batch_path(settings.output_dir, seed)
     with staging_for(settings, seed) as folder:
@@ -1216,7 +1279,7 @@ def kept_folder(raw_dir: str | None, seed: str) -> Path | None:
         return None
     folder = Path(raw_dir) / seed
     try:
-        found_plain_folder(folder)
+        found_own_folder(folder)
     except OSError as exc:
         raise EtlError(f"cannot keep the raw answer in {raw_dir}: {exc.strerror or exc}") from None
     return folder

@@ -4,14 +4,25 @@ A link planted where the job keeps its own folders is refused, and its target (t
 left byte for byte as it was; object-storage runs stage in a private folder; a run that does not
 land never deletes the kept answers behind the batch in the lake; overlapping folders are refused
 at start; replay reads only regular files; read_processed names a folder that is not there.
+
+A folder of the job's own that another user owns or may write in is refused too (a planted state
+is enough: as root, os.chown gives a folder to uid 1001 without any real user). Cases that need a
+user who cannot read a folder run in a forked child that became uid 65534 (nobody): root reads
+everything, and that user cannot start the interpreter, which lives under /root.
 """
 
 from __future__ import annotations
 
 import gzip
 import os
+import select
+import signal
+import socket
 import stat
+import subprocess
+import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import polars as pl
@@ -117,16 +128,6 @@ def test_replay_refuses_a_planted_link_too(plant, out, raw, tmp_path):
     planted = plant(out, raw, bait)
     refused_untouched(lambda: etl.replay(PURA_ANSWER, output_dir=str(out), raw_dir=None), bait, f"refusing {planted}")
     assert batch_files(out) == []
-
-
-def test_the_cli_refuses_a_linked_seed_staging_folder_in_one_line_and_empties_nothing(api, out, raw, tmp_path, cli):
-    bait = make_bait(tmp_path)
-    planted = link_seed_staging(out, raw, bait)
-    before = landed(bait)
-    result = cli("--seed", "pura", env=fast_env(api.url, out, raw))
-    assert result.returncode == 1
-    assert_one_error_line(result.stderr, f"refusing {planted}: a symbolic link")
-    assert landed(bait) == before and api.requests == []
 
 
 def test_operator_named_top_folders_may_be_links(api, tmp_path, settings):
@@ -406,3 +407,330 @@ def test_read_processed_with_no_folder_named_and_no_default_folder_yet_names_the
         etl.read_processed()
     default.mkdir()
     assert etl.read_processed().collect().height == 0
+
+
+
+# ---------------------------------------------------------------- folders someone else owns or may write in
+
+OTHER_UID = 1001  # no such user is needed: os.chown takes any number
+
+
+def plant_folder(path: Path, uid: int, mode: int) -> Path:
+    """A folder at `path`, holding a file of its owner's, with this owner and mode (os.chmod: no umask)."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "theirs.txt").write_bytes(b"left alone")
+    os.chmod(path, mode)
+    os.chown(path, uid, -1)
+    return path
+
+
+OWN_FOLDERS = {
+    "staging": lambda out, raw: out / ".staging",
+    "seed-staging": lambda out, raw: out / ".staging" / "pura",
+    "sort": lambda out, raw: out / ".staging" / "pura" / "sort",
+    "raw-seed": lambda out, raw: raw / "pura",
+}
+STRANGERS = {  # (owner, mode, what the refusal says)
+    "owned-by-another-user": (OTHER_UID, 0o755, f"owned by uid {OTHER_UID}"),
+    "open-to-all": (None, 0o777, "mode 0777"),
+    "open-to-the-group": (None, 0o775, "mode 0775"),
+}
+
+
+@pytest.mark.parametrize("stranger", STRANGERS)
+@pytest.mark.parametrize("where", OWN_FOLDERS)
+def test_a_folder_of_the_job_that_another_user_owns_or_may_write_in_is_refused(where, stranger, api, out, raw, settings):
+    uid, mode, says = STRANGERS[stranger]
+    folder = plant_folder(OWN_FOLDERS[where](out, raw), os.getuid() if uid is None else uid, mode)
+    before = landed(folder)
+    with pytest.raises(etl.EtlError, match=f"refusing {folder}: .*{says}") as caught:
+        etl.run(settings(seed="pura"))
+    assert "\n" not in str(caught.value)
+    assert landed(folder) == before and os.lstat(folder).st_uid == (os.getuid() if uid is None else uid)
+    assert api.requests == [] and batch_files(out) == []
+
+
+def foreign_seed_staging(out, raw, bait):
+    """<output>/.staging/<seed> belongs to another user, who left it open to all."""
+    return plant_folder(out / ".staging" / "pura", OTHER_UID, 0o777)
+
+
+@pytest.mark.parametrize(
+    "plant, says",
+    [(link_seed_staging, "a symbolic link"), (foreign_seed_staging, f"owned by uid {OTHER_UID}")],
+    ids=["linked", "foreign"],
+)
+def test_the_cli_refuses_a_seed_staging_folder_not_its_own_in_one_line_and_empties_nothing(plant, says, api, out, raw, tmp_path, cli):
+    bait = make_bait(tmp_path)
+    planted = plant(out, raw, bait)
+    before = landed(bait), landed(planted)
+    result = cli("--seed", "pura", env=fast_env(api.url, out, raw))
+    assert result.returncode == 1
+    assert_one_error_line(result.stderr, f"refusing {planted}: {says}")
+    assert (landed(bait), landed(planted)) == before and api.requests == []
+
+
+def test_a_forged_part_in_a_staging_folder_someone_else_owns_never_lands(api, out, settings):
+    run = settings(seed="pura", raw_dir=None)
+    folder = out / ".staging" / "pura"
+    folder.mkdir(parents=True)
+    # A whole part of the very page the run would fetch, with its identity, but one value forged.
+    frame = etl.transform(PURA_ANSWER.read_bytes(), etl.PageRequest("pura", 1, 100))
+    forged = frame.with_columns(email=pl.lit("forged@attacker.invalid"))
+    etl.stage_part(folder, forged, etl.part_identity(run, "pura", 1, 100))
+    plant_folder(folder, OTHER_UID, 0o777)
+    with pytest.raises(etl.EtlError, match=f"refusing {folder}: owned by uid {OTHER_UID}"):
+        etl.run(run)
+    assert batch_files(out) == [] and api.requests == []
+    assert (folder / "part-00001.parquet").is_file()  # nothing deleted
+
+
+def test_a_run_makes_its_own_folders_and_lock_private_and_its_batch_as_readable_as_before(api, out, raw, settings):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    etl.run(settings(seed="pura"))
+    mode = lambda path: stat.S_IMODE(os.lstat(path).st_mode)
+    assert mode(out / ".staging") == 0o700 and mode(raw / "pura") == 0o700
+    assert mode(out / ".staging" / "pura.lock") == 0o600, "any reader could take the lock and stall every run"
+    # The lake is for analysts: the batch keeps the mode any new file gets.
+    assert mode(out / "random_users_pura.parquet") == 0o666 & ~umask
+
+
+def test_the_sort_folder_is_made_private(api, out, raw, settings, monkeypatch):
+    monkeypatch.setattr(etl, "SORT_RUN_ROWS", 40)  # several key ranges: the sort writes its scratch files
+    monkeypatch.setattr(etl, "SCATTER_ROWS", 40)
+    seen = []
+    split = etl.ExternalSort._split
+
+    def spy(self):
+        split(self)
+        seen.append(stat.S_IMODE(os.lstat(self.work).st_mode))
+
+    monkeypatch.setattr(etl.ExternalSort, "_split", spy)
+    etl.run(settings(seed="paged", n=120, page_size=40, concurrency=1))
+    assert seen and set(seen) == {0o700}
+
+
+# ---------------------------------------------------------------- temp files: made afresh, never through a link
+
+
+def test_a_temp_file_is_never_written_through_a_link_planted_at_its_name(tmp_path):
+    folder = tmp_path / "staging"
+    folder.mkdir(mode=0o700)
+    bait = make_bait(tmp_path)
+    before = landed(bait)
+    # The name the old job wrote its temp file at, predictable from the process and thread ids.
+    planted = folder / f".part-00001.parquet.{os.getpid()}.{threading.get_ident()}.tmp"
+    planted.symlink_to(bait / "precious.txt")
+    settings = Settings(output_dir=str(tmp_path / "out"), raw_dir=None)
+    frame = etl.transform(PURA_ANSWER.read_bytes(), etl.PageRequest("pura", 1, 100))
+    part = etl.stage_part(folder, frame, etl.part_identity(settings, "pura", 1, 100))
+    assert landed(bait) == before
+    assert stat.S_ISREG(os.lstat(part).st_mode) and pl.read_parquet(part).height == 100
+
+
+def test_a_temp_file_is_created_exclusively_private_and_at_an_unpredictable_name(tmp_path):
+    seen = []
+
+    def write(temp: Path):
+        info = os.lstat(temp)  # made before the writer is called: nobody else's file can be there
+        seen.append((temp.name, stat.S_ISREG(info.st_mode), stat.S_IMODE(info.st_mode), info.st_size))
+        temp.write_bytes(b"done")
+
+    for _ in range(2):
+        etl.write_atomically(tmp_path / "part-00001.parquet", write)
+    assert [found[1:] for found in seen] == [(True, 0o600, 0)] * 2
+    names = [found[0] for found in seen]
+    old_name = f".part-00001.parquet.{os.getpid()}.{threading.get_ident()}.tmp"  # predictable: anyone could plant it
+    assert names[0] != names[1] and old_name not in names
+    assert (tmp_path / "part-00001.parquet").read_bytes() == b"done"
+    assert sorted(os.listdir(tmp_path)) == ["part-00001.parquet"]
+
+
+# ---------------------------------------------------------------- the seed lock
+
+
+def test_a_lock_owned_by_another_user_is_refused(api, out, settings):
+    lock = out / ".staging" / "pura.lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_bytes(b"")
+    os.chown(lock, OTHER_UID, -1)
+    with pytest.raises(etl.EtlError, match=f"refusing {lock}: owned by uid {OTHER_UID}"):
+        etl.run(settings(seed="pura"))
+    assert api.requests == [] and os.lstat(lock).st_uid == OTHER_UID
+
+
+def test_a_lock_left_readable_by_an_older_run_is_closed_to_others(api, out, settings):
+    lock = out / ".staging" / "pura.lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_bytes(b"")
+    os.chmod(lock, 0o644)
+    etl.run(settings(seed="pura"))
+    assert stat.S_IMODE(os.lstat(lock).st_mode) == 0o600
+
+
+def folder_as_lock(lock: Path) -> None:
+    """A folder at the lock's name."""
+    lock.mkdir()
+
+
+def socket_as_lock(lock: Path) -> None:
+    """A listening socket at the lock's name (bound by a relative name: socket paths are short)."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        here = os.getcwd()
+        os.chdir(lock.parent)
+        try:
+            sock.bind(lock.name)
+        finally:
+            os.chdir(here)
+
+
+@pytest.mark.parametrize("plant", [folder_as_lock, socket_as_lock], ids=lambda plant: plant.__name__)
+def test_something_odd_at_the_lock_name_is_named(plant, api, out, settings):
+    lock = out / ".staging" / "pura.lock"
+    lock.parent.mkdir(parents=True)
+    plant(lock)
+    with pytest.raises(etl.EtlError, match=f"refusing {lock}: not a plain file"):
+        etl.run(settings(seed="pura"))
+    assert os.path.lexists(lock) and api.requests == []
+
+
+# ---------------------------------------------------------------- messages name the path
+
+
+def test_a_folder_at_a_kept_answers_name_is_named_not_the_output_folder(api, out, raw, settings):
+    planted = raw / "pura" / "accepted-page-00001.json.gz"
+    planted.mkdir(parents=True)
+    (planted / "theirs.txt").write_bytes(b"left alone")
+    with pytest.raises(etl.EtlError, match=f"{planted}: Is a directory") as caught:
+        etl.run(settings(seed="pura"))
+    assert str(out) + ":" not in str(caught.value)
+    assert (planted / "theirs.txt").read_bytes() == b"left alone"
+
+
+def as_nobody(folder: Path, call) -> str:
+    """What call() raised ("Type: text"), or "returned", in a forked child that entered `folder`, then became uid 65534.
+
+    Forked, not started: the interpreter lives under /root, which uid 65534 cannot enter. The
+    child only lists a folder before answering, so no lock another thread held is ever needed.
+    """
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read)
+            os.chdir(folder)  # entered as root: the child needs no way in through /tmp's pytest folders
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                call()
+                outcome = "returned"
+            except BaseException as exc:
+                outcome = f"{type(exc).__name__}: {exc}"
+            os.write(write, outcome.encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        ready, _, _ = select.select([read], [], [], 30)
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+            pytest.fail("the child as uid 65534 did not answer within 30 s")
+        with open(read, "rb", closefd=False) as pipe:
+            return pipe.read().decode()
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+
+
+def test_a_lake_this_user_cannot_list_raises_permission_error_naming_it(tmp_path):
+    lake = tmp_path / "lake"
+    lake.mkdir()
+    OUTPUT_SCHEMA.to_frame().write_parquet(lake / "random_users_pura.parquet")
+    os.chmod(lake, 0o700)  # root's alone
+    os.chmod(tmp_path, 0o711)  # others may pass through the test's folder to find that out
+    outcome = as_nobody(tmp_path, lambda: etl.read_processed("lake"))
+    assert outcome.startswith("PermissionError: ") and "'lake'" in outcome, outcome
+
+
+def test_replay_of_a_folder_this_user_cannot_list_names_it(tmp_path):
+    kept = tmp_path / "kept" / "pura"
+    kept.mkdir(parents=True)
+    (kept / "page-00001.json.gz").write_bytes(gzip.compress(PURA_ANSWER.read_bytes()))
+    os.chmod(kept, 0o700)
+    os.chmod(tmp_path, 0o711)
+    os.chmod(tmp_path / "kept", 0o711)
+    run = Settings(output_dir=str(tmp_path / "out"), raw_dir=None)
+    outcome = as_nobody(tmp_path, lambda: etl.replay(Path("kept/pura"), run))
+    assert outcome.startswith("EtlError: cannot replay kept/pura: ") and "Permission denied" in outcome, outcome
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- object storage is s3://, a local folder a plain path
+
+
+@pytest.mark.parametrize("name", ["output_dir", "raw_dir"])
+def test_a_file_url_for_a_folder_is_refused_as_a_setting(name, tmp_path):
+    with pytest.raises(SettingsError, match=f"--{name.replace('_', '-')} .*file:// .*use a plain path"):
+        Settings(**{"output_dir": str(tmp_path / "out"), "raw_dir": str(tmp_path / "raw"), name: f"file://{tmp_path}/x"})
+
+
+def test_the_cli_refuses_a_file_url_output_folder_before_writing_anything(tmp_path, cli):
+    raw = tmp_path / "x" / "raw"  # overlaps the file:// folder once read as a plain path
+    result = cli("--output-dir", f"file://{tmp_path}/x", "--raw-dir", raw, "--replay", PURA_ANSWER)
+    assert result.returncode == 2
+    assert_one_error_line(result.stderr, "--output-dir .*use a plain path")
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+# ---------------------------------------------------------------- the lake holds regular files only
+
+
+def read_lake_in_a_child(lake: Path) -> subprocess.CompletedProcess:
+    """read_processed(lake).collect() in a new interpreter, bounded: a hang fails the test instead of stalling it."""
+    code = "import sys, random_user_etl as etl; print(etl.read_processed(sys.argv[1]).collect().height)"
+    return subprocess.run([sys.executable, "-c", code, str(lake)], cwd=ROOT, capture_output=True, text=True, timeout=30)
+
+
+def test_a_fifo_named_like_a_batch_is_named_instead_of_hanging_the_reader(api, out, settings):
+    etl.run(settings(seed="pura"))
+    fifo = out / "random_users_zz.parquet"
+    os.mkfifo(fifo)
+    result = read_lake_in_a_child(out)
+    assert result.returncode == 1
+    assert f"{fifo}: named like a batch but not a regular file" in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_folder_named_like_a_batch_is_named(api, out, settings):
+    etl.run(settings(seed="pura"))
+    folder = out / "random_users_zz.parquet"
+    folder.mkdir()
+    with pytest.raises(etl.EtlError, match=f"{folder}: named like a batch but not a regular file"):
+        etl.read_processed(str(out))
+
+
+def test_a_link_to_a_batch_is_read_as_the_batch(api, out, settings, tmp_path):
+    etl.run(settings(seed="pura"))
+    lake = tmp_path / "lake"
+    lake.mkdir()
+    (lake / "random_users_pura.parquet").symlink_to(out / "random_users_pura.parquet")
+    assert_rows_are(etl.read_processed(str(lake)).collect(), raw_users(PURA_ANSWER.name))
+
+
+# ---------------------------------------------------------------- replay never deletes its source
+
+
+@pytest.mark.parametrize("spelling", ["plain", "dotted", "through-a-link"])
+def test_replay_of_a_folder_in_the_output_staging_is_refused_and_the_folder_kept(spelling, out, tmp_path, cli):
+    source = out / ".staging" / "pura"
+    source.mkdir(parents=True)
+    (source / "page-00001.json.gz").write_bytes(gzip.compress(PURA_ANSWER.read_bytes()))
+    before = landed(out)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "pura").symlink_to(source, target_is_directory=True)  # named as the seed it holds
+    given = {"plain": source, "dotted": out / ".staging" / ".." / ".staging" / "pura", "through-a-link": tmp_path / "elsewhere" / "pura"}
+    result = cli("--replay", given[spelling], "--output-dir", out)
+    assert result.returncode == 1
+    assert_one_error_line(result.stderr, f"cannot replay {given[spelling]}: it lies in the staging folder {out / '.staging'}")
+    assert landed(out) == before and batch_files(out) == []
