@@ -11,6 +11,7 @@ Each step is a function of its arguments, so tests and analysts can call any one
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures as futures
 import contextlib
 import ctypes
@@ -71,6 +72,7 @@ HALVES_FROM_BYTES = 1 << 20  # answers this large (about 900 users) are parsed a
 # One helper thread for the process, not one per answer: a new thread each time drew on a new
 # allocator arena, and the job's peak at 200,000 users grew by 40 MB; with this one it fell by 20 MB.
 HALF_PARSER = futures.ThreadPoolExecutor(1, thread_name_prefix="parse")
+BOM = b"\xef\xbb\xbf"  # json.loads(bytes) skips a UTF-8 byte order mark; so does the transform
 PART_NULLS_KEY = "random_user_etl.nulls"  # a staged page's nulls per column, counted as it was staged
 SORT_RUN_ROWS = 10_000  # rows sorted in memory at once: assembly memory stays flat whatever n
 SCATTER_ROWS = 20_000  # rows of staged parts split into key ranges together: fewer, larger pieces
@@ -81,6 +83,25 @@ SCRATCH = dict(compression="uncompressed", statistics=False)
 # on 100,000 users: 0.17 s to write at the default level, 0.10 s at level 1 with no statistics, and no
 # larger); nothing reads them by predicate, so their statistics would go unused.
 PART = dict(compression="zstd", compression_level=1, statistics=False)
+# The service's own compact layout of a user, key by key. An answer written in it with no backslash
+# anywhere (so no escape can hide a key or a surrogate) holds every key once in every object, and
+# Polars reads it as Python's json does; any other answer is read once more by Python's json to check.
+USER_LAYOUT = (
+    "gender,name{title,first,last},location{street{number,name},city,state,country,postcode,"
+    "coordinates{latitude,longitude},timezone{offset,description}},email,"
+    "login{uuid,username,password,salt,md5,sha1,sha256},dob{date,age},registered{date,age},phone,cell,"
+    "id{name,value},picture{large,medium,thumbnail},nat"
+)
+INFO_LAYOUT = "seed,results,page,version"
+# An instant as ISO 8601 writes it and a standard reader reads it: chrono alone would also take a
+# one-digit month, a space before the zone, or a leap second rolled into the next minute.
+INSTANT_TEXT = (
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]+)?"
+    r"(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])$"
+)
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # a UTF-16 surrogate written as an escape (a byte check)
+INSTANT_COLUMNS = tuple(name for name in SOURCE_FIELDS if OUTPUT_SCHEMA[name] == UTC_INSTANT)
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # what is left of a lone escape once Python's json pairs the rest
 STAGERS = 2  # pages unpacked and typed at once: both cores of a small machine, and a bounded peak
 TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%S%.f%#z"
 # The longest text field of a real user is 48 bytes (a picture URL). Bounding every field bounds a
@@ -410,8 +431,14 @@ def parse_in_halves(body: bytes) -> pl.DataFrame | None:
     return rest.with_columns(results=first.get_column("results").list.concat(rest.get_column("results")))
 
 
+def without_bom(body: bytes) -> bytes:
+    """The body without a leading UTF-8 byte order mark."""
+    return body[len(BOM) :] if body.startswith(BOM) else body
+
+
 def parse_body(body: bytes, schema: pl.Schema = RAW_RESPONSE) -> pl.DataFrame:
     """Parse one answer against the raw schema: one row of results, info and error."""
+    body = without_bom(body)
     halves = parse_in_halves(body) if schema is RAW_RESPONSE else None
     if halves is not None:
         return halves
@@ -421,6 +448,10 @@ def parse_body(body: bytes, schema: pl.Schema = RAW_RESPONSE) -> pl.DataFrame:
         head = body[:64].lstrip()[:1]
         if head == b"<":
             raise EtlError("the answer is an HTML page, not JSON") from None
+        if SURROGATE_ESCAPE.search(body):  # Polars refuses some lone surrogates: name the field as json reads it
+            faults = json_reading_faults(body)
+            if faults:
+                raise contract_failure(faults) from None
         raise EtlError(f"the answer is not JSON of the randomuser.me 1.4 shape ({json_fault(exc)})") from None
     if parsed.height != 1 or not body.lstrip().startswith(b"{"):
         raise EtlError("the answer is not one JSON object")
@@ -435,6 +466,63 @@ def json_fault(exc: Exception) -> str:
         return f"a JSON {wrong_type.group(1).lower()} where a {wrong_type.group(2)} belongs"
     position = re.search(r"at character \d+", text)
     return f"malformed JSON {position.group(0)}" if position else "malformed JSON"
+
+
+def layout_pattern(layout: str) -> str:
+    """A regular expression for one object in a layout ("a,b{c,d}"): each key once, in order, values plain."""
+    scalar = r'(?:"[^"]*"|null|true|false|-?[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)'
+    keys = re.sub(r"(\w+)(\{?)", lambda m: f'"{m[1]}":' + (r"\{" if m[2] else scalar), layout.replace("}", r"\}"))
+    return r"\{" + keys + r"\}"
+
+
+@functools.cache
+def service_layout() -> re.Pattern:
+    """The whole compact answer of the service, as one regular expression over its bytes."""
+    user, info = layout_pattern(USER_LAYOUT), layout_pattern(INFO_LAYOUT)
+    return re.compile(rf'\{{"results":\[(?:{user}(?:,{user})*)?\],"info":{info}\}}'.encode())
+
+
+def in_service_layout(body: bytes) -> bool:
+    """True when no key of the body can repeat and no escape can hide one: the service's compact layout."""
+    return b"\\" not in body and service_layout().fullmatch(body) is not None
+
+
+def dig(value, path: str):
+    """A dotted field of what Python's json read, None where anything on the way is not an object."""
+    for name in path.split("."):
+        value = value.get(name) if isinstance(value, dict) else None
+    return value
+
+
+def json_reading_faults(body: bytes) -> list[str]:
+    """Where Python's json reads an answer otherwise than Polars: keys written twice, lone UTF-16 surrogates."""
+    declared = set(re.findall(r"\w+", f"results,info,error,{USER_LAYOUT},{INFO_LAYOUT}"))
+    twice = []  # per object holding a declared key more than once, those keys (a name is no personal data)
+
+    def one_object(items: list) -> dict:
+        read = dict(items)
+        if len(read) < len(items):  # Polars keeps the first of a repeated key, Python's json the last
+            counts = collections.Counter(key for key, _ in items)
+            keys = {key for key, count in counts.items() if count > 1 and key in declared}
+            if keys:
+                twice.append(keys)
+        return read
+
+    try:
+        doc = json.loads(body, object_pairs_hook=one_object)
+    except (ValueError, RecursionError):
+        return ["a standard JSON reader refuses the answer"]
+    faults = []
+    if twice:
+        names = ", ".join(sorted(set().union(*twice)))
+        faults.append(f"{len(twice)} JSON object(s) hold a key twice ({names})")
+    users = dig(doc, "results") if isinstance(dig(doc, "results"), list) else []
+    for source in [*SOURCE_FIELDS.values(), "info.seed", "info.version"]:
+        where = [dig(doc, source)] if source.startswith("info.") else [dig(user, source) for user in users]
+        count = sum(1 for value in where if isinstance(value, str) and LONE_SURROGATE.search(value))
+        if count:
+            faults.append(f"{source} holds a lone UTF-16 surrogate in {count} records")
+    return faults
 
 
 def envelope(parsed: pl.DataFrame) -> dict:
@@ -460,7 +548,7 @@ def answer_info(body: bytes) -> dict:
 
 def check_page_number(info: dict) -> None:
     """Refuse an info.page that is not a page number."""
-    if info.get("page") is not None and not re.fullmatch(r"[1-9]\d{0,4}", info["page"]):
+    if info.get("page") is not None and not re.fullmatch(r"[1-9][0-9]{0,4}", info["page"]):
         raise EtlError(f"the answer's info.page {shorten(info['page'])!r} is not a page number")
 
 
@@ -498,7 +586,8 @@ def typed_columns() -> dict[str, pl.Expr]:
         col = pl.col(name)
         if dtype == UTC_INSTANT:
             # No cache: real answers hold distinct instants, so a cache is built per page and never hit.
-            typed[name] = col.str.to_datetime(TIMESTAMP_FORMAT, time_unit="us", time_zone="UTC", strict=False, cache=False)
+            instant = col.str.to_datetime(TIMESTAMP_FORMAT, time_unit="us", time_zone="UTC", strict=False, cache=False)
+            typed[name] = pl.when(col.str.contains(INSTANT_TEXT)).then(instant)
         elif dtype != pl.String:
             typed[name] = col.cast(dtype, strict=False)
         elif name in NULLABLE_COLUMNS:
@@ -506,6 +595,11 @@ def typed_columns() -> dict[str, pl.Expr]:
         else:
             typed[name] = col
     return typed
+
+
+def contract_failure(problems: list[str]) -> EtlError:
+    """The error for an answer that breaks the contract, every problem named."""
+    return EtlError(f"{len(problems)} contract check(s) failed: " + "; ".join(problems))
 
 
 def contract_violations(flat: pl.DataFrame, typed: pl.DataFrame) -> list[str]:
@@ -523,11 +617,16 @@ def contract_violations(flat: pl.DataFrame, typed: pl.DataFrame) -> list[str]:
         bad_latitude=(~pl.col("latitude").is_between(-90, 90)).sum(),
         bad_longitude=(~pl.col("longitude").is_between(-180, 180)).sum(),
         duplicates=pl.len() - pl.col("user_id").drop_nulls().n_unique() - pl.col("user_id").null_count(),
+        # A standard reader holds years 1 to 9999 only; an offset can carry a written year past them.
+        **{name: (~pl.col(name).dt.year().is_between(1, 9999)).sum() for name in INSTANT_COLUMNS},
     ).row(0, named=True)
     if ranges["bad_latitude"]:
         problems.append(f"latitude lies outside [-90, 90] in {ranges['bad_latitude']} records")
     if ranges["bad_longitude"]:
         problems.append(f"longitude lies outside [-180, 180] in {ranges['bad_longitude']} records")
+    for name in INSTANT_COLUMNS:
+        if ranges[name]:
+            problems.append(f"{SOURCE_FIELDS[name]} lies outside the years 1 to 9999 in {ranges[name]} records")
     if ranges["duplicates"]:
         problems.append(f"login.uuid repeats in {ranges['duplicates']} records")
     return problems
@@ -558,7 +657,12 @@ def sort_key() -> pl.Expr:
 
 def transform(body: bytes, expect: PageRequest | None = None, ingested_at: dt.datetime | None = None) -> pl.DataFrame:
     """One raw answer body in, the contract frame out in the answer's order, or EtlError saying what is wrong."""
+    body = without_bom(body)
     parsed = parse_body(body)
+    if not in_service_layout(body):  # the exact, slower reading only where Polars and json could differ
+        faults = json_reading_faults(body)
+        if faults:
+            raise contract_failure(faults)
     info = check_envelope(parsed, expect)
     users = parsed.get_column("results").explode(empty_as_null=False).struct.unnest()
     if users.height == 0:

@@ -225,3 +225,106 @@ def test_an_info_that_contradicts_the_answer_is_refused(change, says):
     body["info"].update(change)
     with pytest.raises(etl.EtlError, match=says):
         etl.transform(json.dumps(body).encode())
+
+
+# ---------------------------------------------------------------- hostile data (issue 11): what json reads, or a refusal
+
+NOSEED = "noseed_results-5.json"
+
+
+def compact(doc: dict) -> bytes:
+    """An answer in the service's own compact layout."""
+    return _dumps(doc).encode()
+
+
+def first_user_text(old: str, new: str) -> bytes:
+    """The compact noseed answer with one piece of its first user's text replaced (raw JSON text)."""
+    body = compact(fixture_json(NOSEED)).decode()
+    assert old in body
+    return body.replace(old, new, 1).encode()
+
+
+def assert_lands_as_json_reads(body: bytes) -> None:
+    """The transform lands exactly the reference's rows (Python's json by the contract's rules)."""
+    from conftest import reference_rows
+
+    assert etl.transform(body, ingested_at=INGESTED).to_dicts() == reference_rows(body, INGESTED)
+
+
+def test_a_utf8_byte_order_mark_is_accepted_as_json_reads_it():
+    # json.loads(bytes) skips a UTF-8 BOM; so does the job, on the plain and the two-halves path alike.
+    for body in (fixture_bytes(NOSEED), page_body("halves", 3, 2000)):
+        assert json.loads(b"\xef\xbb\xbf" + body) == json.loads(body)
+        assert etl.transform(b"\xef\xbb\xbf" + body, ingested_at=INGESTED).equals(etl.transform(body, ingested_at=INGESTED))
+
+
+@pytest.mark.parametrize("escape", [r"\ud800X", r"X\udc00", r"\ude00\ud83d", r"\ud800\u0041", r"\ud800\ud800"])
+def test_a_lone_surrogate_escape_is_refused_naming_the_field(escape):
+    first = fixture_json(NOSEED)["results"][0]["name"]["first"]
+    body = first_user_text(f'"first":"{first}"', f'"first":"{escape}"')
+    with pytest.raises(etl.EtlError, match=r"name\.first holds a lone UTF-16 surrogate in 1 records"):
+        etl.transform(body)
+
+
+def test_a_lone_surrogate_in_a_large_answer_is_refused_too():
+    body = page_body("halves", 3, 2000).replace(b'"nat":"', b'"nat":"\\udbff', 1)
+    with pytest.raises(etl.EtlError, match=r"nat holds a lone UTF-16 surrogate in 1 records"):
+        etl.transform(body)
+
+
+@pytest.mark.parametrize("escape, reads", [(r"\ud83d\ude00", "😀"), (r"\uD83D\uDE00x", "😀x"), (r"\u00e9\u0000\/", "é\x00/")])
+def test_escaped_pairs_and_other_escapes_land_as_json_reads_them(escape, reads):
+    first = fixture_json(NOSEED)["results"][0]["name"]["first"]
+    body = first_user_text(f'"first":"{first}"', f'"first":"{escape}"')
+    assert json.loads(body)["results"][0]["name"]["first"] == reads
+    assert_lands_as_json_reads(body)
+
+
+DUPLICATES = {
+    # Polars keeps the first of a repeated key, Python's json the last: such an answer is refused.
+    "a text": ('"title":"', '"title":"Dr","title":"'),
+    "a national id, null first": ('"id":{"name":"', '"id":{"value":null,"name":"'),
+    "a whole object": ('"name":{"title"', '"name":{"title":"Mr","first":"A","last":"B"},"name":{"title"'),
+    "the users": ('{"results":[', '{"results":[],"results":['),
+    "a key written with an escape": ('"title":"', '"titl\\u0065":"Dr","title":"'),
+    "info.seed": ('"info":{"seed":"', '"info":{"seed":"other","seed":"'),
+}
+
+
+@pytest.mark.parametrize("where", DUPLICATES)
+def test_a_key_written_twice_in_one_object_is_refused(where):
+    old, new = DUPLICATES[where]
+    body = first_user_text(old, new)
+    with pytest.raises(etl.EtlError, match=r"holds? a key twice"):
+        etl.transform(body)
+
+
+@pytest.mark.parametrize(
+    "date",
+    [
+        "1961-4-14T13:40:33.374Z",  # a one-digit month
+        "1961-04-14T13:40:60.000Z",  # a leap second: Polars rolls it into the next minute
+        " 1961-04-14T13:40:33.374Z",  # leading space
+        "+1961-04-14T13:40:33.374Z",
+        "1961-04-14T13:40:33.374+02:",  # an offset cut short
+        "0001-01-01T00:00:00.000+01:00",  # an instant before year 1 in UTC: no reader can hold it
+        "9999-12-31T23:59:59.000-01:00",  # after year 9999 in UTC
+    ],
+)
+def test_a_date_a_standard_reader_would_not_read_is_refused(date):
+    old = fixture_json(NOSEED)["results"][0]["dob"]["date"]
+    with pytest.raises(etl.EtlError, match=r"dob\.date (does not parse as a date|lies outside the years 1 to 9999) in 1 records"):
+        etl.transform(first_user_text(old, date))
+
+
+@pytest.mark.parametrize("date", ["1961-04-14T13:40:33Z", "1961-04-14T13:40:33.123456789+02:00", "1961-04-14T13:40:33.5-00:30"])
+def test_dates_in_other_iso_forms_land_as_the_reference_reads_them(date):
+    old = fixture_json(NOSEED)["results"][0]["dob"]["date"]
+    assert_lands_as_json_reads(first_user_text(old, date))
+
+
+def test_a_page_number_in_other_digits_is_refused():
+    doc = fixture_json(NOSEED)
+    doc["info"]["page"] = "1\u0661"  # Arabic-Indic one: Python's int() reads "11"
+    with pytest.raises(etl.EtlError, match="is not a page number"):
+        etl.transform(compact(doc))

@@ -1,0 +1,212 @@
+"""Fuzzing the transform with Hypothesis over mutated real answers (issue 11).
+
+Property: `transform(body)` raises EtlError or returns exactly the rows conftest.reference_rows
+works out from Python's json; never another exception, never a different value. And the reverse:
+an answer the reference accepts is not refused, save for a key written twice (refused on purpose)
+and, anywhere in the body, a number beyond a float's range or some lone surrogate escapes (Polars'
+reader cannot read those at all).
+
+Profiles: "ci" (the default, well under a minute) and "long" (HYPOTHESIS_PROFILE=long, for the
+benchmark's machine). No example database is written into the repository.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime as dt
+import json
+import math
+import os
+
+import pytest
+from conftest import LONE_SURROGATE, Refused, fixture_json, reference_rows
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+import random_user_etl as etl
+
+settings.register_profile("ci", max_examples=1000, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", max_examples=20_000, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+INGESTED = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+SOURCES = [
+    "noseed_results-5.json",
+    "noinfo_seed-noinfo_results-5.json",
+    "nat-gb_seed-gbonly_results-25.json",
+    "nat-ca-no-fr_seed-mixnat_results-25.json",
+    "paged_seed-paged_results-40_page-2.json",
+]
+REFUSED = "refused"
+
+
+@dataclasses.dataclass(frozen=True)
+class Raw:
+    """JSON text written as is: numbers Python would never write (1.5e3, 1E400, -0.0), or invalid tokens."""
+
+    text: str
+
+
+@dataclasses.dataclass
+class Pairs:
+    """A JSON object as key/value pairs, so a key may appear twice."""
+
+    items: list
+
+
+def dump(value, ascii_only: bool, pretty: bool) -> str:
+    """JSON text of a value tree holding Raw numbers and Pairs objects."""
+    space = " " if pretty else ""
+    if isinstance(value, Raw):
+        return value.text
+    if isinstance(value, (dict, Pairs)):
+        items = value.items if isinstance(value, Pairs) else list(value.items())
+        return "{" + ",".join(f"{dump(k, ascii_only, pretty)}:{space}{dump(v, ascii_only, pretty)}" for k, v in items) + "}"
+    if isinstance(value, list):
+        return "[" + f",{space}".join(dump(v, ascii_only, pretty) for v in value) + "]"
+    return json.dumps(value, ensure_ascii=ascii_only)
+
+
+def paths(value, here=()):
+    """Every path (keys and indexes) to a value in a tree, the root excluded."""
+    found = []
+    children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in children:
+        found.append((*here, key))
+        found += paths(child, (*here, key))
+    return found
+
+
+def at(tree, path):
+    """The container holding the last step of a path."""
+    for step in path[:-1]:
+        tree = tree[step]
+    return tree
+
+
+NUMBERS = st.one_of(
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.sampled_from([Raw(t) for t in ("1.5e3", "1E400", "-1e400", "1e-400", "-0.0", "-0", "41.0", "1.50", "123456789012345678901234567890", "5e-324", "9007199254740993", "NaN", "Infinity")]),
+)
+TEXTS = st.one_of(
+    st.sampled_from(
+        [
+            "", "NaN", "nan", "inf", "-Infinity", "1e5", "+41", "041", " 41", "41.0", "4_1", "١٢", ".5", "5.", "0x10",
+            "x" * 10_000, "😀", "שלום עולם", "\u202eevil", "a\x00b", "\ud800X", "\udc00", "\ud83d\ude00", "Z",
+            "1961-04-14T13:40:33Z", "1961-04-14T13:40:33.1234567+02:00", "1961-4-14T13:40:33Z", "1961-04-14T13:40:60Z",
+            "1961-04-14T13:40:33.374z", "0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00", " 1961-04-14T13:40:33Z",
+            "1961-04-14T13:40:33.374+02:", "+1961-04-14T13:40:33Z", "1961-02-30T00:00:00Z", "1", "0",
+        ]
+    ),
+    st.text(max_size=30),
+)
+VALUES = st.one_of(st.none(), st.booleans(), NUMBERS, TEXTS, st.builds(dict), st.builds(list), st.builds(lambda: {"a": "b"}), st.builds(lambda: ["x"]))  # fresh: never a shared object
+
+
+def pick(data, paths_, label):
+    """One of these paths, or None when there is none (an earlier mutation took them all)."""
+    return data.draw(st.sampled_from(paths_), label=label) if paths_ else None
+
+
+def replace_leaf(doc, data):
+    path = pick(data, [p for p in paths(doc) if not isinstance(at(doc, p)[p[-1]], (dict, list, Pairs))], "leaf")
+    if path:
+        at(doc, path)[path[-1]] = data.draw(VALUES, label="value")
+    return doc
+
+
+def replace_any(doc, data):
+    path = pick(data, paths(doc), "node")
+    if path:
+        at(doc, path)[path[-1]] = data.draw(VALUES, label="value")
+    return doc
+
+
+def delete_key(doc, data):
+    path = pick(data, [p for p in paths(doc) if isinstance(p[-1], str)], "key")
+    if path:
+        del at(doc, path)[path[-1]]
+    return doc
+
+
+def duplicate_user(doc, data):
+    users = doc.get("results") if isinstance(doc, dict) else None
+    if isinstance(users, list) and users:
+        copy_ = copy.deepcopy(users[data.draw(st.integers(0, len(users) - 1), label="user")])
+        if data.draw(st.booleans(), label="new id") and isinstance(copy_, dict) and isinstance(copy_.get("login"), dict):
+            copy_["login"]["uuid"] = f"copy-{len(users)}"  # the same person under another id: lands twice
+        users.insert(data.draw(st.integers(0, len(users)), label="at"), copy_)
+        if isinstance(doc.get("info"), dict) and data.draw(st.booleans(), label="recount"):
+            doc["info"]["results"] = len(users)
+    return doc
+
+
+def duplicate_key(doc, data):
+    path = pick(data, [p for p in paths(doc) if isinstance(at(doc, p)[p[-1]], dict) and at(doc, p)[p[-1]]], "object")
+    if not path:
+        return doc
+    obj = at(doc, path)[path[-1]]
+    key = data.draw(st.sampled_from(list(obj)), label="key")
+    again = data.draw(st.one_of(st.just(obj[key]), VALUES), label="value again")
+    items = list(obj.items())
+    items.insert(data.draw(st.integers(0, len(items)), label="at"), (key, again))
+    at(doc, path)[path[-1]] = Pairs(items)
+    return doc
+
+
+MUTATIONS = [replace_leaf, replace_any, delete_key, duplicate_user, duplicate_key]
+
+
+def sometimes(one_in: int):
+    """True once in `one_in` draws (shrinking toward False): most examples then keep a readable answer."""
+    return st.integers(1, one_in).map(lambda n: n == one_in)
+
+
+def outcome(call):
+    """What a reading gives: its rows, or REFUSED."""
+    try:
+        return call()
+    except (etl.EtlError, Refused):
+        return REFUSED
+
+
+@given(data=st.data())
+def test_the_transform_refuses_or_lands_what_the_standard_reader_reads(data):
+    doc = fixture_json(data.draw(st.sampled_from(SOURCES), label="answer"))
+    for mutation in data.draw(st.lists(st.sampled_from(MUTATIONS), min_size=1, max_size=2), label="mutations"):
+        doc = mutation(doc, data)
+    text = dump(doc, ascii_only=data.draw(st.booleans(), label="ascii"), pretty=data.draw(sometimes(4), label="pretty"))
+    body = text.encode("utf-8", "surrogatepass")
+    if data.draw(sometimes(8), label="truncate"):
+        body = body[: data.draw(st.integers(0, len(body) - 1), label="cut")]
+    if data.draw(sometimes(4), label="bom"):
+        body = b"\xef\xbb\xbf" + body
+    expected = outcome(lambda: reference_rows(body, INGESTED))
+    got = outcome(lambda: etl.transform(body, ingested_at=INGESTED).to_dicts())
+    event(f"reference {'refuses' if expected == REFUSED else 'accepts'}, transform {'refuses' if got == REFUSED else 'accepts'}")
+    if got != REFUSED:
+        assert got == expected
+    elif expected != REFUSED:
+        assert refused_on_purpose(body), "the reference reads this answer, yet the transform refuses it"
+
+
+def refused_on_purpose(body: bytes) -> bool:
+    """True for answers the reference reads but the job refuses by design: a key written twice (refused
+    on purpose), or, anywhere in the body, even in a field the contract does not use, what Polars'
+    reader cannot read: a number beyond a float's range, some lone surrogate escapes."""
+    found = []
+
+    def pairs(items):
+        found.append(len(dict(items)) < len(items))
+        return dict(items)
+
+    doc = json.loads(body, object_pairs_hook=pairs, parse_float=lambda text: found.append(math.isinf(float(text))))
+    return any(found) or LONE_SURROGATE.search(json.dumps(doc, ensure_ascii=False)) is not None
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_the_unmutated_answers_land_as_the_reference_reads_them(source):
+    body = json.dumps(fixture_json(source)).encode()
+    assert etl.transform(body, ingested_at=INGESTED).to_dicts() == reference_rows(body, INGESTED)
