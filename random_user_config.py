@@ -30,6 +30,9 @@ NATIONALITIES = frozenset(
 # dots to climb with, no control characters, bounded length.
 SEED_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
 
+# The longest --max-wait: a day. A wait on the service longer than that is an outage, not a pause.
+LONGEST_WAIT = 86_400
+
 OFF_WORDS = frozenset({"", "off", "none", "no", "false", "0"})
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 
@@ -142,6 +145,15 @@ SETTINGS = (
         parse_float,
         "S",
     ),
+    Setting(
+        "max_wait",
+        "--max-wait",
+        "RANDOM_USER_MAX_WAIT",
+        "the longest the run waits on the service at one stretch, seconds: no backoff or rate-limit pause "
+        "is longer, and a Retry-After beyond it ends the run (default 900)",
+        parse_float,
+        "S",
+    ),
     Setting("concurrency", "--concurrency", "RANDOM_USER_CONCURRENCY", "pages fetched at once (default 4)", parse_int, "K"),
     Setting(
         "page_size",
@@ -194,6 +206,7 @@ class Settings:
     retries: int = 5
     backoff: float = 1.0
     rate_limit_wait: float = 60.0
+    max_wait: float = 900.0
     concurrency: int = 4
     page_size: int = MAX_PAGE_SIZE
     max_response_mb: float = 64.0
@@ -214,6 +227,7 @@ class Settings:
         check("retries", self.retries >= 0, "must be 0 or more")
         check("backoff", self.backoff >= 0, "must be 0 or more")
         check("rate_limit_wait", self.rate_limit_wait >= 0, "must be 0 or more")
+        check("max_wait", 0 < self.max_wait <= LONGEST_WAIT, f"must be more than 0 and at most {LONGEST_WAIT}")
         check("concurrency", 1 <= self.concurrency <= 64, "must be between 1 and 64")
         check("max_response_mb", self.max_response_mb > 0, "must be more than 0")
         check("output_dir", bool(self.output_dir), "must not be empty")
