@@ -1379,6 +1379,8 @@ def stop_on_signals():
     if threading.current_thread() is not threading.main_thread():
         yield  # only the main thread may set handlers: a caller elsewhere keeps its own
         return
+    # Set after `import polars`, which puts a SIGINT handler of its own in Python's place: with it, a
+    # Ctrl-C reached Python only when the main thread next woke (measured: not until a page came in).
     previous = {signum: signal.signal(signum, on_stop_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
