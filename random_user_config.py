@@ -37,10 +37,11 @@ STAGING = ".staging"  # the folder of a run's staged pages, inside a local outpu
 # Ranges of the numeric settings. A wait (timeout, rate-limit pause) is at most an hour: longer reads
 # as a hung job, and past about 1e9 s the sockets' and sleeps' clocks overflow.
 LONGEST_WAIT = 3600
-# urllib3 retries by calling itself, one frame per retry: about 970 retries exhaust Python's stack
-# (RecursionError). 100 is far beyond what a transient fault needs, and well inside the stack.
+# The longest --max-wait: a day. A wait on the service longer than that is an outage, not a pause.
+LONGEST_MAX_WAIT = 86_400
+# Each retry is a log line and a wait: 100 is far beyond what a transient fault needs.
 MOST_RETRIES = 100
-# The job caps a backoff wait at 32 times the base (make_retry): a base of 100 s keeps it under an hour.
+# A backoff wait is capped at 32 times the base (backoff_time): a base of 100 s keeps it under an hour.
 MOST_BACKOFF = 100
 # An answer is held whole while it is parsed. 1,000 MB is 200 times a real 5,000-user page (~5 MB)
 # and already more than the CronJob's 1 GiB holds; past about 9e12 MB the byte count overflows C.
@@ -166,6 +167,15 @@ SETTINGS = (
         parse_float,
         "S",
     ),
+    Setting(
+        "max_wait",
+        "--max-wait",
+        "RANDOM_USER_MAX_WAIT",
+        "the longest the run waits on the service at one stretch, seconds: no backoff or rate-limit pause "
+        "is longer, and a Retry-After beyond it ends the run (default 900)",
+        parse_float,
+        "S",
+    ),
     Setting("concurrency", "--concurrency", "RANDOM_USER_CONCURRENCY", "pages fetched at once (default 4)", parse_int, "K"),
     Setting(
         "page_size",
@@ -218,6 +228,7 @@ class Settings:
     retries: int = 5
     backoff: float = 1.0
     rate_limit_wait: float = 60.0
+    max_wait: float = 900.0
     concurrency: int = 4
     page_size: int = MAX_PAGE_SIZE
     max_response_mb: float = 64.0
@@ -238,6 +249,7 @@ class Settings:
         check("retries", 0 <= self.retries <= MOST_RETRIES, f"must be between 0 and {MOST_RETRIES}")
         check("backoff", 0 <= self.backoff <= MOST_BACKOFF, f"must be between 0 and {MOST_BACKOFF}")
         check("rate_limit_wait", 0 <= self.rate_limit_wait <= LONGEST_WAIT, f"must be between 0 and {LONGEST_WAIT}")
+        check("max_wait", 0 < self.max_wait <= LONGEST_MAX_WAIT, f"must be more than 0 and at most {LONGEST_MAX_WAIT}")
         check("concurrency", 1 <= self.concurrency <= MOST_CONCURRENCY, f"must be between 1 and {MOST_CONCURRENCY}")
         check("max_response_mb", 0 < self.max_response_mb <= MOST_RESPONSE_MB, f"must be more than 0 and at most {MOST_RESPONSE_MB}")
         check("output_dir", bool(self.output_dir), "must not be empty")

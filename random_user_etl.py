@@ -17,11 +17,13 @@ import contextlib
 import ctypes
 import dataclasses
 import datetime as dt
+import email.utils
 import errno
 import fcntl
 import fnmatch
 import functools
 import gzip
+import http.client
 import itertools
 import json
 import logging
@@ -31,6 +33,9 @@ import random
 import re
 import secrets
 import shutil
+import signal
+import socket
+import ssl
 import stat
 import sys
 import threading
@@ -43,13 +48,15 @@ import polars as pl
 from polars.io.plugins import register_io_source
 import requests
 from requests.adapters import HTTPAdapter
-from urllib3.exceptions import InvalidHeader, MaxRetryError, ProtocolError, ReadTimeoutError
-from urllib3.util.retry import Retry
+import urllib3
+from urllib3.exceptions import InvalidChunkLength, MaxRetryError, NameResolutionError, NewConnectionError, ProtocolError
+from urllib3.poolmanager import pool_classes_by_scheme
 
 import random_user_config as config
 from random_user_config import Settings, SettingsError, is_remote, shorten, staging_root
 from schemas import (
     INCLUDED_FIELDS,
+    MAX_FIELD_BYTES,
     NULLABLE_COLUMNS,
     OUTPUT_SCHEMA,
     QUALITY_METADATA_KEY,
@@ -104,12 +111,6 @@ INSTANT_COLUMNS = tuple(name for name in SOURCE_FIELDS if OUTPUT_SCHEMA[name] ==
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # what is left of a lone escape once Python's json pairs the rest
 STAGERS = 2  # pages unpacked and typed at once: both cores of a small machine, and a bounded peak
 TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%S%.f%#z"
-# The longest text field of a real user is 48 bytes (a picture URL). Bounding every field bounds a
-# row, so typed pages, staged parts and sort runs (all held by row count) are bounded by the
-# settings, whatever the answers hold. Measured peaks: one 40 MB name took a page from 90 MB to
-# 550 MB; 60,000 users with every text field at the bound peak at 544 MB with 256 bytes (940 MB
-# with 1,000: too near the CronJob's 1 GiB), against 264 MB for 60,000 real users.
-MAX_FIELD_BYTES = 256
 
 
 class EtlError(Exception):
@@ -128,6 +129,35 @@ class PageRequest:
 # ---------------------------------------------------------------- extract
 
 
+RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
+# Set when the run is told to stop (SIGINT, SIGTERM): every wait ends at once and every request in
+# flight is cut, so the thread pools drain in moments and staged pages stay for the next run.
+STOP = threading.Event()
+_attempt = threading.local()  # the try each thread's requests belong to, for its connections to find
+_in_flight: set = set()  # every try under way, cut at once by a stop
+
+
+class Stopped(KeyboardInterrupt):
+    """The run was told to stop (SIGINT or SIGTERM); staged pages are kept for the next run."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def hold(seconds: float) -> None:
+    """Wait `seconds`, unless the run is told to stop first: then raise Stopped at once."""
+    if STOP.wait(max(seconds, 0)):
+        raise Stopped()
+
+
+def stop_requests() -> None:
+    """Tell the run to stop: every wait ends and every request in flight is cut."""
+    STOP.set()
+    for attempt in list(_in_flight):
+        attempt.cut()
+
+
 class RateGate:
     """Holds every worker back while the service's rate limit is waited out."""
 
@@ -142,69 +172,99 @@ class RateGate:
         self.wait()
 
     def wait(self) -> None:
-        """Block until the gate is open."""
+        """Block until the gate is open; a stopped run passes no more requests through."""
+        hold(0)
         while (left := self._resume_at - time.monotonic()) > 0:
-            time.sleep(min(left, 0.5))
+            hold(left)
 
 
-class PoliteRetry(Retry):
-    """urllib3's Retry, logging each retry and waiting out randomuser.me's bare 429."""
+class Attempt:
+    """One try of a request, `seconds` from connect to last byte: its socket is shut at that deadline or at a stop."""
 
-    def __init__(self, *args, rate_limit_wait: float = 60.0, gate: RateGate | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.rate_limit_wait = rate_limit_wait
-        self.gate = gate or RateGate()
+    def __init__(self, seconds: float):
+        self.connection = None
+        self.expired = False
+        self._timer = threading.Timer(seconds, self.cut)
+        self._timer.daemon = True
 
-    def new(self, **kwargs):
-        """Carry our own settings into the copy urllib3 makes for each attempt."""
-        retry = super().new(**kwargs)
-        retry.rate_limit_wait, retry.gate = self.rate_limit_wait, self.gate
-        return retry
+    def __enter__(self) -> Attempt:
+        _attempt.current = self
+        _in_flight.add(self)
+        self._timer.start()
+        if STOP.is_set():  # a stop between the caller's check and here found no try to cut
+            self.cut()
+        return self
 
-    def increment(self, method=None, url=None, response=None, error=None, _pool=None, _stacktrace=None):
-        """Count one more try, and say in one log line what is retried, why, and any wait the service set."""
-        retry = super().increment(method, url, response, error, _pool, _stacktrace)
-        reason = retry_reason(response, error)
-        if self.bare_rate_limit(response):
-            reason += f", rate limited: pausing all requests for {self.rate_limit_wait:g}s"
-        elif response is not None and (asked := self.get_retry_after(response)):
-            reason += f", waiting {asked:g}s as the service asks (Retry-After)"
-        log.warning("retry %d of %d for %s: %s", len(retry.history), self.total_budget, redact(url), reason)
-        if response is not None:
-            # urllib3 would read a retried answer's whole body to reuse its connection, so a huge or
-            # endless 503 body would fill memory. Closed unread instead; the retry connects afresh.
-            response.close()
-        return retry
+    def __exit__(self, *exc_info) -> None:
+        self._timer.cancel()
+        _in_flight.discard(self)
+        _attempt.current = self.connection = None
 
-    def get_backoff_time(self) -> float:
-        """base, 2·base, 4·base... from the first retry (urllib3 retries the first at once), jittered, capped."""
-        errors = len(list(itertools.takewhile(lambda h: h.redirect_location is None, reversed(self.history))))
-        if errors == 0:
-            return 0.0
-        return min(self.backoff_max, self.backoff_factor * 2 ** (errors - 1) + random.random() * self.backoff_jitter)
+    def attach(self, connection) -> None:
+        """Tie the connection this try uses to it, and cut it at once if the try is already over."""
+        self.connection = connection
+        if self.expired:
+            self.cut()
 
-    @property
-    def total_budget(self) -> int:
-        """How many retries this request may use in all (urllib3 counts `total` down in each copy)."""
-        return self.total + len(self.history) if self.total is not None else 0
+    def cut(self) -> None:
+        """End the try: shut its socket, so a read or write blocked on it returns at once."""
+        self.expired = True  # before reading the connection: attach() reads them the other way round
+        sock = getattr(self.connection, "sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
-    def get_retry_after(self, response) -> float | None:
-        """Retry-After in seconds; None if absent or unreadable ("soon", "0.5"), so the 429 wait or backoff applies."""
-        try:
-            return super().get_retry_after(response)
-        except InvalidHeader:
-            return None
 
-    def bare_rate_limit(self, response) -> bool:
-        """True for randomuser.me's 429: no usable Retry-After, so the rate-limit wait applies."""
-        return response is not None and response.status == 429 and self.get_retry_after(response) is None
+class _Watched:
+    """Mixed into urllib3's connections: a connection in use is tied to its thread's current try."""
 
-    def sleep(self, response=None) -> None:
-        """Pause before the next try: Retry-After if given, the rate-limit wait on a bare 429, else backoff."""
-        if self.bare_rate_limit(response):
-            self.gate.pause(self.rate_limit_wait)
-            return
-        super().sleep(response)
+    def connect(self):
+        super().connect()
+        self._watch()
+
+    def request(self, *args, **kwargs):
+        self._watch()  # a reused connection; a new one connects inside request(), and connect() ties it
+        return super().request(*args, **kwargs)
+
+    def _watch(self) -> None:
+        attempt = getattr(_attempt, "current", None)
+        if attempt is not None:
+            attempt.attach(self)
+
+
+def watched(pool_class: type) -> type:
+    """A urllib3 pool class whose connections are tied to the try under way."""
+    connection = type(f"Watched{pool_class.ConnectionCls.__name__}", (_Watched, pool_class.ConnectionCls), {})
+    return type(f"Watched{pool_class.__name__}", (pool_class,), {"ConnectionCls": connection})
+
+
+WATCHED_POOLS = {scheme: watched(pool) for scheme, pool in pool_classes_by_scheme.items()}
+
+
+class WatchedAdapter(HTTPAdapter):
+    """requests' adapter on watched connections. It retries nothing itself: fetch_page holds the one retry loop."""
+
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = WATCHED_POOLS
+
+    def proxy_manager_for(self, proxy, **proxy_kwargs):
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        if not proxy.lower().startswith("socks"):  # SOCKS has pool classes of its own
+            manager.pool_classes_by_scheme = WATCHED_POOLS
+        return manager
+
+
+def make_session(settings: Settings) -> requests.Session:
+    """One pooled, verifying session on watched connections, with no retries of its own."""
+    session = requests.Session()
+    adapter = WatchedAdapter(max_retries=0, pool_connections=1, pool_maxsize=max(settings.concurrency, 1))
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    session.verify = True
+    session.headers["User-Agent"] = "random-user-etl/1.0"
+    session.headers["Accept-Encoding"] = "gzip"  # the one encoding read_body unpacks
+    return session
 
 
 def redact(url: str | None) -> str:
@@ -214,49 +274,67 @@ def redact(url: str | None) -> str:
     return re.sub(r"^[a-z]+://[^/]+", "", url) or url
 
 
-def retry_reason(response, error) -> str:
-    """Why a try failed, in a few words."""
-    if response is not None and getattr(response, "status", None):
-        return f"HTTP {response.status}"
-    name = type(error).__name__ if error is not None else "unknown error"
-    text = str(error).split(": ", 1)[-1] if error is not None else ""
-    return f"{name} ({text[:120]})" if text else name
+# What a transport fault is, by the first row that any exception in its chain of causes matches.
+# Only the class name and these fixed words are ever logged: a fault's own text can carry the
+# answer's bytes (a status line or a chunk length that is really JSON, a header that is a person).
+TIMED_OUT = "timed out: no whole answer within {timeout:g}s (--timeout)"
+REACH, BAD, CUT = "cannot reach {url}: {kind}", "bad answer from {url}: {kind}", "answer cut off"
+FAULTS = (
+    ((http.client.RemoteDisconnected,), "closed without an answer", REACH),
+    ((ConnectionRefusedError,), "connection refused", REACH),
+    ((socket.gaierror, NameResolutionError), "host name does not resolve", REACH),
+    ((NewConnectionError,), "cannot connect", REACH),  # before the timeouts: urllib3 derives it from one
+    ((TimeoutError, urllib3.exceptions.TimeoutError, requests.exceptions.Timeout), "timed out", TIMED_OUT),
+    ((ConnectionResetError, ConnectionAbortedError, BrokenPipeError), "connection reset by peer", REACH),
+    ((ssl.SSLError, urllib3.exceptions.SSLError, requests.exceptions.SSLError), "TLS failed", REACH),
+    ((InvalidChunkLength,), "broken chunked framing", BAD),  # before IncompleteRead, which it derives from
+    ((http.client.IncompleteRead,), "connection broken, answer cut off", CUT),
+    ((http.client.HTTPException,), "not an HTTP answer", BAD),
+)
+# Everything a request and its streamed read can raise short of our own checks.
+TRANSPORT_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException, OSError)
 
 
-def make_retry(settings: Settings, gate: RateGate | None = None) -> PoliteRetry:
-    """The retry policy: bounded exponential backoff with jitter, on connection faults, 429 and 5xx."""
-    return PoliteRetry(
-        total=settings.retries,
-        connect=settings.retries,
-        read=settings.retries,
-        status=settings.retries,
-        other=settings.retries,
-        backoff_factor=settings.backoff,
-        backoff_jitter=settings.backoff / 2,
-        backoff_max=settings.backoff * 32,
-        status_forcelist=(429, 500, 502, 503, 504),
-        allowed_methods=frozenset({"GET"}),
-        respect_retry_after_header=True,
-        raise_on_status=False,
-        rate_limit_wait=settings.rate_limit_wait,
-        gate=gate,
-    )
+class Fault(Exception):
+    """A transport fault reduced to its kind: what the retry line says, and what the last line says."""
+
+    def __init__(self, reason: str, line: str):
+        super().__init__(reason)
+        self.reason, self.line = reason, line
 
 
-def make_session(settings: Settings, gate: RateGate | None = None) -> requests.Session:
-    """One pooled, verifying session with the retry policy mounted on it."""
-    session = requests.Session()
-    adapter = HTTPAdapter(
-        max_retries=make_retry(settings, gate),
-        pool_connections=1,
-        pool_maxsize=max(settings.concurrency, 1),
-    )
-    session.mount("https://", adapter)
-    session.mount("http://", adapter)
-    session.verify = True
-    session.headers["User-Agent"] = "random-user-etl/1.0"
-    session.headers["Accept-Encoding"] = "gzip"  # the one encoding read_body unpacks
-    return session
+def causes(exc: BaseException) -> list[BaseException]:
+    """An exception and every exception it wraps (in its args, reason, cause or context), outermost first."""
+    chain, todo = [], [exc]
+    while todo:
+        item = todo.pop(0)
+        if isinstance(item, BaseException) and not any(item is seen for seen in chain):
+            chain.append(item)
+            todo += [*item.args, getattr(item, "reason", None), item.__cause__, item.__context__]
+    return chain
+
+
+def fault_of(exc: BaseException, settings: Settings, reading: bool, timed_out: bool) -> Fault:
+    """A transport fault by its kind: its class name and fixed words, never its text."""
+    chain = causes(exc)
+    # The first class that is not one of requests' or urllib3's wrappers names what broke.
+    name = next((type(e).__name__ for e in chain if not isinstance(e, (requests.RequestException, MaxRetryError))), type(exc).__name__)
+    words, line = fault_words(chain, reading, timed_out)
+    if line == TIMED_OUT:
+        said = TIMED_OUT.format(timeout=settings.timeout)
+        return Fault(said, said)
+    kind = f"{name} ({words})"
+    return Fault(kind, line.format(url=settings.api_url, kind=kind))
+
+
+def fault_words(chain: list[BaseException], reading: bool, timed_out: bool) -> tuple[str, str]:
+    """The fixed words for a fault, and the template of the line that ends a run on it."""
+    if timed_out:  # a socket shut at the deadline shows as whatever that did to the read
+        return "timed out", TIMED_OUT
+    for classes, words, line in FAULTS:
+        if any(isinstance(e, classes) for e in chain):
+            return words, line
+    return ("connection broken, answer cut off", CUT) if reading else ("transport fault", REACH)
 
 
 def page_sizes(n: int, page_size: int) -> list[int]:
@@ -314,6 +392,10 @@ def read_body(response: requests.Response, limit: int) -> Answer:
         if size > most:
             raise too_large(limit)
         wire.append(chunk)
+    if not size and length is None and not response.raw.chunked and response.status_code == 200:
+        # Its end is the connection closing, and it closed before a byte of body: http.client takes a
+        # close inside the headers for their end, so this is an answer cut off, not an empty one.
+        raise ProtocolError("the connection closed before the answer's body")
     return Answer(b"".join(wire), gzipped)
 
 
@@ -336,50 +418,107 @@ def unpack(answer: Answer, limit: int) -> bytes:
 
 
 def fetch_page(session: requests.Session, settings: Settings, request: PageRequest, gate: RateGate | None = None) -> Answer:
-    """One page's answer: transport faults retried, an HTTP error status refused."""
+    """One page's answer, by the run's one retry loop.
+
+    A transport fault, a cut-off answer or a status worth retrying is tried again, up to --retries
+    times, after the rate-limit pause, the service's Retry-After or a jittered backoff; no wait is
+    longer than --max-wait, and a stop ends any of them at once. One log line per retry.
+    """
+    gate = gate or RateGate()
     params = page_params(settings, request)
-    retry = make_retry(settings, gate)  # a cut-off body is retried here: urllib3 has returned by then
-    while True:
-        if gate is not None:
-            gate.wait()
+    where = redact(requests.Request("GET", settings.api_url, params=params).prepare().url)
+    for retry in itertools.count(1):
+        gate.wait()
+        last = retry > settings.retries
+        try:
+            response, answer = ask(session, settings, params, last)
+        except Fault as fault:
+            if last:
+                raise EtlError(f"page {request.page}: {fault.line}{retries_made(retry - 1, 'gave up after')}") from None
+            why, seconds, shared = fault.reason, backoff_time(settings, retry), False
+        except EtlError as exc:
+            raise EtlError(f"page {request.page}: {exc}") from None
+        else:
+            if response.status_code == 200:
+                return answer
+            if answer is not None or response.is_redirect:
+                raise status_error(response, answer, settings, request.page, retry - 1)
+            why, seconds, shared = status_wait(response, settings, retry, request.page)
+        log.warning("retry %d of %d for %s: %s", retry, settings.retries, where, why)
+        if shared:
+            gate.pause(seconds)  # the rate limit holds every worker, not just this one
+        else:
+            hold(seconds)
+
+
+def ask(session: requests.Session, settings: Settings, params: dict, last: bool) -> tuple[requests.Response, Answer | None]:
+    """One try, whole within --timeout: the answer, and its bytes unless it is a redirect or a status to retry."""
+    response = None
+    with Attempt(settings.timeout) as attempt:
         try:
             # A redirect is not followed: it could lead to plain http on another host.
             response = session.get(settings.api_url, params=params, timeout=settings.timeout, stream=True, allow_redirects=False)
-        except requests.exceptions.RetryError as exc:
-            raise EtlError(f"page {request.page}: gave up after {settings.retries} retries ({short(exc)})") from None
-        except requests.RequestException as exc:
-            raise EtlError(f"page {request.page}: cannot reach {settings.api_url}: {short(exc)}") from None
-        with response:
-            try:
+            with response:
+                if response.is_redirect or (response.status_code in RETRIED_STATUSES and not last):
+                    return response, None  # closed unread: a huge or endless error body never fills memory
                 answer = read_body(response, settings.max_response_bytes)
-            except (ProtocolError, ReadTimeoutError, requests.exceptions.RequestException) as exc:
-                try:
-                    retry = retry.increment("GET", response.url, error=ProtocolError(short(exc)))
-                except (MaxRetryError, ProtocolError):
-                    raise EtlError(f"page {request.page}: answer cut off, gave up after {settings.retries} retries") from None
-                retry.sleep()
-                continue
-            except EtlError as exc:
-                raise EtlError(f"page {request.page}: {exc}") from None
-        if response.is_redirect:
-            target = urlsplit(response.headers.get("Location", "")).hostname or "elsewhere"
-            raise EtlError(f"page {request.page}: HTTP {response.status_code} redirect to {shorten(target)}, not followed")
-        if response.status_code != 200:
-            says = service_says(answer, settings.max_response_bytes)
-            raise EtlError(f"page {request.page}: HTTP {response.status_code}{says}, after {settings.retries} retries")
-        return answer
+            if attempt.expired:  # shut at the deadline: what came before is not the whole answer
+                raise requests.exceptions.Timeout()
+            return response, answer
+        except TRANSPORT_ERRORS as exc:
+            if STOP.is_set():
+                raise Stopped() from None
+            raise fault_of(exc, settings, reading=response is not None, timed_out=attempt.expired) from None
 
 
-def short(exc: BaseException) -> str:
-    """An exception as one short line, whatever it wraps."""
-    while exc.args and isinstance(exc.args[0], BaseException):
-        exc = exc.args[0]
-    reason = getattr(exc, "reason", None)
-    if isinstance(reason, BaseException):
-        exc = reason
-    text = str(exc).replace("\n", " ")
-    text = re.sub(r"<urllib3\.[^>]*>: ", "", text)
-    return f"{type(exc).__name__}: {text[:200]}"
+def retries_made(count: int, verb: str = "after") -> str:
+    """', after 3 retries' (or another verb), or nothing when no retry was made."""
+    return f", {verb} {count} {'retry' if count == 1 else 'retries'}" if count else ""
+
+
+def status_error(response: requests.Response, answer: Answer | None, settings: Settings, page: int, retries: int) -> EtlError:
+    """The error that ends the run on an answer that is not 200: a redirect, or an error status with the service's word."""
+    if response.is_redirect:
+        target = urlsplit(response.headers.get("Location", "")).hostname or "elsewhere"
+        return EtlError(f"page {page}: HTTP {response.status_code} redirect to {shorten(target)}, not followed")
+    says = service_says(answer, settings.max_response_bytes)
+    return EtlError(f"page {page}: HTTP {response.status_code}{says}{retries_made(retries)}")
+
+
+def status_wait(response: requests.Response, settings: Settings, retry: int, page: int) -> tuple[str, float, bool]:
+    """Why a status is retried, how long to wait first, and whether every worker waits (the rate limit)."""
+    why, asked = f"HTTP {response.status_code}", retry_after(response)
+    if asked and asked > settings.max_wait:
+        raise EtlError(
+            f"page {page}: {why}, the service asks to wait {asked:.0f}s (Retry-After), longer than --max-wait {settings.max_wait:g}s"
+        )
+    if asked:
+        return f"{why}, waiting {asked:g}s as the service asks (Retry-After)", asked, False
+    if response.status_code == 429 and asked is None:  # randomuser.me's own 429 says nothing of when
+        seconds = min(settings.rate_limit_wait, settings.max_wait)
+        return f"{why}, rate limited: pausing all requests for {seconds:g}s", seconds, True
+    return why, backoff_time(settings, retry), False
+
+
+def retry_after(response: requests.Response) -> float | None:
+    """Retry-After in seconds, whole or to an HTTP date; None if absent or unreadable ("soon", "0.5")."""
+    # Read here, not by urllib3, which caps the value at 6 hours: a longer wait is reported as asked.
+    value = response.headers.get("Retry-After", "").strip()
+    if re.fullmatch(r"[0-9]+", value):
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:  # "-0000": UTC with no zone said
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return max((when - dt.datetime.now(dt.timezone.utc)).total_seconds(), 0.0)
+
+
+def backoff_time(settings: Settings, retry: int) -> float:
+    """The sleep before retry k (from 1): base, 2·base, 4·base..., jittered, capped at 32 bases and at --max-wait."""
+    grown = settings.backoff * 2.0 ** min(retry - 1, 5) + random.random() * settings.backoff / 2
+    return min(grown, settings.backoff * 32, settings.max_wait)
 
 
 def service_says(answer: Answer, limit: int) -> str:
@@ -640,11 +779,6 @@ def check_field_lengths(flat: pl.DataFrame) -> None:
     ]
     if problems:
         raise contract_failure(problems)
-
-
-def contract_failure(problems: list[str]) -> EtlError:
-    """The error for records that break the contract, each problem with its field and count."""
-    return EtlError(f"{len(problems)} contract check(s) failed: " + "; ".join(problems))
 
 
 def sort_key() -> pl.Expr:
@@ -1198,6 +1332,9 @@ def in_parallel(work, items, concurrency: int):
                 # Refill before yielding, so the next items are under way while the caller works on these.
                 pending |= {pool.submit(work, item) for item in _take(items, len(done))}
                 yield from results
+        except KeyboardInterrupt:
+            stop_requests()  # wake the workers blocked on the network or a wait, so the pool drains now
+            raise
         finally:
             for future in pending:
                 future.cancel()
@@ -1247,7 +1384,8 @@ def run(settings: Settings | None = None, **overrides) -> Batch:
     ingested_at = dt.datetime.now(dt.timezone.utc)
     sizes = page_sizes(settings.n, settings.page_size)
     gate = RateGate()
-    with make_session(settings, gate) as session:
+    STOP.clear()  # a new run starts unstopped, even in a session where an earlier one was interrupted
+    with make_session(settings) as session:
         seed, first_answer = settings.seed, None
         if seed is None:
             seed, first_answer = first_seed(session, settings, gate, sizes)
@@ -1504,14 +1642,47 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def configure_logging(verbose: bool) -> None:
-    """Log lines to stderr, one per event."""
+    """Log lines to stderr, one per event; never a library's record that carries an exception's text."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(without_fault_text)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(message)s",
-        stream=sys.stderr,
+        handlers=[handler],
         force=True,
     )
     logging.getLogger("urllib3").setLevel(logging.DEBUG if verbose else logging.ERROR)
+
+
+def without_fault_text(record: logging.LogRecord) -> bool:
+    """False for another logger's record that carries an exception: its text can hold the answer's bytes."""
+    # urllib3 logs headers it cannot parse (a header line may be a person) with the exception and its traceback.
+    args = record.args if isinstance(record.args, tuple) else ()
+    return record.name == log.name or not (record.exc_info or any(isinstance(arg, BaseException) for arg in args))
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGINT and SIGTERM stop the run promptly (as PID 1 of a container, SIGTERM reaches a process only through a handler)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers: a caller elsewhere keeps its own
+        return
+    # Set after `import polars`, which puts a SIGINT handler of its own in Python's place: with it, a
+    # Ctrl-C reached Python only when the main thread next woke (measured: not until a page came in).
+    previous = {signum: signal.signal(signum, on_stop_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def on_stop_signal(signum: int, frame) -> None:
+    """Stop every wait and request of the run, and unwind the main thread; a second signal changes nothing."""
+    if STOP.is_set():
+        return
+    stop_requests()
+    raise Stopped(signum)
 
 
 def release_freed_buffers() -> None:
@@ -1539,18 +1710,20 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
-    try:
-        replay(source, settings) if source else run(settings)
-    except EtlError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 1
-    except Exception as exc:  # a bug, not bad input: still one line, and -v shows the traceback
-        log.debug("unexpected failure", exc_info=True)
-        print(f"{parser.prog}: error: unexpected {type(exc).__name__}: {write_error(exc)} (run with -v for details)", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted; staged pages are kept and the next run resumes", file=sys.stderr)
-        return 130
+    with stop_on_signals():  # held while the last line is printed: a second signal cannot cut it
+        try:
+            replay(source, settings) if source else run(settings)
+        except EtlError as exc:
+            print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+            return 1
+        except Exception as exc:  # a bug, not bad input: still one line, and -v shows the traceback
+            log.debug("unexpected failure", exc_info=True)
+            print(f"{parser.prog}: error: unexpected {type(exc).__name__}: {write_error(exc)} (run with -v for details)", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt as exc:
+            signum = getattr(exc, "signum", signal.SIGINT)
+            print(f"{parser.prog}: stopped by {signal.Signals(signum).name}; staged pages are kept and the next run resumes", file=sys.stderr)
+            return 128 + signum
     return 0
 
 

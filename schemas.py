@@ -120,6 +120,12 @@ SOURCE_FIELDS = {
     "picture_url": "picture.large",
 }
 
+# Every user text field is at most this many bytes (UTF-8), a contract check made right after
+# parsing. The longest real field is 48 bytes (a picture URL). Bounding every field bounds a row,
+# so typed pages, staged parts and sort runs (all held by row count) are bounded by the settings,
+# whatever the answers hold (the README's "Memory" paragraph has the measured peaks).
+MAX_FIELD_BYTES = 256
+
 # The service leaves national ids empty or null for some nationalities; every other
 # user column must be present in every record.
 NULLABLE_COLUMNS = frozenset({"national_id_type", "national_id"})

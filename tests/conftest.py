@@ -493,7 +493,7 @@ def utc_instant(text: str) -> dt.datetime:
 
 def reference_rows(body: bytes, ingested_at: dt.datetime) -> list[dict]:
     """Every contract row of an answer (no expectations), from Python's json by the rules above; Refused otherwise."""
-    from schemas import RAW_RESPONSE, SOURCE_FIELDS
+    from schemas import MAX_FIELD_BYTES, RAW_RESPONSE, SOURCE_FIELDS
 
     doc = standard_json(body)
     if not isinstance(doc, dict):
@@ -519,6 +519,8 @@ def reference_rows(body: bytes, ingested_at: dt.datetime) -> list[dict]:
             raise Refused("a required field is null")
         if any(LONE_SURROGATE.search(value) for value in text.values() if value is not None):
             raise Refused("a lone surrogate in a landed text")
+        if any(len(value.encode("utf-8", "surrogatepass")) > MAX_FIELD_BYTES for value in text.values() if value is not None):
+            raise Refused("a text field past the contract's length bound")
         rows.append(
             {
                 **text,

@@ -2,8 +2,9 @@
 
 It serves the recorded responses in `fixtures/` byte for byte, and deterministic synthetic
 users for every other (seed, page), so tests and benchmarks can pull any number of pages.
-Faults (error statuses, resets, hangs, truncated or endless bodies, doctored JSON) are
-queued with `FakeRandomUser.script(...)` and hit the next requests in arrival order.
+Faults (error statuses, resets, hangs, trickles, truncated or endless bodies, bytes with no
+status line, doctored JSON) are queued with `FakeRandomUser.script(...)` and hit the next
+requests in arrival order.
 
     with FakeRandomUser() as fake:
         fake.script(rate_limited(), normal())
@@ -320,6 +321,18 @@ def chunked(headers: dict[str, str] | None = None) -> Answer:
     return Answer("reframed", headers={"Transfer-Encoding": "chunked", **(headers or {})})
 
 
+def trickle(interval: float, headers: bool = False) -> Answer:
+    """The normal answer a few bytes every `interval` seconds: the body, or (headers=True) the status line and headers too."""
+    return Answer("trickle_headers" if headers else "trickle", seconds=interval)
+
+
+def raw(bytes_: bytes | str) -> Answer:
+    """These bytes as the whole response, no status line unless they hold one (HTTP/0.9 style), then close."""
+    if isinstance(bytes_, str):
+        bytes_ = bytes_.encode("utf-8")
+    return Answer("raw", body=bytes_)
+
+
 def huge(total_bytes: int, status: int = 200, declared: bool = False) -> Answer:
     """Stream total_bytes of never-ending-looking JSON: chunked, or with its Content-Length if declared."""
     headers = {"Content-Length": str(total_bytes)} if declared else {"Transfer-Encoding": "chunked"}
@@ -485,6 +498,33 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_headers(answer.status, JSON_TYPE, answer.headers, gzipped=False)
         self.close_connection = True
         self._write_body(_huge_stream(answer.total_bytes), chunked="Transfer-Encoding" in answer.headers, sent=self._count_huge)
+
+    def _answer_trickle(self, answer: Answer, path: str, params: dict[str, str]) -> None:
+        """Send the headers at once, then the body a few bytes at a time."""
+        wire, gzipped = self._encode(self.server.fake._page(params))
+        self._send_headers(200, JSON_TYPE, {"Content-Length": str(len(wire))}, gzipped)
+        self.close_connection = True
+        self._dribble(wire, answer.seconds)
+
+    def _answer_trickle_headers(self, answer: Answer, path: str, params: dict[str, str]) -> None:
+        """Send the status line and headers a few bytes at a time, then the body the same way."""
+        wire, gzipped = self._encode(self.server.fake._page(params))
+        head = f"HTTP/1.1 200 OK\r\nContent-Type: {JSON_TYPE}\r\nContent-Length: {len(wire)}\r\n"
+        head += "Content-Encoding: gzip\r\n\r\n" if gzipped else "\r\n"
+        self.close_connection = True
+        self._dribble(head.encode() + wire, answer.seconds)
+
+    def _answer_raw(self, answer: Answer, path: str, params: dict[str, str]) -> None:
+        """Write the scripted bytes as they are, then close."""
+        self.wfile.write(answer.body)
+        self.close_connection = True
+
+    def _dribble(self, data: bytes, interval: float, step: int = 4) -> None:
+        """Write `step` bytes every `interval` seconds, until done, hung up on, or the server stops."""
+        for start in range(0, len(data), step):
+            self.wfile.write(data[start : start + step])
+            if not self._pause(interval):
+                return
 
     def _count_huge(self, size: int) -> None:
         """Count body bytes of huge() written: what the client let through before hanging up."""

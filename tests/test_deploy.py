@@ -231,6 +231,27 @@ def test_settings_come_from_the_configmap_and_credentials_from_a_secret():
     assert settings.raw_dir is None
 
 
+def dockerfile_environ() -> dict[str, str]:
+    """The variables the Dockerfile's ENV instructions set."""
+    values = {}
+    for rest in arguments("ENV"):
+        values.update(dict(word.split("=", 1) for word in shlex.split(rest)))
+    return values
+
+
+def test_the_image_and_the_pod_bound_every_wait_and_stop_promptly():
+    # Both carry --max-wait; each value loads, and the pod's is well inside the job's deadline.
+    known = {setting.env for setting in config.SETTINGS}
+    image = dockerfile_environ()
+    assert "RANDOM_USER_MAX_WAIT" in image and {k for k in image if k.startswith("RANDOM_USER_")} <= known
+    assert config.load_settings(environ=image).max_wait == float(image["RANDOM_USER_MAX_WAIT"])
+    data, job = resource("ConfigMap")["data"], resource("CronJob")["spec"]["jobTemplate"]["spec"]
+    pod = config.load_settings(environ=data, today=dt.date(2026, 11, 24))
+    assert pod.max_wait == float(data["RANDOM_USER_MAX_WAIT"]) <= job["activeDeadlineSeconds"] / 2
+    # The job exits within 2 s of SIGTERM: the grace period leaves room for that, and no more than the default.
+    assert 2 < pod_spec()["terminationGracePeriodSeconds"] <= 30
+
+
 # ---------------------------------------------------------------- the scheduled run, played
 
 
@@ -244,10 +265,7 @@ BOOT = (
 def image_environ(temp: Path, **settings: str) -> dict:
     """What the pod's container sees: this machine's base environment, the Dockerfile's ENV, the settings."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("RANDOM_USER_", "PYTHON"))}
-    dockerfile_env = {}
-    for rest in arguments("ENV"):
-        dockerfile_env.update(dict(word.split("=", 1) for word in shlex.split(rest)))
-    return {**base, **dockerfile_env, "TMPDIR": str(temp), **settings}
+    return {**base, **dockerfile_environ(), "TMPDIR": str(temp), **settings}
 
 
 def test_the_scheduled_run_from_the_image_files_and_configmap_lands_one_object_per_day(api, s3, tmp_path):

@@ -1,0 +1,138 @@
+"""Stopping (issue 11): SIGTERM is handled like Ctrl-C, also when the job is PID 1 of its container,
+and a stop is prompt whatever the job waits on: a request in flight, a backoff, the rate-limit pause.
+
+Each case runs the CLI in a subprocess against a fake that holds it in one kind of wait far longer
+than the bound (30 s), signals it once it is there, and times the exit from the signal.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import LOG_LINE, ROOT, clean_environ, fast_env
+from fake_api import hang, normal, rate_limited, status
+
+import random_user_etl as etl
+
+HELD = 30  # seconds the fake (or a wait the job is told to make) holds the job: far past the bound
+PROMPT = 3.0  # the issue's "within 2 seconds", with room for a loaded machine
+UNSHARE = ["unshare", "--pid", "--fork", "--mount-proc"]  # the job as PID 1 of a new PID namespace, as in a pod
+STOP_LINE = {
+    signal.SIGINT: "random_user_etl.py: stopped by SIGINT; staged pages are kept and the next run resumes",
+    signal.SIGTERM: "random_user_etl.py: stopped by SIGTERM; staged pages are kept and the next run resumes",
+}
+PAGES = ["--seed", "paged", "--n", "40", "--page-size", "10", "--concurrency", "2"]
+
+# Where the job is held: (arguments, script, what shows it is there: requests seen, a stderr line, pages staged).
+WAITS = {
+    # Two pages are answered and staged; the other two hang at the service, within the --timeout.
+    "requests-in-flight": (PAGES + ["--timeout", str(2 * HELD)], [normal(), normal(), hang(HELD), hang(HELD)], (4, None, 2)),
+    "backoff": (["--seed", "pura", "--backoff", str(HELD)], [status(503)], (1, "retry 1 of 3", 0)),
+    "rate-limit-pause": (PAGES + ["--rate-limit-wait", str(HELD)], [rate_limited()], (2, "pausing all requests", 0)),
+}
+
+
+def wait_until(check, seconds: float = 20.0, what: str = "") -> None:
+    """Poll check() until true; fail the test after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"never got there: {what}")
+        time.sleep(0.02)
+
+
+def staged(out: Path) -> list[str]:
+    """The page parts staged for seed 'paged'."""
+    return sorted(p.name for p in (out / ".staging" / "paged").glob("part-*.parquet"))
+
+
+def job_pid(proc: subprocess.Popen, in_namespace: bool) -> int:
+    """The job's process id: unshare's only child when it runs in its own PID namespace."""
+    if not in_namespace:
+        return proc.pid
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    wait_until(lambda: children.read_text().split(), 10, "unshare's child")
+    (child,) = children.read_text().split()
+    return int(child)
+
+
+def namespace_pid(pid: int) -> int:
+    """The process id a process has inside its own PID namespace (the last NSpid field)."""
+    status_ = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^NSpid:\s+(.*)$", status_, re.M)[1].split()[-1])
+
+
+def stop_held_job(api, out, raw, tmp_path, wait: str, signum: int, in_namespace: bool = False):
+    """Start the CLI, let the fake hold it in `wait`, signal it; its result, stderr and seconds to exit."""
+    args, script, (requests, line, parts) = WAITS[wait]
+    api.script(*script)
+    err = tmp_path / "stderr.txt"
+    command = [*(UNSHARE if in_namespace else []), sys.executable, str(ROOT / "random_user_etl.py"), *args]
+    with open(err, "w") as stderr:
+        proc = subprocess.Popen(command, env=clean_environ(**fast_env(api.url, out, raw)), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        pid = job_pid(proc, in_namespace)
+        wait_until(lambda: len(api.requests) >= requests, what=f"{requests} requests")
+        wait_until(lambda: line is None or line in err.read_text(), what=repr(line))
+        wait_until(lambda: len(staged(out)) >= parts, what=f"{parts} pages staged")
+        if in_namespace:
+            assert namespace_pid(pid) == 1, "the job is not PID 1 of its namespace"
+        time.sleep(0.1)  # let it settle into the wait
+        os.kill(pid, signum)
+        signalled = time.monotonic()
+        try:
+            code = proc.wait(timeout=HELD)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running {HELD}s after {signal.Signals(signum).name}")
+        return code, err.read_text(), time.monotonic() - signalled
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def assert_stopped(code: int, stderr: str, seconds: float, signum: int) -> None:
+    """Exit 128 + the signal, promptly, with one stop line last; every other line a log line; no retry after it."""
+    assert code == 128 + signum, stderr
+    assert seconds < PROMPT, f"exited {seconds:.2f}s after the signal"
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
+    lines = stderr.rstrip("\n").splitlines()
+    assert lines[-1] == STOP_LINE[signum], stderr
+    assert all(LOG_LINE.match(line) for line in lines[:-1]), stderr
+    assert "retry 2 of" not in stderr, stderr  # nothing was retried once it was told to stop
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("wait", WAITS)
+def test_a_stop_is_prompt_whatever_the_job_waits_on(api, out, raw, tmp_path, wait, signum):
+    code, stderr, seconds = stop_held_job(api, out, raw, tmp_path, wait, signum)
+    assert_stopped(code, stderr, seconds, signum)
+    assert list(out.glob(etl.BATCH_GLOB)) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stopped_run_keeps_its_staged_pages_and_the_next_run_fetches_only_the_rest(api, out, raw, tmp_path, settings, signum):
+    code, stderr, seconds = stop_held_job(api, out, raw, tmp_path, "requests-in-flight", signum)
+    assert_stopped(code, stderr, seconds, signum)
+    kept = {int(name[5:10]) for name in staged(out)}
+    assert len(kept) == 2
+    api.clear()
+    batch = etl.run(settings(n=40, seed="paged", page_size=10, concurrency=2))
+    assert (batch.pages_fetched, batch.pages_reused) == (2, 2)
+    assert sorted(int(r.params["page"]) for r in api.requests) == sorted({1, 2, 3, 4} - kept)
+
+
+@pytest.mark.parametrize("wait", ["requests-in-flight", "backoff"])
+def test_sigterm_stops_the_job_when_it_is_pid_1_as_in_its_container(api, out, raw, tmp_path, wait):
+    # PID 1 gets no signal it has no handler for: with none, SIGTERM would be dropped and the pod killed.
+    code, stderr, seconds = stop_held_job(api, out, raw, tmp_path, wait, signal.SIGTERM, in_namespace=True)
+    assert_stopped(code, stderr, seconds, signal.SIGTERM)
+    if wait == "requests-in-flight":
+        assert len(staged(out)) == 2
