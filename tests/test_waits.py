@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import concurrent.futures as futures
 import logging
-import re
 import subprocess
 import time
 from pathlib import Path
