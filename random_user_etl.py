@@ -73,12 +73,7 @@ BATCH_GLOB = "random_users_*.parquet"
 # A kept answer: accepted-page-N until its batch lands (then page-N, what replay reads), rejected-page-N if refused.
 KEPT_PAGE = re.compile(r"(accepted-|rejected-)?page-(\d{5})\.json\.gz")
 PART_METADATA_KEY = "random_user_etl.part"
-RESULTS_HEAD = b'{"results":['  # how the service's compact answers begin
 READ_STEP = 1 << 24  # 16 MB: an answer's bytes are read in steps of at most this
-HALVES_FROM_BYTES = 1 << 20  # answers this large (about 900 users) are parsed as two halves at once
-# One helper thread for the process, not one per answer: a new thread each time drew on a new
-# allocator arena, and the job's peak at 200,000 users grew by 40 MB; with this one it fell by 20 MB.
-HALF_PARSER = futures.ThreadPoolExecutor(1, thread_name_prefix="parse")
 BOM = b"\xef\xbb\xbf"  # json.loads(bytes) skips a UTF-8 byte order mark; so does the transform
 PART_NULLS_KEY = "random_user_etl.nulls"  # a staged page's nulls per column, counted as it was staged
 SORT_RUN_ROWS = 10_000  # rows sorted in memory at once: assembly memory stays flat whatever n
@@ -542,34 +537,6 @@ def field(path: str) -> pl.Expr:
     return expr
 
 
-def parse_in_halves(body: bytes) -> pl.DataFrame | None:
-    """A large answer parsed as two halves on two threads, cut between two users; None if it cannot be."""
-    # Polars parses one document on one thread. Cut where an object ends ("},{" then a key) past
-    # the middle, with no "]" anywhere before it, so the results array is still open there. The
-    # first half is the start of the body closed with "]}", the second the rest reopened with
-    # {"results":[. The first half is valid JSON only if the cut lies outside every string and
-    # between two users (anything else leaves a string or a user open); the second half is then
-    # the answer without those users. If either half does not parse, the body is parsed whole,
-    # which gives the verdict. (Users hold no arrays; a "]" in some string only costs the speed.)
-    if len(body) < HALVES_FROM_BYTES or not body.startswith(RESULTS_HEAD):
-        return None
-    cut = body.find(b'},{"', len(body) // 2)
-    if cut < 0 or body.find(b"]", len(RESULTS_HEAD), cut) >= 0:
-        return None
-    first = HALF_PARSER.submit(pl.read_json, body[: cut + 1] + b"]}", schema=RAW_RESPONSE)
-    try:
-        rest = pl.read_json(RESULTS_HEAD + body[cut + 2 :], schema=RAW_RESPONSE)
-    except Exception:  # polars reports malformed JSON as several error types
-        rest = None
-    try:
-        first = first.result()  # awaited even when the rest failed: no stray parse runs beside the whole one
-    except Exception:
-        return None
-    if rest is None:
-        return None
-    return rest.with_columns(results=first.get_column("results").list.concat(rest.get_column("results")))
-
-
 def without_bom(body: bytes) -> bytes:
     """The body without a leading UTF-8 byte order mark."""
     return body[len(BOM) :] if body.startswith(BOM) else body
@@ -578,9 +545,6 @@ def without_bom(body: bytes) -> bytes:
 def parse_body(body: bytes, schema: pl.Schema = RAW_RESPONSE) -> pl.DataFrame:
     """Parse one answer against the raw schema: one row of results, info and error."""
     body = without_bom(body)
-    halves = parse_in_halves(body) if schema is RAW_RESPONSE else None
-    if halves is not None:
-        return halves
     try:
         parsed = pl.read_json(body, schema=schema)
     except Exception as exc:  # polars reports malformed JSON as several error types

@@ -77,43 +77,13 @@ def test_every_column_matches_the_raw_json(name):
     assert_every_column_is_raw(etl.transform(fixture_bytes(name), ingested_at=INGESTED), fixture_json(name))
 
 
-def test_a_large_answer_parsed_in_two_halves_matches_the_raw_json():
-    body = page_body("halves", 3, 2000)
-    assert len(body) > etl.HALVES_FROM_BYTES
-    assert etl.parse_in_halves(body) is not None, "a large compact answer takes the two-thread path"
+def test_a_large_answer_matches_the_raw_json():
+    body = page_body("large", 3, 2000)
     assert_every_column_is_raw(etl.transform(body, ingested_at=INGESTED), json.loads(body))
 
 
-def test_a_cut_that_would_fall_inside_a_string_is_never_trusted():
-    # A picture URL ending in "},{" puts the bytes },{" (its closing quote included) inside a string.
-    body = page_body("halves", 3, 2000)
-    doc, middle = json.loads(body), body[: len(body) // 2].count(b'},{"')  # the user that holds the middle
-    for user in doc["results"][max(middle - 1, 0) : middle + 3]:  # the one whose trap comes first past the middle
-        original = user["picture"]["large"]
-        user["picture"]["large"] = "https://example.org/trap},{"
-        body = _dumps(doc).encode()
-        if body.find(b'},{"', len(body) // 2) == body.find(b'trap},{"') + 4:
-            break
-        user["picture"]["large"] = original
-    else:
-        pytest.fail("no user placed the trap first past the middle")
-    assert etl.parse_in_halves(body) is None, "the halves do not parse, so the body is parsed whole"
-    assert_every_column_is_raw(etl.transform(body, ingested_at=INGESTED), doc)
-
-
-def test_a_cut_in_another_top_level_array_is_never_trusted():
-    # Valid JSON, not the service's: a later key holds an array of objects, and the middle falls in it.
-    doc = json.loads(page_body("halves", 3, 100))
-    doc["extra"] = [{"a": i} for i in range(200_000)]
-    body = _dumps(doc).encode()
-    assert body.find(b'},{"', len(body) // 2) > body.find(b'"extra":')
-    assert etl.parse_in_halves(body) is None, "the first half holds info: the cut is not in the results"
-    assert_every_column_is_raw(etl.transform(body, ingested_at=INGESTED), doc)
-
-
-def test_a_large_answer_cut_short_gets_the_plain_parse_verdict():
-    body = page_body("halves", 3, 2000)[:-100]
-    assert etl.parse_in_halves(body) is None
+def test_a_large_answer_cut_short_is_malformed_json():
+    body = page_body("large", 3, 2000)[:-100]
     with pytest.raises(etl.EtlError, match=r"the answer is not JSON of the randomuser.me 1.4 shape \(malformed JSON"):
         etl.transform(body)
 
