@@ -14,7 +14,6 @@ import argparse
 import collections
 import concurrent.futures as futures
 import contextlib
-import ctypes
 import dataclasses
 import datetime as dt
 import email.utils
@@ -941,11 +940,13 @@ def stage_part(folder: Path, frame: pl.DataFrame, identity: dict) -> Path:
 def trusted_part(path: Path, identity: dict) -> bool:
     """True when a staged part is whole and is the page this run would fetch."""
     try:
-        found = json.loads(pl.read_parquet_metadata(path).get(PART_METADATA_KEY, "null"))
+        metadata = pl.read_parquet_metadata(path)
+        found = json.loads(metadata.get(PART_METADATA_KEY, "null"))
         rows = pl.scan_parquet(path).select(pl.len()).collect().item()
     except Exception:  # a torn or foreign file is simply not trusted
         return False
-    return found == identity and rows == identity["rows"]
+    # A part staged by an older version carries no null counts: staging is scratch, so it is fetched again.
+    return found == identity and rows == identity["rows"] and PART_NULLS_KEY in metadata
 
 
 def save_raw(raw_dir: str | None, seed: str, page: int, answer: Answer) -> Path | None:
@@ -978,16 +979,11 @@ def settle_raw(path: Path | None, accepted: bool) -> None:
 
 def quality_report(parts: list[Path]) -> dict:
     """What was checked of a batch: rows, unique ids, nulls per contract column."""
-    # Nulls were counted from each page as it was staged; only the ids are read again here
-    # (and the whole of a part staged by a version that did not count them).
+    # Nulls were counted from each page as it was staged (trusted_part proves the count is there);
+    # only the ids are read again here.
     nulls = dict.fromkeys(OUTPUT_SCHEMA.names(), 0)
     for part in parts:
-        counted = pl.read_parquet_metadata(part).get(PART_NULLS_KEY)
-        if counted is not None:
-            counts = json.loads(counted)
-        else:
-            counts = pl.scan_parquet(part).select(pl.all().null_count()).collect().row(0, named=True)
-        for name, count in counts.items():
+        for name, count in json.loads(pl.read_parquet_metadata(part)[PART_NULLS_KEY]).items():
             nulls[name] += count
     ids = pl.scan_parquet(parts).select("user_id")
     # 8-byte hashes keep the distinct count small in memory; only a suspected repeat is recounted exactly.
@@ -1101,13 +1097,11 @@ def write_batch(
     expected_rows: int,
     storage_options=None,
     run_rows: int = SORT_RUN_ROWS,
-    landed: dict | None = None,
     sorter: ExternalSort | None = None,
-) -> dict:
-    """Assemble staged parts into the sorted batch file with the streaming engine, atomically.
+) -> tuple[dict, int]:
+    """Assemble staged parts into the sorted batch file with the streaming engine, atomically: its quality report and size in bytes.
 
-    `sorter` is the run's ExternalSort if it already split some parts; for object storage,
-    `landed` (if given) receives the object's size as "bytes".
+    `sorter` is the run's ExternalSort if it already split some parts.
     """
     report = quality_report(parts)
     if report["rows"] != expected_rows:
@@ -1125,15 +1119,12 @@ def write_batch(
         row_group_size=run_rows,
     )
     if is_remote(destination):
-        size = sink_to_store(batch, destination, storage_options, sink)
-        if landed is not None:
-            landed["bytes"] = size
-    else:
-        final = Path(destination)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        write = lambda temp: batch.sink_parquet(temp, sync_on_close="all", **sink)
-        write_atomically(final, write, temp_dir=parts[0].parent, mode=0o666)  # analysts read the lake
-    return report
+        return report, sink_to_store(batch, destination, storage_options, sink)
+    final = Path(destination)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    write = lambda temp: batch.sink_parquet(temp, sync_on_close="all", **sink)
+    write_atomically(final, write, temp_dir=parts[0].parent, mode=0o666)  # analysts read the lake
+    return report, final.stat().st_size
 
 
 def sink_to_store(batch: pl.LazyFrame, destination: str, storage_options: dict | None, sink: dict) -> int:
@@ -1555,9 +1546,8 @@ def write_error(exc: BaseException) -> str:
 def land(folder, settings, seed, sizes, destination, ingested_at, started, fetched, sorter=None, kept=None) -> Batch:
     """Write the batch from its staged parts, keep its raw answers (if `kept`), clear the staging, say what landed."""
     parts = [part_path(folder, page) for page in range(1, len(sizes) + 1)]
-    landed = {}
     try:
-        report = write_batch(parts, destination, ingested_at, settings.n, landed=landed, sorter=sorter)
+        report, size = write_batch(parts, destination, ingested_at, settings.n, sorter=sorter)
     except (OSError, pl.exceptions.PolarsError) as exc:
         raise EtlError(f"cannot write {destination}: {write_error(exc)}") from None
     try:
@@ -1567,7 +1557,6 @@ def land(folder, settings, seed, sizes, destination, ingested_at, started, fetch
     except OSError as exc:
         raise EtlError(f"landed {destination}, but cannot keep its raw answers in {kept}: {exc.strerror or exc}") from None
     shutil.rmtree(folder, ignore_errors=True)
-    size = landed.get("bytes", 0) if is_remote(destination) else Path(destination).stat().st_size
     seconds = time.monotonic() - started
     log.info("landed %d rows, seed %s, file %s, %d bytes, %.2fs", report["rows"], seed, destination, size, seconds)
     return Batch(destination, seed, report["rows"], size, seconds, fetched, len(sizes) - fetched, report)
@@ -1649,25 +1638,12 @@ def on_stop_signal(signum: int, frame) -> None:
     raise Stopped(signum)
 
 
-def release_freed_buffers() -> None:
-    """On glibc, give large freed buffers straight back to the OS, so the job's RSS follows its live data."""
-    # Answer bodies are ~5 MB and short-lived. Once one is freed, glibc raises its mmap threshold
-    # and puts later ones on the heap, where freed space stays resident: about 25 MB more peak over
-    # a 200,000-user run, measured. Fixing the threshold (M_MMAP_THRESHOLD) stops that. The CLI
-    # owns its process, so it does this; an analyst's process importing run() is left alone.
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # -3 is M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass  # not glibc (musl, macOS): nothing to tune
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the job from the command line; return the exit status."""
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     verbose, source = args.pop("verbose"), args.pop("replay")
     configure_logging(verbose)
-    release_freed_buffers()
     try:
         settings = config.load_settings(args)
         config.check_path_text("--replay", source)
