@@ -22,6 +22,7 @@ RUN groupadd --gid 10001 etl \
     && chown 10001:10001 /data
 
 COPY random_user_etl.py random_user_config.py schemas.py ./
+COPY _random_user_etl/*.py ./_random_user_etl/
 
 USER 10001:10001
 

@@ -518,10 +518,13 @@ def child(args: list[str]) -> None:
 
         return wrapper
 
-    # Where the time goes: the job calls these by their module names, so wrapping them times them.
+    # Where the time goes: the job calls these by their module names, so wrapping them where they are called times them.
+    from _random_user_etl import pipeline
+
     for name in STEPS:
-        if callable(getattr(etl, name, None)):
-            setattr(etl, name, timed(name, getattr(etl, name)))
+        for module in (etl, pipeline):
+            if callable(getattr(module, name, None)):
+                setattr(module, name, timed(name, getattr(module, name)))
     cpu_before = sum(os.times()[:2])
     rc = etl.main(args)
     done = time.perf_counter()
@@ -538,19 +541,20 @@ def bare_client(args: list[str]) -> None:
 
     sys.path.insert(0, str(ROOT))
     import random_user_etl as etl
+    from _random_user_etl import client, wire
     from random_user_config import Settings
     from schemas import RAW_RESPONSE
 
     url, n, concurrency = args[0], int(args[1]), int(args[2])
     settings = Settings(n=n, seed=SEED, api_url=url, raw_dir=None, concurrency=concurrency, retries=0)
-    session = etl.make_session(settings)  # the job's own network code: what differs from the job is all after it
+    session = wire.make_session(settings)  # the job's own network code: what differs from the job is all after it
 
-    def download(page: int) -> etl.Answer:
-        return etl.fetch_page(session, settings, etl.PageRequest(SEED, page, PAGE))
+    def download(page: int) -> wire.Answer:
+        return client.fetch_page(session, settings, etl.PageRequest(SEED, page, PAGE))
 
-    def parse(answer: etl.Answer) -> pl.DataFrame:
+    def parse(answer: wire.Answer) -> pl.DataFrame:
         # The fastest parser here (Polars', against the raw schema; json.loads would hold the GIL), nothing typed.
-        return pl.read_json(etl.unpack(answer, settings.max_response_bytes), schema=RAW_RESPONSE)
+        return pl.read_json(wire.unpack(answer, settings.max_response_bytes), schema=RAW_RESPONSE)
 
     started = time.perf_counter()
     # Pipelined like the job: the next requests go out while answers are parsed on the other threads.
@@ -577,13 +581,13 @@ def check_landed(result: dict, n: int, expected_order: list[str] | None) -> list
 
     import polars as pl
 
-    import random_user_etl as etl
+    from _random_user_etl import store
 
     problems = []
     try:
         if "error" in result:
             return [result["error"]]
-        path = Path(etl.batch_path(result["out"], SEED))
+        path = Path(store.batch_path(result["out"], SEED))
         if not path.exists():
             return [f"no landed file {path.name}"]
         ids = pl.read_parquet(path, columns=["user_id"])["user_id"]
@@ -622,9 +626,9 @@ def expected_order(pages: int) -> list[str]:
 
 def pages_of(n: int) -> int:
     """How many pages of PAGE users the job asks for to get n users."""
-    import random_user_etl as etl
+    from _random_user_etl import client
 
-    return len(etl.page_sizes(n, PAGE))
+    return len(client.page_sizes(n, PAGE))
 
 
 # ---------------------------------------------------------------- 2. end to end

@@ -29,7 +29,9 @@ sys.path[:0] = [str(ROOT), str(TESTS)]
 from fake_api import FIXTURES, FakeRandomUser  # noqa: E402
 
 import random_user_etl as etl  # noqa: E402
-from random_user_config import Settings  # noqa: E402
+from _random_user_etl import client, sort, store  # noqa: E402
+from random_user_config import Settings, staging_root  # noqa: E402
+from schemas import OUTPUT_SCHEMA  # noqa: E402
 
 PREFIX = "random_user_etl.py: error: "
 LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING) ")
@@ -105,7 +107,7 @@ def served_users(seed: str, n: int, page_size: int) -> list[dict]:
     """The users the fake serves a run of (seed, n, page_size), page by page, parsed by the standard library."""
     from fake_api import page_body
 
-    sizes = etl.page_sizes(n, page_size)
+    sizes = client.page_sizes(n, page_size)
     return [u for page, size in enumerate(sizes, start=1) for u in json.loads(page_body(seed, page, size))["results"]]
 
 
@@ -119,12 +121,12 @@ def record_sorts(monkeypatch) -> list:
     """Every ExternalSort the job makes from here on (the real class), to check how many key ranges it used."""
     made = []
 
-    class Recorded(etl.ExternalSort):
+    class Recorded(sort.ExternalSort):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             made.append(self)
 
-    monkeypatch.setattr(etl, "ExternalSort", Recorded)
+    monkeypatch.setattr(sort, "ExternalSort", Recorded)
     return made
 
 
@@ -239,7 +241,7 @@ class Bucket:
 
     def staged(self, prefix: str = "lake") -> Path:
         """The local staging folder of runs landing in this prefix."""
-        return etl.staging_root(self.url(prefix))
+        return staging_root(self.url(prefix))
 
 
 @pytest.fixture
@@ -275,7 +277,7 @@ def landed(folder: Path) -> dict[str, bytes]:
 
 def batch_files(folder: Path) -> list[str]:
     """The names of the landed batch files in a folder."""
-    return sorted(p.name for p in folder.glob(etl.BATCH_GLOB))
+    return sorted(p.name for p in folder.glob(store.BATCH_GLOB))
 
 
 def run_cli(*args, env: dict | None = None, timeout: float = 60, **popen) -> subprocess.CompletedProcess:
@@ -539,5 +541,5 @@ def reference_rows(body: bytes, ingested_at: dt.datetime) -> list[dict]:
     if any(LONE_SURROGATE.search(info[name] or "") for name in ("seed", "version")):
         raise Refused("a lone surrogate in info")
     meta = {"seed": info["seed"] or None, "page": int(info["page"]) if info["page"] else None, "api_version": info["version"], "ingested_at": ingested_at}
-    columns = etl.OUTPUT_SCHEMA.names()
+    columns = OUTPUT_SCHEMA.names()
     return [{name: {**row, **meta}[name] for name in columns} for row in rows]

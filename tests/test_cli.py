@@ -10,6 +10,7 @@ from conftest import PURA, batch_files, fast_env, fixture_json, landed
 from fake_api import PICKED_SEED, free_port, recorded_pages
 
 import random_user_etl as etl
+from _random_user_etl import client
 
 
 def ids_of(users) -> list[str]:
@@ -71,7 +72,7 @@ def test_the_default_page_size_is_the_service_maximum():
     from random_user_config import Settings
 
     assert Settings().page_size == 5000
-    assert etl.page_sizes(12_345, 5000) == [5000, 5000, 2345]
+    assert client.page_sizes(12_345, 5000) == [5000, 5000, 2345]
 
 
 def test_without_a_seed_the_service_picks_one_and_later_pages_reuse_it(api, out, raw, settings):

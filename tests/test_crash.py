@@ -22,7 +22,9 @@ from conftest import FAST, ROOT, CasePool, assert_one_error_line, batch_files, c
 from fake_api import FakeRandomUser, hang, mutate, normal, page_body
 
 import random_user_etl as etl
+from _random_user_etl import client, store
 from random_user_config import Settings
+from schemas import OUTPUT_SCHEMA
 
 PAGED = ["--seed", "paged", "--n", "200", "--page-size", "40"]
 
@@ -65,11 +67,11 @@ def kill9(proc: subprocess.Popen) -> int:
 def assert_visible_batches_whole(out: Path, rows: dict[str, int]) -> None:
     """Every visible batch opens, holds the rows of its seed once each; read_processed sees just those."""
     total = 0
-    for path in sorted(out.glob(etl.BATCH_GLOB)):
+    for path in sorted(out.glob(store.BATCH_GLOB)):
         seed = path.name[len("random_users_") : -len(".parquet")]
         frame = pl.read_parquet(path)  # raises on a torn or foreign file
         assert frame.height == rows[seed] and frame["user_id"].n_unique() == rows[seed], path.name
-        assert frame.schema == etl.OUTPUT_SCHEMA
+        assert frame.schema == OUTPUT_SCHEMA
         total += frame.height
     lake = etl.read_processed(str(out)).collect()
     assert lake.height == total and lake["user_id"].n_unique() == total
@@ -228,7 +230,7 @@ def run_case(case: str, folder: Path) -> SimpleNamespace:
         staged_whole = all(pl.scan_parquet(p).select(pl.len()).collect().item() > 0 for p in staged)
         rerun = etl.run(Settings(**values))  # the disk has room again: the next run lands the right data
         rerun_ids = sorted(pl.read_parquet(rerun.path)["user_id"])
-        sizes = etl.page_sizes(n, page_size)
+        sizes = client.page_sizes(n, page_size)
         return SimpleNamespace(result=result, before=before, after=after, raw_before=raw_before, raw_after=raw_after,
                                leftovers=stray, staged_whole=staged_whole, rerun_ok=rerun_ids == expected_ids(seed, sizes))
 

@@ -95,28 +95,35 @@ def image_uid() -> int:
 
 
 def runtime_modules() -> set[str]:
-    """The project's own modules the job imports, followed transitively from random_user_etl.py."""
+    """The project's own modules the job imports (package modules as a/b.py), followed transitively from random_user_etl.py."""
     todo, seen = ["random_user_etl"], set()
     while todo:
         name = todo.pop()
-        if name in seen or not (ROOT / f"{name}.py").is_file():
+        path = ROOT / (name.replace(".", "/") + ".py")
+        if name in seen or not path.is_file():
             continue
         seen.add(name)
-        tree = ast.parse((ROOT / f"{name}.py").read_text())
-        for node in ast.walk(tree):
+        if "." in name:
+            todo.append(name.rpartition(".")[0] + ".__init__")  # a package's modules come with its __init__
+        for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
-                todo += [alias.name.split(".")[0] for alias in node.names]
+                todo += [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-                todo.append(node.module.split(".")[0])
-    return {f"{name}.py" for name in seen}
+                todo += [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+    return {name.replace(".", "/") + ".py" for name in seen}
 
 
 def copied_files() -> list[str]:
-    """What the Dockerfile copies into the image (sources of every COPY)."""
+    """What the Dockerfile copies into the image (sources of every COPY, as written)."""
     files = []
     for rest in arguments("COPY"):
         files += [word for word in shlex.split(rest) if not word.startswith("--")][:-1]
     return files
+
+
+def image_files() -> list[str]:
+    """Every file the Dockerfile's COPY sources name, its globs expanded, relative to the project."""
+    return sorted(str(path.relative_to(ROOT)) for source in copied_files() for path in ROOT.glob(source))
 
 
 def quantity(text) -> float:
@@ -153,8 +160,9 @@ def test_the_image_is_slim_python_non_root_runtime_only_with_the_job_as_entrypoi
     assert installs == ["pip install --no-cache-dir -r requirements.txt"]
     assert "requirements.txt" in copied_files() and "requirements-dev.txt" not in copied_files()
     # Every module of ours that the job imports is in the image, and nothing else of ours is.
-    modules = {name for name in copied_files() if name.endswith(".py")}
-    assert modules == runtime_modules() == {"random_user_etl.py", "random_user_config.py", "schemas.py"}
+    modules = {name for name in image_files() if name.endswith(".py")}
+    assert modules == runtime_modules()
+    assert {"random_user_etl.py", "random_user_config.py", "schemas.py", "_random_user_etl/__init__.py", "_random_user_etl/wire.py"} <= modules
     # The build context is an allow-list of exactly those files.
     lines = [line for line in DOCKERIGNORE.read_text().splitlines() if line.strip() and not line.startswith("#")]
     assert lines[0] == "*" and {line.lstrip("!") for line in lines[1:]} == set(copied_files())
@@ -227,7 +235,7 @@ def test_settings_come_from_the_configmap_and_credentials_from_a_secret():
     # The settings load as the job loads them, and land in object storage under a daily seed.
     settings = config.load_settings(environ=data, today=dt.date(2026, 11, 24))
     assert data["RANDOM_USER_SEED"] == "daily-{date}" and settings.seed == "daily-20261124"
-    assert etl.is_remote(settings.output_dir) and settings.output_dir.startswith("s3://")
+    assert config.is_remote(settings.output_dir) and settings.output_dir.startswith("s3://")
     assert settings.raw_dir is None
 
 
@@ -272,7 +280,8 @@ def test_the_scheduled_run_from_the_image_files_and_configmap_lands_one_object_p
     app, temp = tmp_path / "app", tmp_path / "pod-tmp"
     app.mkdir()
     temp.mkdir()
-    for name in copied_files():
+    for name in image_files():
+        (app / name).parent.mkdir(exist_ok=True)
         shutil.copy(ROOT / name, app / name)
     data = resource("ConfigMap")["data"]
     bucket, _, prefix = data["RANDOM_USER_OUTPUT_DIR"].removeprefix("s3://").partition("/")
@@ -298,7 +307,7 @@ def test_the_scheduled_run_from_the_image_files_and_configmap_lands_one_object_p
     assert frame["seed"].unique().to_list() == [seed]
     assert sorted((r.params["seed"], r.params["results"]) for r in api.requests) == [(seed, str(n))] * 2
     # Nothing was written beside the job (the root is read-only in the pod); staging is cleared.
-    assert sorted(p.name for p in app.iterdir()) == sorted(copied_files())
+    assert sorted(str(p.relative_to(app)) for p in app.rglob("*") if p.is_file()) == image_files()
     assert not [p for p in temp.rglob("*.parquet")]
     # A bad setting exits 2, the status the podFailurePolicy does not retry.
     bad = subprocess.run([sys.executable, "-c", BOOT], cwd=app, env={**env, "RANDOM_USER_N": "lots"}, capture_output=True, text=True, timeout=60)

@@ -38,7 +38,9 @@ from conftest import (
 from fake_api import FakeRandomUser, body, hang, mutate, page_body, rate_limited, reset, status, truncated
 
 import random_user_etl as etl
+from _random_user_etl import client
 from random_user_config import Settings
+from schemas import OUTPUT_SCHEMA
 
 RETRY_LINE = re.compile(r"retry (\d+) of (\d+) for (\S+): (.+)")
 
@@ -209,7 +211,7 @@ def test_extra_fields_the_service_may_add_are_ignored(api, out, settings):
     api.script(mutate(with_extra_fields))
     batch = etl.run(settings(seed="pura"))
     assert_pura_landed(batch.path)
-    assert pl.read_parquet(batch.path).schema == etl.OUTPUT_SCHEMA
+    assert pl.read_parquet(batch.path).schema == OUTPUT_SCHEMA
 
 
 # ------------------------------------------------------------------ persistent faults
@@ -353,9 +355,9 @@ def test_an_answer_in_an_encoding_not_asked_for_is_refused(api, out, settings):
 
 def test_backoff_grows_from_the_first_retry_with_jitter_and_a_cap():
     settings = Settings(backoff=1.0, retries=8)
-    waits = [etl.backoff_time(settings, retry) for retry in range(1, 9)]
+    waits = [client.backoff_time(settings, retry) for retry in range(1, 9)]
     # base 1 s doubling from the first retry, plus up to half a base of jitter, capped at 32 bases.
     for k, wait in enumerate(waits[:5]):
         assert 2**k <= wait <= 2**k + 0.5, waits
     assert waits[5] == waits[6] == waits[7] == 32.0
-    assert len({etl.backoff_time(settings, 1) for _ in range(20)}) > 1, "no jitter"
+    assert len({client.backoff_time(settings, 1) for _ in range(20)}) > 1, "no jitter"

@@ -32,6 +32,7 @@ from fake_api import mutate, normal, status
 
 import random_user_config as config
 import random_user_etl as etl
+from _random_user_etl import folders, sort, staging
 from random_user_config import Settings, SettingsError
 from schemas import OUTPUT_SCHEMA
 
@@ -174,7 +175,7 @@ def test_a_staged_part_that_is_a_link_is_not_trusted(api, out, settings, tmp_pat
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     frame = etl.transform(PURA_ANSWER.read_bytes(), etl.PageRequest("pura", 1, 100))
-    real = etl.stage_part(elsewhere, frame, etl.part_identity(run, "pura", 1, 100))
+    real = staging.stage_part(elsewhere, frame, staging.part_identity(run, "pura", 1, 100))
     before = landed(elsewhere)
     (out / ".staging" / "pura").mkdir(parents=True)
     (out / ".staging" / "pura" / real.name).symlink_to(real)
@@ -320,8 +321,8 @@ def test_neighbouring_folders_do_not_overlap(tmp_path):
 def test_a_raw_folder_in_the_staging_folder_of_object_storage_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     url = "s3://bucket/lake"
-    private = etl.staging_root(url).parent
-    for raw_dir in (private, etl.staging_root(url), etl.staging_root(url) / "x", tmp_path):
+    private = config.staging_root(url).parent
+    for raw_dir in (private, config.staging_root(url), config.staging_root(url) / "x", tmp_path):
         with pytest.raises(SettingsError, match="--raw-dir .*--output-dir"):
             Settings(output_dir=url, raw_dir=str(raw_dir))
     Settings(output_dir=url, raw_dir=str(tmp_path.parent / "raw"))
@@ -477,7 +478,7 @@ def test_a_forged_part_in_a_staging_folder_someone_else_owns_never_lands(api, ou
     # A whole part of the very page the run would fetch, with its identity, but one value forged.
     frame = etl.transform(PURA_ANSWER.read_bytes(), etl.PageRequest("pura", 1, 100))
     forged = frame.with_columns(email=pl.lit("forged@attacker.invalid"))
-    etl.stage_part(folder, forged, etl.part_identity(run, "pura", 1, 100))
+    staging.stage_part(folder, forged, staging.part_identity(run, "pura", 1, 100))
     plant_folder(folder, OTHER_UID, 0o777)
     with pytest.raises(etl.EtlError, match=f"refusing {folder}: owned by uid {OTHER_UID}"):
         etl.run(run)
@@ -497,17 +498,16 @@ def test_a_run_makes_its_own_folders_and_lock_private_and_its_batch_as_readable_
 
 
 def test_the_sort_folder_is_made_private(api, out, raw, settings, monkeypatch):
-    monkeypatch.setattr(etl, "SORT_RUN_ROWS", 40)  # several key ranges: the sort writes its scratch files
-    monkeypatch.setattr(etl, "SCATTER_ROWS", 40)
     seen = []
-    split = etl.ExternalSort._split
+    split = sort.ExternalSort._split
 
     def spy(self):
         split(self)
         seen.append(stat.S_IMODE(os.lstat(self.work).st_mode))
 
-    monkeypatch.setattr(etl.ExternalSort, "_split", spy)
-    etl.run(settings(seed="paged", n=120, page_size=40, concurrency=1))
+    monkeypatch.setattr(sort.ExternalSort, "_split", spy)
+    # Several key ranges: the sort writes its scratch files.
+    etl.fetch_and_land(settings(seed="paged", n=120, page_size=40, concurrency=1), run_rows=40, group_rows=40)
     assert seen and set(seen) == {0o700}
 
 
@@ -524,7 +524,7 @@ def test_a_temp_file_is_never_written_through_a_link_planted_at_its_name(tmp_pat
     planted.symlink_to(bait / "precious.txt")
     settings = Settings(output_dir=str(tmp_path / "out"), raw_dir=None)
     frame = etl.transform(PURA_ANSWER.read_bytes(), etl.PageRequest("pura", 1, 100))
-    part = etl.stage_part(folder, frame, etl.part_identity(settings, "pura", 1, 100))
+    part = staging.stage_part(folder, frame, staging.part_identity(settings, "pura", 1, 100))
     assert landed(bait) == before
     assert stat.S_ISREG(os.lstat(part).st_mode) and pl.read_parquet(part).height == 100
 
@@ -538,7 +538,7 @@ def test_a_temp_file_is_created_exclusively_private_and_at_an_unpredictable_name
         temp.write_bytes(b"done")
 
     for _ in range(2):
-        etl.write_atomically(tmp_path / "part-00001.parquet", write)
+        folders.write_atomically(tmp_path / "part-00001.parquet", write)
     assert [found[1:] for found in seen] == [(True, 0o600, 0)] * 2
     names = [found[0] for found in seen]
     old_name = f".part-00001.parquet.{os.getpid()}.{threading.get_ident()}.tmp"  # predictable: anyone could plant it

@@ -22,6 +22,7 @@ from conftest import PAGED, PREFIX, ROOT, CasePool, assert_one_error_line, asser
 from fake_api import FakeRandomUser, chunked, huge, mutate, page_body, rate_limited, status, unframed
 
 import random_user_etl as etl
+from _random_user_etl import store, wire
 from random_user_config import Settings, SettingsError, load_settings
 
 # Seeds that try to leave the output folder, or to be a file name no file system wants.
@@ -169,7 +170,7 @@ def test_a_hostile_seed_is_refused_by_the_python_api_too(api, tmp_path, settings
     with pytest.raises(SettingsError):
         etl.run(settings(), seed=seed)
     with pytest.raises(etl.EtlError, match="not safe as a file name"):
-        etl.batch_path(str(tmp_path / "out"), seed)  # the last guard before any path is built
+        store.batch_path(str(tmp_path / "out"), seed)  # the last guard before any path is built
     assert api.requests == []
     assert files_under(tmp_path) == []
 
@@ -293,7 +294,7 @@ def test_allow_http_is_accepted_as_a_setting_only():
 
 def test_tls_verification_is_never_switched_off(out):
     for allow_http in (False, True):
-        session = etl.make_session(Settings(output_dir=str(out), allow_http=allow_http))
+        session = wire.make_session(Settings(output_dir=str(out), allow_http=allow_http))
         assert session.verify is True
         assert session.get_adapter("https://randomuser.me/").max_retries.total == 0  # fetch_page's loop retries
     source = (ROOT / "random_user_etl.py").read_text()

@@ -16,6 +16,7 @@ from conftest import PAGED, ROOT, assert_null_counts, assert_rows_are, batch_fil
 from fake_api import mutate, normal, rate_limited
 
 import random_user_etl as etl
+from _random_user_etl import pipeline, sort, staging, store
 from random_user_config import Settings
 from schemas import SORT_KEY
 
@@ -26,17 +27,17 @@ def stage_recorded_pages(folder) -> list:
     parts = []
     for page, name in enumerate(PAGED, start=1):
         frame = etl.transform(fixture_bytes(name), etl.PageRequest("paged", page, 40))
-        parts.append(etl.stage_part(folder, frame, {"page": page}))
+        parts.append(staging.stage_part(folder, frame, {"page": page}))
     return parts
 
 
-@pytest.mark.parametrize("run_rows", [17, etl.SORT_RUN_ROWS], ids=["key-ranges", "one-range"])
+@pytest.mark.parametrize("run_rows", [17, sort.SORT_RUN_ROWS], ids=["key-ranges", "one-range"])
 def test_the_batch_is_sorted_as_one_sort_of_the_raw_users(tmp_path, monkeypatch, run_rows):
     users = raw_users(*PAGED)
     parts = stage_recorded_pages(tmp_path / "stage")
     sorts = record_sorts(monkeypatch)
     when = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
-    report, _ = etl.write_batch(parts, str(tmp_path / "batch.parquet"), when, 120, run_rows=run_rows)
+    report, _ = store.write_batch(parts, str(tmp_path / "batch.parquet"), when, 120, run_rows=run_rows)
     assert sorts[0].runs == -(-120 // run_rows), "the batch was sorted in this many key ranges"
     batch = pl.read_parquet(tmp_path / "batch.parquet")
     assert batch.select(SORT_KEY).rows() == sorted(raw_key(u) for u in users)
@@ -47,17 +48,17 @@ def test_the_batch_is_sorted_as_one_sort_of_the_raw_users(tmp_path, monkeypatch,
 def test_a_part_staged_before_nulls_were_counted_is_fetched_again(tmp_path):
     parts = stage_recorded_pages(tmp_path / "stage")
     # Page 2 as an older version staged it: its identity, and no null counts. Staging is scratch.
-    identity = etl.part_identity(Settings(), "paged", 2, 40)
-    pl.read_parquet(parts[1]).write_parquet(parts[1], metadata={etl.PART_METADATA_KEY: json.dumps(identity, sort_keys=True)})
-    assert not etl.trusted_part(parts[1], identity), "a part with no null counts is not trusted: it is fetched again"
-    today = etl.part_identity(Settings(), "paged", 1, 40)
-    assert etl.trusted_part(etl.stage_part(parts[0].parent, pl.read_parquet(parts[0]), today), today)
+    identity = staging.part_identity(Settings(), "paged", 2, 40)
+    pl.read_parquet(parts[1]).write_parquet(parts[1], metadata={staging.PART_METADATA_KEY: json.dumps(identity, sort_keys=True)})
+    assert not staging.trusted_part(parts[1], identity), "a part with no null counts is not trusted: it is fetched again"
+    today = staging.part_identity(Settings(), "paged", 1, 40)
+    assert staging.trusted_part(staging.stage_part(parts[0].parent, pl.read_parquet(parts[0]), today), today)
 
 
 def test_parts_are_split_into_key_ranges_while_the_run_goes_on(tmp_path):
     users = raw_users(*PAGED)
     parts = stage_recorded_pages(tmp_path / "stage")
-    sorter = etl.ExternalSort(tmp_path / "sort", rows=120, run_rows=17, group_rows=40)
+    sorter = sort.ExternalSort(tmp_path / "sort", rows=120, run_rows=17, group_rows=40)
     sorter.add(parts[2], 40)  # pages finish out of order at concurrency > 1
     pieces = list((tmp_path / "sort").glob("group-*/__run=*/*.parquet"))
     assert len({piece.parent.name for piece in pieces}) > 3, "a group's worth of rows is split at once, before the batch is landed"
@@ -72,13 +73,13 @@ def test_the_sort_key_orders_as_the_columns_do_even_with_nul_characters(tmp_path
     names = ["", "A", "A\x00", "A\x00B", "A\x01", "AB", "\x00", "\x00\x00", "\x01", "é", "Z"]
     rows = [(nat, last, first, f"id-{i:04d}") for i, (nat, last, first) in enumerate(itertools.product(["", "A", "A\x00"], names, names))]
     frame = pl.DataFrame(rows, schema=list(SORT_KEY), orient="row")
-    assert frame.sort(etl.sort_key()).rows() == sorted(rows)
+    assert frame.sort(sort.sort_key()).rows() == sorted(rows)
     folder = tmp_path / "stage"
     folder.mkdir()
     half = len(rows) // 2
     parts = [frame[:half].write_parquet(folder / "a.parquet") or folder / "a.parquet",
              frame[half:].write_parquet(folder / "b.parquet") or folder / "b.parquet"]
-    ordered = etl.ExternalSort(tmp_path / "sort", rows=len(rows), run_rows=25, group_rows=25).ordered(parts)
+    ordered = sort.ExternalSort(tmp_path / "sort", rows=len(rows), run_rows=25, group_rows=25).ordered(parts)
     assert ordered.collect().rows() == sorted(rows)
 
 
@@ -179,19 +180,17 @@ def test_staged_parts_are_never_read_as_data(api, out, settings):
 
 def test_a_bad_page_at_concurrency_4_stops_the_run_and_the_rerun_fetches_only_what_is_missing(api, out, settings, monkeypatch):
     # Ranges and groups of one page, so every good page is split into key ranges as soon as it is staged.
-    monkeypatch.setattr(etl, "SORT_RUN_ROWS", 10)
-    monkeypatch.setattr(etl, "SCATTER_ROWS", 10)
     sorts = record_sorts(monkeypatch)
     api.script(normal(), normal(), mutate(users(duplicate_first_id)))  # the third answer to arrive breaks the contract
     with pytest.raises(etl.EtlError, match=r"^page \d+: 1 contract check\(s\) failed: login\.uuid repeats in 1 records$"):
-        etl.run(settings(n=100, seed="paged", page_size=10, concurrency=4))
+        etl.fetch_and_land(settings(n=100, seed="paged", page_size=10, concurrency=4), run_rows=10, group_rows=10)
     assert batch_files(out) == []
     assert [t.name for t in threading.enumerate() if t.name.startswith("page")] == [], "fetch and staging threads are all joined"
     assert sorts[0].groups >= 1 and not (out / ".staging" / "paged" / "sort").exists(), "the failed run's key ranges are cleared"
     staged = sorted(p.name for p in (out / ".staging" / "paged").glob("part-*.parquet"))
     assert len(staged) < 10, staged  # which pages got staged first depends on the threads
     first = len(api.requests)
-    again = etl.run(settings(n=100, seed="paged", page_size=10, concurrency=4))
+    again = etl.fetch_and_land(settings(n=100, seed="paged", page_size=10, concurrency=4), run_rows=10, group_rows=10)
     assert again.rows == 100 and again.pages_reused == len(staged)
     asked = sorted(int(r.params["page"]) for r in api.requests[first:])
     assert asked == sorted(set(range(1, 11)) - {int(name[5:10]) for name in staged}), "staged pages are not asked for again"
@@ -202,13 +201,13 @@ def test_a_bad_page_at_concurrency_4_stops_the_run_and_the_rerun_fetches_only_wh
 
 def test_a_batch_is_refused_when_the_key_ranges_lose_a_piece(tmp_path):
     parts = stage_recorded_pages(tmp_path / "stage")
-    sorter = etl.ExternalSort(tmp_path / "stage" / "sort", rows=120, run_rows=17, group_rows=40)
+    sorter = sort.ExternalSort(tmp_path / "stage" / "sort", rows=120, run_rows=17, group_rows=40)
     for part in parts:
         sorter.add(part, 40)
     next((tmp_path / "stage" / "sort").glob("group-*/__run=*/*.parquet")).unlink()
     when = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
     with pytest.raises(etl.EtlError, match=r"the sort's key ranges hold \d+ rows, expected 120"):
-        etl.write_batch(parts, str(tmp_path / "batch.parquet"), when, 120, run_rows=17, sorter=sorter)
+        store.write_batch(parts, str(tmp_path / "batch.parquet"), when, 120, run_rows=17, sorter=sorter)
     assert not (tmp_path / "batch.parquet").exists()
 
 
@@ -226,5 +225,5 @@ def test_in_parallel_raises_a_failure_before_taking_more_work():
         return item
 
     with pytest.raises(ValueError, match="page 0 is bad"):
-        list(etl.in_parallel(work, items(), 2))
+        list(pipeline.in_parallel(work, items(), 2))
     assert taken == [0, 1], "nothing more is fetched once a result has failed"

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from test_hostile import run_measured
 
 import random_user_etl as etl
+from _random_user_etl import client
 from random_user_config import SETTINGS, Settings, SettingsError, load_settings
 
 LARGEST_N = 5000 * 10_000  # 10,000 pages of the default 5,000 users
@@ -122,7 +123,7 @@ def test_the_largest_retries_and_waits_work_in_a_run(api, settings):
 
 def test_the_largest_backoff_waits_at_most_an_hour_after_every_retry():
     largest = Settings(backoff=100, retries=100, max_wait=86_400)
-    assert all(0 <= etl.backoff_time(largest, retry) <= 3600 for retry in range(1, 101))
+    assert all(0 <= client.backoff_time(largest, retry) <= 3600 for retry in range(1, 101))
 
 
 # ------------------------------------------------------------------ path and URL texts

@@ -15,6 +15,7 @@ from conftest import GBONLY, PAGED, PURA, assert_rows_are, fast_env, nationality
 from fake_api import mutate, status
 
 import random_user_etl as etl
+from _random_user_etl import sort
 from schemas import OUTPUT_SCHEMA, QUALITY_METADATA_KEY, SORT_KEY
 
 
@@ -136,10 +137,8 @@ def test_a_store_that_refuses_fails_in_one_line_and_the_next_run_reuses_the_stag
 def test_a_batch_sorted_in_several_key_ranges_lands_in_s3_in_order(settings, s3, monkeypatch):
     # Small ranges, so the external sort splits pages while the run goes on and streams its
     # ranges to the object store through Polars' cloud writer.
-    monkeypatch.setattr(etl, "SORT_RUN_ROWS", 17)
-    monkeypatch.setattr(etl, "SCATTER_ROWS", 40)
     sorts = record_sorts(monkeypatch)
-    batch = etl.run(settings(output_dir=s3.url(), seed="paged", n=100, page_size=40, concurrency=2))
+    batch = etl.fetch_and_land(settings(output_dir=s3.url(), seed="paged", n=100, page_size=40, concurrency=2), run_rows=17, group_rows=40)
     assert sorts[0].runs == 6 and sorts[0].groups >= 1, "split into key ranges while the run went on"
     frame = etl.read_processed(s3.url()).collect()
     users = raw_users(*PAGED, limits={PAGED[2]: 20})

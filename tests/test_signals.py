@@ -20,6 +20,7 @@ from conftest import LOG_LINE, ROOT, clean_environ, fast_env
 from fake_api import hang, normal, rate_limited, status
 
 import random_user_etl as etl
+from _random_user_etl import store
 
 HELD = 30  # seconds the fake (or a wait the job is told to make) holds the job: far past the bound
 PROMPT = 3.0  # the "within 2 seconds", with room for a loaded machine
@@ -114,7 +115,7 @@ def assert_stopped(code: int, stderr: str, seconds: float, signum: int) -> None:
 def test_a_stop_is_prompt_whatever_the_job_waits_on(api, out, raw, tmp_path, wait, signum):
     code, stderr, seconds = stop_held_job(api, out, raw, tmp_path, wait, signum)
     assert_stopped(code, stderr, seconds, signum)
-    assert list(out.glob(etl.BATCH_GLOB)) == []
+    assert list(out.glob(store.BATCH_GLOB)) == []
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])

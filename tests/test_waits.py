@@ -32,6 +32,7 @@ from test_faults import RETRY_LINE, assert_pura_landed, retry_lines
 from test_hostile import leaked, pii_of
 
 import random_user_etl as etl
+from _random_user_etl import client
 from random_user_config import Settings, SettingsError, load_settings
 
 TIMEOUT = 0.5  # --timeout of the trickle cases: a whole answer, not one socket read
@@ -169,8 +170,8 @@ def test_the_rate_limit_pause_is_no_longer_than_max_wait(api, settings, caplog):
 
 def test_backoff_is_capped_by_max_wait():
     settings = Settings(backoff=10.0, retries=8, max_wait=25)
-    assert [etl.backoff_time(settings, retry) >= 10 * 2 ** (retry - 1) for retry in (1, 2)] == [True, True]
-    assert [etl.backoff_time(settings, retry) for retry in (3, 4, 8)] == [25, 25, 25]
+    assert [client.backoff_time(settings, retry) >= 10 * 2 ** (retry - 1) for retry in (1, 2)] == [True, True]
+    assert [client.backoff_time(settings, retry) for retry in (3, 4, 8)] == [25, 25, 25]
 
 
 def test_every_kind_of_fault_draws_on_one_retry_budget(api, settings, caplog):

@@ -1,0 +1,195 @@
+"""An answer's bytes read as JSON, strictly: its shape, its envelope, and where Python's json would read it otherwise."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import json
+import re
+import polars as pl
+from random_user_config import shorten
+from schemas import RAW_INFO, RAW_RESPONSE, SOURCE_FIELDS
+from _random_user_etl.errors import EtlError
+
+
+BOM = b"\xef\xbb\xbf"  # json.loads(bytes) skips a UTF-8 byte order mark; so does the transform
+
+
+# The service's own compact layout of a user, key by key. An answer written in it with no backslash
+# anywhere (so no escape can hide a key or a surrogate) holds every key once in every object, and
+# Polars reads it as Python's json does; any other answer is read once more by Python's json to check.
+USER_LAYOUT = (
+    "gender,name{title,first,last},location{street{number,name},city,state,country,postcode,"
+    "coordinates{latitude,longitude},timezone{offset,description}},email,"
+    "login{uuid,username,password,salt,md5,sha1,sha256},dob{date,age},registered{date,age},phone,cell,"
+    "id{name,value},picture{large,medium,thumbnail},nat"
+)
+
+
+INFO_LAYOUT = "seed,results,page,version"
+
+
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # a UTF-16 surrogate written as an escape (a byte check)
+
+
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # what is left of a lone escape once Python's json pairs the rest
+
+
+@dataclasses.dataclass(frozen=True)
+class PageRequest:
+    """What one page should hold: a check on the answer wherever a field is not None."""
+
+    seed: str | None
+    page: int | None
+    results: int | None
+
+
+def without_bom(body: bytes) -> bytes:
+    """The body without a leading UTF-8 byte order mark."""
+    return body[len(BOM) :] if body.startswith(BOM) else body
+
+
+def parse_body(body: bytes, schema: pl.Schema = RAW_RESPONSE) -> pl.DataFrame:
+    """Parse one answer against the raw schema: one row of results, info and error."""
+    body = without_bom(body)
+    try:
+        parsed = pl.read_json(body, schema=schema)
+    except Exception as exc:  # polars reports malformed JSON as several error types
+        head = body[:64].lstrip()[:1]
+        if head == b"<":
+            raise EtlError("the answer is an HTML page, not JSON") from None
+        if SURROGATE_ESCAPE.search(body):  # Polars refuses some lone surrogates: name the field as json reads it
+            faults = json_reading_faults(body)
+            if faults:
+                raise contract_failure(faults) from None
+        raise EtlError(f"the answer is not JSON of the randomuser.me 1.4 shape ({json_fault(exc)})") from None
+    if parsed.height != 1 or not body.lstrip().startswith(b"{"):
+        raise EtlError("the answer is not one JSON object")
+    return parsed
+
+
+def json_fault(exc: Exception) -> str:
+    """What Polars found wrong with a body, without the offending value (it may be personal data)."""
+    text = str(exc)
+    wrong_type = re.search(r'deserializing value "(\w+)\(.*" as (\w+)', text)
+    if wrong_type:
+        return f"a JSON {wrong_type.group(1).lower()} where a {wrong_type.group(2)} belongs"
+    position = re.search(r"at character \d+", text)
+    return f"malformed JSON {position.group(0)}" if position else "malformed JSON"
+
+
+def layout_pattern(layout: str) -> str:
+    """A regular expression for one object in a layout ("a,b{c,d}"): each key once, in order, values plain."""
+    scalar = r'(?:"[^"]*"|null|true|false|-?[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)'
+    keys = re.sub(r"(\w+)(\{?)", lambda m: f'"{m[1]}":' + (r"\{" if m[2] else scalar), layout.replace("}", r"\}"))
+    return r"\{" + keys + r"\}"
+
+
+@functools.cache
+def service_layout() -> re.Pattern:
+    """The whole compact answer of the service, as one regular expression over its bytes."""
+    user, info = layout_pattern(USER_LAYOUT), layout_pattern(INFO_LAYOUT)
+    return re.compile(rf'\{{"results":\[(?:{user}(?:,{user})*)?\],"info":{info}\}}'.encode())
+
+
+def in_service_layout(body: bytes) -> bool:
+    """True when no key of the body can repeat and no escape can hide one: the service's compact layout."""
+    return b"\\" not in body and service_layout().fullmatch(body) is not None
+
+
+def dig(value, path: str):
+    """A dotted field of what Python's json read, None where anything on the way is not an object."""
+    for name in path.split("."):
+        value = value.get(name) if isinstance(value, dict) else None
+    return value
+
+
+def json_reading_faults(body: bytes) -> list[str]:
+    """Where Python's json reads an answer otherwise than Polars: keys written twice, lone UTF-16 surrogates."""
+    declared = set(re.findall(r"\w+", f"results,info,error,{USER_LAYOUT},{INFO_LAYOUT}"))
+    twice = []  # per object holding a declared key more than once, those keys (a name is no personal data)
+
+    def one_object(items: list) -> dict:
+        read = dict(items)
+        if len(read) < len(items):  # Polars keeps the first of a repeated key, Python's json the last
+            counts = collections.Counter(key for key, _ in items)
+            keys = {key for key, count in counts.items() if count > 1 and key in declared}
+            if keys:
+                twice.append(keys)
+        return read
+
+    try:
+        doc = json.loads(body, object_pairs_hook=one_object)
+    except (ValueError, RecursionError):
+        return ["a standard JSON reader refuses the answer"]
+    faults = []
+    if twice:
+        names = ", ".join(sorted(set().union(*twice)))
+        faults.append(f"{len(twice)} JSON object(s) hold a key twice ({names})")
+    users = dig(doc, "results") if isinstance(dig(doc, "results"), list) else []
+    for source in [*SOURCE_FIELDS.values(), "info.seed", "info.version"]:
+        where = [dig(doc, source)] if source.startswith("info.") else [dig(user, source) for user in users]
+        count = sum(1 for value in where if isinstance(value, str) and LONE_SURROGATE.search(value))
+        if count:
+            faults.append(f"{source} holds a lone UTF-16 surrogate in {count} records")
+    return faults
+
+
+def envelope(parsed: pl.DataFrame) -> dict:
+    """The error, info and user count of a parsed answer, without turning users into Python objects."""
+    row = parsed.select("error", "info", count=pl.col("results").list.len()).row(0, named=True)
+    return {**row, "info": row["info"] or {}}
+
+
+def service_error(message: str) -> EtlError:
+    """The error for an answer that is the service's own error body."""
+    return EtlError(f"the service answered with an error: {message[:200]!r}")
+
+
+def answer_info(body: bytes) -> dict:
+    """An answer's info alone, from a parse of only info and error (half a full parse); an error body refused."""
+    row = parse_body(body, pl.Schema({"info": RAW_INFO, "error": pl.String})).row(0, named=True)
+    if row["error"] is not None:
+        raise service_error(row["error"])
+    info = row["info"] or {}
+    check_page_number(info)
+    return info
+
+
+def check_page_number(info: dict) -> None:
+    """Refuse an info.page that is not a page number."""
+    if info.get("page") is not None and not re.fullmatch(r"[1-9][0-9]{0,4}", info["page"]):
+        raise EtlError(f"the answer's info.page {shorten(info['page'])!r} is not a page number")
+
+
+def check_envelope(parsed: pl.DataFrame, expect: PageRequest | None) -> dict:
+    """The answer's info, after refusing an error body, missing results, or another page's answer."""
+    row = envelope(parsed)
+    if row["error"] is not None:
+        raise service_error(row["error"])
+    if row["count"] is None:
+        raise EtlError("the answer has no results")
+    info, got = row["info"], row["count"]
+    check_page_number(info)
+    if expect is not None:
+        check_expected(info, got, expect)
+    if info.get("results") not in (None, str(got)):
+        raise EtlError(f"the answer says info.results={shorten(info['results'])} but holds {got} users")
+    return info
+
+
+def check_expected(info: dict, got: int, expect: PageRequest) -> None:
+    """Refuse an answer for another seed, another page, or another number of users than asked."""
+    if expect.seed is not None and info.get("seed") != expect.seed:
+        raise EtlError(f"asked for seed {expect.seed!r}, the answer is for seed {shorten(info.get('seed'))!r}")
+    if expect.results is not None and got != expect.results:
+        raise EtlError(f"asked for {expect.results} users, the answer holds {got}")
+    if expect.page is not None and info.get("page") != str(expect.page):
+        raise EtlError(f"asked for page {expect.page}, the answer is for page {info.get('page')}")
+
+
+def contract_failure(problems: list[str]) -> EtlError:
+    """The error for an answer that breaks the contract, every problem named."""
+    return EtlError(f"{len(problems)} contract check(s) failed: " + "; ".join(problems))
+

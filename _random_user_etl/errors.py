@@ -1,0 +1,36 @@
+"""The job's errors: one line each, exit status 1; a stop by signal."""
+
+from __future__ import annotations
+
+import re
+import signal
+
+
+
+class EtlError(Exception):
+    """A run that failed for a reason worth one clear line (exit status 1)."""
+
+
+class Stopped(KeyboardInterrupt):
+    """The run was told to stop (SIGINT or SIGTERM); staged pages are kept for the next run."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def write_error(exc: BaseException) -> str:
+    """Why a write failed, in one line; an object store's refusal by its S3 error code and message."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc).strip()
+    code = re.search(r"<Code>([^<]+)</Code>", text)
+    if code:
+        message = re.search(r"<Message>([^<]+)</Message>", text)
+        return f"the object store answered {code.group(1)}" + (f" ({message.group(1)[:160]})" if message else "")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    cause = re.sub(r"^\d+:\s*", "", lines[-1]) if len(lines) > 1 and "Caused by:" in text else ""
+    return lines[0][:200] + (f" ({cause[:80]})" if cause else "")
+

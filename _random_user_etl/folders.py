@@ -1,0 +1,132 @@
+"""The job's own folders and files: refused if another's or open to others, written atomically, the seed's lock."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import secrets
+import stat
+from pathlib import Path
+from random_user_config import is_remote, staging_root
+from _random_user_etl.errors import EtlError
+
+log = logging.getLogger("random_user_etl")  # one logger for the job: the CLI lets only its records carry text
+
+
+def check_own(path: Path, info: os.stat_result, kind: str) -> None:
+    """Refuse a link, or anything but a plain folder or file (`kind`), where the job keeps one of its own."""
+    if stat.S_ISLNK(info.st_mode):
+        raise EtlError(f"refusing {path}: a symbolic link where the job keeps its own {kind}; it was left as it is")
+    if not (stat.S_ISDIR if kind == "folder" else stat.S_ISREG)(info.st_mode):
+        raise EtlError(f"refusing {path}: not a plain {kind}; it was left as it is")
+
+
+def check_ours(path: Path, info: os.stat_result, closed: int = 0o022) -> None:
+    """Refuse a folder or file of the job's that another user owns, or that has any of the `closed` mode bits.
+
+    By default others may not write in it (they could plant links or forged parts there); object
+    storage's private staging also closes it to their eyes (closed=0o077).
+    """
+    if info.st_uid != os.getuid():
+        raise EtlError(f"refusing {path}: owned by uid {info.st_uid}, not by this user (uid {os.getuid()}); it was left as it is")
+    if info.st_mode & closed:
+        mode, most = stat.S_IMODE(info.st_mode), 0o777 & ~closed
+        raise EtlError(f"refusing {path}: open to other users (mode {mode:04o}, at most {most:04o} expected); it was left as it is")
+
+
+def own_folder(path: Path, closed: int = 0o022) -> Path:
+    """Make the job's own folder `path` (mode 0700; its parents as usual) or find it ours; refuse a link, a file, or another's."""
+    path.parent.mkdir(parents=True, exist_ok=True)  # the operator's folders: these may be links
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(0o700)
+    info = os.lstat(path)
+    check_own(path, info, "folder")
+    check_ours(path, info, closed)
+    return path
+
+
+def found_own_folder(path: Path) -> bool:
+    """True if the job's own folder `path` is there, False if not; a link, a file, or another's folder there is refused."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    check_own(path, info, "folder")
+    check_ours(path, info)
+    return True
+
+
+def is_plain_file(path: Path) -> bool:
+    """True for a regular file, not a link to one."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def own_staging_root(output_dir: str) -> Path:
+    """The staging root, made or checked: the job's own folder, in one only this user can enter for object storage."""
+    root = staging_root(output_dir)
+    if is_remote(output_dir):
+        own_folder(root.parent, closed=0o077)  # in the shared temp folder: closed to others' eyes too
+    return own_folder(root)
+
+
+def fresh_temp(folder: Path, name: str, mode: int) -> Path:
+    """A new empty file in `folder` at an unpredictable name ending .tmp, made by this call alone (never through a link)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(100):  # as tempfile.mkstemp, which cannot be given the mode of a file for others to read
+        temp = folder / f".{name}.{secrets.token_hex(8)}.tmp"
+        try:
+            os.close(os.open(temp, flags, mode))
+            return temp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no unused temp file name", str(folder))
+
+
+def write_atomically(path: Path, write, temp_dir: Path | None = None, mode: int = 0o600) -> None:
+    """Call write(temp_path) on a fresh temp file, then move the finished file into place in one step.
+
+    `mode` (less the umask) is the file's: 0600 for the job's own files, 0666 for what others read.
+    """
+    # temp_dir must be on the same filesystem; a killed run's temp file is swept from there.
+    temp = fresh_temp(temp_dir or path.parent, path.name, mode)
+    try:
+        write(temp)
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def seed_lock(root: Path, seed: str):
+    """Hold the seed's lock, so two runs of one seed take turns instead of mixing parts."""
+    path = root / f"{seed}.lock"
+    try:
+        # Never through a link, and never blocking on a FIFO planted under the lock's name. 0600:
+        # flock needs only a file one can open, so a lock others can read is one they can hold forever.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        with contextlib.suppress(OSError):  # a link, a folder, a socket: named as what it is
+            check_own(path, os.lstat(path), "file")
+        raise EtlError(f"cannot open the seed lock {path}: {exc.strerror or exc}") from None
+    with open(fd, "rb") as handle:
+        info = os.fstat(fd)
+        check_own(path, info, "file")
+        check_ours(path, info, closed=0)
+        if stat.S_IMODE(info.st_mode) & 0o077:
+            os.fchmod(fd, 0o600)  # ours, left readable by an older version of the job
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another run of seed %s is under way: waiting for it", seed)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+

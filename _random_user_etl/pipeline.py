@@ -1,0 +1,205 @@
+"""One run's pages: fetched and staged in parallel, with progress, then landed as one batch."""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import contextlib
+import dataclasses
+import functools
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+import polars as pl
+import random_user_config as config
+from random_user_config import Settings, shorten
+from _random_user_etl.answer import PageRequest, answer_info
+from _random_user_etl.client import RateGate, fetch_page
+from _random_user_etl.contract import transform
+from _random_user_etl.errors import EtlError, write_error
+from _random_user_etl.raw import keep_landed_raw, read_kept, save_raw, settle_raw
+from _random_user_etl.sort import ExternalSort
+from _random_user_etl.staging import part_identity, part_path, stage_part
+from _random_user_etl.store import write_batch
+from _random_user_etl.wire import Answer, stop_requests, unpack
+
+log = logging.getLogger("random_user_etl")  # one logger for the job: the CLI lets only its records carry text
+
+
+STAGERS = 2  # pages unpacked and typed at once: both cores of a small machine, and a bounded peak
+
+
+@dataclasses.dataclass
+class Batch:
+    """What a run landed."""
+
+    path: str
+    seed: str
+    rows: int
+    bytes: int
+    seconds: float
+    pages_fetched: int
+    pages_reused: int
+    report: dict
+
+
+class Progress:
+    """Users landed so far: a tqdm bar on a terminal, one log line per page otherwise."""
+
+    def __init__(self, total: int, pages: int, done: int = 0):
+        self.total, self.pages, self.done, self.started = total, pages, done, time.monotonic()
+        self.fresh = 0  # users fetched by this run, for the rate (resumed pages took no time)
+        self.bar = None
+        if pages > 1 and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=done, unit=" users", unit_scale=True, file=sys.stderr)
+
+    def advance(self, page: int, rows: int) -> None:
+        """Count one landed page."""
+        self.done += rows
+        self.fresh += rows
+        if self.bar is not None:
+            self.bar.update(rows)
+        elif self.pages > 1:
+            elapsed = max(time.monotonic() - self.started, 1e-9)
+            rate = self.fresh / elapsed
+            left = (self.total - self.done) / rate if rate else float("inf")
+            log.info(
+                "page %d done: %d/%d users (%.0f%%), %.0f users/s, about %.0fs left",
+                page, self.done, self.total, 100 * self.done / self.total, rate, left,
+            )
+
+    def close(self) -> None:
+        """Close the bar if there is one."""
+        if self.bar is not None:
+            self.bar.close()
+
+
+def in_parallel(work, items, concurrency: int):
+    """Run work(item) for each item, at most `concurrency` at once; yield results as they finish."""
+    items = iter(items)
+    with futures.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="page") as pool:
+        pending = {pool.submit(work, item) for item in _take(items, concurrency)}
+        try:
+            while pending:
+                done, pending = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
+                results = [future.result() for future in done]  # a failure surfaces before more work is taken
+                # Refill before yielding, so the next items are under way while the caller works on these.
+                pending |= {pool.submit(work, item) for item in _take(items, len(done))}
+                yield from results
+        except KeyboardInterrupt:
+            stop_requests()  # wake the workers blocked on the network or a wait, so the pool drains now
+            raise
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def _take(items, count: int) -> list:
+    """The next `count` items of an iterator."""
+    return [item for _, item in zip(range(count), items)]
+
+
+def fetch_and_keep(session, settings: Settings, request: PageRequest, gate: RateGate) -> tuple[PageRequest, Answer, Path | None]:
+    """Fetch one page and keep its raw answer: the part of a page's work that waits on the network."""
+    answer = fetch_page(session, settings, request, gate)
+    return request, answer, save_raw(settings.raw_dir, request.seed, request.page, answer)
+
+
+def stage_body(answer: Answer, request: PageRequest, settings: Settings, folder: Path, raw_path: Path | None = None) -> tuple[int, int]:
+    """Unpack, transform and stage one answer, and name its kept raw file after the verdict."""
+    try:
+        frame = transform(unpack(answer, settings.max_response_bytes), request)
+    except EtlError as exc:
+        settle_raw(raw_path, accepted=False)
+        raise EtlError(f"page {request.page}: {exc}") from None
+    settle_raw(raw_path, accepted=True)
+    try:
+        stage_part(folder, frame, part_identity(settings, request.seed, request.page, frame.height))
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        raise EtlError(f"page {request.page}: cannot stage in {folder}: {write_error(exc)}") from None
+    return request.page, frame.height
+
+
+def split_part(sorter: ExternalSort, folder: Path, page: int, rows: int) -> None:
+    """Hand a staged page to the external sort, which splits it into key ranges while the run goes on."""
+    try:
+        sorter.add(part_path(folder, page), rows)
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        raise EtlError(f"page {page}: cannot split into key ranges in {folder}: {write_error(exc)}") from None
+
+
+def stage_and_split(fetched: tuple[PageRequest, Answer, Path | None], settings: Settings, folder: Path, sorter: ExternalSort) -> tuple[int, int]:
+    """Stage one fetched answer, then hand the staged page to the external sort."""
+    request, answer, raw_path = fetched
+    page, rows = stage_body(answer, request, settings, folder, raw_path)
+    split_part(sorter, folder, page, rows)
+    return page, rows
+
+
+def first_seed(session, settings, gate, sizes) -> tuple[str, Answer]:
+    """Ask for page 1 with no seed and take the seed the service picked."""
+    answer = fetch_page(session, settings, PageRequest(None, 1, sizes[0]), gate)
+    try:
+        seed = answer_info(unpack(answer, settings.max_response_bytes)).get("seed")  # the transform checks the rest
+    except EtlError as exc:
+        raise EtlError(f"page 1: {exc}") from None
+    if not seed:
+        raise EtlError("page 1: the service picked no seed (info.seed missing)")
+    if not config.SEED_PATTERN.fullmatch(seed):
+        raise EtlError(f"page 1: the service's seed {shorten(seed)!r} is not safe as a file name")
+    return seed, answer
+
+
+def land(folder, settings, seed, sizes, destination, ingested_at, started, fetched, sorter=None, kept=None) -> Batch:
+    """Write the batch from its staged parts, keep its raw answers (if `kept`), clear the staging, say what landed."""
+    parts = [part_path(folder, page) for page in range(1, len(sizes) + 1)]
+    try:
+        report, size = write_batch(parts, destination, ingested_at, settings.n, sorter=sorter)
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        raise EtlError(f"cannot write {destination}: {write_error(exc)}") from None
+    try:
+        # Before the staging is cleared: a run killed in between finds the parts and lands (and keeps) again.
+        if kept is not None:
+            keep_landed_raw(kept, len(sizes))
+    except OSError as exc:
+        raise EtlError(f"landed {destination}, but cannot keep its raw answers in {kept}: {exc.strerror or exc}") from None
+    shutil.rmtree(folder, ignore_errors=True)
+    seconds = time.monotonic() - started
+    log.info("landed %d rows, seed %s, file %s, %d bytes, %.2fs", report["rows"], seed, destination, size, seconds)
+    return Batch(destination, seed, report["rows"], size, seconds, fetched, len(sizes) - fetched, report)
+
+
+
+def fetch_and_stage(session, settings: Settings, gate: RateGate, seed: str, sizes: list[int], todo: list[int], folder: Path, sorter: ExternalSort, first_answer: Answer | None = None) -> None:
+    """Fetch, check and stage every page in `todo` (page 1 from `first_answer` if the service picked the seed)."""
+    if len(todo) < len(sizes):
+        log.info("resuming seed %s: %d of %d pages already staged", seed, len(sizes) - len(todo), len(sizes))
+    progress = Progress(settings.n, len(sizes), done=settings.n - sum(sizes[page - 1] for page in todo))
+    stage = functools.partial(stage_and_split, settings=settings, folder=folder, sorter=sorter)
+    todo = list(todo)
+    try:
+        if first_answer is not None and 1 in todo:
+            raw_path = save_raw(settings.raw_dir, seed, 1, first_answer)
+            progress.advance(*stage((PageRequest(seed, 1, sizes[0]), first_answer, raw_path)))
+            todo.remove(1)
+        # `concurrency` threads wait on the network while at most STAGERS pages are typed,
+        # so memory holds a bounded number of bodies and typed pages, whatever n.
+        wanted = [PageRequest(seed, page, sizes[page - 1]) for page in todo]
+        fetch = functools.partial(fetch_and_keep, session, settings, gate=gate)
+        with contextlib.closing(in_parallel(fetch, wanted, settings.concurrency)) as answers:
+            for page, rows in in_parallel(stage, answers, min(settings.concurrency, STAGERS)):
+                progress.advance(page, rows)
+    finally:
+        progress.close()
+
+
+def stage_kept(pages: list[tuple[int, Path]], seed: str, settings: Settings, folder: Path) -> list[int]:
+    """Check and stage kept answers, as a live run stages fetched ones; the users each page holds."""
+    sizes = []
+    for page, path in pages:
+        body = read_kept(path, settings.max_response_bytes)
+        sizes.append(stage_body(Answer(body), PageRequest(seed, page, None), settings, folder)[1])
+    return sizes

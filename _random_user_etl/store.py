@@ -1,0 +1,105 @@
+"""The lake: where a batch lands, writing it sorted, locally or to object storage, and listing what landed."""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import fnmatch
+import json
+import os
+from pathlib import Path
+import polars as pl
+import random_user_config as config
+from random_user_config import is_remote, shorten
+from schemas import QUALITY_METADATA_KEY, UTC_INSTANT
+from _random_user_etl.errors import EtlError
+from _random_user_etl.folders import write_atomically
+from _random_user_etl import sort
+from _random_user_etl.sort import SORT_RUN_ROWS
+from _random_user_etl.staging import quality_report, sort_folder
+
+
+BATCH_GLOB = "random_users_*.parquet"
+
+
+def batch_path(output_dir: str, seed: str) -> str:
+    """Where a seed's batch lands; the seed is checked, so the path never leaves the folder."""
+    if not config.SEED_PATTERN.fullmatch(seed):
+        raise EtlError(f"seed {shorten(seed)!r} is not safe as a file name: it {config.seed_rule()}")
+    return f"{output_dir.rstrip('/')}/random_users_{seed}.parquet"
+
+
+def write_batch(
+    parts: list[Path],
+    destination: str,
+    ingested_at: dt.datetime,
+    expected_rows: int,
+    storage_options=None,
+    run_rows: int = SORT_RUN_ROWS,
+    sorter: sort.ExternalSort | None = None,
+) -> tuple[dict, int]:
+    """Assemble staged parts into the sorted batch file with the streaming engine, atomically: its quality report and size in bytes.
+
+    `sorter` is the run's ExternalSort if it already split some parts.
+    """
+    report = quality_report(parts)
+    if report["rows"] != expected_rows:
+        raise EtlError(f"staged parts hold {report['rows']} rows, expected {expected_rows}")
+    if report["unique_user_ids"] != report["rows"]:
+        raise EtlError(f"login.uuid repeats across pages in {report['rows'] - report['unique_user_ids']} records")
+    sorter = sorter or sort.ExternalSort(sort_folder(parts[0].parent), report["rows"], run_rows)
+    ordered = sorter.ordered(parts)
+    batch = ordered.with_columns(ingested_at=pl.lit(ingested_at, UTC_INSTANT))
+    sink = dict(
+        compression="zstd",
+        compression_level=1,  # measured on 100k users: faster than the default level, and no larger
+        metadata={QUALITY_METADATA_KEY: json.dumps(report)},
+        engine="streaming",
+        row_group_size=run_rows,
+    )
+    if is_remote(destination):
+        return report, sink_to_store(batch, destination, storage_options, sink)
+    final = Path(destination)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    write = lambda temp: batch.sink_parquet(temp, sync_on_close="all", **sink)
+    write_atomically(final, write, temp_dir=parts[0].parent, mode=0o666)  # analysts read the lake
+    return report, final.stat().st_size
+
+
+def sink_to_store(batch: pl.LazyFrame, destination: str, storage_options: dict | None, sink: dict) -> int:
+    """Stream the batch to an object key through Polars' cloud writer; return the object's size in bytes.
+
+    With no storage_options, Polars takes credentials, region and endpoint from the standard
+    AWS_* variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION,
+    AWS_ENDPOINT_URL). A PUT, or a multipart upload that is only completed after its last part,
+    replaces the key in one step: readers see the old batch or the new one, never part of one;
+    a failed upload leaves the old object (or none) in place.
+    """
+    sinked = []
+    batch.sink_parquet(destination, storage_options=storage_options, sinked_paths_callback=sinked.append, **sink)
+    return sum(path.num_bytes for args in sinked for path in args.paths)
+
+
+def lake_batches(folder: Path) -> list[str]:
+    """The batch files of a local lake, sorted; a folder that cannot be listed, or an odd thing named like a batch, raises."""
+    batches = []
+    with os.scandir(folder) as entries:  # PermissionError naming the folder: pathlib's glob would skip it
+        for entry in entries:
+            if fnmatch.fnmatchcase(entry.name, BATCH_GLOB):
+                # Followed, so a link to a batch reads as the batch; a FIFO would hang the reader, and
+                # a folder or device is not a batch the job landed: something odd is in the lake.
+                if not entry.is_file(follow_symlinks=True):
+                    raise EtlError(f"{entry.path}: named like a batch but not a regular file; move it out of the lake")
+                batches.append(entry.path)
+    return sorted(batches)
+
+
+def lake_folder(output_dir: str) -> Path:
+    """A local lake's folder; FileNotFoundError or NotADirectoryError naming it (a typo is not an empty lake)."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        if folder.exists():
+            raise NotADirectoryError(errno.ENOTDIR, "not a folder of batches", output_dir)
+        raise FileNotFoundError(errno.ENOENT, "no such folder of batches (a typo, or no batch has landed there yet?)", output_dir)
+    return folder
+

@@ -1,0 +1,276 @@
+"""The transport: one try of a request whole within its deadline, its bytes read within a bound, faults reduced to kinds."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import http.client
+import re
+import socket
+import ssl
+import threading
+import zlib
+import requests
+from requests.adapters import HTTPAdapter
+import urllib3
+from urllib3.exceptions import InvalidChunkLength, MaxRetryError, NameResolutionError, NewConnectionError, ProtocolError
+from urllib3.poolmanager import pool_classes_by_scheme
+from random_user_config import Settings
+from _random_user_etl.errors import EtlError, Stopped
+
+
+READ_STEP = 1 << 24  # 16 MB: an answer's bytes are read in steps of at most this
+
+
+# Set when the run is told to stop (SIGINT, SIGTERM): every wait ends at once and every request in
+# flight is cut, so the thread pools drain in moments and staged pages stay for the next run.
+STOP = threading.Event()
+
+
+_attempt = threading.local()  # the try each thread's requests belong to, for its connections to find
+
+
+_in_flight: set = set()  # every try under way, cut at once by a stop
+
+
+def hold(seconds: float) -> None:
+    """Wait `seconds`, unless the run is told to stop first: then raise Stopped at once."""
+    if STOP.wait(max(seconds, 0)):
+        raise Stopped()
+
+
+def stop_requests() -> None:
+    """Tell the run to stop: every wait ends and every request in flight is cut."""
+    STOP.set()
+    for attempt in list(_in_flight):
+        attempt.cut()
+
+
+class Attempt:
+    """One try of a request, `seconds` from connect to last byte: its socket is shut at that deadline or at a stop."""
+
+    def __init__(self, seconds: float):
+        self.connection = None
+        self.expired = False
+        self._timer = threading.Timer(seconds, self.cut)
+        self._timer.daemon = True
+
+    def __enter__(self) -> Attempt:
+        _attempt.current = self
+        _in_flight.add(self)
+        self._timer.start()
+        if STOP.is_set():  # a stop between the caller's check and here found no try to cut
+            self.cut()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._timer.cancel()
+        _in_flight.discard(self)
+        _attempt.current = self.connection = None
+
+    def attach(self, connection) -> None:
+        """Tie the connection this try uses to it, and cut it at once if the try is already over."""
+        self.connection = connection
+        if self.expired:
+            self.cut()
+
+    def cut(self) -> None:
+        """End the try: shut its socket, so a read or write blocked on it returns at once."""
+        self.expired = True  # before reading the connection: attach() reads them the other way round
+        sock = getattr(self.connection, "sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+class _Watched:
+    """Mixed into urllib3's connections: a connection in use is tied to its thread's current try."""
+
+    def connect(self):
+        super().connect()
+        self._watch()
+
+    def request(self, *args, **kwargs):
+        self._watch()  # a reused connection; a new one connects inside request(), and connect() ties it
+        return super().request(*args, **kwargs)
+
+    def _watch(self) -> None:
+        attempt = getattr(_attempt, "current", None)
+        if attempt is not None:
+            attempt.attach(self)
+
+
+def watched(pool_class: type) -> type:
+    """A urllib3 pool class whose connections are tied to the try under way."""
+    connection = type(f"Watched{pool_class.ConnectionCls.__name__}", (_Watched, pool_class.ConnectionCls), {})
+    return type(f"Watched{pool_class.__name__}", (pool_class,), {"ConnectionCls": connection})
+
+
+WATCHED_POOLS = {scheme: watched(pool) for scheme, pool in pool_classes_by_scheme.items()}
+
+
+class WatchedAdapter(HTTPAdapter):
+    """requests' adapter on watched connections. It retries nothing itself: fetch_page holds the one retry loop."""
+
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = WATCHED_POOLS
+
+    def proxy_manager_for(self, proxy, **proxy_kwargs):
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        if not proxy.lower().startswith("socks"):  # SOCKS has pool classes of its own
+            manager.pool_classes_by_scheme = WATCHED_POOLS
+        return manager
+
+
+def make_session(settings: Settings) -> requests.Session:
+    """One pooled, verifying session on watched connections, with no retries of its own."""
+    session = requests.Session()
+    adapter = WatchedAdapter(max_retries=0, pool_connections=1, pool_maxsize=max(settings.concurrency, 1))
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    session.verify = True
+    session.headers["User-Agent"] = "random-user-etl/1.0"
+    session.headers["Accept-Encoding"] = "gzip"  # the one encoding read_body unpacks
+    return session
+
+
+def redact(url: str | None) -> str:
+    """A URL fit for the log: path and query only (they hold seeds and page numbers, no PII)."""
+    if not url:
+        return "the request"
+    return re.sub(r"^[a-z]+://[^/]+", "", url) or url
+
+
+# What a transport fault is, by the first row that any exception in its chain of causes matches.
+# Only the class name and these fixed words are ever logged: a fault's own text can carry the
+# answer's bytes (a status line or a chunk length that is really JSON, a header that is a person).
+TIMED_OUT = "timed out: no whole answer within {timeout:g}s (--timeout)"
+
+
+REACH, BAD, CUT = "cannot reach {url}: {kind}", "bad answer from {url}: {kind}", "answer cut off"
+
+
+FAULTS = (
+    ((http.client.RemoteDisconnected,), "closed without an answer", REACH),
+    ((ConnectionRefusedError,), "connection refused", REACH),
+    ((socket.gaierror, NameResolutionError), "host name does not resolve", REACH),
+    ((NewConnectionError,), "cannot connect", REACH),  # before the timeouts: urllib3 derives it from one
+    ((TimeoutError, urllib3.exceptions.TimeoutError, requests.exceptions.Timeout), "timed out", TIMED_OUT),
+    ((ConnectionResetError, ConnectionAbortedError, BrokenPipeError), "connection reset by peer", REACH),
+    ((ssl.SSLError, urllib3.exceptions.SSLError, requests.exceptions.SSLError), "TLS failed", REACH),
+    ((InvalidChunkLength,), "broken chunked framing", BAD),  # before IncompleteRead, which it derives from
+    ((http.client.IncompleteRead,), "connection broken, answer cut off", CUT),
+    ((http.client.HTTPException,), "not an HTTP answer", BAD),
+)
+
+
+# Everything a request and its streamed read can raise short of our own checks.
+TRANSPORT_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException, OSError)
+
+
+class Fault(Exception):
+    """A transport fault reduced to its kind: what the retry line says, and what the last line says."""
+
+    def __init__(self, reason: str, line: str):
+        super().__init__(reason)
+        self.reason, self.line = reason, line
+
+
+def causes(exc: BaseException) -> list[BaseException]:
+    """An exception and every exception it wraps (in its args, reason, cause or context), outermost first."""
+    chain, todo = [], [exc]
+    while todo:
+        item = todo.pop(0)
+        if isinstance(item, BaseException) and not any(item is seen for seen in chain):
+            chain.append(item)
+            todo += [*item.args, getattr(item, "reason", None), item.__cause__, item.__context__]
+    return chain
+
+
+def fault_of(exc: BaseException, settings: Settings, reading: bool, timed_out: bool) -> Fault:
+    """A transport fault by its kind: its class name and fixed words, never its text."""
+    chain = causes(exc)
+    # The first class that is not one of requests' or urllib3's wrappers names what broke.
+    name = next((type(e).__name__ for e in chain if not isinstance(e, (requests.RequestException, MaxRetryError))), type(exc).__name__)
+    words, line = fault_words(chain, reading, timed_out)
+    if line == TIMED_OUT:
+        said = TIMED_OUT.format(timeout=settings.timeout)
+        return Fault(said, said)
+    kind = f"{name} ({words})"
+    return Fault(kind, line.format(url=settings.api_url, kind=kind))
+
+
+def fault_words(chain: list[BaseException], reading: bool, timed_out: bool) -> tuple[str, str]:
+    """The fixed words for a fault, and the template of the line that ends a run on it."""
+    if timed_out:  # a socket shut at the deadline shows as whatever that did to the read
+        return "timed out", TIMED_OUT
+    for classes, words, line in FAULTS:
+        if any(isinstance(e, classes) for e in chain):
+            return words, line
+    return ("connection broken, answer cut off", CUT) if reading else ("transport fault", REACH)
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    """One page's answer as it crossed the wire: its bytes, and whether they are gzip."""
+
+    wire: bytes
+    gzipped: bool = False
+
+
+def too_large(limit: int) -> EtlError:
+    """The error for an answer past the size bound."""
+    return EtlError(f"answer larger than the {limit:,}-byte limit (--max-response-mb)")
+
+
+def wire_limit(limit: int, gzipped: bool) -> int:
+    """The most bytes a body of at most `limit` bytes can take on the wire."""
+    # Deflate's worst case (stored blocks) adds 5 bytes per 16 kB, plus gzip's header and trailer.
+    return limit + (limit // 3000 + 1024 if gzipped else 0)
+
+
+def read_body(response: requests.Response, limit: int) -> Answer:
+    """A streamed answer's bytes as sent, refused once they cannot hold a body within the bound."""
+    encoding = response.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in ("", "identity", "gzip"):
+        raise EtlError(f"answer in an encoding that was not asked for: {encoding[:40]!r}")
+    # Unpacked later by unpack(), not by urllib3: the gzip bytes are kept as they came, and
+    # unpacking on the thread that types the page frees this one for the next request.
+    gzipped, most = encoding == "gzip", wire_limit(limit, encoding == "gzip")
+    length = response.raw.length_remaining  # urllib3's reading of Content-Length; None when chunked
+    if length is not None and length > most:
+        raise too_large(limit)  # said to be too large: refused before a byte of it is read
+    # Read in steps of at most READ_STEP: a page in one read, copied once (1 MB steps cost 2 ms a
+    # page, on the critical path at concurrency 1), and never a read sized by the bound, which an
+    # answer with no length would allocate whole. A body cut short ends in urllib3's IncompleteRead.
+    wire, size = [], 0
+    for chunk in response.raw.stream(min(most + 1, READ_STEP), decode_content=False):
+        size += len(chunk)
+        if size > most:
+            raise too_large(limit)
+        wire.append(chunk)
+    if not size and length is None and not response.raw.chunked and response.status_code == 200:
+        # Its end is the connection closing, and it closed before a byte of body: http.client takes a
+        # close inside the headers for their end, so this is an answer cut off, not an empty one.
+        raise ProtocolError("the connection closed before the answer's body")
+    return Answer(b"".join(wire), gzipped)
+
+
+def unpack(answer: Answer, limit: int) -> bytes:
+    """The answer's body, gunzipped if it came gzipped, refused past `limit` bytes unpacked."""
+    if not answer.gzipped:
+        if len(answer.wire) > limit:
+            raise too_large(limit)
+        return answer.wire
+    stream = zlib.decompressobj(wbits=31)
+    try:
+        body = stream.decompress(answer.wire, limit + 1)  # max_length: a gzip bomb stops here
+    except zlib.error:
+        raise EtlError("the answer is not valid gzip") from None
+    if len(body) > limit or stream.unconsumed_tail:
+        raise too_large(limit)
+    if not stream.eof or stream.unused_data:
+        raise EtlError("the answer's gzip stream is cut short or followed by other data")
+    return body
+
