@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import logging
 import os
 import secrets
@@ -105,6 +104,8 @@ def write_atomically(path: Path, write, temp_dir: Path | None = None, mode: int 
 @contextlib.contextmanager
 def seed_lock(root: Path, seed: str):
     """Hold the seed's lock, so two runs of one seed take turns instead of mixing parts."""
+    import fcntl  # POSIX only, and only a run takes the lock: importing the job and read_processed work on Windows too
+
     path = root / f"{seed}.lock"
     try:
         # Never through a link, and never blocking on a FIFO planted under the lock's name. 0600:

@@ -400,6 +400,24 @@ def test_read_processed_of_an_empty_folder_is_an_empty_contract_frame(tmp_path):
     assert frame.collect_schema() == OUTPUT_SCHEMA and frame.collect().height == 0
 
 
+NO_FCNTL = """
+import sys
+sys.modules["fcntl"] = None  # as on Windows: `import fcntl` raises ImportError
+import random_user_etl
+frame = random_user_etl.read_processed(sys.argv[1]).collect()
+print(frame.height, sorted(set(frame["user_id"])) == sorted(sys.argv[2].split(",")))
+"""
+
+
+def test_an_analyst_without_fcntl_imports_the_job_and_reads_the_lake(settings, out):
+    # A fresh interpreter: the job's modules are imported with fcntl blocked, as on Windows.
+    etl.run(settings(seed="paged", n=120, page_size=40))
+    ids = ",".join(u["login"]["uuid"] for u in raw_users(*PAGED))
+    result = subprocess.run([sys.executable, "-c", NO_FCNTL, str(out), ids], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["120", "True"]
+
+
 def test_read_processed_with_no_folder_named_and_no_default_folder_yet_names_the_default(tmp_path, monkeypatch):
     monkeypatch.delenv("RANDOM_USER_OUTPUT_DIR", raising=False)
     default = tmp_path / "processed_data"
