@@ -432,13 +432,14 @@ def serve(latency: float, warm_pages: int) -> None:
     from fake_api import FakeRandomUser
 
     import random_user_etl as etl
+    from _random_user_etl import client
     from random_user_config import Settings
 
     with FakeRandomUser(latency=0.0) as fake:
         settings = Settings(n=warm_pages * PAGE, seed=SEED, api_url=fake.url, raw_dir=None)
 
         def warm(page):
-            params = etl.page_params(settings, etl.PageRequest(SEED, page, PAGE))
+            params = client.page_params(settings, etl.PageRequest(SEED, page, PAGE))
             # requests asks for gzip like the job does, so the gzipped cache is filled too.
             with requests.get(fake.url, params=params, timeout=120, stream=True) as response:
                 response.raise_for_status()
