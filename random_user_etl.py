@@ -40,7 +40,7 @@ from _random_user_etl import sort
 from _random_user_etl.sort import SCATTER_ROWS, SORT_RUN_ROWS
 from _random_user_etl.staging import pending_pages, sort_folder, staging_for
 from _random_user_etl.store import BATCH_GLOB, batch_path, lake_batches, lake_folder
-from _random_user_etl.wire import STOP, make_session, stop_requests
+from _random_user_etl.wire import STOP, Fault, make_session, stop_requests
 
 __all__ = ["Batch", "EtlError", "PageRequest", "main", "read_processed", "replay", "run", "transform"]
 
@@ -92,7 +92,7 @@ def replay(source: str | Path, settings: Settings | None = None, **overrides) ->
             sizes = stage_kept(pages, seed, settings, folder)
         except EtlError as exc:
             shutil.rmtree(folder, ignore_errors=True)
-            raise EtlError(f"cannot replay {source}: {exc}") from None
+            raise EtlError(f"cannot replay {source}: {exc}") from exc
         # Every page but the last is full, as the live run asked for them: anything else is a mix of runs.
         if not sum(sizes) or any(size != sizes[0] for size in sizes[:-1]) or sizes[-1] > sizes[0]:
             shutil.rmtree(folder, ignore_errors=True)
@@ -202,6 +202,16 @@ def on_stop_signal(signum: int, frame) -> None:
     raise Stopped(signum)
 
 
+def log_causes(exc: BaseException) -> None:
+    """With -v, what an error was caused by: the job's own errors by their line, anything else by its class alone."""
+    cause = exc.__cause__
+    while cause is not None:
+        # Another library's text can carry the answer's bytes (a transport fault's status line, a JSON value).
+        said = str(cause) if isinstance(cause, (EtlError, Fault)) else "its text is not logged: it can hold personal data"
+        log.debug("caused by %s: %s", type(cause).__name__, said)
+        cause = cause.__cause__
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the job from the command line; return the exit status."""
     parser = build_parser()
@@ -218,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             replay(source, settings) if source else run(settings)
         except EtlError as exc:
+            log_causes(exc)
             print(f"{parser.prog}: error: {exc}", file=sys.stderr)
             return 1
         except Exception as exc:  # a bug, not bad input: still one line, and -v shows the traceback

@@ -10,7 +10,7 @@ import re
 import polars as pl
 from random_user_config import shorten
 from schemas import RAW_INFO, RAW_RESPONSE, SOURCE_FIELDS
-from _random_user_etl.errors import EtlError
+from _random_user_etl.errors import AnswerError
 
 
 BOM = b"\xef\xbb\xbf"  # json.loads(bytes) skips a UTF-8 byte order mark; so does the transform
@@ -58,14 +58,14 @@ def parse_body(body: bytes, schema: pl.Schema = RAW_RESPONSE) -> pl.DataFrame:
     except Exception as exc:  # polars reports malformed JSON as several error types
         head = body[:64].lstrip()[:1]
         if head == b"<":
-            raise EtlError("the answer is an HTML page, not JSON") from None
+            raise AnswerError("the answer is an HTML page, not JSON") from exc
         if SURROGATE_ESCAPE.search(body):  # Polars refuses some lone surrogates: name the field as json reads it
             faults = json_reading_faults(body)
             if faults:
-                raise contract_failure(faults) from None
-        raise EtlError(f"the answer is not JSON of the randomuser.me 1.4 shape ({json_fault(exc)})") from None
+                raise contract_failure(faults) from exc
+        raise AnswerError(f"the answer is not JSON of the randomuser.me 1.4 shape ({json_fault(exc)})") from exc
     if parsed.height != 1 or not body.lstrip().startswith(b"{"):
-        raise EtlError("the answer is not one JSON object")
+        raise AnswerError("the answer is not one JSON object")
     return parsed
 
 
@@ -142,9 +142,9 @@ def envelope(parsed: pl.DataFrame) -> dict:
     return {**row, "info": row["info"] or {}}
 
 
-def service_error(message: str) -> EtlError:
+def service_error(message: str) -> AnswerError:
     """The error for an answer that is the service's own error body."""
-    return EtlError(f"the service answered with an error: {message[:200]!r}")
+    return AnswerError(f"the service answered with an error: {message[:200]!r}")
 
 
 def answer_info(body: bytes) -> dict:
@@ -160,7 +160,7 @@ def answer_info(body: bytes) -> dict:
 def check_page_number(info: dict) -> None:
     """Refuse an info.page that is not a page number."""
     if info.get("page") is not None and not re.fullmatch(r"[1-9][0-9]{0,4}", info["page"]):
-        raise EtlError(f"the answer's info.page {shorten(info['page'])!r} is not a page number")
+        raise AnswerError(f"the answer's info.page {shorten(info['page'])!r} is not a page number")
 
 
 def check_envelope(parsed: pl.DataFrame, expect: PageRequest | None) -> dict:
@@ -169,27 +169,27 @@ def check_envelope(parsed: pl.DataFrame, expect: PageRequest | None) -> dict:
     if row["error"] is not None:
         raise service_error(row["error"])
     if row["count"] is None:
-        raise EtlError("the answer has no results")
+        raise AnswerError("the answer has no results")
     info, got = row["info"], row["count"]
     check_page_number(info)
     if expect is not None:
         check_expected(info, got, expect)
     if info.get("results") not in (None, str(got)):
-        raise EtlError(f"the answer says info.results={shorten(info['results'])} but holds {got} users")
+        raise AnswerError(f"the answer says info.results={shorten(info['results'])} but holds {got} users")
     return info
 
 
 def check_expected(info: dict, got: int, expect: PageRequest) -> None:
     """Refuse an answer for another seed, another page, or another number of users than asked."""
     if expect.seed is not None and info.get("seed") != expect.seed:
-        raise EtlError(f"asked for seed {expect.seed!r}, the answer is for seed {shorten(info.get('seed'))!r}")
+        raise AnswerError(f"asked for seed {expect.seed!r}, the answer is for seed {shorten(info.get('seed'))!r}")
     if expect.results is not None and got != expect.results:
-        raise EtlError(f"asked for {expect.results} users, the answer holds {got}")
+        raise AnswerError(f"asked for {expect.results} users, the answer holds {got}")
     if expect.page is not None and info.get("page") != str(expect.page):
-        raise EtlError(f"asked for page {expect.page}, the answer is for page {info.get('page')}")
+        raise AnswerError(f"asked for page {expect.page}, the answer is for page {info.get('page')}")
 
 
-def contract_failure(problems: list[str]) -> EtlError:
+def contract_failure(problems: list[str]) -> AnswerError:
     """The error for an answer that breaks the contract, every problem named."""
-    return EtlError(f"{len(problems)} contract check(s) failed: " + "; ".join(problems))
+    return AnswerError(f"{len(problems)} contract check(s) failed: " + "; ".join(problems))
 

@@ -16,7 +16,7 @@ import requests
 from random_user_config import Settings, shorten
 from schemas import INCLUDED_FIELDS
 from _random_user_etl.answer import PageRequest
-from _random_user_etl.errors import EtlError, Stopped
+from _random_user_etl.errors import EtlError, ServiceError, Stopped, on_page
 from _random_user_etl.wire import Answer, Attempt, Fault, STOP, TRANSPORT_ERRORS, fault_of, hold, read_body, redact, unpack
 
 log = logging.getLogger("random_user_etl")  # one logger for the job: the CLI lets only its records carry text
@@ -78,10 +78,10 @@ def fetch_page(session: requests.Session, settings: Settings, request: PageReque
             response, answer = ask(session, settings, params, last)
         except Fault as fault:
             if last:
-                raise EtlError(f"page {request.page}: {fault.line}{retries_made(retry - 1, 'gave up after')}") from None
+                raise ServiceError(f"page {request.page}: {fault.line}{retries_made(retry - 1, 'gave up after')}") from fault
             why, seconds, shared = fault.reason, backoff_time(settings, retry), False
         except EtlError as exc:
-            raise EtlError(f"page {request.page}: {exc}") from None
+            raise on_page(exc, request.page) from exc
         else:
             if response.status_code == 200:
                 return answer
@@ -111,8 +111,8 @@ def ask(session: requests.Session, settings: Settings, params: dict, last: bool)
             return response, answer
         except TRANSPORT_ERRORS as exc:
             if STOP.is_set():
-                raise Stopped() from None
-            raise fault_of(exc, settings, reading=response is not None, timed_out=attempt.expired) from None
+                raise Stopped() from exc
+            raise fault_of(exc, settings, reading=response is not None, timed_out=attempt.expired) from exc
 
 
 def retries_made(count: int, verb: str = "after") -> str:
@@ -120,20 +120,20 @@ def retries_made(count: int, verb: str = "after") -> str:
     return f", {verb} {count} {'retry' if count == 1 else 'retries'}" if count else ""
 
 
-def status_error(response: requests.Response, answer: Answer | None, settings: Settings, page: int, retries: int) -> EtlError:
+def status_error(response: requests.Response, answer: Answer | None, settings: Settings, page: int, retries: int) -> ServiceError:
     """The error that ends the run on an answer that is not 200: a redirect, or an error status with the service's word."""
     if response.is_redirect:
         target = urlsplit(response.headers.get("Location", "")).hostname or "elsewhere"
-        return EtlError(f"page {page}: HTTP {response.status_code} redirect to {shorten(target)}, not followed")
+        return ServiceError(f"page {page}: HTTP {response.status_code} redirect to {shorten(target)}, not followed")
     says = service_says(answer, settings.max_response_bytes)
-    return EtlError(f"page {page}: HTTP {response.status_code}{says}{retries_made(retries)}")
+    return ServiceError(f"page {page}: HTTP {response.status_code}{says}{retries_made(retries)}")
 
 
 def status_wait(response: requests.Response, settings: Settings, retry: int, page: int) -> tuple[str, float, bool]:
     """Why a status is retried, how long to wait first, and whether every worker waits (the rate limit)."""
     why, asked = f"HTTP {response.status_code}", retry_after(response)
     if asked and asked > settings.max_wait:
-        raise EtlError(
+        raise ServiceError(
             f"page {page}: {why}, the service asks to wait {asked:.0f}s (Retry-After), longer than --max-wait {settings.max_wait:g}s"
         )
     if asked:

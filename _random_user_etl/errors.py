@@ -8,7 +8,28 @@ import signal
 
 
 class EtlError(Exception):
-    """A run that failed for a reason worth one clear line (exit status 1)."""
+    """A run that failed for a reason worth one clear line (exit status 1); the page and path it concerns, if any."""
+
+    def __init__(self, message: str, page: int | None = None, path=None):
+        super().__init__(message)
+        self.page, self.path = page, path
+
+
+class ServiceError(EtlError):
+    """The service could not be asked: an error status, a transport fault, retries given up."""
+
+
+class AnswerError(EtlError):
+    """The service's answer was refused: its size, shape or contract."""
+
+
+class StorageError(EtlError):
+    """A folder, lock or file of the job's could not be used or written."""
+
+
+def on_page(exc: EtlError, page: int | None) -> EtlError:
+    """The same kind of error, said of one page."""
+    return type(exc)(f"page {page}: {exc}", page=page, path=exc.path)
 
 
 class Stopped(KeyboardInterrupt):

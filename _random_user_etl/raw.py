@@ -9,7 +9,7 @@ import stat
 from pathlib import Path
 from random_user_config import shorten, staging_root
 from _random_user_etl.answer import answer_info
-from _random_user_etl.errors import EtlError
+from _random_user_etl.errors import EtlError, StorageError
 from _random_user_etl.folders import found_own_folder, own_folder, write_atomically
 from _random_user_etl.wire import Answer, too_large, unpack, wire_limit
 
@@ -31,7 +31,7 @@ def save_raw(raw_dir: str | None, seed: str, page: int, answer: Answer) -> Path 
         packed = answer.wire if answer.gzipped else gzip.compress(answer.wire, compresslevel=1, mtime=0)
         write_atomically(path, lambda temp: temp.write_bytes(packed), mode=0o666)
     except OSError as exc:
-        raise EtlError(f"cannot keep the raw answer in {exc.filename or raw_dir}: {exc.strerror or exc}") from None
+        raise StorageError(f"cannot keep the raw answer in {exc.filename or raw_dir}: {exc.strerror or exc}") from exc
     return path
 
 
@@ -43,7 +43,7 @@ def settle_raw(path: Path | None, accepted: bool) -> None:
         try:
             os.replace(path, settled)
         except OSError as exc:
-            raise EtlError(f"cannot keep the raw answer as {settled}: {exc.strerror or exc}") from None
+            raise StorageError(f"cannot keep the raw answer as {settled}: {exc.strerror or exc}") from exc
 
 
 def kept_folder(raw_dir: str | None, seed: str) -> Path | None:
@@ -54,7 +54,7 @@ def kept_folder(raw_dir: str | None, seed: str) -> Path | None:
     try:
         found_own_folder(folder)
     except OSError as exc:
-        raise EtlError(f"cannot keep the raw answer in {raw_dir}: {exc.strerror or exc}") from None
+        raise StorageError(f"cannot keep the raw answer in {raw_dir}: {exc.strerror or exc}") from exc
     return folder
 
 
@@ -87,17 +87,17 @@ def keep_landed_raw(folder: Path, pages: int) -> None:
 def kept_pages(source: Path, limit: int) -> tuple[str, list[tuple[int, Path]]]:
     """The seed and the numbered pages of a kept raw folder, or of one saved answer."""
     if not source.exists():
-        raise EtlError(f"nothing to replay at {source}: no such folder or file")
+        raise StorageError(f"nothing to replay at {source}: no such folder or file")
     if not source.is_dir():
         try:
             info = answer_info(read_kept(source, limit))  # the transform checks the rest when it lands
         except EtlError as exc:
-            raise EtlError(f"cannot replay {source}: {exc}") from None
+            raise StorageError(f"cannot replay {source}: {exc}") from exc
         if not info.get("seed"):
-            raise EtlError(f"{source}: the answer names no seed (info.seed), so it cannot be landed")
+            raise StorageError(f"{source}: the answer names no seed (info.seed), so it cannot be landed")
         page = int(info.get("page") or 1)
         if page != 1:
-            raise EtlError(
+            raise StorageError(
                 f"cannot replay {source}: it is page {page} of seed {shorten(info['seed'])!r}, and a batch starts "
                 "at page 1; replay the seed's kept folder instead"
             )
@@ -106,16 +106,16 @@ def kept_pages(source: Path, limit: int) -> tuple[str, list[tuple[int, Path]]]:
     try:
         names = os.listdir(source)
     except OSError as exc:
-        raise EtlError(f"cannot replay {source}: {exc.strerror or exc}") from None
+        raise StorageError(f"cannot replay {source}: {exc.strerror or exc}") from exc
     for name in names:
         match = re.fullmatch(r"page-(\d{5})\.json\.gz", name)
         if match:
             numbered[int(match.group(1))] = source / name
     if not numbered:
-        raise EtlError(f"nothing to replay in {source}: no page-NNNNN.json.gz files")
+        raise StorageError(f"nothing to replay in {source}: no page-NNNNN.json.gz files")
     missing = sorted(set(range(1, max(numbered) + 1)) - set(numbered))
     if missing:
-        raise EtlError(f"cannot replay {source}: page {missing[0]} of {max(numbered)} is missing")
+        raise StorageError(f"cannot replay {source}: page {missing[0]} of {max(numbered)} is missing")
     return source.name, sorted(numbered.items())
 
 
@@ -128,7 +128,7 @@ def read_kept(path: Path, limit: int) -> bytes:
         with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as handle:
             info = os.fstat(handle.fileno())
             if not stat.S_ISREG(info.st_mode):
-                raise EtlError("not a regular file")
+                raise StorageError("not a regular file")
             if info.st_size > most:
                 raise too_large(limit)
             wire = handle.read(most + 1)
@@ -136,9 +136,9 @@ def read_kept(path: Path, limit: int) -> bytes:
             raise too_large(limit)
         return unpack(Answer(wire, gzipped), limit)
     except OSError as exc:
-        raise EtlError(f"cannot read kept answer {path}: {exc.strerror or exc}") from None
+        raise StorageError(f"cannot read kept answer {path}: {exc.strerror or exc}") from exc
     except EtlError as exc:
-        raise EtlError(f"cannot read kept answer {path}: {exc}") from None
+        raise StorageError(f"cannot read kept answer {path}: {exc}") from exc
 
 
 def check_not_staging(source: Path, output_dir: str) -> None:
@@ -146,7 +146,7 @@ def check_not_staging(source: Path, output_dir: str) -> None:
     staging = Path(os.path.realpath(staging_root(output_dir)))
     found = Path(os.path.realpath(source))  # resolved: a link or ".." hides nothing
     if found == staging or staging in found.parents:
-        raise EtlError(
+        raise StorageError(
             f"cannot replay {source}: it lies in the staging folder {staging_root(output_dir)} of the output, "
             "which a run clears; copy the kept answers elsewhere and replay the copy"
         )

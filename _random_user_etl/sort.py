@@ -9,7 +9,7 @@ from pathlib import Path
 import polars as pl
 from polars.io.plugins import register_io_source
 from schemas import SORT_KEY
-from _random_user_etl.errors import EtlError
+from _random_user_etl.errors import StorageError
 from _random_user_etl.folders import found_own_folder, own_folder
 
 
@@ -102,7 +102,7 @@ class ExternalSort:
         held = (pl.scan_parquet(pieces, hive_partitioning=False).select(pl.len()).collect().item() if pieces else 0)
         held += last.height if last is not None else 0
         if held != self.rows:  # the batch is built from these pieces, so they must hold every row, once
-            raise EtlError(f"the sort's key ranges hold {held} rows, expected {self.rows}")
+            raise StorageError(f"the sort's key ranges hold {held} rows, expected {self.rows}")
         # The last group's rows, by key range, in one pass (not one filter per range).
         tails = last.partition_by("__run", as_dict=True, include_key=False) if last is not None else {}
 

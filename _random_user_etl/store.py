@@ -12,7 +12,7 @@ import polars as pl
 import random_user_config as config
 from random_user_config import is_remote, shorten
 from schemas import QUALITY_METADATA_KEY, UTC_INSTANT
-from _random_user_etl.errors import EtlError
+from _random_user_etl.errors import StorageError
 from _random_user_etl.folders import write_atomically
 from _random_user_etl import sort
 from _random_user_etl.sort import SORT_RUN_ROWS
@@ -25,7 +25,7 @@ BATCH_GLOB = "random_users_*.parquet"
 def batch_path(output_dir: str, seed: str) -> str:
     """Where a seed's batch lands; the seed is checked, so the path never leaves the folder."""
     if not config.SEED_PATTERN.fullmatch(seed):
-        raise EtlError(f"seed {shorten(seed)!r} is not safe as a file name: it {config.seed_rule()}")
+        raise StorageError(f"seed {shorten(seed)!r} is not safe as a file name: it {config.seed_rule()}")
     return f"{output_dir.rstrip('/')}/random_users_{seed}.parquet"
 
 
@@ -44,9 +44,9 @@ def write_batch(
     """
     report = quality_report(parts)
     if report["rows"] != expected_rows:
-        raise EtlError(f"staged parts hold {report['rows']} rows, expected {expected_rows}")
+        raise StorageError(f"staged parts hold {report['rows']} rows, expected {expected_rows}")
     if report["unique_user_ids"] != report["rows"]:
-        raise EtlError(f"login.uuid repeats across pages in {report['rows'] - report['unique_user_ids']} records")
+        raise StorageError(f"login.uuid repeats across pages in {report['rows'] - report['unique_user_ids']} records")
     sorter = sorter or sort.ExternalSort(sort_folder(parts[0].parent), report["rows"], run_rows)
     ordered = sorter.ordered(parts)
     batch = ordered.with_columns(ingested_at=pl.lit(ingested_at, UTC_INSTANT))
@@ -89,7 +89,7 @@ def lake_batches(folder: Path) -> list[str]:
                 # Followed, so a link to a batch reads as the batch; a FIFO would hang the reader, and
                 # a folder or device is not a batch the job landed: something odd is in the lake.
                 if not entry.is_file(follow_symlinks=True):
-                    raise EtlError(f"{entry.path}: named like a batch but not a regular file; move it out of the lake")
+                    raise StorageError(f"{entry.path}: named like a batch but not a regular file; move it out of the lake")
                 batches.append(entry.path)
     return sorted(batches)
 

@@ -16,7 +16,7 @@ import urllib3
 from urllib3.exceptions import InvalidChunkLength, MaxRetryError, NameResolutionError, NewConnectionError, ProtocolError
 from urllib3.poolmanager import pool_classes_by_scheme
 from random_user_config import Settings
-from _random_user_etl.errors import EtlError, Stopped
+from _random_user_etl.errors import AnswerError, Stopped
 
 
 READ_STEP = 1 << 24  # 16 MB: an answer's bytes are read in steps of at most this
@@ -219,9 +219,9 @@ class Answer:
     gzipped: bool = False
 
 
-def too_large(limit: int) -> EtlError:
+def too_large(limit: int) -> AnswerError:
     """The error for an answer past the size bound."""
-    return EtlError(f"answer larger than the {limit:,}-byte limit (--max-response-mb)")
+    return AnswerError(f"answer larger than the {limit:,}-byte limit (--max-response-mb)")
 
 
 def wire_limit(limit: int, gzipped: bool) -> int:
@@ -234,7 +234,7 @@ def read_body(response: requests.Response, limit: int) -> Answer:
     """A streamed answer's bytes as sent, refused once they cannot hold a body within the bound."""
     encoding = response.headers.get("Content-Encoding", "").strip().lower()
     if encoding not in ("", "identity", "gzip"):
-        raise EtlError(f"answer in an encoding that was not asked for: {encoding[:40]!r}")
+        raise AnswerError(f"answer in an encoding that was not asked for: {encoding[:40]!r}")
     # Unpacked later by unpack(), not by urllib3: the gzip bytes are kept as they came, and
     # unpacking on the thread that types the page frees this one for the next request.
     gzipped, most = encoding == "gzip", wire_limit(limit, encoding == "gzip")
@@ -266,11 +266,11 @@ def unpack(answer: Answer, limit: int) -> bytes:
     stream = zlib.decompressobj(wbits=31)
     try:
         body = stream.decompress(answer.wire, limit + 1)  # max_length: a gzip bomb stops here
-    except zlib.error:
-        raise EtlError("the answer is not valid gzip") from None
+    except zlib.error as exc:
+        raise AnswerError("the answer is not valid gzip") from exc
     if len(body) > limit or stream.unconsumed_tail:
         raise too_large(limit)
     if not stream.eof or stream.unused_data:
-        raise EtlError("the answer's gzip stream is cut short or followed by other data")
+        raise AnswerError("the answer's gzip stream is cut short or followed by other data")
     return body
 

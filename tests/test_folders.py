@@ -681,7 +681,7 @@ def test_replay_of_a_folder_this_user_cannot_list_names_it(tmp_path):
     os.chmod(tmp_path / "kept", 0o711)
     run = Settings(output_dir=str(tmp_path / "out"), raw_dir=None)
     outcome = as_nobody(tmp_path, lambda: etl.replay(Path("kept/pura"), run))
-    assert outcome.startswith("EtlError: cannot replay kept/pura: ") and "Permission denied" in outcome, outcome
+    assert outcome.startswith("StorageError: cannot replay kept/pura: ") and "Permission denied" in outcome, outcome
     assert not (tmp_path / "out").exists()
 
 
