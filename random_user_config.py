@@ -43,8 +43,8 @@ LONGEST_MAX_WAIT = 86_400
 MOST_RETRIES = 100
 # A backoff wait is capped at 32 times the base (backoff_time): a base of 100 s keeps it under an hour.
 MOST_BACKOFF = 100
-# An answer is held whole while it is parsed. 1,000 MB is 200 times a real 5,000-user page (~5 MB)
-# and already more than the CronJob's 1 GiB holds; past about 9e12 MB the byte count overflows C.
+# An answer is held whole while it is parsed: 1,000 MB is far past a real page of 5,000 users and
+# already more than the CronJob's 1 GiB holds; past about 9e12 MB the byte count overflows C.
 MOST_RESPONSE_MB = 1000
 MOST_CONCURRENCY = 64
 

@@ -8,7 +8,7 @@ import functools
 import json
 import re
 import polars as pl
-from random_user_config import shorten
+from random_user_config import MAX_PAGE_SIZE, shorten
 from schemas import RAW_INFO, RAW_RESPONSE, SOURCE_FIELDS
 from _random_user_etl.errors import AnswerError
 
@@ -36,6 +36,13 @@ SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # a UTF-16 surrogate writt
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # what is left of a lone escape once Python's json pairs the rest
 
 
+# A JSON reader builds a node per value, whatever the value's size: a body of tiny values ("[],[],...")
+# takes dozens of times its size in memory, in Polars and in Python's json alike. The service's layout
+# bounds the values per user, and the users are bounded by the page asked for; an answer in any other
+# layout is read only up to this size, which holds about 1,800 real users.
+MOST_OFF_LAYOUT_BYTES = 2_000_000
+
+
 @dataclasses.dataclass(frozen=True)
 class PageRequest:
     """What one page should hold: a check on the answer wherever a field is not None."""
@@ -50,9 +57,25 @@ def without_bom(body: bytes) -> bytes:
     return body[len(BOM) :] if body.startswith(BOM) else body
 
 
-def parse_body(body: bytes, schema: pl.Schema = RAW_RESPONSE) -> pl.DataFrame:
-    """Parse one answer against the raw schema: one row of results, info and error."""
+def parse_body(body: bytes, schema: pl.Schema = RAW_RESPONSE, most_users: int = MAX_PAGE_SIZE) -> pl.DataFrame:
+    """Parse one answer against the raw schema, as Python's json reads it: one row of results, info and error."""
     body = without_bom(body)
+    in_layout = in_service_layout(body, most_users)
+    if not in_layout and len(body) > MOST_OFF_LAYOUT_BYTES:
+        raise AnswerError(
+            f"the answer is not in the service's compact layout of at most {most_users} users, and is larger than "
+            f"{MOST_OFF_LAYOUT_BYTES:,} bytes: refused unread (a smaller --page-size gives smaller answers)"
+        )
+    parsed = parse_json(body, schema)
+    if not in_layout:  # the exact, slower reading only where Polars and json could differ
+        faults = json_reading_faults(body)
+        if faults:
+            raise contract_failure(faults)
+    return parsed
+
+
+def parse_json(body: bytes, schema: pl.Schema) -> pl.DataFrame:
+    """Polars' reading of a body against a schema, or an AnswerError saying what is wrong with it."""
     try:
         parsed = pl.read_json(body, schema=schema)
     except Exception as exc:  # polars reports malformed JSON as several error types
@@ -87,15 +110,15 @@ def layout_pattern(layout: str) -> str:
 
 
 @functools.cache
-def service_layout() -> re.Pattern:
-    """The whole compact answer of the service, as one regular expression over its bytes."""
+def service_layout(most_users: int) -> re.Pattern:
+    """The whole compact answer of the service holding at most `most_users` users, as one regular expression."""
     user, info = layout_pattern(USER_LAYOUT), layout_pattern(INFO_LAYOUT)
-    return re.compile(rf'\{{"results":\[(?:{user}(?:,{user})*)?\],"info":{info}\}}'.encode())
+    return re.compile(rf'\{{"results":\[(?:{user}(?:,{user}){{0,{most_users - 1}}})?\],"info":{info}\}}'.encode())
 
 
-def in_service_layout(body: bytes) -> bool:
-    """True when no key of the body can repeat and no escape can hide one: the service's compact layout."""
-    return b"\\" not in body and service_layout().fullmatch(body) is not None
+def in_service_layout(body: bytes, most_users: int = MAX_PAGE_SIZE) -> bool:
+    """True for the service's compact layout: no key can repeat, no escape can hide one, and the users are bounded."""
+    return b"\\" not in body and service_layout(max(most_users, 1)).fullmatch(body) is not None
 
 
 def dig(value, path: str):
@@ -111,6 +134,7 @@ def json_reading_faults(body: bytes) -> list[str]:
     twice = []  # per object holding a declared key more than once, those keys (a name is no personal data)
 
     def one_object(items: list) -> dict:
+        """One JSON object as json reads it, noting the declared keys it holds twice."""
         read = dict(items)
         if len(read) < len(items):  # Polars keeps the first of a repeated key, Python's json the last
             counts = collections.Counter(key for key, _ in items)
@@ -119,8 +143,8 @@ def json_reading_faults(body: bytes) -> list[str]:
                 twice.append(keys)
         return read
 
-    try:
-        doc = json.loads(body, object_pairs_hook=one_object)
+    try:  # read as text, so a second byte order mark is refused as json.loads(bytes) refuses it
+        doc = json.loads(body.decode("utf-8"), object_pairs_hook=one_object)
     except (ValueError, RecursionError):
         return ["a standard JSON reader refuses the answer"]
     faults = []

@@ -62,12 +62,10 @@ def page_params(settings: Settings, request: PageRequest) -> dict:
 
 
 def fetch_page(session: requests.Session, settings: Settings, request: PageRequest, gate: RateGate | None = None) -> Answer:
-    """One page's answer, by the run's one retry loop.
-
-    A transport fault, a cut-off answer or a status worth retrying is tried again, up to --retries
-    times, after the rate-limit pause, the service's Retry-After or a jittered backoff; no wait is
-    longer than --max-wait, and a stop ends any of them at once. One log line per retry.
-    """
+    """One page's answer, by the run's one retry loop."""
+    # A transport fault, a cut-off answer or a status worth retrying is tried again, up to --retries
+    # times, after the rate-limit pause, the service's Retry-After or a jittered backoff; no wait is
+    # longer than --max-wait, and a stop ends any of them at once. One log line per retry.
     gate = gate or RateGate()
     params = page_params(settings, request)
     where = redact(requests.Request("GET", settings.api_url, params=params).prepare().url)
@@ -144,12 +142,16 @@ def status_wait(response: requests.Response, settings: Settings, retry: int, pag
     return why, backoff_time(settings, retry), False
 
 
+LONGEST_RETRY_AFTER = 10**15  # seconds: what a longer Retry-After is read as (any of them is past --max-wait)
+
+
 def retry_after(response: requests.Response) -> float | None:
     """Retry-After in seconds, whole or to an HTTP date; None if absent or unreadable ("soon", "0.5")."""
     # Read here, not by urllib3, which caps the value at 6 hours: a longer wait is reported as asked.
     value = response.headers.get("Retry-After", "").strip()
     if re.fullmatch(r"[0-9]+", value):
-        return float(value)
+        digits = value.lstrip("0") or "0"  # thousands of digits would read as inf, or past int()'s limit
+        return float(int(digits)) if len(digits) <= 15 else float(LONGEST_RETRY_AFTER)
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError, OverflowError):

@@ -24,16 +24,17 @@ def check_own(path: Path, info: os.stat_result, kind: str) -> None:
 
 
 def check_ours(path: Path, info: os.stat_result, closed: int = 0o022) -> None:
-    """Refuse a folder or file of the job's that another user owns, or that has any of the `closed` mode bits.
-
-    By default others may not write in it (they could plant links or forged parts there); object
-    storage's private staging also closes it to their eyes (closed=0o077).
-    """
+    """Refuse a folder or file of the job's that another user owns, or that has any of the `closed` mode bits."""
+    # By default others may not write in it (they could plant links or forged parts there); object
+    # storage's private staging also closes it to their eyes (closed=0o077).
     if info.st_uid != os.getuid():
         raise StorageError(f"refusing {path}: owned by uid {info.st_uid}, not by this user (uid {os.getuid()}); it was left as it is")
     if info.st_mode & closed:
         mode, most = stat.S_IMODE(info.st_mode), 0o777 & ~closed
-        raise StorageError(f"refusing {path}: open to other users (mode {mode:04o}, at most {most:04o} expected); it was left as it is")
+        raise StorageError(
+            f"refusing {path}: open to other users (mode {mode:04o}, at most {most:04o} expected); it was left as it is "
+            f"(if it is yours from an earlier version, `chmod {most:o} {path}`)"
+        )
 
 
 def own_folder(path: Path, closed: int = 0o022) -> Path:
@@ -88,10 +89,8 @@ def fresh_temp(folder: Path, name: str, mode: int) -> Path:
 
 
 def write_atomically(path: Path, write, temp_dir: Path | None = None, mode: int = 0o600) -> None:
-    """Call write(temp_path) on a fresh temp file, then move the finished file into place in one step.
-
-    `mode` (less the umask) is the file's: 0600 for the job's own files, 0666 for what others read.
-    """
+    """Call write(temp_path) on a fresh temp file, then move the finished file into place in one step."""
+    # `mode` (less the umask) is the file's: 0600 for the job's own files, 0666 for what others read.
     # temp_dir must be on the same filesystem; a killed run's temp file is swept from there.
     temp = fresh_temp(temp_dir or path.parent, path.name, mode)
     try:

@@ -80,21 +80,22 @@ class Progress:
 def in_parallel(work, items, concurrency: int):
     """Run work(item) for each item, at most `concurrency` at once; yield results as they finish."""
     items = iter(items)
-    with futures.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="page") as pool:
-        pending = {pool.submit(work, item) for item in _take(items, concurrency)}
-        try:
-            while pending:
-                done, pending = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
-                results = [future.result() for future in done]  # a failure surfaces before more work is taken
-                # Refill before yielding, so the next items are under way while the caller works on these.
-                pending |= {pool.submit(work, item) for item in _take(items, len(done))}
-                yield from results
-        except KeyboardInterrupt:
-            stop_requests()  # wake the workers blocked on the network or a wait, so the pool drains now
-            raise
-        finally:
-            for future in pending:
-                future.cancel()
+    pool = futures.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="page")
+    pending, stopped = {pool.submit(work, item) for item in _take(items, concurrency)}, False
+    try:
+        while pending:
+            done, pending = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
+            results = [future.result() for future in done]  # a failure surfaces before more work is taken
+            # Refill before yielding, so the next items are under way while the caller works on these.
+            pending |= {pool.submit(work, item) for item in _take(items, len(done))}
+            yield from results
+    except KeyboardInterrupt:
+        stopped = True
+        stop_requests()  # wake the workers blocked on the network or a wait
+        raise
+    finally:
+        # On a stop, not waited for: a worker may sit in a connect that nothing can cut (see the script's exit).
+        pool.shutdown(wait=not stopped, cancel_futures=True)
 
 
 def _take(items, count: int) -> list:

@@ -59,10 +59,8 @@ def kept_folder(raw_dir: str | None, seed: str) -> Path | None:
 
 
 def clear_stale_raw(folder: Path, todo: list[int]) -> None:
-    """Under the seed's lock: drop temp files, unchecked answers, and accepted answers of pages fetched again.
-
-    The kept pages (page-N) stay: they are the landed batch's, until a new batch lands (keep_landed_raw).
-    """
+    """Under the seed's lock: drop temp files, unchecked answers, and accepted answers of pages fetched again."""
+    # The kept pages (page-N) stay: they are the landed batch's, until a new batch lands (keep_landed_raw).
     again = set(todo)
     for path in folder.glob("*"):
         match = KEPT_PAGE.fullmatch(path.name)
@@ -72,10 +70,8 @@ def clear_stale_raw(folder: Path, todo: list[int]) -> None:
 
 
 def keep_landed_raw(folder: Path, pages: int) -> None:
-    """Once a batch has landed: its accepted answers become the kept pages replay reads; pages past its last go.
-
-    Without the pruning, an earlier, larger run of the seed would leave pages that a replay then lands.
-    """
+    """Once a batch has landed: its accepted answers become the kept pages replay reads; pages past its last go."""
+    # Without the pruning, an earlier, larger run of the seed would leave pages that a replay then lands.
     for path in folder.glob("*"):
         match = KEPT_PAGE.fullmatch(path.name)
         if match and int(match.group(2)) > pages:

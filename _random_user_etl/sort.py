@@ -20,7 +20,7 @@ SCATTER_ROWS = 20_000  # rows of staged parts split into key ranges together: fe
 
 
 # Scratch files of the external sort are read once, soon after: uncompressed parquet is the
-# cheapest to write and read back (Arrow IPC measured slower here, zstd costs a third more).
+# cheapest to write and read back (Arrow IPC and zstd were slower: see benchmarks/README.md).
 SCRATCH = dict(compression="uncompressed", statistics=False)
 
 

@@ -20,9 +20,9 @@ PART_METADATA_KEY = "random_user_etl.part"
 PART_NULLS_KEY = "random_user_etl.nulls"  # a staged page's nulls per column, counted as it was staged
 
 
-# Staged parts wait on disk for a rerun, so they are compressed, at zstd's fastest level (measured
-# on 100,000 users: 0.17 s to write at the default level, 0.10 s at level 1 with no statistics, and no
-# larger); nothing reads them by predicate, so their statistics would go unused.
+# Staged parts wait on disk for a rerun, so they are compressed, at zstd's fastest level (faster than
+# the default level and no larger: see benchmarks/README.md); nothing reads them by predicate, so
+# their statistics would go unused.
 PART = dict(compression="zstd", compression_level=1, statistics=False)
 
 

@@ -38,10 +38,8 @@ def write_batch(
     run_rows: int = SORT_RUN_ROWS,
     sorter: sort.ExternalSort | None = None,
 ) -> tuple[dict, int]:
-    """Assemble staged parts into the sorted batch file with the streaming engine, atomically: its quality report and size in bytes.
-
-    `sorter` is the run's ExternalSort if it already split some parts.
-    """
+    """Assemble staged parts into the sorted batch file with the streaming engine, atomically: its quality report and size in bytes."""
+    # `sorter` is the run's ExternalSort if it already split some parts.
     report = quality_report(parts)
     if report["rows"] != expected_rows:
         raise StorageError(f"staged parts hold {report['rows']} rows, expected {expected_rows}")
@@ -52,7 +50,7 @@ def write_batch(
     batch = ordered.with_columns(ingested_at=pl.lit(ingested_at, UTC_INSTANT))
     sink = dict(
         compression="zstd",
-        compression_level=1,  # measured on 100k users: faster than the default level, and no larger
+        compression_level=1,  # faster than the default level, and no larger (benchmarks/README.md)
         metadata={QUALITY_METADATA_KEY: json.dumps(report)},
         engine="streaming",
         row_group_size=run_rows,
@@ -67,14 +65,12 @@ def write_batch(
 
 
 def sink_to_store(batch: pl.LazyFrame, destination: str, storage_options: dict | None, sink: dict) -> int:
-    """Stream the batch to an object key through Polars' cloud writer; return the object's size in bytes.
-
-    With no storage_options, Polars takes credentials, region and endpoint from the standard
-    AWS_* variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION,
-    AWS_ENDPOINT_URL). A PUT, or a multipart upload that is only completed after its last part,
-    replaces the key in one step: readers see the old batch or the new one, never part of one;
-    a failed upload leaves the old object (or none) in place.
-    """
+    """Stream the batch to an object key through Polars' cloud writer; return the object's size in bytes."""
+    # With no storage_options, Polars takes credentials, region and endpoint from the standard
+    # AWS_* variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION,
+    # AWS_ENDPOINT_URL). A PUT, or a multipart upload that is only completed after its last part,
+    # replaces the key in one step: readers see the old batch or the new one, never part of one;
+    # a failed upload leaves the old object (or none) in place.
     sinked = []
     batch.sink_parquet(destination, storage_options=storage_options, sinked_paths_callback=sinked.append, **sink)
     return sum(path.num_bytes for args in sinked for path in args.paths)

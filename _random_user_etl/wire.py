@@ -87,14 +87,17 @@ class _Watched:
     """Mixed into urllib3's connections: a connection in use is tied to its thread's current try."""
 
     def connect(self):
+        """Connect, then tie the new socket to the try under way on this thread."""
         super().connect()
         self._watch()
 
     def request(self, *args, **kwargs):
+        """Send a request, tying the connection to the try under way first."""
         self._watch()  # a reused connection; a new one connects inside request(), and connect() ties it
         return super().request(*args, **kwargs)
 
     def _watch(self) -> None:
+        """Hand this connection to the try under way on this thread, so its deadline can shut it."""
         attempt = getattr(_attempt, "current", None)
         if attempt is not None:
             attempt.attach(self)
@@ -113,10 +116,12 @@ class WatchedAdapter(HTTPAdapter):
     """requests' adapter on watched connections. It retries nothing itself: fetch_page holds the one retry loop."""
 
     def init_poolmanager(self, *args, **kwargs):
+        """urllib3's pool manager, making watched connections."""
         super().init_poolmanager(*args, **kwargs)
         self.poolmanager.pool_classes_by_scheme = WATCHED_POOLS
 
     def proxy_manager_for(self, proxy, **proxy_kwargs):
+        """urllib3's proxy manager, making watched connections too (SOCKS aside)."""
         manager = super().proxy_manager_for(proxy, **proxy_kwargs)
         if not proxy.lower().startswith("socks"):  # SOCKS has pool classes of its own
             manager.pool_classes_by_scheme = WATCHED_POOLS

@@ -12,8 +12,8 @@ import math
 
 import polars as pl
 import pytest
-from conftest import assert_one_error_line, batch_files, fast_env, run_cli
-from fake_api import mutate, status
+from conftest import PREFIX, PURA, assert_one_error_line, assert_rows_are, batch_files, fast_env, fixture_json, run_cli
+from fake_api import body, mutate, page_body, status
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
@@ -253,3 +253,51 @@ def test_full_pages_with_every_text_field_at_the_bound_land_within_the_pods_memo
     for path, column in TEXT_FIELDS.items():
         expected = {user["login"]["uuid"]: holder(user, path)[path[-1]] for user in sent}
         assert dict(zip(frame["user_id"], frame[column])) == expected, column
+
+
+# ------------------------------------------------------------------ memory: answers made of tiny values
+
+def tiny_values_answer(total_bytes: int) -> bytes:
+    """The recorded pura answer with an unknown key holding empty arrays up to `total_bytes`: valid JSON, all of it nodes."""
+    body = json.dumps(fixture_json(PURA), separators=(",", ":")).encode()
+    count = (total_bytes - len(body)) // 3
+    return body[:-1] + b',"x":[' + b"[]," * (count - 1) + b"[]]}"
+
+
+def minimal_users_answer(total_bytes: int) -> bytes:
+    """An answer in the service's compact layout of as many users with empty values as fit in `total_bytes`."""
+    doc = json.loads(page_body("tiny", 1, 1))
+
+    def emptied(value):
+        return {k: emptied(v) for k, v in value.items()} if isinstance(value, dict) else "" if isinstance(value, str) else value
+
+    user = json.dumps(emptied(doc["results"][0]), separators=(",", ":")).encode()
+    users = b",".join([user] * (total_bytes // (len(user) + 1)))
+    return b'{"results":[' + users + b'],"info":' + json.dumps(doc["info"], separators=(",", ":")).encode() + b"}"
+
+
+@pytest.mark.parametrize(
+    "answer, says",
+    [
+        (lambda: tiny_values_answer(60_000_000), r"not in the service's compact layout of at most 100 users, and is larger than 2,000,000 bytes"),
+        (lambda: minimal_users_answer(60_000_000), r"not in the service's compact layout of at most 100 users"),
+    ],
+    ids=["60-mb-of-empty-arrays", "60-mb-of-empty-users"],
+)
+def test_an_answer_of_tiny_values_is_refused_unread_within_the_pods_memory(api, out, raw, answer, says):
+    # A JSON reader builds a node per value: 60 MB of "[]," took Polars to a 2.2 GB peak, and the answer landed.
+    api.script(body(answer()))
+    proc, peak_mb, stderr = run_measured(api, out, raw, "--seed", "pura", "--n", "100")
+    assert peak_mb < 1024, f"peak RSS {peak_mb:.0f} MB"
+    assert proc.returncode == 1, stderr
+    assert_one_error_line(stderr, rf"^{PREFIX}page 1: the answer is {says}")
+    assert batch_files(out) == []
+
+
+def test_a_small_answer_off_the_layout_is_still_read_as_json_reads_it(api, settings):
+    # Pretty-printed, with an unknown key: not the service's layout, but small, so it is read (twice) and lands.
+    doc = fixture_json(PURA)
+    doc["extra"] = [[], {}]
+    api.script(body(json.dumps(doc, indent=2)))
+    batch = etl.run(settings(seed="pura"))
+    assert_rows_are(pl.read_parquet(batch.path), doc["results"])

@@ -7,14 +7,17 @@ than the bound (30 s), signals it once it is there, and times the exit from the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import LOG_LINE, ROOT, clean_environ, fast_env
 from fake_api import hang, normal, rate_limited, status
@@ -137,3 +140,43 @@ def test_sigterm_stops_the_job_when_it_is_pid_1_as_in_its_container(api, out, ra
     assert_stopped(code, stderr, seconds, signal.SIGTERM)
     if wait == "requests-in-flight":
         assert len(staged(out)) == 2
+
+
+@contextlib.contextmanager
+def connects_that_hang():
+    """A loopback address whose connects hang: a listener that never accepts, its queue filled by us."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    fillers = []
+    try:
+        for _ in range(8):  # more than the queue holds: the kernel drops later SYNs, so a connect waits
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(listener.getsockname())
+            fillers.append(filler)
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/api/1.4/"
+    finally:
+        for sock in (*fillers, listener):
+            sock.close()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stop_is_prompt_while_a_connection_is_being_opened(out, raw, tmp_path, signum):
+    # No socket to shut yet: the deadline's timer cannot cut a connect, so the stop must not wait for it.
+    err = tmp_path / "stderr.txt"
+    with connects_that_hang() as url, open(err, "w") as stderr:
+        env = clean_environ(**fast_env(url, out, raw, RANDOM_USER_TIMEOUT=str(2 * HELD), RANDOM_USER_SEED="pura"))
+        proc = subprocess.Popen([sys.executable, str(ROOT / "random_user_etl.py")], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            wait_until(lambda: any(c.status == psutil.CONN_SYN_SENT for c in psutil.Process(proc.pid).net_connections()), what="a connect under way")
+            time.sleep(0.1)
+            proc.send_signal(signum)
+            signalled = time.monotonic()
+            code = proc.wait(timeout=HELD)
+            seconds = time.monotonic() - signalled
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert_stopped(code, err.read_text(), seconds, signum)

@@ -222,10 +222,18 @@ def assert_lands_as_json_reads(body: bytes) -> None:
 
 
 def test_a_utf8_byte_order_mark_is_accepted_as_json_reads_it():
-    # json.loads(bytes) skips a UTF-8 BOM; so does the job, on the plain and the two-halves path alike.
-    for body in (fixture_bytes(NOSEED), page_body("halves", 3, 2000)):
+    # json.loads(bytes) skips one UTF-8 BOM; so does the job, in the service's layout and off it alike.
+    for body in (fixture_bytes(NOSEED), page_body("bom", 3, 2000)):
         assert json.loads(b"\xef\xbb\xbf" + body) == json.loads(body)
         assert etl.transform(b"\xef\xbb\xbf" + body, ingested_at=INGESTED).equals(etl.transform(body, ingested_at=INGESTED))
+
+
+def test_two_byte_order_marks_are_refused_as_json_refuses_them():
+    for body in (fixture_bytes(NOSEED), page_body("bom", 3, 2000)):
+        with pytest.raises(json.JSONDecodeError):
+            json.loads(b"\xef\xbb\xbf\xef\xbb\xbf" + body)
+        with pytest.raises(etl.EtlError):
+            etl.transform(b"\xef\xbb\xbf\xef\xbb\xbf" + body)
 
 
 @pytest.mark.parametrize("escape", [r"\ud800X", r"X\udc00", r"\ude00\ud83d", r"\ud800\u0041", r"\ud800\ud800"])

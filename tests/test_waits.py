@@ -119,6 +119,7 @@ def test_a_max_wait_out_of_range_exits_2_before_any_request(api, out, raw):
 FAR = {
     "seconds": ("99999", r"99999s"),
     "http-date": ("Fri, 31 Dec 2100 23:59:59 GMT", r"\d{10}s"),
+    "thousands-of-digits": ("9" * 5000, r"1000000000000000s"),  # as a float, inf ("wait infs")
 }
 
 
