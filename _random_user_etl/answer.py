@@ -63,8 +63,8 @@ def parse_body(body: bytes, schema: pl.Schema = RAW_RESPONSE, most_users: int = 
     in_layout = in_service_layout(body, most_users)
     if not in_layout and len(body) > MOST_OFF_LAYOUT_BYTES:
         raise AnswerError(
-            f"the answer is not in the service's compact layout of at most {most_users} users, and is larger than "
-            f"{MOST_OFF_LAYOUT_BYTES:,} bytes: refused unread (a smaller --page-size gives smaller answers)"
+            f"the answer is not in the service's compact layout of at most {most_users} users (cut short, reformatted, "
+            f"or holding other fields or more users), and is larger than {MOST_OFF_LAYOUT_BYTES:,} bytes: refused unread"
         )
     parsed = parse_json(body, schema)
     if not in_layout:  # the exact, slower reading only where Polars and json could differ

@@ -279,7 +279,7 @@ def minimal_users_answer(total_bytes: int) -> bytes:
 @pytest.mark.parametrize(
     "answer, says",
     [
-        (lambda: tiny_values_answer(60_000_000), r"not in the service's compact layout of at most 100 users, and is larger than 2,000,000 bytes"),
+        (lambda: tiny_values_answer(60_000_000), r"not in the service's compact layout of at most 100 users .*, and is larger than 2,000,000 bytes: refused unread"),
         (lambda: minimal_users_answer(60_000_000), r"not in the service's compact layout of at most 100 users"),
     ],
     ids=["60-mb-of-empty-arrays", "60-mb-of-empty-users"],

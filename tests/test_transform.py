@@ -82,10 +82,11 @@ def test_a_large_answer_matches_the_raw_json():
     assert_every_column_is_raw(etl.transform(body, ingested_at=INGESTED), json.loads(body))
 
 
-def test_a_large_answer_cut_short_is_malformed_json():
-    body = page_body("large", 3, 2000)[:-100]
+def test_an_answer_cut_short_is_malformed_json_or_refused_unread_when_large():
     with pytest.raises(etl.EtlError, match=r"the answer is not JSON of the randomuser.me 1.4 shape \(malformed JSON"):
-        etl.transform(body)
+        etl.transform(page_body("small", 3, 100)[:-100])
+    with pytest.raises(etl.EtlError, match=r"the answer is not in the service's compact layout of at most 5000 users \(cut short"):
+        etl.transform(page_body("large", 3, 2000)[:-100])
 
 
 def test_string_and_integer_postcodes_in_one_page_keep_their_text():
@@ -244,8 +245,8 @@ def test_a_lone_surrogate_escape_is_refused_naming_the_field(escape):
         etl.transform(body)
 
 
-def test_a_lone_surrogate_in_a_large_answer_is_refused_too():
-    body = page_body("halves", 3, 2000).replace(b'"nat":"', b'"nat":"\\udbff', 1)
+def test_a_lone_surrogate_in_a_thousand_user_answer_is_refused_too():
+    body = page_body("many", 3, 1000).replace(b'"nat":"', b'"nat":"\\udbff', 1)
     with pytest.raises(etl.EtlError, match=r"nat holds a lone UTF-16 surrogate in 1 records"):
         etl.transform(body)
 
