@@ -37,6 +37,8 @@ STAGING = ".staging"  # the folder of a run's staged pages, inside a local outpu
 # Ranges of the numeric settings. A wait (timeout, rate-limit pause) is at most an hour: longer reads
 # as a hung job, and past about 1e9 s the sockets' and sleeps' clocks overflow.
 LONGEST_WAIT = 3600
+# The shortest timeout or --max-wait: less would time out every try before it could start.
+SHORTEST_WAIT = 0.01
 # The longest --max-wait: a day. A wait on the service longer than that is an outage, not a pause.
 LONGEST_MAX_WAIT = 86_400
 # Each retry is a log line and a wait: 100 is far beyond what a transient fault needs.
@@ -46,6 +48,7 @@ MOST_BACKOFF = 100
 # An answer is held whole while it is parsed: 1,000 MB is far past a real page of 5,000 users and
 # already more than the CronJob's 1 GiB holds; past about 9e12 MB the byte count overflows C.
 MOST_RESPONSE_MB = 1000
+LEAST_RESPONSE_MB = 0.01  # 10 kB: a page of a few users; less would refuse every answer
 MOST_CONCURRENCY = 64
 
 # A path or URL is taken as typed: whitespace at either end (" /data" makes ./ /data) or a control
@@ -74,7 +77,7 @@ class Setting:
 
 def parse_int(text: str) -> int:
     """A whole number written in decimal."""
-    if not re.fullmatch(r"\s*[+-]?\d+\s*", text):
+    if not re.fullmatch(r"\s*[+-]?[0-9]+\s*", text):  # ASCII digits: int() would also read "١" or "1_000"
         raise ValueError("must be a whole number")
     try:
         return int(text)
@@ -82,12 +85,14 @@ def parse_int(text: str) -> int:
         raise ValueError("is too large a number") from None
 
 
+DECIMAL = re.compile(r"\s*[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\s*")
+
+
 def parse_float(text: str) -> float:
     """A finite decimal number."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError("must be a number") from None
+    if not DECIMAL.fullmatch(text):  # float() would also read "١", "1_000", "nan" or "infinity"
+        raise ValueError("must be a number")
+    value = float(text)
     if value != value or value in (float("inf"), float("-inf")):
         raise ValueError("must be a finite number")
     return value
@@ -156,7 +161,7 @@ SETTINGS = (
         parse_optional_path,
         "DIR",
     ),
-    Setting("timeout", "--timeout", "RANDOM_USER_TIMEOUT", "seconds to wait on the service per request (default 30)", parse_float, "S"),
+    Setting("timeout", "--timeout", "RANDOM_USER_TIMEOUT", "seconds for one whole answer, from connect to its last byte (default 30)", parse_float, "S"),
     Setting("retries", "--retries", "RANDOM_USER_RETRIES", "retries per request on transient faults (default 5)", parse_int, "K"),
     Setting("backoff", "--backoff", "RANDOM_USER_BACKOFF", "base of the exponential backoff between retries, seconds (default 1)", parse_float, "S"),
     Setting(
@@ -245,13 +250,13 @@ class Settings:
             check("seed", SEED_PATTERN.fullmatch(self.seed) is not None, seed_rule())
         unknown = [code for code in self.nat if code not in NATIONALITIES]
         check("nat", not unknown, f"unknown nationality {','.join(unknown)!r}; known: {','.join(sorted(NATIONALITIES))}")
-        check("timeout", 0 < self.timeout <= LONGEST_WAIT, f"must be more than 0 and at most {LONGEST_WAIT}")
+        check("timeout", SHORTEST_WAIT <= self.timeout <= LONGEST_WAIT, f"must be between {SHORTEST_WAIT} and {LONGEST_WAIT}")
         check("retries", 0 <= self.retries <= MOST_RETRIES, f"must be between 0 and {MOST_RETRIES}")
         check("backoff", 0 <= self.backoff <= MOST_BACKOFF, f"must be between 0 and {MOST_BACKOFF}")
         check("rate_limit_wait", 0 <= self.rate_limit_wait <= LONGEST_WAIT, f"must be between 0 and {LONGEST_WAIT}")
-        check("max_wait", 0 < self.max_wait <= LONGEST_MAX_WAIT, f"must be more than 0 and at most {LONGEST_MAX_WAIT}")
+        check("max_wait", SHORTEST_WAIT <= self.max_wait <= LONGEST_MAX_WAIT, f"must be between {SHORTEST_WAIT} and {LONGEST_MAX_WAIT}")
         check("concurrency", 1 <= self.concurrency <= MOST_CONCURRENCY, f"must be between 1 and {MOST_CONCURRENCY}")
-        check("max_response_mb", 0 < self.max_response_mb <= MOST_RESPONSE_MB, f"must be more than 0 and at most {MOST_RESPONSE_MB}")
+        check("max_response_mb", LEAST_RESPONSE_MB <= self.max_response_mb <= MOST_RESPONSE_MB, f"must be between {LEAST_RESPONSE_MB} and {MOST_RESPONSE_MB}")
         check("output_dir", bool(self.output_dir), "must not be empty")
         for name in ("api_url", "output_dir", "raw_dir"):
             check_path_text(describe(name), getattr(self, name))

@@ -191,7 +191,8 @@ def stop_on_signals():
         yield
     finally:
         for signum, handler in previous.items():
-            signal.signal(signum, handler)
+            # After a stop the process is leaving: a later signal must not change its status or line.
+            signal.signal(signum, signal.SIG_IGN if STOP.is_set() else handler)
 
 
 def on_stop_signal(signum: int, frame) -> None:

@@ -239,7 +239,8 @@ def read_body(response: requests.Response, limit: int) -> Answer:
     """A streamed answer's bytes as sent, refused once they cannot hold a body within the bound."""
     encoding = response.headers.get("Content-Encoding", "").strip().lower()
     if encoding not in ("", "identity", "gzip"):
-        raise AnswerError(f"answer in an encoding that was not asked for: {encoding[:40]!r}")
+        named = f": {encoding!r}" if re.fullmatch(r"[a-z0-9][a-z0-9.+-]{0,19}", encoding) else ""  # a token, never free text
+        raise AnswerError(f"answer in an encoding that was not asked for{named}")
     # Unpacked later by unpack(), not by urllib3: the gzip bytes are kept as they came, and
     # unpacking on the thread that types the page frees this one for the next request.
     gzipped, most = encoding == "gzip", wire_limit(limit, encoding == "gzip")

@@ -353,6 +353,15 @@ def test_an_answer_in_an_encoding_not_asked_for_is_refused(api, out, settings):
     assert api.requests[0].headers["accept-encoding"] == "gzip"
 
 
+def test_an_encoding_header_that_is_not_a_token_is_not_echoed(api, out, settings):
+    # A header is the service's free text: a person's name and email there must not reach the line.
+    who = "flavie flavie.faure@example.com"
+    api.script(status(200, b"\x00\x01", headers={"Content-Encoding": who}))
+    with pytest.raises(etl.EtlError) as refused:
+        etl.run(settings(seed="pura", retries=0))
+    assert str(refused.value) == "page 1: answer in an encoding that was not asked for"
+
+
 def test_backoff_grows_from_the_first_retry_with_jitter_and_a_cap():
     settings = Settings(backoff=1.0, retries=8)
     waits = [client.backoff_time(settings, retry) for retry in range(1, 9)]

@@ -32,10 +32,11 @@ RANGES = {
     "page_size": (1, 5000, 0, 5001),
     "concurrency": (1, 64, 0, 65),
     "retries": (0, 100, -1, 101),
-    "timeout": (1e-6, 3600, 0, 3600.001),
+    "timeout": (0.01, 3600, 0.0099, 3600.001),
+    "max_wait": (0.01, 86400, 0.0099, 86400.001),
     "backoff": (0, 100, -0.001, 100.001),
     "rate_limit_wait": (0, 3600, -0.001, 3600.001),
-    "max_response_mb": (1e-6, 1000, 0, 1000.001),
+    "max_response_mb": (0.01, 1000, 0.0099, 1000.001),
 }
 # The values that crashed the job before they had a range, and a rate-limit pause of 3e300 years.
 CRASHED = {"timeout": "1e10", "backoff": "1e308", "max_response_mb": "1e20", "retries": "1000", "rate_limit_wait": "1e308"}
@@ -79,7 +80,7 @@ def test_the_values_that_crashed_the_job_are_refused(name):
 def test_a_number_out_of_range_stops_the_cli_with_one_line_before_any_request(api, out, raw):
     result = run_cli("--seed", "pura", "--timeout", "1e10", env=fast_env(api.url, out, raw))
     assert result.returncode == 2
-    assert_one_error_line(result.stderr, r"--timeout \(RANDOM_USER_TIMEOUT\) must be more than 0 and at most 3600")
+    assert_one_error_line(result.stderr, r"--timeout \(RANDOM_USER_TIMEOUT\) must be between 0.01 and 3600")
     assert api.requests == [] and not out.exists() and not raw.exists()
 
 
@@ -301,3 +302,11 @@ def test_a_small_answer_off_the_layout_is_still_read_as_json_reads_it(api, setti
     api.script(body(json.dumps(doc, indent=2)))
     batch = etl.run(settings(seed="pura"))
     assert_rows_are(pl.read_parquet(batch.path), doc["results"])
+
+
+@pytest.mark.parametrize("name", ["n", "retries", "concurrency", "timeout", "backoff"])
+@pytest.mark.parametrize("text", ["\u0663", "1_000", "\uff15"], ids=["arabic-indic-3", "underscored", "fullwidth-5"])
+def test_a_number_is_written_in_ascii_digits(name, text):
+    # int() and float() read other scripts' digits and underscores: a setting takes what a person types as ASCII.
+    with pytest.raises(SettingsError, match=rf"^{FLAG[name]} must be"):
+        load_settings({name: text})

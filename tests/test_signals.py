@@ -73,8 +73,8 @@ def namespace_pid(pid: int) -> int:
     return int(re.search(r"^NSpid:\s+(.*)$", status_, re.M)[1].split()[-1])
 
 
-def stop_held_job(api, out, raw, tmp_path, wait: str, signum: int, in_namespace: bool = False):
-    """Start the CLI, let the fake hold it in `wait`, signal it; its result, stderr and seconds to exit."""
+def stop_held_job(api, out, raw, tmp_path, wait: str, signum: int, in_namespace: bool = False, then: int | None = None):
+    """Start the CLI, let the fake hold it in `wait`, signal it (and again with `then`); its result, stderr and seconds to exit."""
     args, script, (requests, line, parts) = WAITS[wait]
     api.script(*script)
     err = tmp_path / "stderr.txt"
@@ -91,6 +91,10 @@ def stop_held_job(api, out, raw, tmp_path, wait: str, signum: int, in_namespace:
         time.sleep(0.1)  # let it settle into the wait
         os.kill(pid, signum)
         signalled = time.monotonic()
+        if then is not None:
+            time.sleep(0.02)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, then)
         try:
             code = proc.wait(timeout=HELD)
         except subprocess.TimeoutExpired:
@@ -140,6 +144,12 @@ def test_sigterm_stops_the_job_when_it_is_pid_1_as_in_its_container(api, out, ra
     assert_stopped(code, stderr, seconds, signal.SIGTERM)
     if wait == "requests-in-flight":
         assert len(staged(out)) == 2
+
+
+@pytest.mark.parametrize("first, then", [(signal.SIGTERM, signal.SIGINT), (signal.SIGINT, signal.SIGTERM)], ids=["TERM-then-INT", "INT-then-TERM"])
+def test_a_second_signal_during_a_stop_changes_neither_the_status_nor_the_line(api, out, raw, tmp_path, first, then):
+    code, stderr, seconds = stop_held_job(api, out, raw, tmp_path, "rate-limit-pause", first, then=then)
+    assert_stopped(code, stderr, seconds, first)
 
 
 @contextlib.contextmanager

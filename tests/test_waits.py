@@ -100,7 +100,7 @@ def test_max_wait_is_a_setting_from_its_flag_or_variable_with_a_default():
     assert load_settings({"max_wait": "5"}, environ={"RANDOM_USER_MAX_WAIT": "60"}).max_wait == 5
 
 
-@pytest.mark.parametrize("text", ["0", "-1", "86401", "1e10", "1e308", "nan", "inf", "soon", ""])
+@pytest.mark.parametrize("text", ["0", "-1", "86401", "1e10", "1e308", "nan", "inf", "soon", "", "0.001", "\u0661", "1_000"])
 def test_max_wait_outside_its_range_is_refused_naming_the_setting(text):
     with pytest.raises(SettingsError, match=r"--max-wait"):
         load_settings({"max_wait": text}, environ={})
@@ -111,7 +111,7 @@ def test_max_wait_outside_its_range_is_refused_naming_the_setting(text):
 def test_a_max_wait_out_of_range_exits_2_before_any_request(api, out, raw):
     result, _ = cli_within(60, "--seed", "pura", "--max-wait", "1e10", env=fast_env(api.url, out, raw))
     assert result.returncode == 2, result.stderr
-    assert_one_error_line(result.stderr, r"--max-wait \(RANDOM_USER_MAX_WAIT\) must be more than 0 and at most 86400")
+    assert_one_error_line(result.stderr, r"--max-wait \(RANDOM_USER_MAX_WAIT\) must be between 0.01 and 86400")
     assert api.requests == []
 
 
