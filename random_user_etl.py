@@ -33,7 +33,7 @@ from schemas import OUTPUT_SCHEMA
 from _random_user_etl.answer import PageRequest
 from _random_user_etl.client import RateGate, page_sizes
 from _random_user_etl.contract import transform  # one answer body in, the contract frame out
-from _random_user_etl.errors import EtlError, Stopped, write_error
+from _random_user_etl.errors import EtlError, Stopped, StorageError, write_error
 from _random_user_etl.pipeline import Batch, fetch_and_stage, first_seed, land, stage_kept
 from _random_user_etl.raw import check_not_staging, clear_stale_raw, kept_folder, kept_pages
 from _random_user_etl import sort
@@ -92,11 +92,11 @@ def replay(source: str | Path, settings: Settings | None = None, **overrides) ->
             sizes = stage_kept(pages, seed, settings, folder)
         except EtlError as exc:
             shutil.rmtree(folder, ignore_errors=True)
-            raise EtlError(f"cannot replay {source}: {exc}") from exc
+            raise type(exc)(str(exc), path=source, doing="cannot replay") from exc
         # Every page but the last is full, as the live run asked for them: anything else is a mix of runs.
         if not sum(sizes) or any(size != sizes[0] for size in sizes[:-1]) or sizes[-1] > sizes[0]:
             shutil.rmtree(folder, ignore_errors=True)
-            raise EtlError(f"cannot replay {source}: the kept pages hold {sizes} users, not one run's pages")
+            raise StorageError(f"the kept pages hold {sizes} users, not one run's pages", path=source, doing="cannot replay")
         log.info("replayed %d kept pages of seed %s", len(pages), seed)
         settings = dataclasses.replace(settings, n=max(sum(sizes), 1))
         return land(folder, settings, seed, sizes, destination, ingested_at, started, 0)
