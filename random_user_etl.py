@@ -144,17 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fetch fake people from randomuser.me and land them as one parquet file per seed.",
         epilog="Every flag has an environment variable (shown in brackets); a flag beats its variable.",
     )
+    defaults = Settings()
     for setting in config.SETTINGS:
-        if setting.name == "allow_http":
-            parser.add_argument(setting.flag, dest=setting.name, action="store_const", const="true", help=f"{setting.help} [{setting.env}]")
-        else:
-            parser.add_argument(setting.flag, dest=setting.name, metavar=setting.metavar, help=f"{setting.help} [{setting.env}]")
+        # argparse reads "%" in a help text as a format: a default path may hold one.
+        help_text = config.help_text(setting, defaults).replace("%", "%%")
+        parser.add_argument(setting.flag, dest=setting.name, help=help_text, **setting.flag_options)
     parser.add_argument(
         "--replay",
         metavar="PATH",
         help="rebuild a batch with no network from kept raw answers: a <raw-dir>/<seed> folder or one saved answer (.json or .json.gz)",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail, and what caused a failure")
     return parser
 
 
