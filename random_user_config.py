@@ -65,14 +65,24 @@ class SettingsError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
-    """One setting: its flag, variable, default, and how its text is read."""
+    """One setting: its flag, variable, how its text is read and how argparse takes its flag; its default is Settings'."""
 
     name: str
     flag: str
     env: str
-    help: str
+    help: str  # what it does; help_text() adds the default, read from Settings
     parse: object  # str -> value; raises ValueError with a short reason
-    metavar: str = ""
+    flag_options: dict  # argparse's keywords for the flag: the metavar of its value, or a switch's action
+    unset: str = ""  # what a default of no value (None, an empty list) means, in words
+
+
+def takes(metavar: str) -> dict:
+    """A flag followed by its value, shown in --help as `metavar`."""
+    return {"metavar": metavar}
+
+
+# A flag alone means true; the text "true" is read by the setting's parse, as its variable's would be.
+SWITCH = {"action": "store_const", "const": "true"}
 
 
 def parse_int(text: str) -> int:
@@ -119,93 +129,65 @@ def parse_nat(text: str) -> tuple[str, ...]:
 
 
 SETTINGS = (
-    Setting("n", "--n", "RANDOM_USER_N", "how many users to fetch (default 100)", parse_int, "N"),
+    Setting("n", "--n", "RANDOM_USER_N", "how many users to fetch", parse_int, takes("N")),
     Setting(
         "seed",
         "--seed",
         "RANDOM_USER_SEED",
-        "API seed; same seed, same users. {date} becomes the run's UTC date "
-        "(YYYYMMDD). Default: the service picks one",
+        "API seed; same seed, same users. {date} becomes the run's UTC date (YYYYMMDD)",
         lambda text: text or None,
-        "SEED",
+        takes("SEED"),
+        unset="the service picks one",
     ),
-    Setting(
-        "nat",
-        "--nat",
-        "RANDOM_USER_NAT",
-        "nationalities, a comma list such as us,gb (default: all)",
-        parse_nat,
-        "CODES",
-    ),
-    Setting(
-        "api_url",
-        "--api-url",
-        "RANDOM_USER_API_URL",
-        "API address (default https://randomuser.me/api/1.4/)",
-        str,
-        "URL",
-    ),
-    Setting(
-        "output_dir",
-        "--output-dir",
-        "RANDOM_USER_OUTPUT_DIR",
-        "where batches land: a folder or s3://bucket/prefix (default processed_data/)",
-        str,
-        "DIR",
-    ),
+    Setting("nat", "--nat", "RANDOM_USER_NAT", "nationalities, a comma list such as us,gb", parse_nat, takes("CODES"), unset="all"),
+    Setting("api_url", "--api-url", "RANDOM_USER_API_URL", "API address", str, takes("URL")),
+    Setting("output_dir", "--output-dir", "RANDOM_USER_OUTPUT_DIR", "where batches land: a folder or s3://bucket/prefix", str, takes("DIR")),
     Setting(
         "raw_dir",
         "--raw-dir",
         "RANDOM_USER_RAW_DIR",
-        "where raw answers are kept, gzip-compressed; 'off' keeps none (default raw_data/)",
+        "where raw answers are kept, gzip-compressed; 'off' keeps none",
         parse_optional_path,
-        "DIR",
+        takes("DIR"),
     ),
-    Setting("timeout", "--timeout", "RANDOM_USER_TIMEOUT", "seconds for one whole answer, from connect to its last byte (default 30)", parse_float, "S"),
-    Setting("retries", "--retries", "RANDOM_USER_RETRIES", "retries per request on transient faults (default 5)", parse_int, "K"),
-    Setting("backoff", "--backoff", "RANDOM_USER_BACKOFF", "base of the exponential backoff between retries, seconds (default 1)", parse_float, "S"),
+    Setting("timeout", "--timeout", "RANDOM_USER_TIMEOUT", "seconds for one whole answer, from connect to its last byte", parse_float, takes("S")),
+    Setting("retries", "--retries", "RANDOM_USER_RETRIES", "retries per request on transient faults", parse_int, takes("K")),
+    Setting("backoff", "--backoff", "RANDOM_USER_BACKOFF", "base of the exponential backoff between retries, seconds", parse_float, takes("S")),
     Setting(
         "rate_limit_wait",
         "--rate-limit-wait",
         "RANDOM_USER_RATE_LIMIT_WAIT",
-        "seconds to pause after the service's rate limit (HTTP 429 without Retry-After) (default 60)",
+        "seconds to pause after the service's rate limit (HTTP 429 without Retry-After)",
         parse_float,
-        "S",
+        takes("S"),
     ),
     Setting(
         "max_wait",
         "--max-wait",
         "RANDOM_USER_MAX_WAIT",
         "the longest the run waits on the service at one stretch, seconds: no backoff or rate-limit pause "
-        "is longer, and a Retry-After beyond it ends the run (default 900)",
+        "is longer, and a Retry-After beyond it ends the run",
         parse_float,
-        "S",
+        takes("S"),
     ),
-    Setting("concurrency", "--concurrency", "RANDOM_USER_CONCURRENCY", "pages fetched at once (default 4)", parse_int, "K"),
+    Setting("concurrency", "--concurrency", "RANDOM_USER_CONCURRENCY", "pages fetched at once", parse_int, takes("K")),
     Setting(
         "page_size",
         "--page-size",
         "RANDOM_USER_PAGE_SIZE",
-        "users per request (default and maximum 5000); the users of a seed depend on it, so keep it fixed",
+        f"users per request, at most {MAX_PAGE_SIZE}; the users of a seed depend on it, so keep it fixed",
         parse_int,
-        "K",
+        takes("K"),
     ),
     Setting(
         "max_response_mb",
         "--max-response-mb",
         "RANDOM_USER_MAX_RESPONSE_MB",
-        "largest answer accepted, in MB; a larger one fails the run (default 64)",
+        "largest answer accepted, in MB; a larger one fails the run",
         parse_float,
-        "MB",
+        takes("MB"),
     ),
-    Setting(
-        "allow_http",
-        "--allow-http",
-        "RANDOM_USER_ALLOW_HTTP",
-        "allow plain http:// to a host other than loopback (default false)",
-        parse_bool,
-        "BOOL",
-    ),
+    Setting("allow_http", "--allow-http", "RANDOM_USER_ALLOW_HTTP", "allow plain http:// to a host other than loopback", parse_bool, SWITCH),
 )
 
 
@@ -268,6 +250,18 @@ class Settings:
     def max_response_bytes(self) -> int:
         """The answer size bound in bytes."""
         return int(self.max_response_mb * 1_000_000)
+
+
+def help_text(setting: Setting, defaults: Settings) -> str:
+    """A flag's --help: what it does, its default as `defaults` has it, its variable."""
+    value = getattr(defaults, setting.name)
+    if value is None or value == ():
+        default = f"default: {setting.unset}"
+    elif isinstance(value, bool):
+        default = f"default {str(value).lower()}"
+    else:
+        default = f"default {value:g}" if isinstance(value, float) else f"default {value}"
+    return f"{setting.help} ({default}) [{setting.env}]"
 
 
 def _checker():

@@ -33,7 +33,7 @@ from schemas import OUTPUT_SCHEMA
 from _random_user_etl.answer import PageRequest
 from _random_user_etl.client import RateGate, page_sizes
 from _random_user_etl.contract import transform  # one answer body in, the contract frame out
-from _random_user_etl.errors import EtlError, Stopped, write_error
+from _random_user_etl.errors import EtlError, Stopped, StorageError, write_error
 from _random_user_etl.pipeline import Batch, fetch_and_stage, first_seed, land, stage_kept
 from _random_user_etl.raw import check_not_staging, clear_stale_raw, kept_folder, kept_pages
 from _random_user_etl import sort
@@ -92,11 +92,11 @@ def replay(source: str | Path, settings: Settings | None = None, **overrides) ->
             sizes = stage_kept(pages, seed, settings, folder)
         except EtlError as exc:
             shutil.rmtree(folder, ignore_errors=True)
-            raise EtlError(f"cannot replay {source}: {exc}") from exc
+            raise type(exc)(str(exc), path=source, doing="cannot replay") from exc
         # Every page but the last is full, as the live run asked for them: anything else is a mix of runs.
         if not sum(sizes) or any(size != sizes[0] for size in sizes[:-1]) or sizes[-1] > sizes[0]:
             shutil.rmtree(folder, ignore_errors=True)
-            raise EtlError(f"cannot replay {source}: the kept pages hold {sizes} users, not one run's pages")
+            raise StorageError(f"the kept pages hold {sizes} users, not one run's pages", path=source, doing="cannot replay")
         log.info("replayed %d kept pages of seed %s", len(pages), seed)
         settings = dataclasses.replace(settings, n=max(sum(sizes), 1))
         return land(folder, settings, seed, sizes, destination, ingested_at, started, 0)
@@ -144,17 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fetch fake people from randomuser.me and land them as one parquet file per seed.",
         epilog="Every flag has an environment variable (shown in brackets); a flag beats its variable.",
     )
+    defaults = Settings()
     for setting in config.SETTINGS:
-        if setting.name == "allow_http":
-            parser.add_argument(setting.flag, dest=setting.name, action="store_const", const="true", help=f"{setting.help} [{setting.env}]")
-        else:
-            parser.add_argument(setting.flag, dest=setting.name, metavar=setting.metavar, help=f"{setting.help} [{setting.env}]")
+        # argparse reads "%" in a help text as a format: a default path may hold one.
+        help_text = config.help_text(setting, defaults).replace("%", "%%")
+        parser.add_argument(setting.flag, dest=setting.name, help=help_text, **setting.flag_options)
     parser.add_argument(
         "--replay",
         metavar="PATH",
         help="rebuild a batch with no network from kept raw answers: a <raw-dir>/<seed> folder or one saved answer (.json or .json.gz)",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail, and what caused a failure")
     return parser
 
 

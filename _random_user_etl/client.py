@@ -76,7 +76,7 @@ def fetch_page(session: requests.Session, settings: Settings, request: PageReque
             response, answer = ask(session, settings, params, last)
         except Fault as fault:
             if last:
-                raise ServiceError(f"page {request.page}: {fault.line}{retries_made(retry - 1, 'gave up after')}") from fault
+                raise ServiceError(f"{fault.line}{retries_made(retry - 1, 'gave up after')}", page=request.page) from fault
             why, seconds, shared = fault.reason, backoff_time(settings, retry), False
         except EtlError as exc:
             raise on_page(exc, request.page) from exc
@@ -122,9 +122,9 @@ def status_error(response: requests.Response, answer: Answer | None, settings: S
     """The error that ends the run on an answer that is not 200: a redirect, or an error status with the service's word."""
     if response.is_redirect:
         target = urlsplit(response.headers.get("Location", "")).hostname or "elsewhere"
-        return ServiceError(f"page {page}: HTTP {response.status_code} redirect to {shorten(target)}, not followed")
+        return ServiceError(f"HTTP {response.status_code} redirect to {shorten(target)}, not followed", page=page)
     says = service_says(answer, settings.max_response_bytes)
-    return ServiceError(f"page {page}: HTTP {response.status_code}{says}{retries_made(retries)}")
+    return ServiceError(f"HTTP {response.status_code}{says}{retries_made(retries)}", page=page)
 
 
 def status_wait(response: requests.Response, settings: Settings, retry: int, page: int) -> tuple[str, float, bool]:
@@ -132,7 +132,7 @@ def status_wait(response: requests.Response, settings: Settings, retry: int, pag
     why, asked = f"HTTP {response.status_code}", retry_after(response)
     if asked and asked > settings.max_wait:
         raise ServiceError(
-            f"page {page}: {why}, the service asks to wait {asked:.0f}s (Retry-After), longer than --max-wait {settings.max_wait:g}s"
+            f"{why}, the service asks to wait {asked:.0f}s (Retry-After), longer than --max-wait {settings.max_wait:g}s", page=page
         )
     if asked:
         return f"{why}, waiting {asked:g}s as the service asks (Retry-After)", asked, False

@@ -6,13 +6,19 @@ import re
 import signal
 
 
-
 class EtlError(Exception):
     """A run that failed for a reason worth one clear line (exit status 1); the page and path it concerns, if any."""
 
-    def __init__(self, message: str, page: int | None = None, path=None):
-        super().__init__(message)
-        self.page, self.path = page, path
+    def __init__(self, reason: str, page: int | None = None, path=None, doing: str = ""):
+        # `doing` is what was being done to `path` ("cannot write"): the line reads "cannot write <path>: <reason>".
+        super().__init__(reason)
+        self.reason, self.page, self.path, self.doing = reason, page, path, doing
+
+    def __str__(self) -> str:
+        """The one line: 'page N: ', then what was done to which path, then why."""
+        where = " ".join(str(part) for part in (self.doing, self.path) if part not in ("", None))
+        page = f"page {self.page}" if self.page is not None else ""
+        return ": ".join(part for part in (page, where, self.reason) if part)
 
 
 class ServiceError(EtlError):
@@ -29,7 +35,7 @@ class StorageError(EtlError):
 
 def on_page(exc: EtlError, page: int | None) -> EtlError:
     """The same kind of error, said of one page."""
-    return type(exc)(f"page {page}: {exc}", page=page, path=exc.path)
+    return type(exc)(exc.reason, page=page, path=exc.path, doing=exc.doing)
 
 
 class Stopped(KeyboardInterrupt):

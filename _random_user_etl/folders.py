@@ -18,9 +18,9 @@ log = logging.getLogger("random_user_etl")  # one logger for the job: the CLI le
 def check_own(path: Path, info: os.stat_result, kind: str) -> None:
     """Refuse a link, or anything but a plain folder or file (`kind`), where the job keeps one of its own."""
     if stat.S_ISLNK(info.st_mode):
-        raise StorageError(f"refusing {path}: a symbolic link where the job keeps its own {kind}; it was left as it is")
+        raise StorageError(f"a symbolic link where the job keeps its own {kind}; it was left as it is", path=path, doing="refusing")
     if not (stat.S_ISDIR if kind == "folder" else stat.S_ISREG)(info.st_mode):
-        raise StorageError(f"refusing {path}: not a plain {kind}; it was left as it is")
+        raise StorageError(f"not a plain {kind}; it was left as it is", path=path, doing="refusing")
 
 
 def check_ours(path: Path, info: os.stat_result, closed: int = 0o022) -> None:
@@ -28,12 +28,14 @@ def check_ours(path: Path, info: os.stat_result, closed: int = 0o022) -> None:
     # By default others may not write in it (they could plant links or forged parts there); object
     # storage's private staging also closes it to their eyes (closed=0o077).
     if info.st_uid != os.getuid():
-        raise StorageError(f"refusing {path}: owned by uid {info.st_uid}, not by this user (uid {os.getuid()}); it was left as it is")
+        raise StorageError(f"owned by uid {info.st_uid}, not by this user (uid {os.getuid()}); it was left as it is", path=path, doing="refusing")
     if info.st_mode & closed:
         mode, most = stat.S_IMODE(info.st_mode), 0o777 & ~closed
         raise StorageError(
-            f"refusing {path}: open to other users (mode {mode:04o}, at most {most:04o} expected); it was left as it is "
-            f"(if it is yours from an earlier version, `chmod {most:o} {path}`)"
+            f"open to other users (mode {mode:04o}, at most {most:04o} expected); it was left as it is "
+            f"(if it is yours from an earlier version, `chmod {most:o} {path}`)",
+            path=path,
+            doing="refusing",
         )
 
 
@@ -113,7 +115,7 @@ def seed_lock(root: Path, seed: str):
     except OSError as exc:
         with contextlib.suppress(OSError):  # a link, a folder, a socket: named as what it is
             check_own(path, os.lstat(path), "file")
-        raise StorageError(f"cannot open the seed lock {path}: {exc.strerror or exc}") from exc
+        raise StorageError(exc.strerror or str(exc), path=path, doing="cannot open the seed lock") from exc
     with open(fd, "rb") as handle:
         info = os.fstat(fd)
         check_own(path, info, "file")

@@ -17,7 +17,7 @@ from random_user_config import Settings, shorten
 from _random_user_etl.answer import PageRequest, answer_info
 from _random_user_etl.client import RateGate, fetch_page
 from _random_user_etl.contract import transform
-from _random_user_etl.errors import EtlError, on_page, write_error
+from _random_user_etl.errors import AnswerError, EtlError, StorageError, on_page, write_error
 from _random_user_etl.raw import keep_landed_raw, read_kept, save_raw, settle_raw
 from _random_user_etl.sort import ExternalSort
 from _random_user_etl.staging import part_identity, part_path, stage_part
@@ -120,7 +120,7 @@ def stage_body(answer: Answer, request: PageRequest, settings: Settings, folder:
     try:
         stage_part(folder, frame, part_identity(settings, request.seed, request.page, frame.height))
     except (OSError, pl.exceptions.PolarsError) as exc:
-        raise EtlError(f"page {request.page}: cannot stage in {folder}: {write_error(exc)}") from exc
+        raise StorageError(write_error(exc), page=request.page, path=folder, doing="cannot stage in") from exc
     return request.page, frame.height
 
 
@@ -129,7 +129,7 @@ def split_part(sorter: ExternalSort, folder: Path, page: int, rows: int) -> None
     try:
         sorter.add(part_path(folder, page), rows)
     except (OSError, pl.exceptions.PolarsError) as exc:
-        raise EtlError(f"page {page}: cannot split into key ranges in {folder}: {write_error(exc)}") from exc
+        raise StorageError(write_error(exc), page=page, path=folder, doing="cannot split into key ranges in") from exc
 
 
 def stage_and_split(fetched: tuple[PageRequest, Answer, Path | None], settings: Settings, folder: Path, sorter: ExternalSort) -> tuple[int, int]:
@@ -146,11 +146,11 @@ def first_seed(session, settings, gate, sizes) -> tuple[str, Answer]:
     try:
         seed = answer_info(unpack(answer, settings.max_response_bytes)).get("seed")  # the transform checks the rest
     except EtlError as exc:
-        raise EtlError(f"page 1: {exc}") from exc
+        raise on_page(exc, 1) from exc
     if not seed:
-        raise EtlError("page 1: the service picked no seed (info.seed missing)")
+        raise AnswerError("the service picked no seed (info.seed missing)", page=1)
     if not config.SEED_PATTERN.fullmatch(seed):
-        raise EtlError(f"page 1: the service's seed {shorten(seed)!r} is not safe as a file name")
+        raise AnswerError(f"the service's seed {shorten(seed)!r} is not safe as a file name", page=1)
     return seed, answer
 
 
@@ -160,13 +160,13 @@ def land(folder, settings, seed, sizes, destination, ingested_at, started, fetch
     try:
         report, size = write_batch(parts, destination, ingested_at, settings.n, sorter=sorter)
     except (OSError, pl.exceptions.PolarsError) as exc:
-        raise EtlError(f"cannot write {destination}: {write_error(exc)}") from exc
+        raise StorageError(write_error(exc), path=destination, doing="cannot write") from exc
     try:
         # Before the staging is cleared: a run killed in between finds the parts and lands (and keeps) again.
         if kept is not None:
             keep_landed_raw(kept, len(sizes))
     except OSError as exc:
-        raise EtlError(f"landed {destination}, but cannot keep its raw answers in {kept}: {exc.strerror or exc}") from exc
+        raise StorageError(exc.strerror or str(exc), path=kept, doing=f"landed {destination}, but cannot keep its raw answers in") from exc
     shutil.rmtree(folder, ignore_errors=True)
     seconds = time.monotonic() - started
     log.info("landed %d rows, seed %s, file %s, %d bytes, %.2fs", report["rows"], seed, destination, size, seconds)

@@ -31,7 +31,7 @@ def save_raw(raw_dir: str | None, seed: str, page: int, answer: Answer) -> Path 
         packed = answer.wire if answer.gzipped else gzip.compress(answer.wire, compresslevel=1, mtime=0)
         write_atomically(path, lambda temp: temp.write_bytes(packed), mode=0o666)
     except OSError as exc:
-        raise StorageError(f"cannot keep the raw answer in {exc.filename or raw_dir}: {exc.strerror or exc}") from exc
+        raise StorageError(exc.strerror or str(exc), path=exc.filename or raw_dir, doing="cannot keep the raw answer in") from exc
     return path
 
 
@@ -43,7 +43,7 @@ def settle_raw(path: Path | None, accepted: bool) -> None:
         try:
             os.replace(path, settled)
         except OSError as exc:
-            raise StorageError(f"cannot keep the raw answer as {settled}: {exc.strerror or exc}") from exc
+            raise StorageError(exc.strerror or str(exc), path=settled, doing="cannot keep the raw answer as") from exc
 
 
 def kept_folder(raw_dir: str | None, seed: str) -> Path | None:
@@ -54,7 +54,7 @@ def kept_folder(raw_dir: str | None, seed: str) -> Path | None:
     try:
         found_own_folder(folder)
     except OSError as exc:
-        raise StorageError(f"cannot keep the raw answer in {raw_dir}: {exc.strerror or exc}") from exc
+        raise StorageError(exc.strerror or str(exc), path=raw_dir, doing="cannot keep the raw answer in") from exc
     return folder
 
 
@@ -83,35 +83,36 @@ def keep_landed_raw(folder: Path, pages: int) -> None:
 def kept_pages(source: Path, limit: int) -> tuple[str, list[tuple[int, Path]]]:
     """The seed and the numbered pages of a kept raw folder, or of one saved answer."""
     if not source.exists():
-        raise StorageError(f"nothing to replay at {source}: no such folder or file")
+        raise StorageError("no such folder or file", path=source, doing="nothing to replay at")
     if not source.is_dir():
         try:
             info = answer_info(read_kept(source, limit))  # the transform checks the rest when it lands
         except EtlError as exc:
-            raise StorageError(f"cannot replay {source}: {exc}") from exc
+            raise StorageError(str(exc), path=source, doing="cannot replay") from exc
         if not info.get("seed"):
-            raise StorageError(f"{source}: the answer names no seed (info.seed), so it cannot be landed")
+            raise StorageError("the answer names no seed (info.seed), so it cannot be landed", path=source)
         page = int(info.get("page") or 1)
         if page != 1:
             raise StorageError(
-                f"cannot replay {source}: it is page {page} of seed {shorten(info['seed'])!r}, and a batch starts "
-                "at page 1; replay the seed's kept folder instead"
+                f"it is page {page} of seed {shorten(info['seed'])!r}, and a batch starts at page 1; replay the seed's kept folder instead",
+                path=source,
+                doing="cannot replay",
             )
         return info["seed"], [(page, source)]
     numbered = {}
     try:
         names = os.listdir(source)
     except OSError as exc:
-        raise StorageError(f"cannot replay {source}: {exc.strerror or exc}") from exc
+        raise StorageError(exc.strerror or str(exc), path=source, doing="cannot replay") from exc
     for name in names:
         match = re.fullmatch(r"page-(\d{5})\.json\.gz", name)
         if match:
             numbered[int(match.group(1))] = source / name
     if not numbered:
-        raise StorageError(f"nothing to replay in {source}: no page-NNNNN.json.gz files")
+        raise StorageError("no page-NNNNN.json.gz files", path=source, doing="nothing to replay in")
     missing = sorted(set(range(1, max(numbered) + 1)) - set(numbered))
     if missing:
-        raise StorageError(f"cannot replay {source}: page {missing[0]} of {max(numbered)} is missing")
+        raise StorageError(f"page {missing[0]} of {max(numbered)} is missing", path=source, doing="cannot replay")
     return source.name, sorted(numbered.items())
 
 
@@ -132,9 +133,9 @@ def read_kept(path: Path, limit: int) -> bytes:
             raise too_large(limit)
         return unpack(Answer(wire, gzipped), limit)
     except OSError as exc:
-        raise StorageError(f"cannot read kept answer {path}: {exc.strerror or exc}") from exc
+        raise StorageError(exc.strerror or str(exc), path=path, doing="cannot read kept answer") from exc
     except EtlError as exc:
-        raise StorageError(f"cannot read kept answer {path}: {exc}") from exc
+        raise StorageError(str(exc), path=path, doing="cannot read kept answer") from exc
 
 
 def check_not_staging(source: Path, output_dir: str) -> None:
@@ -143,7 +144,9 @@ def check_not_staging(source: Path, output_dir: str) -> None:
     found = Path(os.path.realpath(source))  # resolved: a link or ".." hides nothing
     if found == staging or staging in found.parents:
         raise StorageError(
-            f"cannot replay {source}: it lies in the staging folder {staging_root(output_dir)} of the output, "
-            "which a run clears; copy the kept answers elsewhere and replay the copy"
+            f"it lies in the staging folder {staging_root(output_dir)} of the output, "
+            "which a run clears; copy the kept answers elsewhere and replay the copy",
+            path=source,
+            doing="cannot replay",
         )
 

@@ -119,5 +119,5 @@ def staging_for(settings: Settings, seed: str):
                 with contextlib.suppress(OSError):
                     folder.rmdir()  # only when empty: a run that staged nothing leaves no folder behind
     except OSError as exc:
-        raise StorageError(f"cannot write to {exc.filename or settings.output_dir}: {exc.strerror or exc}") from exc
+        raise StorageError(exc.strerror or str(exc), path=exc.filename or settings.output_dir, doing="cannot write to") from exc
 

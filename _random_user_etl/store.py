@@ -85,7 +85,7 @@ def lake_batches(folder: Path) -> list[str]:
                 # Followed, so a link to a batch reads as the batch; a FIFO would hang the reader, and
                 # a folder or device is not a batch the job landed: something odd is in the lake.
                 if not entry.is_file(follow_symlinks=True):
-                    raise StorageError(f"{entry.path}: named like a batch but not a regular file; move it out of the lake")
+                    raise StorageError("named like a batch but not a regular file; move it out of the lake", path=entry.path)
                 batches.append(entry.path)
     return sorted(batches)
 

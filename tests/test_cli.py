@@ -171,3 +171,47 @@ def test_read_processed_gives_every_batch_as_one_lazy_frame(api, out, raw, setti
     raw_gb = [u["location"]["postcode"] for u in fixture_json("nat-gb_seed-gbonly_results-25.json")["results"]]
     raw_gb += [str(u["location"]["postcode"]) for u in fixture_json(PURA)["results"] if u["nat"] == "GB"]
     assert sorted(gb) == sorted(raw_gb)
+
+
+def help_lines(monkeypatch, capsys) -> dict[str, str]:
+    """`--help` in this process, wide enough that each flag is one line: the line of each flag."""
+    monkeypatch.setenv("COLUMNS", "1000")
+    with pytest.raises(SystemExit) as done:
+        etl.main(["--help"])
+    assert done.value.code == 0
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines() if line.startswith("  --")]
+    return {line.split()[0]: line for line in lines}
+
+
+def shown(value) -> str:
+    """A default as an operator would type it: false, 30, 2.5, the path."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def test_every_setting_has_a_flag_whose_help_shows_its_default_once(monkeypatch, capsys):
+    import dataclasses
+
+    from random_user_config import SETTINGS, Settings
+
+    assert [s.name for s in SETTINGS] == [f.name for f in dataclasses.fields(Settings)]
+    lines, defaults = help_lines(monkeypatch, capsys), Settings()
+    for setting in SETTINGS:
+        line, value = lines[setting.flag], getattr(defaults, setting.name)
+        assert line.endswith(f"[{setting.env}]") and line.count("(default") == 1, line
+        if value in (None, ()):  # no value to show: the words say what happens
+            assert re.search(r"\(default: [a-z ]+\)", line), line
+        else:
+            assert f"(default {shown(value)})" in line, line
+
+
+def test_allow_http_is_a_plain_switch(monkeypatch, capsys):
+    from random_user_config import load_settings
+
+    assert help_lines(monkeypatch, capsys)["--allow-http"].split()[1] == "allow"  # no value after the flag
+    flags = vars(etl.build_parser().parse_args(["--allow-http"]))
+    assert load_settings({k: v for k, v in flags.items() if k not in ("verbose", "replay")}, environ={}).allow_http is True
+    with pytest.raises(SystemExit) as done:
+        etl.main(["--allow-http", "false"])
+    assert done.value.code == 2 and "unrecognized arguments: false" in capsys.readouterr().err

@@ -1,0 +1,130 @@
+"""The error chain: a page's error names its page, a storage error its path, each keeps its cause, -v shows the chain."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import polars as pl
+import pytest
+from conftest import PAGED, PREFIX, fast_env, fixture_bytes, raw_users
+from fake_api import body, normal, status
+
+import random_user_etl as etl
+from _random_user_etl.errors import AnswerError, ServiceError, StorageError, on_page
+
+# Page 2 of seed "paged" cut off after its first user's password: malformed JSON that holds a person.
+CUT_PAGE = fixture_bytes(PAGED[1])[:600] + b"}"
+FIRST = raw_users(PAGED[1])[0]
+PERSON = (FIRST["name"]["first"], FIRST["name"]["last"], FIRST["email"], FIRST["login"]["uuid"])
+CUT_LINE = PREFIX + "page 2: the answer is not JSON of the randomuser.me 1.4 shape (malformed JSON at character 0)"
+
+
+def causes(exc: BaseException) -> list[BaseException]:
+    """The exceptions an error was raised from, nearest first."""
+    chain = []
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+        chain.append(exc)
+    return chain
+
+
+@pytest.fixture
+def job_env(api, out, raw, monkeypatch):
+    """The CLI's environment in this process: the fake API, the test's folders, fast waits, no other setting."""
+    for name in [name for name in os.environ if name.startswith("RANDOM_USER_")]:
+        monkeypatch.delenv(name)
+    for name, value in fast_env(api.url, out, raw).items():
+        monkeypatch.setenv(name, str(value))
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:], root.level = handlers, level  # main pointed them at capsys's stream, closed after the test
+
+
+def run_paged(*args) -> int:
+    """main() on two pages of seed "paged", one at a time, so the script's second answer is page 2."""
+    return etl.main(["--seed", "paged", "--n", "80", "--page-size", "40", "--concurrency", "1", *args])
+
+
+def test_the_line_is_formatted_from_the_page_and_path_attributes():
+    assert str(AnswerError("no results", page=3)) == "page 3: no results"
+    assert str(StorageError("Permission denied", path=Path("/x/y"), doing="cannot write")) == "cannot write /x/y: Permission denied"
+    assert str(StorageError("odd", page=2, path="/x", doing="cannot stage in")) == "page 2: cannot stage in /x: odd"
+    assert str(StorageError("named like a batch", path="/x/b.parquet")) == "/x/b.parquet: named like a batch"
+
+
+def test_on_page_keeps_the_kind_the_path_and_the_reason():
+    inner = StorageError("Permission denied", path="/x", doing="cannot keep")
+    outer = on_page(inner, 4)
+    assert type(outer) is StorageError and (outer.page, outer.path, outer.reason) == (4, "/x", "Permission denied")
+    assert str(outer) == "page 4: cannot keep /x: Permission denied"
+
+
+def test_a_failed_pages_error_has_its_page_and_its_polars_cause(api, settings):
+    api.script(normal(), body(CUT_PAGE))
+    with pytest.raises(AnswerError) as caught:
+        etl.run(settings(seed="paged", n=80, page_size=40, concurrency=1))
+    assert caught.value.page == 2
+    assert "page 2" not in caught.value.reason  # the page is an attribute, not part of the text
+    assert isinstance(causes(caught.value)[-1], pl.exceptions.PolarsError)
+
+
+def test_an_error_status_names_its_page(api, settings):
+    api.script(normal(), status(404))
+    with pytest.raises(ServiceError) as caught:
+        etl.run(settings(seed="paged", n=80, page_size=40, concurrency=1))
+    assert caught.value.page == 2 and str(caught.value) == "page 2: HTTP 404"
+
+
+def test_an_output_folder_that_cannot_be_made_is_a_storage_error_with_its_path_and_oserror(api, settings, tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    output = tmp_path / "a-file" / "out"
+    with pytest.raises(StorageError) as caught:
+        etl.run(settings(seed="paged", n=40, output_dir=str(output)))
+    assert Path(caught.value.path) == output and caught.value.page is None
+    assert isinstance(caught.value.__cause__, NotADirectoryError)
+    assert api.requests == []
+
+
+def test_a_raw_folder_that_cannot_be_made_names_its_path(api, settings, tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(StorageError) as caught:
+        etl.run(settings(seed="paged", n=40, raw_dir=str(tmp_path / "a-file" / "raw")))
+    assert Path(caught.value.path) == tmp_path / "a-file" / "raw"
+    assert isinstance(caught.value.__cause__, OSError)
+
+
+def test_a_replay_of_nothing_names_its_source(tmp_path):
+    with pytest.raises(StorageError) as caught:
+        etl.replay(tmp_path / "none", output_dir=str(tmp_path / "out"), raw_dir=None)
+    assert caught.value.path == tmp_path / "none"
+    assert str(caught.value) == f"nothing to replay at {tmp_path / 'none'}: no such folder or file"
+
+
+def test_verbose_logs_the_chain_by_class_and_never_the_answers_bytes(api, job_env, capsys):
+    api.script(normal(), body(CUT_PAGE))
+    assert run_paged("-v") == 1
+    err = capsys.readouterr().err
+    lines = err.rstrip("\n").splitlines()
+    assert lines[-1] == CUT_LINE
+    chain = [line.split(" DEBUG ", 1)[1] for line in lines if " DEBUG caused by " in line]
+    assert chain == [
+        "caused by AnswerError: the answer is not JSON of the randomuser.me 1.4 shape (malformed JSON at character 0)",
+        "caused by ComputeError: its text is not logged: it can hold personal data",
+    ]
+    assert [word for word in PERSON if word in err] == []
+
+
+def test_without_verbose_the_one_line_is_as_before(api, job_env, capsys):
+    api.script(normal(), body(CUT_PAGE))
+    assert run_paged() == 1
+    err = capsys.readouterr().err
+    assert "caused by" not in err and err.rstrip("\n").splitlines()[-1] == CUT_LINE
+
+
+def test_a_storage_line_is_as_before(job_env, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("not a folder")
+    assert run_paged("--output-dir", str(tmp_path / "a-file" / "out")) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == PREFIX + f"cannot write to {tmp_path / 'a-file' / 'out'}: Not a directory"
