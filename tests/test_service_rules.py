@@ -51,3 +51,61 @@ def test_the_cli_refuses_an_18_character_seed_before_any_request(api, out, raw, 
     line = assert_one_error_line(done.stderr, r"--seed .*18 characters.*longer or shorter")
     assert re.search(r"daily-etl-\d{8}", line)
     assert api.requests == [] and not out.exists()
+
+
+# ---------------------------------------------------------------- one person in two batches
+
+
+def land_repeated_batch(settings, **where) -> None:
+    """Land seed 'demo' (two pages of 10) and then 'demo2' (one page of 10): demo's page 2 is demo2's page 1."""
+    etl.run(settings(seed="demo", n=20, page_size=10, **where))
+    etl.run(settings(seed="demo2", n=10, page_size=10, **where))
+
+
+def test_two_batches_can_hold_the_same_people(api, settings, out):
+    land_repeated_batch(settings)
+    lake = etl.read_processed(str(out)).collect()
+    assert lake.height == 30 and lake["user_id"].n_unique() == 20
+
+
+def test_unique_users_gives_each_user_once_the_most_recently_ingested(api, settings, out, monkeypatch):
+    land_repeated_batch(settings)
+    with monkeypatch.context() as patched:  # lazily: nothing is read until the caller collects
+        patched.setattr(pl.LazyFrame, "collect", lambda *a, **k: pytest.fail("read_processed collected"))
+        lazy = etl.read_processed(str(out), unique_users=True)
+    assert isinstance(lazy, pl.LazyFrame) and lazy.collect_schema() == OUTPUT_SCHEMA
+    frame = lazy.collect()
+    demo, demo2 = served_users("demo", 20, 10), served_users("demo2", 10, 10)
+    assert {u["login"]["uuid"] for u in demo[10:]} == {u["login"]["uuid"] for u in demo2}  # the fake's rule, from its JSON
+    assert_rows_are(frame, demo)  # each user once, with the raw values
+    # The repeated people come from the later batch, demo2; the others from demo's page 1.
+    assert frame.group_by("seed", "page").len().sort("seed").rows() == [("demo", 1, 10), ("demo2", 1, 10)]
+    # Land demo again: now its page 2 is the most recent reading of those people.
+    etl.run(settings(seed="demo", n=20, page_size=10))
+    again = etl.read_processed(str(out), unique_users=True).collect()
+    assert_rows_are(again, demo)
+    assert again.group_by("seed", "page").len().sort("page").rows() == [("demo", 1, 10), ("demo", 2, 10)]
+
+
+def test_unique_users_breaks_a_tie_in_ingested_at_by_seed_then_page(api, settings, out, tmp_path):
+    land_repeated_batch(settings)
+    # The same instant on both batches, written in either order of files: the larger seed wins.
+    when = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    for name in ("random_users_demo.parquet", "random_users_demo2.parquet"):
+        path = out / name
+        pl.read_parquet(path).with_columns(ingested_at=pl.lit(when, OUTPUT_SCHEMA["ingested_at"])).write_parquet(path)
+    frame = etl.read_processed(str(out), unique_users=True).collect()
+    assert frame.height == 20
+    assert frame.group_by("seed", "page").len().sort("seed").rows() == [("demo", 1, 10), ("demo2", 1, 10)]
+
+
+def test_unique_users_of_an_empty_lake_is_empty_with_the_schema(tmp_path):
+    frame = etl.read_processed(str(tmp_path), unique_users=True)
+    assert frame.collect_schema() == OUTPUT_SCHEMA and frame.collect().height == 0
+
+
+def test_unique_users_reads_object_storage_too(api, settings, s3):
+    land_repeated_batch(settings, output_dir=s3.url())
+    frame = etl.read_processed(s3.url(), unique_users=True).collect()
+    assert_rows_are(frame, served_users("demo", 20, 10))
+    assert frame.group_by("seed").len().sort("seed").rows() == [("demo", 10), ("demo2", 10)]
