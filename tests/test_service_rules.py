@@ -13,7 +13,7 @@ import time
 
 import polars as pl
 import pytest
-from conftest import assert_one_error_line, assert_rows_are, fast_env, served_users
+from conftest import assert_one_error_line, batch_files, assert_rows_are, fast_env, served_users
 
 import random_user_etl as etl
 from random_user_config import Settings, SettingsError, load_settings
@@ -109,3 +109,18 @@ def test_unique_users_reads_object_storage_too(api, settings, s3):
     frame = etl.read_processed(s3.url(), unique_users=True).collect()
     assert_rows_are(frame, served_users("demo", 20, 10))
     assert frame.group_by("seed").len().sort("seed").rows() == [("demo", 10), ("demo2", 10)]
+
+
+# ---------------------------------------------------------------- names that do not resolve
+
+
+def test_a_name_that_does_not_resolve_is_retried_once_then_the_run_stops(out, raw, cli):
+    url = "http://random-user.invalid/api/1.4/"  # RFC 6761: .invalid never resolves, so no internet is needed
+    started = time.monotonic()
+    done = cli("--seed", "demo", "--allow-http", "--retries", "5", "--backoff", "0.01", env=fast_env(url, out, raw))
+    elapsed = time.monotonic() - started
+    assert done.returncode == 1, done.stderr
+    assert_one_error_line(done.stderr, r"^random_user_etl\.py: error: page 1: cannot resolve random-user\.invalid: ")
+    assert [m.groups() for m in map(RETRY_LINE.match, done.stderr.splitlines()) if m] == [("1", "1")]
+    assert elapsed < 20  # a CLI start is a few seconds at most on a busy machine; five backoffs are not waited
+    assert batch_files(out) == [] and not any(raw.rglob("*.gz"))
