@@ -124,3 +124,15 @@ def test_a_name_that_does_not_resolve_is_retried_once_then_the_run_stops(out, ra
     assert [m.groups() for m in map(RETRY_LINE.match, done.stderr.splitlines()) if m] == [("1", "1")]
     assert elapsed < 20  # a CLI start is a few seconds at most on a busy machine; five backoffs are not waited
     assert batch_files(out) == [] and not any(raw.rglob("*.gz"))
+
+
+# ---------------------------------------------------------------- gender
+
+
+def test_gender_is_not_a_setting_and_never_sent(api, settings, cli, out, raw):
+    etl.run(settings(seed="demo", n=20, page_size=10))
+    etl.run(settings(n=10))  # the first page without a seed too
+    assert api.requests and all("gender" not in r.params for r in api.requests)
+    assert not hasattr(Settings(), "gender")
+    done = cli("--gender", "female", env=fast_env(api.url, out, raw))
+    assert done.returncode == 2 and "--gender" in done.stderr
