@@ -32,6 +32,10 @@ NATIONALITIES = frozenset(
 # dots to climb with, no control characters, bounded length.
 SEED_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
 
+# The generator reads a seed of exactly this length as a nationality code: it ignores --nat and
+# answers another seed (two characters longer) that does not give the same users, or no answer at all.
+NAT_CODE_SEED_LENGTH = 18
+
 STAGING = ".staging"  # the folder of a run's staged pages, inside a local output folder
 
 # Ranges of the numeric settings. A wait (timeout, rate-limit pause) is at most an hour: longer reads
@@ -230,6 +234,7 @@ class Settings:
         check("n", self.n <= most, f"must be at most {most:,} ({MAX_PAGES:,} pages of {self.page_size})")
         if self.seed is not None:
             check("seed", SEED_PATTERN.fullmatch(self.seed) is not None, seed_rule())
+            check("seed", len(self.seed) != NAT_CODE_SEED_LENGTH, nat_code_seed(self.seed))
         unknown = [code for code in self.nat if code not in NATIONALITIES]
         check("nat", not unknown, f"unknown nationality {','.join(unknown)!r}; known: {','.join(sorted(NATIONALITIES))}")
         check("timeout", SHORTEST_WAIT <= self.timeout <= LONGEST_WAIT, f"must be between {SHORTEST_WAIT} and {LONGEST_WAIT}")
@@ -293,6 +298,14 @@ def check_path_text(label: str, text: str | None) -> None:
 def seed_rule() -> str:
     """The seed rule, in words."""
     return "must be 1 to 100 letters, digits, '-' or '_', starting with a letter or digit"
+
+
+def nat_code_seed(seed: str) -> str:
+    """Why a seed of 18 characters is refused, and what to do instead."""
+    return (
+        f"is {NAT_CODE_SEED_LENGTH} characters, got {seed!r} ({{date}} counts as its 8 digits): the service reads such a seed "
+        "as a nationality code, ignores --nat and answers other users or none; use a longer or shorter seed"
+    )
 
 
 def is_loopback(host: str) -> bool:

@@ -105,24 +105,33 @@ def replay(source: str | Path, settings: Settings | None = None, **overrides) ->
 # ---------------------------------------------------------------- read
 
 
-def read_processed(output_dir: str | None = None, storage_options: dict | None = None) -> pl.LazyFrame:
-    """Every batch ever landed, as one lazy frame with the output schema (empty if the folder holds none)."""
+def read_processed(output_dir: str | None = None, storage_options: dict | None = None, unique_users: bool = False) -> pl.LazyFrame:
+    """Every batch ever landed, as one lazy frame with the output schema (empty if the folder holds none); with unique_users, each user once."""
     output_dir = output_dir or os.environ.get("RANDOM_USER_OUTPUT_DIR") or config.default_output_dir()
     if is_remote(output_dir):
         source = f"{output_dir.rstrip('/')}/{BATCH_GLOB}"
     else:
         source = lake_batches(lake_folder(output_dir))
     if not source:
-        return OUTPUT_SCHEMA.to_frame().lazy()
-    # Given the schema, Polars reads a glob that matches no object as an empty frame, so an
-    # empty prefix is an empty lake without listing the bucket here: nothing is read until collect.
-    return pl.scan_parquet(
-        source,
-        schema=OUTPUT_SCHEMA,
-        missing_columns="insert",  # a column added to the contract later reads as null in older batches
-        extra_columns="ignore",
-        storage_options=storage_options,
-    )
+        lake = OUTPUT_SCHEMA.to_frame().lazy()
+    else:
+        # Given the schema, Polars reads a glob that matches no object as an empty frame, so an
+        # empty prefix is an empty lake without listing the bucket here: nothing is read until collect.
+        lake = pl.scan_parquet(
+            source,
+            schema=OUTPUT_SCHEMA,
+            missing_columns="insert",  # a column added to the contract later reads as null in older batches
+            extra_columns="ignore",
+            storage_options=storage_options,
+        )
+    return latest_per_user(lake) if unique_users else lake
+
+
+def latest_per_user(lake: pl.LazyFrame) -> pl.LazyFrame:
+    """Each user_id once: its row ingested last (a tie goes to the larger seed, then the larger page)."""
+    # The service's page k of seed S is page 1 of seed S followed by k's digits ("demo" page 2 is
+    # "demo2" page 1), so two batches of one lake can hold the same person.
+    return lake.sort("ingested_at", "seed", "page").unique("user_id", keep="last", maintain_order=True)
 
 
 

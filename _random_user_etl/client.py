@@ -71,11 +71,13 @@ def fetch_page(session: requests.Session, settings: Settings, request: PageReque
     where = redact(requests.Request("GET", settings.api_url, params=params).prepare().url)
     for retry in itertools.count(1):
         gate.wait()
-        last = retry > settings.retries
+        most = settings.retries
+        last = retry > most
         try:
             response, answer = ask(session, settings, params, last)
         except Fault as fault:
-            if last:
+            most = min(most, fault.retries)  # fewer for a fault that retrying does not mend
+            if retry > most:
                 raise ServiceError(f"{fault.line}{retries_made(retry - 1, 'gave up after')}", page=request.page) from fault
             why, seconds, shared = fault.reason, backoff_time(settings, retry), False
         except EtlError as exc:
@@ -86,7 +88,7 @@ def fetch_page(session: requests.Session, settings: Settings, request: PageReque
             if answer is not None or response.is_redirect:
                 raise status_error(response, answer, settings, request.page, retry - 1)
             why, seconds, shared = status_wait(response, settings, retry, request.page)
-        log.warning("retry %d of %d for %s: %s", retry, settings.retries, where, why)
+        log.warning("retry %d of %d for %s: %s", retry, most, where, why)
         if shared:
             gate.pause(seconds)  # the rate limit holds every worker, not just this one
         else:

@@ -15,7 +15,8 @@ from requests.adapters import HTTPAdapter
 import urllib3
 from urllib3.exceptions import InvalidChunkLength, MaxRetryError, NameResolutionError, NewConnectionError, ProtocolError
 from urllib3.poolmanager import pool_classes_by_scheme
-from random_user_config import Settings
+from urllib.parse import urlsplit
+from random_user_config import MOST_RETRIES, Settings
 from _random_user_etl.errors import AnswerError, Stopped
 
 
@@ -154,12 +155,18 @@ TIMED_OUT = "timed out: no whole answer within {timeout:g}s (--timeout)"
 
 
 REACH, BAD, CUT = "cannot reach {url}: {kind}", "bad answer from {url}: {kind}", "answer cut off"
+RESOLVE = "cannot resolve {host}: {kind}"
+
+
+# A name that does not resolve is a typo or a missing DNS record, not a passing fault: one retry rides
+# out a resolver's hiccup, and more would only be half a minute of warnings before the same line.
+RESOLVE_RETRIES = 1
 
 
 FAULTS = (
     ((http.client.RemoteDisconnected,), "closed without an answer", REACH),
     ((ConnectionRefusedError,), "connection refused", REACH),
-    ((socket.gaierror, NameResolutionError), "host name does not resolve", REACH),
+    ((socket.gaierror, NameResolutionError), "host name does not resolve", RESOLVE),
     ((NewConnectionError,), "cannot connect", REACH),  # before the timeouts: urllib3 derives it from one
     ((TimeoutError, urllib3.exceptions.TimeoutError, requests.exceptions.Timeout), "timed out", TIMED_OUT),
     ((ConnectionResetError, ConnectionAbortedError, BrokenPipeError), "connection reset by peer", REACH),
@@ -175,11 +182,11 @@ TRANSPORT_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, htt
 
 
 class Fault(Exception):
-    """A transport fault reduced to its kind: what the retry line says, and what the last line says."""
+    """A transport fault reduced to its kind: what the retry line says, what the last line says, and the most retries it is worth."""
 
-    def __init__(self, reason: str, line: str):
+    def __init__(self, reason: str, line: str, retries: int = MOST_RETRIES):
         super().__init__(reason)
-        self.reason, self.line = reason, line
+        self.reason, self.line, self.retries = reason, line, retries
 
 
 def causes(exc: BaseException) -> list[BaseException]:
@@ -203,7 +210,8 @@ def fault_of(exc: BaseException, settings: Settings, reading: bool, timed_out: b
         said = TIMED_OUT.format(timeout=settings.timeout)
         return Fault(said, said)
     kind = f"{name} ({words})"
-    return Fault(kind, line.format(url=settings.api_url, kind=kind))
+    said = line.format(url=settings.api_url, host=urlsplit(settings.api_url).hostname, kind=kind)
+    return Fault(kind, said, RESOLVE_RETRIES if line == RESOLVE else MOST_RETRIES)
 
 
 def fault_words(chain: list[BaseException], reading: bool, timed_out: bool) -> tuple[str, str]:

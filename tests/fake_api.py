@@ -2,6 +2,9 @@
 
 It serves the recorded responses in `fixtures/` byte for byte, and deterministic synthetic
 users for every other (seed, page), so tests and benchmarks can pull any number of pages.
+It follows the generator's seed rules: page k of seed S is page 1 of seed S followed by k's
+digits, and an 18-character seed picks one nationality by its last two characters (no answer at
+all when they index none).
 Faults (error statuses, resets, hangs, trickles, truncated or endless bodies, bytes with no
 status line, doctored JSON) are queued with `FakeRandomUser.script(...)` and hit the next
 requests in arrival order.
@@ -73,6 +76,10 @@ PICKED_SEED: str = json.loads((FIXTURES / "noseed_results-5.json").read_bytes())
 
 JSON_TYPE = "application/json; charset=utf-8"
 
+# The generator's nationality list: an 18-character seed's last two characters, read as hex, index it.
+SEEDED_NATIONALITIES = tuple("AU BR CA CH DE DK ES FI FR GB IE IN IR MX NL NO NZ RS TR UA US".split())
+NAT_SEED_LENGTH = 18
+
 # Fixed namespace so synthetic uuids are stable across runs and machines.
 _UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://randomuser.me/api/1.4/")
 # Placeholders spliced into pre-serialized templates; they occur in no recorded user.
@@ -108,23 +115,50 @@ def recorded_pages() -> dict[tuple[str, int], list[dict]]:
 
 
 @functools.lru_cache(maxsize=None)
-def _templates() -> tuple[dict, ...]:
-    """Every recorded user carrying all fields, in a fixed order, as synthetic templates."""
+def _recorded_by_generator_seed() -> dict[str, list[dict]]:
+    """The recorded pages by the seed the generator seeds itself with (see generator_seed)."""
+    return {generator_seed(seed, page): users for (seed, page), users in _recorded().items()}
+
+
+class GeneratorCrash(Exception):
+    """The real generator crashes on this request: the connection closes with no answer."""
+
+
+def seed_nationality(seed: str) -> str | None:
+    """The nationality an 18-character seed picks (its last two characters as hex); None for other seeds."""
+    if len(seed) != NAT_SEED_LENGTH:
+        return None
+    index = int(seed[-2:], 16) if all(c in "0123456789abcdefABCDEF" for c in seed[-2:]) else len(SEEDED_NATIONALITIES)
+    if index >= len(SEEDED_NATIONALITIES):
+        raise GeneratorCrash(f"no nationality at index {seed[-2:]!r}")
+    return SEEDED_NATIONALITIES[index]
+
+
+def generator_seed(seed: str, page: int) -> str:
+    """What the generator seeds itself with: an 18-character seed's first 16, then page k's digits (k >= 2)."""
+    if len(seed) == NAT_SEED_LENGTH:
+        seed = seed[:16]
+    return seed if page == 1 else f"{seed}{page}"
+
+
+@functools.lru_cache(maxsize=None)
+def _templates(nat: str | None = None) -> tuple[dict, ...]:
+    """Every recorded user carrying all fields (of one nationality, if given), in a fixed order, as synthetic templates."""
     users = []
     for path in sorted(FIXTURES.glob("*.json")):
         doc = json.loads(path.read_bytes())
-        users += [u for u in doc.get("results", []) if set(u) == set(USER_FIELDS)]
+        users += [u for u in doc.get("results", []) if set(u) == set(USER_FIELDS) and nat in (None, u["nat"])]
     return tuple(users)
 
 
 @functools.lru_cache(maxsize=64)
-def _template_json(fields: tuple[str, ...]) -> tuple[bytes, ...]:
+def _template_json(fields: tuple[str, ...], nat: str | None = None) -> tuple[bytes, ...]:
     """Serialize each template once (only `fields`), with marks where per-user values go.
 
     Bytes, not str: splicing and joining UTF-8 bytes skips re-encoding megabytes per page.
     """
     out = []
-    for user in _templates():
+    for user in _templates(nat):
         user = copy.deepcopy(user)
         user["login"]["uuid"] = _UUID_MARK
         user["login"]["username"] += _SUFFIX_MARK
@@ -136,7 +170,9 @@ def _template_json(fields: tuple[str, ...]) -> tuple[bytes, ...]:
 
 def _synthetic_json(seed: str, page: int, start: int, stop: int, fields: tuple[str, ...]) -> list[bytes]:
     """Serialized synthetic users `start`..`stop-1` of (seed, page), keeping only `fields`."""
-    templates = _template_json(fields)
+    templates = _template_json(fields, seed_nationality(seed))
+    # Page k of seed S is page 1 of seed S followed by k's digits, as in the generator.
+    seed, page = generator_seed(seed, page), 1
     # A per-page rotation, so different pages do not all begin with the same person.
     offset = uuid.uuid5(_UUID_NAMESPACE, f"{seed}/{page}").int % len(templates)
     out = []
@@ -189,12 +225,14 @@ def page_body(
 ) -> bytes:
     """The exact body the fake sends for these (already sanitized) parameters."""
     fields = kept_fields(inc, exc)
-    recorded = _recorded().get((seed, page), [])[:results]
+    recorded = [] if seed_nationality(seed) else _recorded_by_generator_seed().get(generator_seed(seed, page), [])[:results]
     users = [_dumps({k: v for k, v in u.items() if k in fields}).encode("utf-8") for u in recorded]
     # "Page k with results=r is the first r users of page k": recorded users come first
     # and synthetic ones continue the page, indexed by their position in it.
     users += _synthetic_json(seed, page, len(recorded), results, fields)
-    info = {"seed": seed, "results": results, "page": page, "version": VERSION}
+    # An 18-character seed is answered with two more characters (the index again): 20 that do not reproduce the users.
+    answered = seed + seed[-2:] if seed_nationality(seed) else seed
+    info = {"seed": answered, "results": results, "page": page, "version": VERSION}
     tail = b"}" if noinfo else b',"info":' + _dumps(info).encode("utf-8") + b"}"
     return b"".join((b'{"results":[', b",".join(users), b"]", tail))
 
@@ -438,6 +476,8 @@ class _Handler(BaseHTTPRequestHandler):
             getattr(self, "_answer_" + answer.kind)(answer, url.path, params)
         except OSError:
             self.close_connection = True  # the client went away; nothing to tell anyone
+        except GeneratorCrash:
+            self.close_connection = True  # the real generator dies on this request: no answer at all
         except Exception as error:  # a bug in a test's mutate fn, say: report, don't hide
             fake._error(error)
             self._send(500, traceback.format_exc().encode(), "text/plain; charset=utf-8")

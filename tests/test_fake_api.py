@@ -320,3 +320,35 @@ def test_stop_then_start_again_on_the_same_url(http):
     with fake.start():
         assert fake.url == url
         assert http.get(url, timeout=1).status_code == 200
+
+
+# --------------------------------------------------------------------------- the generator's seed rules
+
+
+def test_page_k_of_a_seed_holds_page_one_of_the_seed_followed_by_k(fake, http):
+    paged = get(http, fake, results=10, seed="demo", page=2).json()
+    assert paged["results"] == get(http, fake, results=10, seed="demo2", page=1).json()["results"]
+    assert paged["info"] == {"seed": "demo", "results": 10, "page": 2, "version": "1.4"}
+    assert get(http, fake, results=10, seed="demo", page=12).json()["results"] == get(http, fake, results=10, seed="demo12").json()["results"]
+    # The recorded page 2 of seed "paged" is also page 1 of seed "paged2".
+    recorded = fixture_doc("paged_seed-paged_results-40_page-2.json")["results"]
+    assert get(http, fake, results=40, seed="paged2").json()["results"] == recorded
+
+
+def test_a_seed_of_18_characters_picks_the_nationality_by_its_last_two_hex_digits(fake, http):
+    seed = "abcdefghijklmnop09"  # index 9 of the generator's list: GB
+    doc = get(http, fake, results=30, seed=seed, nat="us").json()  # nat= is ignored
+    assert {user["nat"] for user in doc["results"]} == {"GB"}
+    answered = doc["info"]["seed"]
+    assert len(answered) == 20 and answered.startswith(seed)
+    # The seed answered does not reproduce the users.
+    again = get(http, fake, results=30, seed=answered).json()["results"]
+    assert [u["login"]["uuid"] for u in again] != [u["login"]["uuid"] for u in doc["results"]]
+    assert {user["nat"] for user in get(http, fake, results=30, seed="abcdefghijklmnop0d").json()["results"]} == {"MX"}
+
+
+@pytest.mark.parametrize("seed", ["abcdefghijklmnopzz", "abcdefghijklmnop15", "abcdefghijklmnopff"])
+def test_a_seed_of_18_characters_with_no_valid_index_gets_no_answer(fake, http, seed):
+    with pytest.raises(requests.ConnectionError):
+        get(http, fake, results=5, seed=seed)
+    assert fake.sent == [] and fake.errors == []
