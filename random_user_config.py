@@ -161,7 +161,8 @@ SETTINGS = (
         "rate_limit_wait",
         "--rate-limit-wait",
         "RANDOM_USER_RATE_LIMIT_WAIT",
-        "seconds to pause after the service's rate limit (HTTP 429 without Retry-After)",
+        "while the service's rate limit (HTTP 429 without Retry-After) holds, seconds between requests asking "
+        "whether it has lifted, one at a time; waiting on it draws nothing on --retries",
         parse_float,
         takes("S"),
     ),
@@ -218,7 +219,7 @@ class Settings:
     timeout: float = 30.0
     retries: int = 5
     backoff: float = 1.0
-    rate_limit_wait: float = 60.0
+    rate_limit_wait: float = 10.0  # a refused request costs the service nothing: resume about 5 s after a reset
     max_wait: float = 900.0
     concurrency: int = 4
     page_size: int = MAX_PAGE_SIZE

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import email.utils
-import itertools
 import json
 import logging
+import math
 import random
 import re
 import threading
@@ -26,23 +26,110 @@ RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 
 class RateGate:
-    """Holds every worker back while the service's rate limit is waited out."""
+    """The service's rate limit, shared by every worker: shut on a bare 429, one request probes it, a success opens it."""
 
+    # A bare 429 says nothing of when the limit lifts, so after one every worker waits here while a
+    # single request asks again every --rate-limit-wait; refused requests cost the service nothing.
     def __init__(self):
         self._lock = threading.Lock()
-        self._resume_at = 0.0
+        self._resume_at = 0.0  # when the next probe may go
+        self._prober = None  # the token of the one request probing now
+        self.limited_since: float | None = None  # the first refusal of the stretch under way
+        self.gave_up: str | None = None  # the line that ended the run, for every worker
+        self.fetched = 0  # users served so far
+        self.resets: list[tuple[float, int]] = []  # each reset seen: when, and the users served before it
+        self.watch = None  # called with the seconds rate limited on each refusal, None when the gate opens
 
-    def pause(self, seconds: float) -> None:
-        """Close the gate for everyone for `seconds`, then wait for it to open."""
+    def enter(self) -> object | None:
+        """Wait until a request may go: a token if it is the probe of a shut gate, else None."""
+        while True:
+            with self._lock:
+                if self.gave_up:
+                    raise ServiceError(self.gave_up)
+                if self.limited_since is None:
+                    return None
+                left = self._resume_at - time.monotonic()
+                if left <= 0 and self._prober is None:
+                    self._prober = object()
+                    return self._prober
+            hold(left if left > 0 else PROBE_POLL)  # the probe's answer decides: look again soon
+
+    def refused(self, settings: Settings, page: int, token: object | None) -> tuple[float, float]:
+        """Count a bare 429: shut the gate, and say how long it has been shut and when to ask again."""
         with self._lock:
-            self._resume_at = max(self._resume_at, time.monotonic() + seconds)
-        self.wait()
+            now = time.monotonic()
+            self.limited_since = self.limited_since or now
+            self._release(token)
+            waited = now - self.limited_since
+            if waited >= settings.max_wait:
+                self.gave_up = (
+                    f"page {page}: HTTP 429, rate limited for {seconds_text(waited)}, longer than --max-wait "
+                    f"{settings.max_wait:g}s; staged pages are kept for a rerun"
+                )
+                raise ServiceError(self.gave_up)
+            seconds = min(settings.rate_limit_wait, settings.max_wait - waited)
+            self._resume_at = max(self._resume_at, now + seconds)
+        if self.watch:
+            self.watch(waited)
+        return waited, seconds
 
-    def wait(self) -> None:
-        """Block until the gate is open; a stopped run passes no more requests through."""
-        hold(0)
-        while (left := self._resume_at - time.monotonic()) > 0:
-            hold(left)
+    def served(self, users: int, token: object | None) -> None:
+        """Count a page served; the probe's success opens the gate for every worker (a reset was seen)."""
+        with self._lock:
+            self.fetched += users
+            if token is None or token is not self._prober:
+                return  # sent before the limit shut the gate: it says nothing of a reset
+            self._prober = None
+            self.resets.append((time.monotonic(), self.fetched - users))
+            self.limited_since = None
+        if self.watch:
+            self.watch(None)
+
+    def release(self, token: object | None) -> None:
+        """The probe ended neither served nor refused (a fault, a stop): let another request probe."""
+        with self._lock:
+            self._release(token)
+
+    def _release(self, token: object | None) -> None:
+        """Give up the probe, if `token` holds it (the lock held)."""
+        if token is not None and token is self._prober:
+            self._prober = None
+
+    def limited_for(self) -> float | None:
+        """Seconds since the limit shut the gate, or None while it is open."""
+        since = self.limited_since
+        return None if since is None else time.monotonic() - since
+
+    def pace(self) -> tuple[int, float] | None:
+        """Users per window and the window's seconds, as seen between the last two resets; None before two."""
+        with self._lock:
+            if len(self.resets) < 2:
+                return None
+            (before, users_before), (last, users_last) = self.resets[-2:]
+        return users_last - users_before, last - before
+
+    def time_left(self, remaining: int) -> float | None:
+        """Seconds until `remaining` more users can be served, counted in windows; None unless the limit binds."""
+        pace = self.pace()
+        if pace is None or not pace[0] or pace[1] <= 0:
+            return None
+        per_window, window = pace
+        with self._lock:
+            last, users_last = self.resets[-1]
+            taken = self.fetched - users_last  # users served since the last reset
+        this_window, now = max(per_window - taken, 0), time.monotonic()  # still to be had before the next reset
+        if remaining <= this_window:  # the limit no longer binds: the pace since the reset does
+            return remaining * (now - last) / taken if taken else None
+        next_reset = last + window * max(1, math.ceil((now - last) / window))
+        return next_reset - now + (math.ceil((remaining - this_window) / per_window) - 1) * window
+
+
+PROBE_POLL = 0.05  # seconds between looks at a shut gate while its probe is out
+
+
+def seconds_text(seconds: float) -> str:
+    """A duration for a line: '912s', or '0.4s' under ten seconds."""
+    return f"{seconds:.0f}s" if seconds >= 10 else f"{seconds:.1f}s"
 
 
 def page_sizes(n: int, page_size: int) -> list[int]:
@@ -64,35 +151,51 @@ def page_params(settings: Settings, request: PageRequest) -> dict:
 def fetch_page(session: requests.Session, settings: Settings, request: PageRequest, gate: RateGate | None = None) -> Answer:
     """One page's answer, by the run's one retry loop."""
     # A transport fault, a cut-off answer or a status worth retrying is tried again, up to --retries
-    # times, after the rate-limit pause, the service's Retry-After or a jittered backoff; no wait is
-    # longer than --max-wait, and a stop ends any of them at once. One log line per retry.
+    # times, after the service's Retry-After or a jittered backoff; no wait is longer than --max-wait,
+    # and a stop ends any of them at once. One log line per retry. The rate limit (a bare 429) draws
+    # nothing on --retries: the shared gate waits it out for as long as --max-wait allows.
     gate = gate or RateGate()
     params = page_params(settings, request)
     where = redact(requests.Request("GET", settings.api_url, params=params).prepare().url)
-    for retry in itertools.count(1):
-        gate.wait()
+    retry = 0  # retries made so far
+    while True:
+        token = gate.enter()
         most = settings.retries
-        last = retry > most
+        last = retry >= most
         try:
             response, answer = ask(session, settings, params, last)
         except Fault as fault:
+            gate.release(token)
             most = min(most, fault.retries)  # fewer for a fault that retrying does not mend
-            if retry > most:
-                raise ServiceError(f"{fault.line}{retries_made(retry - 1, 'gave up after')}", page=request.page) from fault
-            why, seconds, shared = fault.reason, backoff_time(settings, retry), False
-        except EtlError as exc:
-            raise on_page(exc, request.page) from exc
+            if retry >= most:
+                raise ServiceError(f"{fault.line}{retries_made(retry, 'gave up after')}", page=request.page) from fault
+            retry += 1
+            why, seconds = fault.reason, backoff_time(settings, retry)
+        except BaseException as exc:
+            gate.release(token)
+            if isinstance(exc, EtlError):
+                raise on_page(exc, request.page) from exc
+            raise
         else:
             if response.status_code == 200:
+                gate.served(request.results or 0, token)
                 return answer
+            if rate_limited(response):
+                waited, seconds = gate.refused(settings, request.page, token)
+                log.warning("rate limited for %s at %s: HTTP 429, pausing all requests, asking again in %gs", seconds_text(waited), where, seconds)
+                continue
+            gate.release(token)
             if answer is not None or response.is_redirect:
-                raise status_error(response, answer, settings, request.page, retry - 1)
-            why, seconds, shared = status_wait(response, settings, retry, request.page)
+                raise status_error(response, answer, settings, request.page, retry)
+            retry += 1
+            why, seconds = status_wait(response, settings, retry, request.page)
         log.warning("retry %d of %d for %s: %s", retry, most, where, why)
-        if shared:
-            gate.pause(seconds)  # the rate limit holds every worker, not just this one
-        else:
-            hold(seconds)
+        hold(seconds)
+
+
+def rate_limited(response: requests.Response) -> bool:
+    """True for the service's rate limit: a 429 that says nothing of when to come back."""
+    return response.status_code == 429 and retry_after(response) is None
 
 
 def ask(session: requests.Session, settings: Settings, params: dict, last: bool) -> tuple[requests.Response, Answer | None]:
@@ -129,19 +232,16 @@ def status_error(response: requests.Response, answer: Answer | None, settings: S
     return ServiceError(f"HTTP {response.status_code}{says}{retries_made(retries)}", page=page)
 
 
-def status_wait(response: requests.Response, settings: Settings, retry: int, page: int) -> tuple[str, float, bool]:
-    """Why a status is retried, how long to wait first, and whether every worker waits (the rate limit)."""
+def status_wait(response: requests.Response, settings: Settings, retry: int, page: int) -> tuple[str, float]:
+    """Why a status is retried, and how long to wait first."""
     why, asked = f"HTTP {response.status_code}", retry_after(response)
     if asked and asked > settings.max_wait:
         raise ServiceError(
             f"{why}, the service asks to wait {asked:.0f}s (Retry-After), longer than --max-wait {settings.max_wait:g}s", page=page
         )
     if asked:
-        return f"{why}, waiting {asked:g}s as the service asks (Retry-After)", asked, False
-    if response.status_code == 429 and asked is None:  # randomuser.me's own 429 says nothing of when
-        seconds = min(settings.rate_limit_wait, settings.max_wait)
-        return f"{why}, rate limited: pausing all requests for {seconds:g}s", seconds, True
-    return why, backoff_time(settings, retry), False
+        return f"{why}, waiting {asked:g}s as the service asks (Retry-After)", asked
+    return why, backoff_time(settings, retry)
 
 
 LONGEST_RETRY_AFTER = 10**15  # seconds: what a longer Retry-After is read as (any of them is past --max-wait)

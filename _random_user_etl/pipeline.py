@@ -15,7 +15,7 @@ import polars as pl
 import random_user_config as config
 from random_user_config import Settings, shorten
 from _random_user_etl.answer import PageRequest, answer_info
-from _random_user_etl.client import RateGate, fetch_page
+from _random_user_etl.client import RateGate, fetch_page, seconds_text
 from _random_user_etl.contract import transform
 from _random_user_etl.errors import AnswerError, EtlError, StorageError, on_page, write_error
 from _random_user_etl.raw import keep_landed_raw, read_kept, save_raw, settle_raw
@@ -45,16 +45,19 @@ class Batch:
 
 
 class Progress:
-    """Users landed so far: a tqdm bar on a terminal, one log line per page otherwise."""
+    """Users landed so far: a tqdm bar on a terminal, one log line per page otherwise; both say when the rate limit holds."""
 
-    def __init__(self, total: int, pages: int, done: int = 0):
+    def __init__(self, total: int, pages: int, done: int = 0, gate: RateGate | None = None):
         self.total, self.pages, self.done, self.started = total, pages, done, time.monotonic()
+        self.resumed = done  # users staged by an earlier run: not fetched again
         self.fresh = 0  # users fetched by this run, for the rate (resumed pages took no time)
+        self.gate = gate or RateGate()
         self.bar = None
         if pages > 1 and sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=done, unit=" users", unit_scale=True, file=sys.stderr)
+            self.gate.watch = self.limited
 
     def advance(self, page: int, rows: int) -> None:
         """Count one landed page."""
@@ -65,16 +68,37 @@ class Progress:
         elif self.pages > 1:
             elapsed = max(time.monotonic() - self.started, 1e-9)
             rate = self.fresh / elapsed
-            left = (self.total - self.done) / rate if rate else float("inf")
             log.info(
-                "page %d done: %d/%d users (%.0f%%), %.0f users/s, about %.0fs left",
-                page, self.done, self.total, 100 * self.done / self.total, rate, left,
+                "page %d done: %d/%d users (%.0f%%), %.0f users/s, about %s left%s",
+                page, self.done, self.total, 100 * self.done / self.total, rate, self.left(rate), limit_note(self.gate),
             )
+
+    def left(self, rate: float) -> str:
+        """The time left: the windows still to wait once the rate limit's pace is known, else users left at the rate so far."""
+        # Pages are fetched ahead of landing: the limit binds the users not fetched yet.
+        seconds = self.gate.time_left(self.total - self.resumed - self.gate.fetched)
+        if seconds is None:
+            seconds = (self.total - self.done) / rate if rate else float("inf")
+        return seconds_text(seconds)
+
+    def limited(self, waited: float | None) -> None:
+        """Show on the bar how long the rate limit has held, or clear it once lifted."""
+        self.bar.set_postfix_str("" if waited is None else f"rate limited {seconds_text(waited)}")
 
     def close(self) -> None:
         """Close the bar if there is one."""
         if self.bar is not None:
+            self.gate.watch = None
             self.bar.close()
+
+
+def limit_note(gate: RateGate) -> str:
+    """', rate limited for 40s' while the limit holds, and the pace it lets through once seen; or nothing."""
+    waited, pace = gate.limited_for(), gate.pace()
+    note = f", rate limited for {seconds_text(waited)}" if waited is not None else ""
+    if pace is not None:
+        note += f" (the limit lets about {pace[0]:,} users through a {seconds_text(pace[1])} window)"
+    return note
 
 
 def in_parallel(work, items, concurrency: int):
@@ -178,7 +202,7 @@ def fetch_and_stage(session, settings: Settings, gate: RateGate, seed: str, size
     """Fetch, check and stage every page in `todo` (page 1 from `first_answer` if the service picked the seed)."""
     if len(todo) < len(sizes):
         log.info("resuming seed %s: %d of %d pages already staged", seed, len(sizes) - len(todo), len(sizes))
-    progress = Progress(settings.n, len(sizes), done=settings.n - sum(sizes[page - 1] for page in todo))
+    progress = Progress(settings.n, len(sizes), done=settings.n - sum(sizes[page - 1] for page in todo), gate=gate)
     stage = functools.partial(stage_and_split, settings=settings, folder=folder, sorter=sorter)
     todo = list(todo)
     try:

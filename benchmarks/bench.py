@@ -477,8 +477,7 @@ def run_job(url: str, n: int, concurrency: int, raw: bool = False) -> dict:
         "--raw-dir", str(Path(out) / "raw") if raw else "off",
         "--concurrency", str(concurrency), "--retries", "0", "--timeout", "60",
     ]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RANDOM_USER_")}
-    result = {"out": out, **run_helper("--_child", args, "job", env)}
+    result = {"out": out, **run_helper("--_child", args, "job", clean_env())}
     result["rss_mb"] = result["hwm_kb"] * 1024 / 1e6 if result.get("hwm_kb") else math.nan
     return result
 
@@ -744,11 +743,124 @@ def wait_quiet(limit: float, busy_below: float = 15.0, quiet_for: int = 5) -> No
 
 
 
+# ---------------------------------------------------------------- pace: a long pull under the rate limit
+
+# The service's limit, scaled down: 20,000 users per 300 s window becomes PACE_USERS per PACE_WINDOW,
+# and every wait of both clients is scaled by the same factor, so each meets the limit as it would
+# for real (a retry policy that gives up after 15 s of a 300 s window gives up after 0.05 s here).
+PACE_WINDOW = 1.0
+PACE_USERS = 1000
+PACE_PAGE = 250
+PACE_WINDOWS = 5  # the pull: five windows' worth of users, so at least four resets
+SCALE = PACE_WINDOW / 300
+
+
+def pace_job_args(url: str, out: str) -> list[str]:
+    """The job's CLI for the pace pull: its default waits and retries, scaled like the window."""
+    return [
+        "--n", str(PACE_USERS * PACE_WINDOWS), "--seed", SEED, "--api-url", url, "--output-dir", out, "--raw-dir", "off",
+        "--page-size", str(PACE_PAGE), "--concurrency", "4", "--timeout", "60",
+        "--rate-limit-wait", f"{10 * SCALE:.6f}", "--max-wait", f"{900 * SCALE:.6f}", "--backoff", f"{1 * SCALE:.6f}",
+    ]
+
+
+def dlt_client(args: list[str]) -> None:
+    """--_dlt URL PAGES MAX_ATTEMPTS: dlt's REST API source pulls pages 1..PAGES into duckdb; one JSON line."""
+    import dlt
+    from dlt.sources.helpers.rest_client.paginators import PageNumberPaginator
+    from dlt.sources.rest_api import rest_api_source
+
+    url, pages, attempts = args[0], int(args[1]), int(args[2])
+    # dlt's retry settings (defaults: 5 attempts, backoff factor 1 s, at most 300 s a wait), scaled like the window.
+    os.environ.update(
+        RUNTIME__REQUEST_MAX_ATTEMPTS=str(attempts),
+        RUNTIME__REQUEST_BACKOFF_FACTOR=f"{1 * SCALE:.6f}",
+        RUNTIME__REQUEST_MAX_RETRY_DELAY=f"{300 * SCALE:.6f}",
+    )
+    folder = tempfile.mkdtemp(prefix="bench-dlt-")
+    source = rest_api_source({
+        "client": {
+            "base_url": url,
+            "paginator": PageNumberPaginator(base_page=1, page=1, total_path=None, maximum_page=pages + 1),
+        },
+        "resources": [{
+            "name": "users",
+            "endpoint": {"path": "", "params": {"results": PACE_PAGE, "seed": SEED}, "data_selector": "results"},
+        }],
+    })
+    pipeline = dlt.pipeline("pace", destination=dlt.destinations.duckdb(str(Path(folder) / "pace.duckdb")), pipelines_dir=folder)
+    started = time.perf_counter()
+    result = {"ok": True}
+    try:
+        pipeline.run(source)
+    except Exception as exc:  # dlt wraps the HTTP error that ended it in PipelineStepFailed
+        result = {"ok": False, "error": " ".join(str(getattr(exc, "__cause__", None) or exc).split())[:200]}
+    result["run_s"] = time.perf_counter() - started
+    if result["ok"]:
+        with pipeline.sql_client() as sql:
+            result["rows"], result["ids"] = sql.execute_sql("select count(*), count(distinct login__uuid) from users")[0]
+    print(json.dumps(result), flush=True)
+
+
+def bench_pace(report: Report) -> dict:
+    """The job and dlt's REST API source, each alone against a fresh rate-limited fake: time, requests, whether it finishes."""
+    import polars as pl
+    from fake_api import FakeRandomUser
+
+    n, pages = PACE_USERS * PACE_WINDOWS, PACE_WINDOWS * PACE_USERS // PACE_PAGE
+    report(
+        f"PACE: {n:,} users in pages of {PACE_PAGE} from a fake limited to {PACE_USERS:,} users per {PACE_WINDOW:g} s window "
+        f"(randomuser.me's 20,000 per 300 s, scaled by 1/{1 / SCALE:.0f}; every wait of both clients scaled alike)"
+    )
+    rows, failures, ended = [], [], []
+    clients = {
+        "the job (defaults)": run_pace_job,
+        "dlt rest_api (defaults)": lambda url: run_helper("--_dlt", [url, str(pages), "5"], "dlt"),
+        "dlt rest_api, 100 attempts": lambda url: run_helper("--_dlt", [url, str(pages), "100"], "dlt"),
+    }
+    for name, run in clients.items():
+        with FakeRandomUser(rate_limit=(PACE_USERS, PACE_WINDOW)) as fake:
+            result = run(fake.url)
+            asked = fake.requests
+        served = [r for r in asked if r.answer == "normal"]
+        refused = len(asked) - len(served)
+        windows = (asked[-1].at - fake.window_start(asked[0].at)) / PACE_WINDOW if asked else math.nan
+        if name.startswith("the job") and "error" not in result:
+            landed = pl.read_parquet(next(Path(result["out"]).glob("random_users_*.parquet")))
+            result["rows"], result["ids"] = landed.height, landed["user_id"].n_unique()
+        finished = "error" not in result and result.get("ok", True) and result.get("rows") == n == result.get("ids")
+        if not finished and name.startswith("the job"):
+            failures.append(f"pace: the job did not land {n} distinct users: {result.get('error', result)}")
+        if not finished:
+            ended.append(f"{name}: {result.get('error') or 'landed ' + str(result.get('rows')) + ' rows'}")
+        rows.append([
+            name, f"{result.get('run_s', math.nan):.2f}", f"{windows:.1f}", str(len(asked)), str(refused),
+            "yes" if finished else "NO (below)",
+        ])
+    report.table(["client", "run s", "windows", "requests", "refused (429)", "finished"], rows)
+    floor = (PACE_WINDOWS - 1) * PACE_WINDOW
+    for line in ended:
+        report(f"  Gave up: {line}")
+    report(f"  Floor: the pull needs {PACE_WINDOWS - 1} resets after its first request: at least {floor:g} s after it (less the first window's part).")
+    return {"failures": failures, "targets": []}
+
+
+def clean_env() -> dict:
+    """This process's environment without any RANDOM_USER_ setting."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("RANDOM_USER_")}
+
+
+def run_pace_job(url: str) -> dict:
+    """The job's CLI in a fresh process for the pace pull; its output folder and times."""
+    out = tempfile.mkdtemp(prefix="bench-out-")
+    return {"out": out, **run_helper("--_child", pace_job_args(url, out), "job", clean_env())}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Benchmark of the Random User ETL (issue 4). Offline; see benchmarks/README.md.")
     parser.add_argument("--quick", action="store_true", help="smaller sizes and one repeat: a smoke run (targets indicative only)")
     parser.add_argument("--repeats", type=int, help="timed passes per measurement (default: 5 transform, 3 end to end; quick 1)")
-    parser.add_argument("--only", choices=["transform", "e2e", "memory"], action="append", help="run only this section (repeatable)")
+    parser.add_argument("--only", choices=["transform", "e2e", "memory", "pace"], action="append", help="run only this section (repeatable)")
     parser.add_argument("--raw", action="store_true", help="also time the end-to-end run with raw answers kept (the job's default)")
     parser.add_argument(
         "--wait-quiet", type=float, default=0, metavar="S",
@@ -759,11 +871,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--_warm", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--_bare", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--_dlt", action="store_true", help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args(argv)
     if args._child:
         child(rest)
     if args._bare:
         bare_client(rest)
+        return 0
+    if args._dlt:
+        dlt_client(rest)
         return 0
     if args._serve is not None:
         serve(args._serve, args._warm)
@@ -772,7 +888,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
 
     import_project()
-    sections = args.only or ["transform", "e2e", "memory"]
+    sections = args.only or ["transform", "e2e", "memory", "pace"]
     repeats = args.repeats or (1 if args.quick else 3)
     transform_repeats = args.repeats or (1 if args.quick else 5)  # cheap, and the noisiest section
     transform_pages = 4 if args.quick else 20
@@ -808,6 +924,11 @@ def main(argv: list[str] | None = None) -> int:
         report(witness.line())
         failures += result["failures"]
         targets += result["targets"]
+        report()
+
+    if "pace" in sections:
+        result = bench_pace(report)
+        failures += result["failures"]
         report()
 
     report("SUMMARY")

@@ -14,6 +14,11 @@ requests in arrival order.
         ...  # point the job at fake.url
         assert [r.answer for r in fake.requests][:2] == ["status", "normal"]
 
+The service's rate limit: `FakeRandomUser(rate_limit=(users, seconds))` serves each client at most
+`users` users per window; every count resets together every `seconds` on the fake's own clock
+(fixed windows from its creation, not sliding). The check comes before a request is served, a
+refused request is not counted, and the refusal is the service's 429 with no Retry-After.
+
 Connection refused: `FakeRandomUser().start_later(0.5)` reserves a port at once (`.url`
 works) and only starts listening after the delay, so early connects are refused.
 
@@ -458,6 +463,8 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         query = parse_qs(url.query, keep_blank_values=True)
         answer = fake._next_answer()
+        if answer.kind == "normal" and not fake._admit(self.client_address[0], query):
+            answer = Answer("limited", status=429, body=RATE_LIMIT_BODY)
         fake._record(
             Received(
                 method=self.command,
@@ -501,6 +508,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(answer.status, answer.body, answer.content_type, answer.headers)
 
     _answer_body = _answer_status
+    _answer_limited = _answer_status
 
     def _answer_mutate(self, answer: Answer, path: str, params: dict[str, str]) -> None:
         """Serve the test's doctored version of the normal response."""
@@ -684,9 +692,13 @@ class _BytesCache:
 class FakeRandomUser:
     """A fake randomuser.me on 127.0.0.1; a context manager, scriptable per request."""
 
-    def __init__(self, latency: float = 0.0, port: int = 0):
+    def __init__(self, latency: float = 0.0, port: int = 0, rate_limit: tuple[int, float] | None = None):
         """Configure; nothing listens until start() (or `with`)."""
         self.latency = latency  # seconds before every answer; benchmarks use 0.2
+        self.rate_limit = rate_limit  # (users per client per window, window seconds), or no limit
+        self._epoch = time.monotonic()  # the fake's clock: windows are counted from here
+        self._window = -1  # the window the counts belong to
+        self._taken: dict[str, int] = {}  # users served to each client in that window
         self._port = port
         self._lock = threading.Lock()
         self._script: deque[Answer] = deque()
@@ -829,6 +841,30 @@ class FakeRandomUser:
         """Gzip a body; keyed by the bytes themselves, so doctored bodies are cached too."""
         # Level 1 because pages are 5 MB; mtime 0 keeps the bytes reproducible.
         return self._gzipped.get(payload, lambda: gzip.compress(payload, compresslevel=1, mtime=0))
+
+    def window_start(self, when: float) -> float:
+        """The time.monotonic() at which the rate-limit window holding `when` began."""
+        seconds = self.rate_limit[1]
+        return self._epoch + (when - self._epoch) // seconds * seconds
+
+    def next_reset(self, when: float) -> float:
+        """The time.monotonic() of the first reset of every count after `when`."""
+        return self.window_start(when) + self.rate_limit[1]
+
+    def _admit(self, client: str, query: dict[str, list[str]]) -> bool:
+        """Count a request's users against its client's window; False (and not counted) if over the limit."""
+        if self.rate_limit is None:
+            return True
+        users, seconds = self.rate_limit
+        wanted = parse_params({k: v[-1] for k, v in query.items()}).results
+        with self._lock:
+            window = int((time.monotonic() - self._epoch) // seconds)
+            if window != self._window:  # every client's count resets together
+                self._window, self._taken = window, {}
+            if self._taken.get(client, 0) + wanted > users:
+                return False
+            self._taken[client] = self._taken.get(client, 0) + wanted
+            return True
 
     def _next_answer(self) -> Answer:
         """Pop the next scripted answer, or serve normally."""

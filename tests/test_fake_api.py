@@ -352,3 +352,30 @@ def test_a_seed_of_18_characters_with_no_valid_index_gets_no_answer(fake, http, 
     with pytest.raises(requests.ConnectionError):
         get(http, fake, results=5, seed=seed)
     assert fake.sent == [] and fake.errors == []
+
+
+# --------------------------------------------------------------------------- the rate limit
+
+
+def test_the_rate_limit_counts_users_per_window_and_refuses_for_free(http):
+    with FakeRandomUser(rate_limit=(100, 0.6)) as fake:
+        start = fake.window_start(time.monotonic())
+        if time.monotonic() - start > 0.2:  # keep the first four requests well inside one window
+            time.sleep(fake.next_reset(time.monotonic()) - time.monotonic())
+        codes = [get(http, fake, seed="w", results=n).status_code for n in (40, 40, 40, 20, 1)]
+        # 40 + 40 fit; 40 more would pass 100 and is refused, and a refusal is not counted: 20 still fit.
+        assert codes == [200, 200, 429, 200, 429]
+        refused = get(http, fake, seed="w", results=1)
+        assert refused.json() == fixture_doc("error_429_rate-limit.json") and "Retry-After" not in refused.headers
+        assert [r.answer for r in fake.requests] == ["normal", "normal", "limited", "normal", "limited", "limited"]
+        time.sleep(max(fake.next_reset(time.monotonic()) - time.monotonic(), 0) + 0.02)
+        assert get(http, fake, seed="w", results=100).status_code == 200  # every count reset together on the fake's clock
+        assert get(http, fake, seed="w", results=1).status_code == 429
+
+
+def test_the_rate_limit_windows_are_fixed_on_the_fake_clock():
+    with FakeRandomUser(rate_limit=(10, 0.5)) as fake:
+        now = time.monotonic()
+        start, reset = fake.window_start(now), fake.next_reset(now)
+        assert start <= now < reset and reset - start == pytest.approx(0.5)
+        assert fake.next_reset(reset + 1e-6) == pytest.approx(reset + 0.5)  # fixed, not sliding

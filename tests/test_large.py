@@ -94,18 +94,18 @@ def test_the_users_landed_do_not_depend_on_concurrency(api, tmp_path, settings):
 
 
 def test_a_run_stopped_by_the_rate_limit_resumes_with_only_the_missing_pages(api, out, settings):
-    api.script(rate_limited(), rate_limited())  # page 1 and its one retry are refused
-    with pytest.raises(etl.EtlError, match="HTTP 429"):
-        etl.run(settings(n=30, seed="paged", page_size=10, concurrency=1, retries=1))
+    api.script(*[rate_limited()] * 20)  # page 1 is refused for longer than --max-wait
+    with pytest.raises(etl.EtlError, match="HTTP 429, rate limited for"):
+        etl.run(settings(n=30, seed="paged", page_size=10, concurrency=1, max_wait=0.2))
     api.clear()
     etl.run(settings(n=30, seed="paged", page_size=10, concurrency=1))
     assert sorted(int(r.params["page"]) for r in api.requests) == [1, 2, 3]
     api.clear()
     # Now stop it at page 2: page 1 stays staged, and the next run asks for 2 and 3 only.
     (out / "random_users_paged.parquet").unlink()
-    api.script(normal(), rate_limited(), rate_limited())
+    api.script(normal(), *[rate_limited()] * 20)
     with pytest.raises(etl.EtlError, match="page 2"):
-        etl.run(settings(n=30, seed="paged", page_size=10, concurrency=1, retries=1))
+        etl.run(settings(n=30, seed="paged", page_size=10, concurrency=1, max_wait=0.2))
     api.clear()
     batch = etl.run(settings(n=30, seed="paged", page_size=10, concurrency=1))
     assert sorted(int(r.params["page"]) for r in api.requests) == [2, 3]
@@ -171,7 +171,7 @@ def test_staged_parts_are_never_read_as_data(api, out, settings):
     # Page 1 of "paged" lands in staging, page 2 is refused: a batch half fetched.
     api.script(normal(), *[rate_limited()] * 10)
     with pytest.raises(etl.EtlError):
-        etl.run(settings(n=30, seed="paged", page_size=10, concurrency=1, retries=0))
+        etl.run(settings(n=30, seed="paged", page_size=10, concurrency=1, retries=0, max_wait=0.2))
     assert list((out / ".staging" / "paged").glob("part-*.parquet"))
     assert batch_files(out) == ["random_users_pura.parquet"]
     lake = etl.read_processed(str(out)).collect()
