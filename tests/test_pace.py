@@ -123,9 +123,3 @@ def test_time_left_counts_the_windows_still_to_wait(out, raw, caplog):
     assert late, lines
     for at, left in late:
         assert abs(left - (last - at)) < 0.4, f"said {left}s left at {at - second_reset:.2f}s past the second reset, was {last - at:.2f}s"
-
-
-def test_the_rate_limit_wait_defaults_to_ten_seconds():
-    # A refused request costs the service nothing: asking every 10 s resumes on average 5 s after a reset.
-    assert config.Settings().rate_limit_wait == 10
-    assert "(default 10)" in next(s.help for s in config.SETTINGS if s.name == "rate_limit_wait")
