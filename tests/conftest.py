@@ -29,7 +29,7 @@ sys.path[:0] = [str(ROOT), str(TESTS)]
 from fake_api import FIXTURES, FakeRandomUser  # noqa: E402
 
 import random_user_etl as etl  # noqa: E402
-from _random_user_etl import client, sort, store  # noqa: E402
+from _random_user_etl import client, sort, store, wire  # noqa: E402
 from random_user_config import Settings, staging_root  # noqa: E402
 from schemas import OUTPUT_SCHEMA  # noqa: E402
 
@@ -142,6 +142,16 @@ def api():
         yield server
 
 
+@pytest.fixture(scope="session")
+def nowhere():
+    """An API address on loopback that refuses every connection: a port held bound, never listening."""
+    import socket
+
+    with socket.socket() as held:  # held for the session, so no server of a later test can take the port
+        held.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{held.getsockname()[1]}/api/1.4/"
+
+
 @pytest.fixture
 def out(tmp_path) -> Path:
     """The output folder of a test run."""
@@ -181,10 +191,56 @@ def fast_env(api_url: str, out: Path, raw: Path, **env) -> dict:
     return values
 
 
+@dataclasses.dataclass
+class Ran:
+    """What a CLI run gave: read like subprocess.CompletedProcess (returncode, stdout, stderr)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
 @pytest.fixture
-def cli():
-    """Run `python random_user_etl.py ARGS` in a subprocess, as an operator would."""
-    return run_cli
+def cli(capsys):
+    """cli(*ARGS, env=..., cwd=...): the job's main(ARGS) in this process, as an operator's run would go.
+
+    Only the RANDOM_USER_* variables in `env` are set (and any other name in it); the environment,
+    the working folder, the root logger and the stop event are as before once the call returns.
+    Tests of the process itself (signals, kill -9, limits, the terminal, memory) use run_cli.
+    """
+
+    def call(*args, env: dict | None = None, cwd: Path | None = None) -> Ran:
+        with pytest.MonkeyPatch.context() as patch:
+            for name in [k for k in os.environ if k.startswith("RANDOM_USER_")]:
+                patch.delenv(name)
+            for name, value in (env or {}).items():
+                patch.setenv(name, str(value))
+            if cwd is not None:
+                patch.chdir(cwd)
+            capsys.readouterr()  # what the test printed before is not the run's
+            returncode = main_in_process([str(arg) for arg in args])
+        out, err = capsys.readouterr()
+        return Ran(returncode, out, err)
+
+    return call
+
+
+def main_in_process(argv: list[str]) -> int:
+    """etl.main(argv), its exit status; the root logger and the stop event restored afterwards."""
+    root, urllib3_log = logging.getLogger(), logging.getLogger("urllib3")
+    saved = root.handlers[:], root.level, urllib3_log.level
+    root.handlers[:] = []  # main's basicConfig(force=True) would close pytest's own handlers
+    try:
+        return etl.main(argv)
+    except SystemExit as exc:  # argparse: --help, or a bad flag
+        return exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers[:], level, urllib3_level = saved
+        root.setLevel(level)
+        urllib3_log.setLevel(urllib3_level)
+        wire.STOP.clear()  # a stopped run leaves the event set: the next test starts unstopped
 
 
 # A real S3-protocol server on loopback (moto), for the object-storage tests.
@@ -543,3 +599,11 @@ def reference_rows(body: bytes, ingested_at: dt.datetime) -> list[dict]:
     meta = {"seed": info["seed"] or None, "page": int(info["page"]) if info["page"] else None, "api_version": info["version"], "ingested_at": ingested_at}
     columns = OUTPUT_SCHEMA.names()
     return [{name: {**row, **meta}[name] for name in columns} for row in rows]
+
+
+@pytest.fixture(autouse=True)
+def unstopped():
+    """Every test starts, and leaves the process, with the job's stop event clear (a stopped run sets it)."""
+    wire.STOP.clear()
+    yield
+    wire.STOP.clear()

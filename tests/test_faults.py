@@ -2,8 +2,8 @@
 persistent faults and contract breaks end the run with exit 1, one clear line, nothing written.
 
 Every case drives the real job against the loopback fake (`fake_api.py`), scripted per request.
-Transient cases run in-process (caplog shows the retry lines); persistent cases run the CLI in a
-subprocess, because exit status and "one line on stderr" are what an operator sees.
+Transient cases call run() (caplog shows the retry lines); persistent cases call the CLI's
+main(argv) in-process, because exit status and "one line on stderr" are what an operator sees.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import dataclasses
 import datetime as dt
 import logging
 import re
-import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import polars as pl
 import pytest
@@ -23,7 +23,6 @@ from conftest import (
     FAST,
     LOG_LINE,
     PURA,
-    CasePool,
     assert_one_error_line,
     batch_files,
     digests,
@@ -32,7 +31,6 @@ from conftest import (
     fixture_json,
     info,
     landed,
-    run_cli,
     users,
 )
 from fake_api import FakeRandomUser, body, hang, mutate, page_body, rate_limited, reset, status, truncated
@@ -268,7 +266,7 @@ PERSISTENT = {
 class Outcome:
     """What one CLI run against a scripted fake left behind."""
 
-    result: subprocess.CompletedProcess
+    result: object  # conftest.Ran
     before: dict[str, bytes]
     after: dict[str, bytes]
     batches: list[str]
@@ -276,7 +274,7 @@ class Outcome:
     errors: list
 
 
-def run_persistent(case: str, folder: Path) -> Outcome:
+def run_persistent(case: str, folder: Path, cli) -> Outcome:
     """Land a batch of seed pura, then run the CLI for pura against the case's faults."""
     script, _ = PERSISTENT[case]
     out, raw = folder / "out", folder / "raw"
@@ -287,14 +285,14 @@ def run_persistent(case: str, folder: Path) -> Outcome:
         api.script(*script)
         # A short read timeout only where the case is about timeouts: elsewhere a loaded machine could trip it.
         timeout = ["--timeout", "0.25"] if case.endswith("timeout") else []
-        result = run_cli("--seed", "pura", *timeout, env=fast_env(api.url, out, raw))
+        result = cli("--seed", "pura", *timeout, env=fast_env(api.url, out, raw))
         return Outcome(result, before, landed(out), batch_files(out), len(api.requests), api.errors)
 
 
-@pytest.fixture(scope="module")
-def persistent(request, tmp_path_factory):
-    with CasePool(request, "case", run_persistent, tmp_path_factory) as pool:
-        yield pool
+@pytest.fixture
+def persistent(cli, tmp_path):
+    """persistent.result(case): one case run in-process (main) in the test's own folder."""
+    return SimpleNamespace(result=lambda case: run_persistent(case, tmp_path, cli))
 
 
 @pytest.mark.parametrize("case", PERSISTENT)
