@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import datetime as dt
 import logging
 import re
 import time
@@ -23,14 +22,15 @@ from conftest import (
     FAST,
     LOG_LINE,
     PURA,
+    assert_rows_are,
     assert_one_error_line,
     batch_files,
     digests,
     duplicate_first_id,
     fast_env,
-    fixture_json,
     info,
     landed,
+    raw_users,
     users,
 )
 from fake_api import FakeRandomUser, body, hang, mutate, page_body, rate_limited, reset, status, truncated
@@ -48,23 +48,9 @@ RETRY_LINE = re.compile(r"retry (\d+) of (\d+) for (\S+): (.+)")
 
 def assert_pura_landed(path) -> None:
     """The landed batch holds exactly the recorded users of seed pura, value for value."""
-    users = fixture_json(PURA)["results"]
     frame = pl.read_parquet(path)
-    assert frame.height == 100 and frame["user_id"].n_unique() == 100
-    assert sorted(frame["user_id"]) == sorted(u["login"]["uuid"] for u in users)
-    by_id = {row["user_id"]: row for row in frame.to_dicts()}
-    for user in users:
-        row = by_id[user["login"]["uuid"]]
-        assert row["email"] == user["email"]
-        assert row["username"] == user["login"]["username"]
-        assert (row["first_name"], row["last_name"]) == (user["name"]["first"], user["name"]["last"])
-        assert row["postcode"] == str(user["location"]["postcode"])
-        assert row["latitude"] == float(user["location"]["coordinates"]["latitude"])
-        assert row["longitude"] == float(user["location"]["coordinates"]["longitude"])
-        assert row["date_of_birth"] == dt.datetime.fromisoformat(user["dob"]["date"])
-        assert row["registered_at"] == dt.datetime.fromisoformat(user["registered"]["date"])
-        assert row["age"] == user["dob"]["age"]
-        assert row["seed"] == "pura" and row["page"] == 1
+    assert_rows_are(frame, raw_users(PURA))
+    assert frame.select("seed", "page").unique().rows() == [("pura", 1)]
 
 
 def retry_lines(records) -> list[re.Match]:
