@@ -270,7 +270,7 @@ def run_persistent(case: str, folder: Path, cli) -> Outcome:
         api.clear()
         api.script(*script)
         # A short read timeout only where the case is about timeouts: elsewhere a loaded machine could trip it.
-        timeout = ["--timeout", "0.25"] if case.endswith("timeout") else []
+        timeout = ["--timeout", "0.1"] if case.endswith("timeout") else []
         result = cli("--seed", "pura", *timeout, env=fast_env(api.url, out, raw))
         return Outcome(result, before, landed(out), batch_files(out), len(api.requests), api.errors)
 
