@@ -676,10 +676,11 @@ class FakeRandomUser:
             # Keep the port, so a restarted fake (service back up) is at the same URL.
             self._port = server.server_address[1]
             self._server = server
-            # A short poll interval, so stop() returns in milliseconds, not half a second.
+            # A short poll interval, so stop() returns in 2 ms, not half a second (a test starts and stops one fake
+            # or more: at 20 ms, stops alone cost the suite seconds); an idle fake wakes 500 times a second, no more.
             self._thread = threading.Thread(
                 target=server.serve_forever,
-                kwargs={"poll_interval": 0.02},
+                kwargs={"poll_interval": 0.002},
                 name=f"fake-randomuser-{self._port}",
                 daemon=True,
             )
