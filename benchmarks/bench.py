@@ -117,21 +117,23 @@ def build_bodies(pages: int) -> list[bytes]:
 
 
 class Reference:
-    """What the raw JSON says, parsed by the standard library: the answer key of every check."""
+    """What the raw JSON says, read by the tests' oracle (tests/oracle.py): the answer key of every check."""
 
     def __init__(self, bodies: list[bytes]):
+        from oracle import user_rows
+
         self.users: dict[str, dict] = {}
         self.order: list[list[str]] = []  # per page, the ids in the answer's own order
         for body in bodies:
-            results = json.loads(body)["results"]
-            self.order.append([u["login"]["uuid"] for u in results])
-            for user in results:
-                self.users[user["login"]["uuid"]] = {
-                    "postcode": str(user["location"]["postcode"]),
-                    "latitude": float(user["location"]["coordinates"]["latitude"]),
-                    "longitude": float(user["location"]["coordinates"]["longitude"]),
-                    "dob": user["dob"]["date"],
-                    "national_id": user["id"]["value"] or None,
+            rows = user_rows(json.loads(body)["results"])
+            self.order.append(list(rows))
+            for uid, row in rows.items():
+                self.users[uid] = {
+                    "postcode": row["postcode"],
+                    "latitude": row["latitude"],
+                    "longitude": row["longitude"],
+                    "dob": dob_text(row["date_of_birth"]),
+                    "national_id": row["national_id"],
                 }
         self.ids = [uid for page in self.order for uid in page]
         self.id_set = set(self.ids)
@@ -229,6 +231,11 @@ def time_all(approaches: dict, bodies: list[bytes], repeats: int) -> tuple[dict,
     return times, outputs
 
 
+def dob_text(moment) -> str | None:
+    """An instant as the service writes it (millisecond ISO-8601, Z): what landed and what the oracle read compare as."""
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z") if moment else None
+
+
 def frame_rows(frames):
     """(ids per page, {id: (postcode, latitude, longitude, dob, national_id)}) of per-page outputs (Polars or pandas)."""
     import polars as pl
@@ -237,7 +244,7 @@ def frame_rows(frames):
     for frame in frames:
         frame = frame if isinstance(frame, pl.DataFrame) else pl.from_pandas(frame)
         cols = {c: frame[c].to_list() for c in ("user_id", "postcode", "latitude", "longitude", "date_of_birth", "national_id")}
-        dobs = [d.isoformat(timespec="milliseconds").replace("+00:00", "Z") if d else None for d in cols["date_of_birth"]]
+        dobs = [dob_text(d) for d in cols["date_of_birth"]]
         ids.append(cols["user_id"])
         for i, uid in enumerate(cols["user_id"]):
             values[uid] = (cols["postcode"][i], cols["latitude"][i], cols["longitude"][i], dobs[i], cols["national_id"][i])
@@ -612,11 +619,11 @@ def check_landed(result: dict, n: int, expected_order: list[str] | None) -> list
 
 @functools.lru_cache(maxsize=None)
 def page_keys(page: int) -> tuple:
-    """The sort keys (nationality, last, first, id) of one page's raw users (parsed by json.loads), once per run."""
+    """The sort keys (nationality, last, first, id) of one page's raw users, read by the oracle, once per run."""
     from fake_api import page_body
+    from oracle import row_key, user_rows
 
-    users = json.loads(page_body(SEED, page, PAGE))["results"]
-    return tuple((u["nat"], u["name"]["last"], u["name"]["first"], u["login"]["uuid"]) for u in users)
+    return tuple(map(row_key, user_rows(json.loads(page_body(SEED, page, PAGE))["results"]).values()))
 
 
 def expected_order(pages: int) -> list[str]:

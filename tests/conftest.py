@@ -5,12 +5,9 @@ from __future__ import annotations
 import collections
 import concurrent.futures as futures
 import dataclasses
-import decimal
-import datetime as dt
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import subprocess
@@ -29,9 +26,9 @@ sys.path[:0] = [str(ROOT), str(TESTS)]
 from fake_api import FIXTURES, FakeRandomUser  # noqa: E402
 
 import random_user_etl as etl  # noqa: E402
-from _random_user_etl import client, sort, store  # noqa: E402
+from _random_user_etl import client, sort, store, wire  # noqa: E402
 from random_user_config import Settings, staging_root  # noqa: E402
-from schemas import OUTPUT_SCHEMA  # noqa: E402
+from oracle import LONE_SURROGATE, USER_COLUMNS, Refused, raw_key, reference_rows, user_rows  # noqa: E402,F401  (the one oracle)
 
 PREFIX = "random_user_etl.py: error: "
 LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING) ")
@@ -57,19 +54,6 @@ PURA = "default_seed-pura_results-100.json"
 GBONLY = "nat-gb_seed-gbonly_results-25.json"
 PAGED = tuple(f"paged_seed-paged_results-40_page-{page}.json" for page in (1, 2, 3))  # seed "paged", 40 a page
 
-# Columns compared value by value with the raw JSON.
-CHECKED = ("email", "postcode", "latitude", "age", "date_of_birth", "nationality")
-
-
-def instant(text: str) -> dt.datetime:
-    """An ISO-8601 UTC time from the raw JSON as an aware datetime."""
-    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-
-
-def raw_key(user: dict) -> tuple:
-    """A raw user's sort key (nationality, last name, first name, id), from the JSON."""
-    return (user["nat"], user["name"]["last"], user["name"]["first"], user["login"]["uuid"])
-
 
 def raw_users(*names: str, limits: dict[str, int] | None = None) -> list[dict]:
     """The users of recorded answers, parsed by the standard library (the first `limits[name]` of one)."""
@@ -80,27 +64,14 @@ def raw_users(*names: str, limits: dict[str, int] | None = None) -> list[dict]:
     return users
 
 
-def expected_values(users: list[dict]) -> dict[str, dict]:
-    """What each user's checked columns must hold, keyed by user id, from the raw JSON."""
-    return {
-        u["login"]["uuid"]: {
-            "email": u["email"],
-            "postcode": str(u["location"]["postcode"]),
-            "latitude": float(u["location"]["coordinates"]["latitude"]),
-            "age": int(u["dob"]["age"]),
-            "date_of_birth": instant(u["dob"]["date"]),
-            "nationality": u["nat"],
-        }
-        for u in users
-    }
-
-
 def assert_rows_are(frame: pl.DataFrame, users: list[dict]) -> None:
-    """The frame holds exactly these raw users, each with the raw JSON's values."""
-    expected = expected_values(users)
-    assert sorted(frame["user_id"]) == sorted(expected)
-    for row in frame.select("user_id", *CHECKED).to_dicts():
-        assert {name: row[name] for name in CHECKED} == expected.pop(row["user_id"])
+    """The frame holds exactly these raw users, each with every column the oracle reads from the raw JSON."""
+    assert frame.height == len(users), "a user landed twice, or not at all"
+    got = {row["user_id"]: {name: row[name] for name in USER_COLUMNS} for row in frame.to_dicts()}
+    expected = user_rows(users)
+    assert sorted(got) == sorted(expected)
+    for user_id, row in got.items():
+        assert row == expected[user_id], user_id
 
 
 def served_users(seed: str, n: int, page_size: int) -> list[dict]:
@@ -142,6 +113,16 @@ def api():
         yield server
 
 
+@pytest.fixture(scope="session")
+def nowhere():
+    """An API address on loopback that refuses every connection: a port held bound, never listening."""
+    import socket
+
+    with socket.socket() as held:  # held for the session, so no server of a later test can take the port
+        held.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{held.getsockname()[1]}/api/1.4/"
+
+
 @pytest.fixture
 def out(tmp_path) -> Path:
     """The output folder of a test run."""
@@ -181,10 +162,56 @@ def fast_env(api_url: str, out: Path, raw: Path, **env) -> dict:
     return values
 
 
+@dataclasses.dataclass
+class Ran:
+    """What a CLI run gave: read like subprocess.CompletedProcess (returncode, stdout, stderr)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
 @pytest.fixture
-def cli():
-    """Run `python random_user_etl.py ARGS` in a subprocess, as an operator would."""
-    return run_cli
+def cli(capsys):
+    """cli(*ARGS, env=..., cwd=...): the job's main(ARGS) in this process, as an operator's run would go.
+
+    Only the RANDOM_USER_* variables in `env` are set (and any other name in it); the environment,
+    the working folder, the root logger and the stop event are as before once the call returns.
+    Tests of the process itself (signals, kill -9, limits, the terminal, memory) use run_cli.
+    """
+
+    def call(*args, env: dict | None = None, cwd: Path | None = None) -> Ran:
+        with pytest.MonkeyPatch.context() as patch:
+            for name in [k for k in os.environ if k.startswith("RANDOM_USER_")]:
+                patch.delenv(name)
+            for name, value in (env or {}).items():
+                patch.setenv(name, str(value))
+            if cwd is not None:
+                patch.chdir(cwd)
+            capsys.readouterr()  # what the test printed before is not the run's
+            returncode = main_in_process([str(arg) for arg in args])
+        out, err = capsys.readouterr()
+        return Ran(returncode, out, err)
+
+    return call
+
+
+def main_in_process(argv: list[str]) -> int:
+    """etl.main(argv), its exit status; the root logger and the stop event restored afterwards."""
+    root, urllib3_log = logging.getLogger(), logging.getLogger("urllib3")
+    saved = root.handlers[:], root.level, urllib3_log.level
+    root.handlers[:] = []  # main's basicConfig(force=True) would close pytest's own handlers
+    try:
+        return etl.main(argv)
+    except SystemExit as exc:  # argparse: --help, or a bad flag
+        return exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers[:], level, urllib3_level = saved
+        root.setLevel(level)
+        urllib3_log.setLevel(urllib3_level)
+        wire.STOP.clear()  # a stopped run leaves the event set: the next test starts unstopped
 
 
 # A real S3-protocol server on loopback (moto), for the object-storage tests.
@@ -365,181 +392,9 @@ def duplicate_first_id(results):
     results[1]["login"]["uuid"] = results[0]["login"]["uuid"]
 
 
-# ---------------------------------------------------------------- the contract's reference reading
-# THE oracle of the fuzz and table tests: every contract column of every row, worked out from what
-# Python's json reads, by the contract's rules written out here (not by the job's code):
-# - text columns take a JSON string as is; a JSON true/false as "true"/"false"; a JSON integer as its
-#   digits ("-0" as "0"); any other JSON number as its shortest round-trip decimal without exponent
-#   (1.5e3 -> "1500", 1.50 -> "1.5", -0.0 -> "-0"); an object or array where a value belongs refuses;
-# - whole numbers: text of ASCII digits with an optional sign, within Int32;
-# - floats: text of a decimal or exponent number, inf or nan (any case, signed), then the range check;
-# - instants: YYYY-MM-DDTHH:MM:SS[.fraction](Z|+HH:MM|-HH:MM), a real date, fraction cut to
-#   microseconds, years 1 to 9999 in UTC; nothing else (no leap second, no one-digit month);
-# - "" or null national id fields -> null; "" user id -> null; any other null refuses;
-# - full_name = first + " " + last, street_address = number + " " + street;
-# - a NaN or Infinity constant, a number beyond a float's range, or a lone UTF-16 surrogate in a
-#   landed text refuses; so does a body that is not UTF-8 (RFC 8259), a UTF-8 BOM aside. Duplicate keys read as Python's json reads them (the last one wins).
-
-
-class Refused(Exception):
-    """The reference refuses this answer: the job must raise EtlError."""
-
-
-@dataclasses.dataclass(frozen=True)
-class JsonNumber:
-    """A JSON number as written, so no reading of it is lost before the contract's rules apply."""
-
-    text: str
-    integral: bool
-
-
-INT32 = (-(2**31), 2**31 - 1)
-WHOLE_TEXT = re.compile(r"[+-]?[0-9]+")
-FLOAT_TEXT = re.compile(r"[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|inf|infinity|nan)", re.IGNORECASE)
-INSTANT_TEXT = re.compile(
-    r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([01][0-9]|2[0-3]):([0-5][0-9]):([0-5][0-9])(?:\.([0-9]+))?"
-    r"(Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
-)
-LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _no_constant(name: str):
-    raise Refused(f"{name} is not JSON")
-
-
-def standard_json(body: bytes):
-    """The body as Python's json reads it, numbers kept as written; Refused if it does not read."""
-    try:
-        # RFC 8259 answers are UTF-8: json.loads(bytes) would also take UTF-16, or raw surrogates (surrogatepass).
-        text = body.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise Refused("not UTF-8") from None
-    try:
-        return json.loads(
-            text,
-            parse_int=lambda text: JsonNumber(text, True),
-            parse_float=lambda text: JsonNumber(text, False),
-            parse_constant=_no_constant,
-        )
-    except (ValueError, RecursionError) as exc:
-        raise Refused(f"json refuses it: {type(exc).__name__}") from None
-
-
-def as_text(value) -> str | None:
-    """A JSON scalar as the contract's text, by the rules above."""
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, JsonNumber):
-        if value.integral:
-            return "0" if value.text == "-0" else value.text
-        number = float(value.text)
-        if math.isinf(number):
-            raise Refused("a number beyond a float's range")
-        return format(decimal.Decimal(repr(number)).normalize(), "f")
-    raise Refused(f"a JSON {type(value).__name__} where a value belongs")
-
-
-def declared(value, dtype, path: str = ""):
-    """The declared part of a raw value (schemas.RAW_*): texts at the leaves, None for a null or absent object."""
-    if isinstance(dtype, pl.List):
-        if not isinstance(value, list):
-            raise Refused(f"{path} is not an array")
-        return [declared(item, dtype.inner, path) for item in value]
-    if isinstance(dtype, pl.Struct):
-        if value is None:
-            return None
-        if not isinstance(value, dict):
-            raise Refused(f"{path} is not an object")
-        return {f.name: declared(value.get(f.name), f.dtype, f"{path}.{f.name}") for f in dtype.fields}
-    return as_text(value)
-
-
-def dotted(record: dict | None, path: str):
-    """A dotted field of a declared record, None where any object on the way is null."""
-    for name in path.split("."):
-        if record is None:
-            return None
-        record = record[name]
-    return record
-
-
-def whole(text: str) -> int:
-    """A whole-number column's value, or Refused."""
-    if not WHOLE_TEXT.fullmatch(text) or not INT32[0] <= int(text) <= INT32[1]:
-        raise Refused("not a whole number")
-    return int(text)
-
-
-def coordinate(text: str, bound: float) -> float:
-    """A latitude or longitude, or Refused."""
-    if not FLOAT_TEXT.fullmatch(text) or not -bound <= float(text) <= bound:
-        raise Refused("not a coordinate")
-    return float(text)
-
-
-def utc_instant(text: str) -> dt.datetime:
-    """An instant column's value in UTC, or Refused."""
-    match = INSTANT_TEXT.fullmatch(text)
-    if not match:
-        raise Refused("not an instant")
-    year, month, day, hour, minute, second, fraction, zone = match.groups()
-    offset = dt.timedelta(0) if zone == "Z" else int(zone[0] + "1") * dt.timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6]))
-    try:
-        local = dt.datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), int((fraction or "0")[:6].ljust(6, "0")))
-        return (local.replace(tzinfo=dt.timezone.utc) - offset).astimezone(dt.timezone.utc)
-    except (ValueError, OverflowError):
-        raise Refused("not a real instant") from None
-
-
-def reference_rows(body: bytes, ingested_at: dt.datetime) -> list[dict]:
-    """Every contract row of an answer (no expectations), from Python's json by the rules above; Refused otherwise."""
-    from schemas import MAX_FIELD_BYTES, RAW_RESPONSE, SOURCE_FIELDS
-
-    doc = standard_json(body)
-    if not isinstance(doc, dict):
-        raise Refused("not one JSON object")
-    if doc.get("results") is None:
-        raise Refused("no results")
-    top = declared(doc, pl.Struct(RAW_RESPONSE))
-    if top["error"] is not None:
-        raise Refused("a service error")
-    info = top["info"] or dict.fromkeys(("seed", "results", "page", "version"))
-    if info["page"] is not None and not re.fullmatch(r"[1-9][0-9]{0,4}", info["page"]):
-        raise Refused("info.page is no page number")
-    if info["results"] is not None and info["results"] != str(len(top["results"])):
-        raise Refused("info.results contradicts the users")
-    rows = []
-    for user in top["results"]:
-        text = {name: dotted(user, source) for name, source in SOURCE_FIELDS.items()}
-        if text["user_id"] == "":
-            text["user_id"] = None
-        for name in ("national_id_type", "national_id"):
-            text[name] = text[name] or None
-        if any(value is None for name, value in text.items() if name not in ("national_id_type", "national_id")):
-            raise Refused("a required field is null")
-        if any(LONE_SURROGATE.search(value) for value in text.values() if value is not None):
-            raise Refused("a lone surrogate in a landed text")
-        if any(len(value.encode("utf-8", "surrogatepass")) > MAX_FIELD_BYTES for value in text.values() if value is not None):
-            raise Refused("a text field past the contract's length bound")
-        rows.append(
-            {
-                **text,
-                "full_name": f"{text['first_name']} {text['last_name']}",
-                "date_of_birth": utc_instant(text["date_of_birth"]),
-                "age": whole(text["age"]),
-                "registered_at": utc_instant(text["registered_at"]),
-                "street_number": whole(text["street_number"]),
-                "street_address": f"{whole(text['street_number'])} {text['street_name']}",
-                "latitude": coordinate(text["latitude"], 90),
-                "longitude": coordinate(text["longitude"], 180),
-            }
-        )
-    if len({row["user_id"] for row in rows}) < len(rows):
-        raise Refused("a user id repeats")
-    if any(LONE_SURROGATE.search(info[name] or "") for name in ("seed", "version")):
-        raise Refused("a lone surrogate in info")
-    meta = {"seed": info["seed"] or None, "page": int(info["page"]) if info["page"] else None, "api_version": info["version"], "ingested_at": ingested_at}
-    columns = OUTPUT_SCHEMA.names()
-    return [{name: {**row, **meta}[name] for name in columns} for row in rows]
+@pytest.fixture(autouse=True)
+def unstopped():
+    """Every test starts, and leaves the process, with the job's stop event clear (a stopped run sets it)."""
+    wire.STOP.clear()
+    yield
+    wire.STOP.clear()

@@ -404,13 +404,13 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128  # benchmarks open many connections at once
 
-    def __init__(self, fake: FakeRandomUser, port: int):
-        """Bind and listen on the loopback port (0: any free one)."""
+    def __init__(self, fake: FakeRandomUser, port: int, host: str = HOST):
+        """Bind and listen on the port (0: any free one), on loopback unless told otherwise."""
         self.fake = fake
         self.stopping = threading.Event()
         self.connections: set[socket.socket] = set()
         self.connections_lock = threading.Lock()
-        super().__init__((HOST, port), _Handler)
+        super().__init__((host, port), _Handler)
 
     def server_bind(self) -> None:
         """Bind without HTTPServer's reverse DNS lookup, which can stall offline."""
@@ -692,7 +692,7 @@ class _BytesCache:
 class FakeRandomUser:
     """A fake randomuser.me on 127.0.0.1; a context manager, scriptable per request."""
 
-    def __init__(self, latency: float = 0.0, port: int = 0, rate_limit: tuple[int, float] | None = None):
+    def __init__(self, latency: float = 0.0, port: int = 0, host: str = HOST, rate_limit: tuple[int, float] | None = None):
         """Configure; nothing listens until start() (or `with`)."""
         self.latency = latency  # seconds before every answer; benchmarks use 0.2
         self.rate_limit = rate_limit  # (users per client per window, window seconds), or no limit
@@ -700,6 +700,7 @@ class FakeRandomUser:
         self._window = -1  # the window the counts belong to
         self._taken: dict[str, int] = {}  # users served to each client in that window
         self._port = port
+        self.host = host
         self._lock = threading.Lock()
         self._script: deque[Answer] = deque()
         self._requests: list[Received] = []
@@ -723,14 +724,15 @@ class FakeRandomUser:
         with self._lock:
             if self._server is not None:
                 return self
-            server = _Server(self, self._port)
+            server = _Server(self, self._port, self.host)
             # Keep the port, so a restarted fake (service back up) is at the same URL.
             self._port = server.server_address[1]
             self._server = server
-            # A short poll interval, so stop() returns in milliseconds, not half a second.
+            # A short poll interval, so stop() returns in 2 ms, not half a second (a test starts and stops one fake
+            # or more: at 20 ms, stops alone cost the suite seconds); an idle fake wakes 500 times a second, no more.
             self._thread = threading.Thread(
                 target=server.serve_forever,
-                kwargs={"poll_interval": 0.02},
+                kwargs={"poll_interval": 0.002},
                 name=f"fake-randomuser-{self._port}",
                 daemon=True,
             )
@@ -789,7 +791,7 @@ class FakeRandomUser:
     @property
     def url(self) -> str:
         """The API base URL, like https://randomuser.me/api/1.4/."""
-        return f"http://{HOST}:{self.port}{API_PATH}"
+        return f"http://{self.host}:{self.port}{API_PATH}"
 
     # Script and observations.
 
@@ -893,3 +895,26 @@ class FakeRandomUser:
         """Log an unexpected exception."""
         with self._lock:
             self._errors.append(error)
+
+
+def serve_by_hand(argv: list[str] | None = None) -> None:
+    """`python tests/fake_api.py --port 8000`: serve until Ctrl-C, printing the URL to point the job at."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="A fake randomuser.me API 1.4 for trying the job with no internet.")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free one; default 8000)")
+    parser.add_argument("--host", default=HOST, help=f"address to listen on (default {HOST}: this machine only)")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds before every answer (default 0)")
+    args = parser.parse_args(argv)
+    fake = FakeRandomUser(latency=args.latency, port=args.port, host=args.host).start()
+    print(f"fake randomuser.me listening: {fake.url}  (Ctrl-C to stop)", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        fake.stop()
+
+
+if __name__ == "__main__":
+    serve_by_hand()

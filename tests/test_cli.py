@@ -6,11 +6,10 @@ import re
 
 import polars as pl
 import pytest
-from conftest import PURA, batch_files, fast_env, fixture_json, landed
+from conftest import GBONLY, PURA, assert_rows_are, batch_files, fast_env, raw_users, run_cli, user_rows
 from fake_api import PICKED_SEED, free_port, recorded_pages
 
 import random_user_etl as etl
-from _random_user_etl import client
 
 
 def ids_of(users) -> list[str]:
@@ -18,19 +17,12 @@ def ids_of(users) -> list[str]:
     return sorted(u["login"]["uuid"] for u in users)
 
 
-def test_default_run_lands_the_recorded_users(api, out, raw, cli):
-    result = cli("--seed", "pura", env=fast_env(api.url, out, raw))
+def test_python_random_user_etl_py_lands_the_recorded_users(api, out, raw):
+    # The one test of the entry point itself, in a subprocess: `python random_user_etl.py` as an operator types it.
+    result = run_cli("--seed", "pura", env=fast_env(api.url, out, raw))
     assert result.returncode == 0, result.stderr
     assert batch_files(out) == ["random_users_pura.parquet"]
-    frame = pl.read_parquet(out / "random_users_pura.parquet")
-    users = fixture_json(PURA)["results"]
-    assert sorted(frame["user_id"]) == ids_of(users)
-    by_id = {row["user_id"]: row for row in frame.to_dicts()}
-    for user in users:
-        row = by_id[user["login"]["uuid"]]
-        assert row["email"] == user["email"]
-        assert row["postcode"] == str(user["location"]["postcode"])
-        assert row["latitude"] == float(user["location"]["coordinates"]["latitude"])
+    assert_rows_are(pl.read_parquet(out / "random_users_pura.parquet"), raw_users(PURA))
     # The default asks for 100 users, for the contract's fields only.
     (request,) = api.requests
     assert request.params["results"] == "100"
@@ -68,11 +60,11 @@ def test_pages_of_the_page_size_with_the_remainder_last(api, out, raw, settings)
     assert all(page_of[uid] == page for uid, page in frame.select("user_id", "page").rows())
 
 
-def test_the_default_page_size_is_the_service_maximum():
-    from random_user_config import Settings
-
-    assert Settings().page_size == 5000
-    assert client.page_sizes(12_345, 5000) == [5000, 5000, 2345]
+def test_without_a_page_size_a_run_asks_for_pages_of_the_service_maximum(api, out, raw, settings):
+    batch = etl.run(settings(n=5001, seed="big"))
+    asked = sorted((int(r.params["page"]), r.params["results"]) for r in api.requests)
+    assert asked == [(1, "5000"), (2, "1")]
+    assert pl.read_parquet(batch.path)["user_id"].n_unique() == 5001
 
 
 def test_without_a_seed_the_service_picks_one_and_later_pages_reuse_it(api, out, raw, settings):
@@ -133,14 +125,14 @@ def test_an_unreachable_service_fails_cleanly(out, raw, cli):
         (["--no-such-flag"], {}, "unrecognized arguments"),
     ],
 )
-def test_each_invalid_setting_exits_2_with_one_line(args, env, names, api, out, raw, cli):
-    before = landed(out)
-    result = cli(*args, env={**fast_env(api.url, out, raw), **env})
+def test_each_invalid_setting_exits_2_with_one_line(args, env, names, nowhere, out, raw, cli):
+    # No server: the API address refuses, so a run that went on to make a request would exit 1, not 2.
+    result = cli(*args, env={**fast_env(nowhere, out, raw), **env})
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("random_user_etl.py: error:") and names in lines[0]
-    assert landed(out) == before and api.requests == []
+    assert not out.exists() and not raw.exists()
 
 
 def test_help_lists_every_flag(cli):
@@ -167,10 +159,9 @@ def test_read_processed_gives_every_batch_as_one_lazy_frame(api, out, raw, setti
     assert isinstance(lake, pl.LazyFrame)
     counts = dict(lake.group_by("seed").len().collect().rows())
     assert counts == {"pura": 100, "gbonly": 25}
+    assert_rows_are(lake.collect(), raw_users(PURA, GBONLY))
     gb = lake.filter(pl.col("nationality") == "GB").select("postcode").collect()["postcode"].to_list()
-    raw_gb = [u["location"]["postcode"] for u in fixture_json("nat-gb_seed-gbonly_results-25.json")["results"]]
-    raw_gb += [str(u["location"]["postcode"]) for u in fixture_json(PURA)["results"] if u["nat"] == "GB"]
-    assert sorted(gb) == sorted(raw_gb)
+    assert sorted(gb) == sorted(row["postcode"] for row in user_rows(raw_users(PURA, GBONLY)).values() if row["nationality"] == "GB")
 
 
 def help_lines(monkeypatch, capsys) -> dict[str, str]:

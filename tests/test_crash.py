@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import polars as pl
 import pytest
-from conftest import FAST, ROOT, CasePool, assert_one_error_line, batch_files, clean_environ, digests, fast_env, landed, run_cli
+from conftest import FAST, ROOT, CasePool, assert_one_error_line, batch_files, clean_environ, digests, fast_env, landed
 from fake_api import FakeRandomUser, hang, mutate, normal, page_body
 
 import random_user_etl as etl
@@ -194,24 +194,30 @@ DISK_FULL = {
 }
 
 
-def run_case(case: str, folder: Path) -> SimpleNamespace:
-    """One unwritable-output or full-disk case in its own folder, against its own fake."""
-    kind, name = case.split(":")
+def run_unwritable(name: str, folder: Path, cli) -> SimpleNamespace:
+    """One unwritable-output case in its own folder, against its own fake, the CLI run in-process."""
     out, raw = folder / "out", folder / "raw"
     with FakeRandomUser() as api:
         env = fast_env(api.url, out, raw)
-        if kind == "unwritable":
-            blocker = folder / "not-a-folder"
-            blocker.write_text("a regular file where the output folder should be\n")
-            if name == "under-a-file":
-                env["RANDOM_USER_OUTPUT_DIR"] = str(blocker / "out")
-            else:  # the batch's own path is taken by a folder (with a file in it)
-                (out / "random_users_pura.parquet").mkdir(parents=True)
-                (out / "random_users_pura.parquet" / "keep.txt").write_text("mine\n")
-            before = landed(folder)
-            result = run_cli("--seed", "pura", env=env)
-            return SimpleNamespace(result=result, before=digests(before), after=digests(landed(folder)),
-                                   requests=len(api.requests), leftovers=leftovers(folder))
+        blocker = folder / "not-a-folder"
+        blocker.write_text("a regular file where the output folder should be\n")
+        if name == "under-a-file":
+            env["RANDOM_USER_OUTPUT_DIR"] = str(blocker / "out")
+        else:  # the batch's own path is taken by a folder (with a file in it)
+            (out / "random_users_pura.parquet").mkdir(parents=True)
+            (out / "random_users_pura.parquet" / "keep.txt").write_text("mine\n")
+        before = landed(folder)
+        result = cli("--seed", "pura", env=env)
+        return SimpleNamespace(result=result, before=digests(before), after=digests(landed(folder)),
+                               requests=len(api.requests), leftovers=leftovers(folder))
+
+
+def run_case(case: str, folder: Path) -> SimpleNamespace:
+    """One full-disk case in its own folder, against its own fake: the CLI under a file-size limit."""
+    name = case.split(":")[1]
+    out, raw = folder / "out", folder / "raw"
+    with FakeRandomUser() as api:
+        env = fast_env(api.url, out, raw)
         seed, n, page_size, keep_raw, limit, _ = DISK_FULL[name]
         values = dict(FAST, api_url=api.url, output_dir=str(out), raw_dir=str(raw), seed=seed, n=n, page_size=page_size)
         etl.run(Settings(**values))  # an earlier batch of the same seed, and its raw answers
@@ -242,9 +248,9 @@ def cases(request, tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", ["unwritable:under-a-file", "unwritable:batch-path-is-a-folder"])
-def test_an_output_folder_that_cannot_be_written_fails_cleanly(cases, case):
+def test_an_output_folder_that_cannot_be_written_fails_cleanly(case, cli, tmp_path):
     # Tests may run as root, which ignores permission bits: the folder is made unusable another way.
-    outcome = cases.result(case)
+    outcome = run_unwritable(case.split(":")[1], tmp_path, cli)
     assert outcome.result.returncode == 1, outcome.result.stderr
     if case.endswith("under-a-file"):
         assert_one_error_line(outcome.result.stderr, r"cannot write to .*not-a-folder/out: Not a directory")

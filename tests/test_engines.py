@@ -20,7 +20,7 @@ import pandas as pd
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
-from conftest import GBONLY, PURA, assert_rows_are, expected_values, fixture_json, instant, nationality_counts, raw_users
+from conftest import GBONLY, PURA, assert_rows_are, fixture_json, nationality_counts, raw_users, user_rows
 
 import random_user_etl as etl
 from schemas import OUTPUT_SCHEMA
@@ -67,14 +67,8 @@ def test_duckdb_reads_the_folder_and_agrees_with_polars_and_the_raw_json(lake):
         f"FROM '{lake}/*.parquet'"
     ).fetchall()
     expected = {
-        u["login"]["uuid"]: (
-            u["email"],
-            str(u["location"]["postcode"]),
-            float(u["location"]["coordinates"]["latitude"]),
-            micros(instant(u["dob"]["date"])),
-            micros(instant(u["registered"]["date"])),
-        )
-        for u in USERS
+        uid: (row["email"], row["postcode"], row["latitude"], micros(row["date_of_birth"]), micros(row["registered_at"]))
+        for uid, row in user_rows(USERS).items()
     }
     assert {row[0]: row[1:] for row in rows} == expected
 
@@ -90,7 +84,7 @@ def test_pandas_reads_the_folder_with_utc_instants_and_string_columns(lake):
         assert pd.api.types.is_string_dtype(frame[name].dtype), (name, frame[name].dtype)
     assert str(frame["age"].dtype) == "int32" and str(frame["latitude"].dtype) == "float64"
     assert frame["nationality"].value_counts().to_dict() == polars_counts(lake) == nationality_counts(USERS)
-    expected = expected_values(USERS)
+    expected = user_rows(USERS)
     assert sorted(frame["user_id"]) == sorted(expected)
     for row in frame[["user_id", "email", "postcode", "latitude", "age", "date_of_birth", "nationality"]].itertuples(index=False):
         want = expected[row.user_id]
@@ -108,17 +102,10 @@ def test_read_processed_reads_an_older_batch_missing_a_contract_column_as_nulls(
     etl.run(settings(seed="pura"))
     # An older batch, written by hand from the raw JSON, with the contract as it was: 8 columns.
     users = fixture_json(GBONLY)["results"]
+    columns = ("user_id", "first_name", "last_name", "email", "postcode", "latitude", "date_of_birth", "nationality")
+    rows = user_rows(users)
     old = pl.DataFrame(
-        {
-            "user_id": [u["login"]["uuid"] for u in users],
-            "first_name": [u["name"]["first"] for u in users],
-            "last_name": [u["name"]["last"] for u in users],
-            "email": [u["email"] for u in users],
-            "postcode": [str(u["location"]["postcode"]) for u in users],
-            "latitude": [float(u["location"]["coordinates"]["latitude"]) for u in users],
-            "date_of_birth": [instant(u["dob"]["date"]) for u in users],
-            "nationality": [u["nat"] for u in users],
-        },
+        [{name: row[name] for name in columns} for row in rows.values()],
         schema_overrides={"date_of_birth": pl.Datetime("us", "UTC")},
     )
     old.write_parquet(out / "random_users_gbonly.parquet", compression="zstd")
@@ -131,7 +118,7 @@ def test_read_processed_reads_an_older_batch_missing_a_contract_column_as_nulls(
     # The columns the old batch has keep their values; the ones it lacks are null, only there.
     for name in ("email", "postcode", "latitude", "date_of_birth", "nationality"):
         got = dict(older.select("user_id", name).iter_rows())
-        assert got == {uid: values[name] for uid, values in expected_values(users).items()}
+        assert got == {uid: row[name] for uid, row in rows.items()}
     missing = [name for name in OUTPUT_SCHEMA.names() if name not in old.columns]
     assert older.select(missing).null_count().row(0) == (25,) * len(missing)
     assert newer.select("age", "picture_url", "seed", "ingested_at").null_count().row(0) == (0, 0, 0, 0)
@@ -195,8 +182,10 @@ def test_spark_reads_the_folder_with_timestamps_as_instants(lake, spark):
     rows = frame.select(
         "user_id", "email", "postcode", "age", F.unix_micros("date_of_birth").alias("dob_us"), F.date_format("date_of_birth", "yyyy-MM-dd'T'HH:mm:ss.SSSX").alias("dob_text")
     ).collect()
+    # dob_text: Spark's own rendering of the instant, against the raw JSON's text as sent.
+    sent = {u["login"]["uuid"]: u["dob"]["date"] for u in USERS}
     expected = {
-        u["login"]["uuid"]: (u["email"], str(u["location"]["postcode"]), int(u["dob"]["age"]), micros(instant(u["dob"]["date"])), u["dob"]["date"])
-        for u in USERS
+        uid: (row["email"], row["postcode"], row["age"], micros(row["date_of_birth"]), sent[uid])
+        for uid, row in user_rows(USERS).items()
     }
     assert {r["user_id"]: (r["email"], r["postcode"], r["age"], r["dob_us"], r["dob_text"]) for r in rows} == expected

@@ -379,3 +379,30 @@ def test_the_rate_limit_windows_are_fixed_on_the_fake_clock():
         start, reset = fake.window_start(now), fake.next_reset(now)
         assert start <= now < reset and reset - start == pytest.approx(0.5)
         assert fake.next_reset(reset + 1e-6) == pytest.approx(reset + 0.5)  # fixed, not sliding
+
+
+def test_the_fake_started_by_hand_serves_the_job_and_stops_on_ctrl_c(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    import polars as pl
+    from conftest import FAST, PURA, TESTS, assert_rows_are, raw_users
+
+    import random_user_etl as etl
+    from random_user_config import Settings
+
+    command = [sys.executable, str(TESTS / "fake_api.py"), "--port", "0", "--latency", "0.01"]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    try:
+        line = server.stdout.readline()
+        url = line.split()[3]
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/api/1.4/"), line
+        batch = etl.run(Settings(**FAST, api_url=url, seed="pura", output_dir=str(tmp_path / "out"), raw_dir=None))
+        assert_rows_are(pl.read_parquet(batch.path), raw_users(PURA))
+        server.send_signal(signal.SIGINT)  # Ctrl-C
+        assert server.wait(timeout=10) == 0
+        assert "Traceback" not in server.stderr.read()
+    finally:
+        server.kill()
+        server.wait()

@@ -2,20 +2,19 @@
 persistent faults and contract breaks end the run with exit 1, one clear line, nothing written.
 
 Every case drives the real job against the loopback fake (`fake_api.py`), scripted per request.
-Transient cases run in-process (caplog shows the retry lines); persistent cases run the CLI in a
-subprocess, because exit status and "one line on stderr" are what an operator sees.
+Transient cases call run() (caplog shows the retry lines); persistent cases call the CLI's
+main(argv) in-process, because exit status and "one line on stderr" are what an operator sees.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import datetime as dt
 import logging
 import re
-import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import polars as pl
 import pytest
@@ -23,16 +22,15 @@ from conftest import (
     FAST,
     LOG_LINE,
     PURA,
-    CasePool,
+    assert_rows_are,
     assert_one_error_line,
     batch_files,
     digests,
     duplicate_first_id,
     fast_env,
-    fixture_json,
     info,
     landed,
-    run_cli,
+    raw_users,
     users,
 )
 from fake_api import FakeRandomUser, body, hang, mutate, page_body, rate_limited, reset, status, truncated
@@ -50,23 +48,9 @@ RETRY_LINE = re.compile(r"retry (\d+) of (\d+) for (\S+): (.+)")
 
 def assert_pura_landed(path) -> None:
     """The landed batch holds exactly the recorded users of seed pura, value for value."""
-    users = fixture_json(PURA)["results"]
     frame = pl.read_parquet(path)
-    assert frame.height == 100 and frame["user_id"].n_unique() == 100
-    assert sorted(frame["user_id"]) == sorted(u["login"]["uuid"] for u in users)
-    by_id = {row["user_id"]: row for row in frame.to_dicts()}
-    for user in users:
-        row = by_id[user["login"]["uuid"]]
-        assert row["email"] == user["email"]
-        assert row["username"] == user["login"]["username"]
-        assert (row["first_name"], row["last_name"]) == (user["name"]["first"], user["name"]["last"])
-        assert row["postcode"] == str(user["location"]["postcode"])
-        assert row["latitude"] == float(user["location"]["coordinates"]["latitude"])
-        assert row["longitude"] == float(user["location"]["coordinates"]["longitude"])
-        assert row["date_of_birth"] == dt.datetime.fromisoformat(user["dob"]["date"])
-        assert row["registered_at"] == dt.datetime.fromisoformat(user["registered"]["date"])
-        assert row["age"] == user["dob"]["age"]
-        assert row["seed"] == "pura" and row["page"] == 1
+    assert_rows_are(frame, raw_users(PURA))
+    assert frame.select("seed", "page").unique().rows() == [("pura", 1)]
 
 
 def retry_lines(records) -> list[re.Match]:
@@ -267,7 +251,7 @@ PERSISTENT = {
 class Outcome:
     """What one CLI run against a scripted fake left behind."""
 
-    result: subprocess.CompletedProcess
+    result: object  # conftest.Ran
     before: dict[str, bytes]
     after: dict[str, bytes]
     batches: list[str]
@@ -275,7 +259,7 @@ class Outcome:
     errors: list
 
 
-def run_persistent(case: str, folder: Path) -> Outcome:
+def run_persistent(case: str, folder: Path, cli) -> Outcome:
     """Land a batch of seed pura, then run the CLI for pura against the case's faults."""
     script, _ = PERSISTENT[case]
     out, raw = folder / "out", folder / "raw"
@@ -285,15 +269,15 @@ def run_persistent(case: str, folder: Path) -> Outcome:
         api.clear()
         api.script(*script)
         # A short read timeout only where the case is about timeouts: elsewhere a loaded machine could trip it.
-        timeout = ["--timeout", "0.25"] if case.endswith("timeout") else []
-        result = run_cli("--seed", "pura", *timeout, env=fast_env(api.url, out, raw))
+        timeout = ["--timeout", "0.1"] if case.endswith("timeout") else []
+        result = cli("--seed", "pura", *timeout, env=fast_env(api.url, out, raw))
         return Outcome(result, before, landed(out), batch_files(out), len(api.requests), api.errors)
 
 
-@pytest.fixture(scope="module")
-def persistent(request, tmp_path_factory):
-    with CasePool(request, "case", run_persistent, tmp_path_factory) as pool:
-        yield pool
+@pytest.fixture
+def persistent(cli, tmp_path):
+    """persistent.result(case): one case run in-process (main) in the test's own folder."""
+    return SimpleNamespace(result=lambda case: run_persistent(case, tmp_path, cli))
 
 
 @pytest.mark.parametrize("case", PERSISTENT)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import PAGED, ROOT, assert_one_error_line, assert_rows_are, batch_files, fast_env, landed, raw_users
+from conftest import PAGED, ROOT, assert_one_error_line, assert_rows_are, batch_files, fast_env, landed, raw_users, run_cli
 from fake_api import mutate, normal, status
 
 import random_user_config as config
@@ -340,20 +340,21 @@ def test_the_cli_refuses_a_raw_folder_in_staging_at_start_and_keeps_every_kept_a
 # ---------------------------------------------------------------- replay reads regular files only
 
 
-def test_replay_of_a_fifo_page_fails_in_one_line_instead_of_hanging(raw, out, cli, tmp_path):
+# In a subprocess: only a process boundary bounds a job that would block opening the FIFO.
+def test_replay_of_a_fifo_page_fails_in_one_line_instead_of_hanging(raw, out, tmp_path):
     folder = tmp_path / "kept" / "paged"
     folder.mkdir(parents=True)
     os.mkfifo(folder / "page-00001.json.gz")
-    result = cli("--replay", folder, "--output-dir", out, timeout=30)
+    result = run_cli("--replay", folder, "--output-dir", out, timeout=30)
     assert result.returncode == 1
     assert_one_error_line(result.stderr, f"{folder / 'page-00001.json.gz'}: not a regular file")
     assert batch_files(out) == [] and not (out / ".staging" / "paged").exists()
 
 
-def test_replay_of_a_fifo_as_one_saved_answer_fails_in_one_line(out, cli, tmp_path):
+def test_replay_of_a_fifo_as_one_saved_answer_fails_in_one_line(out, tmp_path):
     fifo = tmp_path / "answer.json"
     os.mkfifo(fifo)
-    result = cli("--replay", fifo, "--output-dir", out, timeout=30)
+    result = run_cli("--replay", fifo, "--output-dir", out, timeout=30)
     assert result.returncode == 1
     assert_one_error_line(result.stderr, f"{fifo}: not a regular file")
     assert not out.exists()

@@ -1,12 +1,13 @@
 """Hostile input of issue 3: seeds that try to leave the output folder, a huge answer, plain http,
 and no PII in the logs.
 
-The CLI cases run a few at a time through conftest.CasePool (each in its own folder with its own
-fake): the exit status and the one error line are checked on the real command.
+The CLI cases run main(argv) in-process (conftest's `cli`), each in its own folder: the exit status
+and the one error line are checked as the command gives them; bad settings start no server.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -18,7 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 import polars as pl
-from conftest import PAGED, PREFIX, ROOT, CasePool, assert_one_error_line, assert_rows_are, batch_files, clean_environ, duplicate_first_id, fast_env, info, landed, raw_users, run_cli, users
+from conftest import PAGED, PREFIX, ROOT, assert_one_error_line, assert_rows_are, batch_files, clean_environ, duplicate_first_id, fast_env, info, landed, raw_users, users
 from fake_api import FakeRandomUser, chunked, huge, mutate, page_body, rate_limited, status, unframed
 
 import random_user_etl as etl
@@ -45,9 +46,9 @@ def files_under(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() or p.is_symlink())
 
 
-def proxied_to(api: FakeRandomUser) -> dict:
-    """Proxy variables that send any plain-http request to the loopback fake, never to the internet."""
-    proxy = f"http://127.0.0.1:{api.port}"
+def proxied_to(url: str) -> dict:
+    """Proxy variables that send any plain-http request to a loopback address, never to the internet."""
+    proxy = url.split("/api/")[0]
     return dict(HTTP_PROXY=proxy, http_proxy=proxy, HTTPS_PROXY=proxy, https_proxy=proxy, NO_PROXY="", no_proxy="")
 
 
@@ -86,18 +87,23 @@ def wrong_type_name(doc):
 
 
 
-# ------------------------------------------------------------------ the CLI cases, run a few at a time
+# ------------------------------------------------------------------ the CLI cases
 
 
-def run_case(case: str, folder: Path) -> SimpleNamespace:
-    """Run one CLI case in its own folder tree against its own fake; say what it left behind."""
+def run_case(case: str, folder: Path, cli, nowhere: str) -> SimpleNamespace:
+    """Run one CLI case in its own folder tree; say what it left behind.
+
+    Settings cases start no server: they point at `nowhere` (a loopback port that refuses), so a
+    run that went on to make a request would fail with exit 1, not be refused with exit 2.
+    """
     kind, source, name = (case.split(":") + [""])[:3]
     base = folder / "d1" / "d2"  # deep, so a climbing seed would still land inside `folder`
     out, raw, cwd = base / "out", base / "raw", base / "cwd"
     cwd.mkdir(parents=True)
     args: list[str] = ["--n", "5"]
-    with FakeRandomUser() as api:
-        env = fast_env(api.url, out, raw)
+    with contextlib.ExitStack() as stack:
+        api = stack.enter_context(FakeRandomUser()) if kind in ("pii", "seed") and source in ("server", "run") else None
+        env = fast_env(api.url if api else nowhere, out, raw)
         if kind == "seed":
             seed = SERVER_SEEDS[name] if source == "server" else SEEDS[name]
             if source == "flag":
@@ -107,7 +113,7 @@ def run_case(case: str, folder: Path) -> SimpleNamespace:
             else:
                 api.script(mutate(info(seed=seed)))
         elif kind == "http":
-            env.update(proxied_to(api))
+            env.update(proxied_to(nowhere))
             url = REMOTE_HTTP if name != "file" else "file:///etc/passwd"
             if source == "flag":
                 args += ["--api-url", url]
@@ -121,16 +127,17 @@ def run_case(case: str, folder: Path) -> SimpleNamespace:
                 "wrong-type": [mutate(wrong_type_name)],
             }[name]
             api.script(*script)
-        result = run_cli(*args, env=env, cwd=cwd)
+        result = cli(*args, env=env, cwd=cwd)
         return SimpleNamespace(
-            result=result, files=files_under(folder), out=out, raw=raw, requests=len(api.requests), errors=api.errors
+            result=result, files=files_under(folder), out=out, raw=raw,
+            requests=len(api.requests) if api else None, errors=api.errors if api else [],
         )
 
 
-@pytest.fixture(scope="module")
-def hostile(request, tmp_path_factory):
-    with CasePool(request, "case", run_case, tmp_path_factory) as pool:
-        yield pool
+@pytest.fixture
+def hostile(cli, nowhere, tmp_path):
+    """hostile.result(case): one CLI case run in-process in the test's own folder."""
+    return SimpleNamespace(result=lambda case: run_case(case, tmp_path / "case", cli, nowhere))
 
 
 # ------------------------------------------------------------------ seeds
@@ -141,8 +148,7 @@ def test_a_hostile_seed_setting_is_refused_before_anything_is_written(hostile, c
     outcome = hostile.result(case)
     assert outcome.result.returncode == 2, outcome.result.stderr
     assert_one_error_line(outcome.result.stderr, r"--seed \(RANDOM_USER_SEED\) must be 1 to 100 letters")
-    assert len(outcome.result.stderr.splitlines()) == 1
-    assert outcome.requests == 0
+    assert len(outcome.result.stderr.splitlines()) == 1  # exit 2, not 1: no request was tried (see run_case)
     assert outcome.files == []  # nothing anywhere in the test's tree: not in out, raw, cwd, nor above them
     assert ETC_X_EXISTED or not Path("/etc/x").exists()
 
@@ -275,7 +281,7 @@ def test_plain_http_to_a_remote_host_is_refused(hostile, case):
     assert outcome.result.returncode == 2, outcome.result.stderr
     says = r"plain http:// to example\.com.*--allow-http" if case.endswith("remote") else r"must be an https:// address"
     assert_one_error_line(outcome.result.stderr, says)
-    assert outcome.requests == 0  # not even through the (loopback) proxy the case sets
+    # Exit 2, not 1: no request was tried, not even through the (loopback, refusing) proxy the case sets.
     assert outcome.files == []
 
 
@@ -292,13 +298,15 @@ def test_allow_http_is_accepted_as_a_setting_only():
     assert Settings(api_url="http://localhost:8080/api/").allow_http is False  # loopback needs no permission
 
 
-def test_tls_verification_is_never_switched_off(out):
+def test_tls_verification_is_never_switched_off(out, monkeypatch):
+    # Empty CA-bundle variables are how a shell switches verification off in curl; requests must still verify.
+    monkeypatch.setenv("CURL_CA_BUNDLE", "")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "")
     for allow_http in (False, True):
         session = wire.make_session(Settings(output_dir=str(out), allow_http=allow_http))
         assert session.verify is True
+        assert session.merge_environment_settings("https://randomuser.me/api/", {}, None, None, None)["verify"] is True
         assert session.get_adapter("https://randomuser.me/").max_retries.total == 0  # fetch_page's loop retries
-    source = (ROOT / "random_user_etl.py").read_text()
-    assert not re.search(r"verify\s*=\s*False|CERT_NONE", source)
 
 
 # ------------------------------------------------------------------ PII in logs

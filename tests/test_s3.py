@@ -15,7 +15,6 @@ from conftest import GBONLY, PAGED, PURA, assert_rows_are, fast_env, nationality
 from fake_api import mutate, status
 
 import random_user_etl as etl
-from _random_user_etl import sort
 from schemas import OUTPUT_SCHEMA, QUALITY_METADATA_KEY, SORT_KEY
 
 
