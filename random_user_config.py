@@ -274,6 +274,7 @@ def _checker():
     """A check(name, ok, reason) that raises SettingsError naming the setting."""
 
     def check(name, ok, reason):
+        """Raise SettingsError naming the setting unless ok."""
         if not ok:
             raise SettingsError(f"{describe(name)} {reason}")
 

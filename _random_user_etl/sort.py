@@ -33,11 +33,10 @@ def sort_key() -> pl.Expr:
 
 
 class ExternalSort:
-    """The batch in key order, sorting at most about `run_rows` rows in memory at once.
+    """The batch in key order, sorting at most about `run_rows` rows in memory at once."""
 
-    Staged parts are split into key ranges in groups as they arrive (add), while the run still
-    waits on the network; at the end (ordered) each range is sorted alone, in key order.
-    """
+    # Staged parts are split into key ranges in groups as they arrive (add), while the run still
+    # waits on the network; at the end (ordered) each range is sorted alone, in key order.
 
     def __init__(self, work: Path, rows: int, run_rows: int = SORT_RUN_ROWS, group_rows: int = SCATTER_ROWS):
         self.work, self.rows, self.runs = work, rows, math.ceil(rows / run_rows)
@@ -107,6 +106,7 @@ class ExternalSort:
         tails = last.partition_by("__run", as_dict=True, include_key=False) if last is not None else {}
 
         def ranges_in_order(with_columns, predicate, n_rows, batch_size):
+            """Each key range read, sorted and handed on, in key order (Polars' io-source protocol)."""
             for run, pieces in enumerate(ranges):
                 frames = [pl.read_parquet(pieces, hive_partitioning=False)] if pieces else []
                 if (run,) in tails:
