@@ -95,8 +95,8 @@ def parse_int(text: str) -> int:
         raise ValueError("must be a whole number")
     try:
         return int(text)
-    except ValueError:  # past Python's 4,300-digit limit for reading an int
-        raise ValueError("is too large a number") from None
+    except ValueError as exc:  # past Python's 4,300-digit limit for reading an int
+        raise ValueError("is too large a number") from exc
 
 
 DECIMAL = re.compile(r"\s*[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\s*")
@@ -241,7 +241,8 @@ class Settings:
         check("timeout", SHORTEST_WAIT <= self.timeout <= LONGEST_WAIT, f"must be between {SHORTEST_WAIT} and {LONGEST_WAIT}")
         check("retries", 0 <= self.retries <= MOST_RETRIES, f"must be between 0 and {MOST_RETRIES}")
         check("backoff", 0 <= self.backoff <= MOST_BACKOFF, f"must be between 0 and {MOST_BACKOFF}")
-        check("rate_limit_wait", 0 <= self.rate_limit_wait <= LONGEST_WAIT, f"must be between 0 and {LONGEST_WAIT}")
+        # At least a moment: 0 would re-ask the service in a tight loop for as long as its limit holds.
+        check("rate_limit_wait", SHORTEST_WAIT <= self.rate_limit_wait <= LONGEST_WAIT, f"must be between {SHORTEST_WAIT} and {LONGEST_WAIT}")
         check("max_wait", SHORTEST_WAIT <= self.max_wait <= LONGEST_MAX_WAIT, f"must be between {SHORTEST_WAIT} and {LONGEST_MAX_WAIT}")
         check("concurrency", 1 <= self.concurrency <= MOST_CONCURRENCY, f"must be between 1 and {MOST_CONCURRENCY}")
         check("max_response_mb", LEAST_RESPONSE_MB <= self.max_response_mb <= MOST_RESPONSE_MB, f"must be between {LEAST_RESPONSE_MB} and {MOST_RESPONSE_MB}")
@@ -395,7 +396,7 @@ def load_settings(flags: dict | None = None, environ=None, today: dt.date | None
         try:
             values[setting.name] = setting.parse(text)
         except ValueError as exc:
-            raise SettingsError(f"{source} {exc}, got {shorten(text)!r}") from None
+            raise SettingsError(f"{source} {exc}, got {shorten(text)!r}") from exc
     today = today or dt.datetime.now(dt.timezone.utc).date()
     if "seed" in values:
         values["seed"] = expand_seed(values["seed"], today)

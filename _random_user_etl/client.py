@@ -35,7 +35,7 @@ class RateGate:
         self._resume_at = 0.0  # when the next probe may go
         self._prober = None  # the token of the one request probing now
         self.limited_since: float | None = None  # the first refusal of the stretch under way
-        self.gave_up: str | None = None  # the line that ended the run, for every worker
+        self.gave_up: ServiceError | None = None  # what ended the run, raised again in every worker
         self.fetched = 0  # users served so far
         self.resets: list[tuple[float, int]] = []  # each reset seen: when, and the users served before it
         self.watch = None  # called with the seconds rate limited on each refusal, None when the gate opens
@@ -45,7 +45,7 @@ class RateGate:
         while True:
             with self._lock:
                 if self.gave_up:
-                    raise ServiceError(self.gave_up)
+                    raise ServiceError(self.gave_up.reason, page=self.gave_up.page)
                 if self.limited_since is None:
                     return None
                 left = self._resume_at - time.monotonic()
@@ -62,11 +62,12 @@ class RateGate:
             self._release(token)
             waited = now - self.limited_since
             if waited >= settings.max_wait:
-                self.gave_up = (
-                    f"page {page}: HTTP 429, rate limited for {seconds_text(waited)}, longer than --max-wait "
-                    f"{settings.max_wait:g}s; staged pages are kept for a rerun"
+                self.gave_up = ServiceError(
+                    f"HTTP 429, rate limited for {seconds_text(waited)}, longer than --max-wait "
+                    f"{settings.max_wait:g}s; staged pages are kept for a rerun",
+                    page=page,
                 )
-                raise ServiceError(self.gave_up)
+                raise self.gave_up
             seconds = min(settings.rate_limit_wait, settings.max_wait - waited)
             self._resume_at = max(self._resume_at, now + seconds)
         if self.watch:
@@ -150,10 +151,10 @@ def page_params(settings: Settings, request: PageRequest) -> dict:
 
 def fetch_page(session: requests.Session, settings: Settings, request: PageRequest, gate: RateGate | None = None) -> Answer:
     """One page's answer, by the run's one retry loop."""
-    # A transport fault, a cut-off answer or a status worth retrying is tried again, up to --retries
-    # times, after the service's Retry-After or a jittered backoff; no wait is longer than --max-wait,
-    # and a stop ends any of them at once. One log line per retry. The rate limit (a bare 429) draws
-    # nothing on --retries: the shared gate waits it out for as long as --max-wait allows.
+    # How long a page may take: at most --retries + 1 tries of at most --timeout each, with a wait
+    # before each retry of at most --max-wait (a jittered backoff, or the service's Retry-After),
+    # plus any stretches of the rate limit (a bare 429), each ended within --max-wait; they draw
+    # nothing on --retries. A stop ends any wait or try at once. One log line per retry.
     gate = gate or RateGate()
     params = page_params(settings, request)
     where = redact(requests.Request("GET", settings.api_url, params=params).prepare().url)

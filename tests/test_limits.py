@@ -35,7 +35,7 @@ RANGES = {
     "timeout": (0.01, 3600, 0.0099, 3600.001),
     "max_wait": (0.01, 86400, 0.0099, 86400.001),
     "backoff": (0, 100, -0.001, 100.001),
-    "rate_limit_wait": (0, 3600, -0.001, 3600.001),
+    "rate_limit_wait": (0.01, 3600, 0.0099, 3600.001),
     "max_response_mb": (0.01, 1000, 0.0099, 1000.001),
 }
 # The values that crashed the job before they had a range, and a rate-limit pause of 3e300 years.
