@@ -10,7 +10,7 @@ import secrets
 import stat
 from pathlib import Path
 from random_user_config import is_remote, staging_root
-from _random_user_etl.errors import StorageError
+from _random_user_etl.errors import StorageError, write_error
 
 log = logging.getLogger("random_user_etl")  # one logger for the job: the CLI lets only its records carry text
 
@@ -115,7 +115,7 @@ def seed_lock(root: Path, seed: str):
     except OSError as exc:
         with contextlib.suppress(OSError):  # a link, a folder, a socket: named as what it is
             check_own(path, os.lstat(path), "file")
-        raise StorageError(exc.strerror or str(exc), path=path, doing="cannot open the seed lock") from exc
+        raise StorageError(write_error(exc), path=path, doing="cannot open the seed lock") from exc
     with open(fd, "rb") as handle:
         info = os.fstat(fd)
         check_own(path, info, "file")

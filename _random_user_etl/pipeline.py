@@ -190,7 +190,7 @@ def land(folder, settings, seed, sizes, destination, ingested_at, started, fetch
         if kept is not None:
             keep_landed_raw(kept, len(sizes))
     except OSError as exc:
-        raise StorageError(exc.strerror or str(exc), path=kept, doing=f"landed {destination}, but cannot keep its raw answers in") from exc
+        raise StorageError(write_error(exc), path=kept, doing=f"landed {destination}, but cannot keep its raw answers in") from exc
     shutil.rmtree(folder, ignore_errors=True)
     seconds = time.monotonic() - started
     log.info("landed %d rows, seed %s, file %s, %d bytes, %.2fs", report["rows"], seed, destination, size, seconds)

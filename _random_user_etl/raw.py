@@ -9,7 +9,7 @@ import stat
 from pathlib import Path
 from random_user_config import shorten, staging_root
 from _random_user_etl.answer import answer_info
-from _random_user_etl.errors import EtlError, StorageError
+from _random_user_etl.errors import EtlError, StorageError, write_error
 from _random_user_etl.folders import found_own_folder, own_folder, write_atomically
 from _random_user_etl.wire import Answer, too_large, unpack, wire_limit
 
@@ -31,7 +31,7 @@ def save_raw(raw_dir: str | None, seed: str, page: int, answer: Answer) -> Path 
         packed = answer.wire if answer.gzipped else gzip.compress(answer.wire, compresslevel=1, mtime=0)
         write_atomically(path, lambda temp: temp.write_bytes(packed), mode=0o666)
     except OSError as exc:
-        raise StorageError(exc.strerror or str(exc), path=exc.filename or raw_dir, doing="cannot keep the raw answer in") from exc
+        raise StorageError(write_error(exc), path=exc.filename or raw_dir, doing="cannot keep the raw answer in") from exc
     return path
 
 
@@ -43,7 +43,7 @@ def settle_raw(path: Path | None, accepted: bool) -> None:
         try:
             os.replace(path, settled)
         except OSError as exc:
-            raise StorageError(exc.strerror or str(exc), path=settled, doing="cannot keep the raw answer as") from exc
+            raise StorageError(write_error(exc), path=settled, doing="cannot keep the raw answer as") from exc
 
 
 def kept_folder(raw_dir: str | None, seed: str) -> Path | None:
@@ -54,7 +54,7 @@ def kept_folder(raw_dir: str | None, seed: str) -> Path | None:
     try:
         found_own_folder(folder)
     except OSError as exc:
-        raise StorageError(exc.strerror or str(exc), path=raw_dir, doing="cannot keep the raw answer in") from exc
+        raise StorageError(write_error(exc), path=raw_dir, doing="cannot keep the raw answer in") from exc
     return folder
 
 
@@ -103,7 +103,7 @@ def kept_pages(source: Path, limit: int) -> tuple[str, list[tuple[int, Path]]]:
     try:
         names = os.listdir(source)
     except OSError as exc:
-        raise StorageError(exc.strerror or str(exc), path=source, doing="cannot replay") from exc
+        raise StorageError(write_error(exc), path=source, doing="cannot replay") from exc
     for name in names:
         match = re.fullmatch(r"page-(\d{5})\.json\.gz", name)
         if match:
@@ -133,7 +133,7 @@ def read_kept(path: Path, limit: int) -> bytes:
             raise too_large(limit)
         return unpack(Answer(wire, gzipped), limit)
     except OSError as exc:
-        raise StorageError(exc.strerror or str(exc), path=path, doing="cannot read kept answer") from exc
+        raise StorageError(write_error(exc), path=path, doing="cannot read kept answer") from exc
     except EtlError as exc:
         raise StorageError(str(exc), path=path, doing="cannot read kept answer") from exc
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import polars as pl
 from random_user_config import Settings
 from schemas import OUTPUT_SCHEMA
-from _random_user_etl.errors import StorageError
+from _random_user_etl.errors import StorageError, write_error
 from _random_user_etl.folders import found_own_folder, is_plain_file, own_folder, own_staging_root, seed_lock, write_atomically
 
 
@@ -119,5 +119,5 @@ def staging_for(settings: Settings, seed: str):
                 with contextlib.suppress(OSError):
                     folder.rmdir()  # only when empty: a run that staged nothing leaves no folder behind
     except OSError as exc:
-        raise StorageError(exc.strerror or str(exc), path=exc.filename or settings.output_dir, doing="cannot write to") from exc
+        raise StorageError(write_error(exc), path=exc.filename or settings.output_dir, doing="cannot write to") from exc
 
