@@ -87,7 +87,7 @@ def replay(source: str | Path, settings: Settings | None = None, **overrides) ->
     destination = batch_path(settings.output_dir, seed)
     with staging_for(settings, seed) as folder:
         shutil.rmtree(folder)
-        folder.mkdir()
+        folder.mkdir(0o700)  # as own_folder makes it: a replay stopped here leaves no folder others may write in
         try:
             sizes = stage_kept(pages, seed, settings, folder)
         except EtlError as exc:
@@ -98,7 +98,6 @@ def replay(source: str | Path, settings: Settings | None = None, **overrides) ->
             shutil.rmtree(folder, ignore_errors=True)
             raise StorageError(f"the kept pages hold {sizes} users, not one run's pages", path=source, doing="cannot replay")
         log.info("replayed %d kept pages of seed %s", len(pages), seed)
-        settings = dataclasses.replace(settings, n=max(sum(sizes), 1))
         return land(folder, settings, seed, sizes, destination, ingested_at, started, 0)
 
 

@@ -270,11 +270,14 @@ def backoff_time(settings: Settings, retry: int) -> float:
     return min(grown, settings.backoff * 32, settings.max_wait)
 
 
+SERVICE_SAYS_BYTES = 64 * 1024  # the most of an error answer read for the service's message
+
+
 def service_says(answer: Answer, limit: int) -> str:
     """The service's own error message in an answer, as ': message', or ''."""
-    try:
-        message = json.loads(unpack(answer, limit)).get("error")
-    except (EtlError, ValueError, AttributeError):
+    try:  # the service's own error bodies are short: a longer one is not read (a reader builds a node per value)
+        message = json.loads(unpack(answer, min(limit, SERVICE_SAYS_BYTES))).get("error")
+    except (EtlError, ValueError, AttributeError, RecursionError):
         return ""
     return f": the service says {str(message)[:200]!r}" if message else ""
 

@@ -113,9 +113,9 @@ def in_parallel(work, items, concurrency: int):
             # Refill before yielding, so the next items are under way while the caller works on these.
             pending |= {pool.submit(work, item) for item in _take(items, len(done))}
             yield from results
-    except KeyboardInterrupt:
-        stopped = True
-        stop_requests()  # wake the workers blocked on the network or a wait
+    except BaseException as exc:  # a stop, a failed page, or the consumer gone: nothing more is worth waiting for
+        stopped = isinstance(exc, KeyboardInterrupt)
+        stop_requests()  # wake the workers blocked on the network or a wait, so the run ends now
         raise
     finally:
         # On a stop, not waited for: a worker may sit in a connect that nothing can cut (see the script's exit).
@@ -182,7 +182,7 @@ def land(folder, settings, seed, sizes, destination, ingested_at, started, fetch
     """Write the batch from its staged parts, keep its raw answers (if `kept`), clear the staging, say what landed."""
     parts = [part_path(folder, page) for page in range(1, len(sizes) + 1)]
     try:
-        report, size = write_batch(parts, destination, ingested_at, settings.n, sorter=sorter)
+        report, size = write_batch(parts, destination, ingested_at, sum(sizes), sorter=sorter)
     except (OSError, pl.exceptions.PolarsError) as exc:
         raise StorageError(write_error(exc), path=destination, doing="cannot write") from exc
     try:

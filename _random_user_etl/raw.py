@@ -15,7 +15,7 @@ from _random_user_etl.wire import Answer, too_large, unpack, wire_limit
 
 
 # A kept answer: accepted-page-N until its batch lands (then page-N, what replay reads), rejected-page-N if refused.
-KEPT_PAGE = re.compile(r"(accepted-|rejected-)?page-(\d{5})\.json\.gz")
+KEPT_PAGE = re.compile(r"(accepted-|rejected-)?page-([0-9]{5})\.json\.gz")
 
 
 def save_raw(raw_dir: str | None, seed: str, page: int, answer: Answer) -> Path | None:
@@ -105,9 +105,9 @@ def kept_pages(source: Path, limit: int) -> tuple[str, list[tuple[int, Path]]]:
     except OSError as exc:
         raise StorageError(write_error(exc), path=source, doing="cannot replay") from exc
     for name in names:
-        match = re.fullmatch(r"page-(\d{5})\.json\.gz", name)
-        if match:
-            numbered[int(match.group(1))] = source / name
+        match = KEPT_PAGE.fullmatch(name)
+        if match and match.group(1) is None:  # page-N only: accepted- and rejected- answers are not the batch's
+            numbered[int(match.group(2))] = source / name
     if not numbered:
         raise StorageError("no page-NNNNN.json.gz files", path=source, doing="nothing to replay in")
     missing = sorted(set(range(1, max(numbered) + 1)) - set(numbered))

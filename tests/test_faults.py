@@ -353,3 +353,12 @@ def test_backoff_grows_from_the_first_retry_with_jitter_and_a_cap():
         assert 2**k <= wait <= 2**k + 0.5, waits
     assert waits[5] == waits[6] == waits[7] == 32.0
     assert len({client.backoff_time(settings, 1) for _ in range(20)}) > 1, "no jitter"
+
+
+@pytest.mark.parametrize("error_body", [b'{"error":' + b"[" * 100_000, b'{"error":[' + b"[]," * 3_000_000 + b"[]]}"], ids=["deep", "wide"])
+def test_an_error_answer_of_nested_or_tiny_values_is_not_read_for_its_message(api, settings, error_body):
+    # The service's own error bodies are short: a hostile one must not crash the reading or fill memory.
+    api.script(status(404, error_body))
+    with pytest.raises(etl.EtlError) as refused:
+        etl.run(settings(seed="pura"))
+    assert str(refused.value) == "page 1: HTTP 404"

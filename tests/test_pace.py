@@ -131,3 +131,12 @@ def test_time_left_counts_the_windows_still_to_wait(out, raw, caplog):
     assert late, lines
     for at, left in late:
         assert abs(left - (last - at)) < 0.4, f"said {left}s left at {at - second_reset:.2f}s past the second reset, was {last - at:.2f}s"
+
+
+def test_a_page_that_fails_ends_the_run_at_once_while_another_waits_on_the_limit(api, settings):
+    # One worker holds the rate-limit pause (10 s here); another page's refusal must not wait for it.
+    api.script(rate_limited(), status(400))
+    started = time.monotonic()
+    with pytest.raises(etl.EtlError, match=r"^page [12]: HTTP 400"):
+        etl.run(settings(seed="paged", n=40, page_size=10, concurrency=2, rate_limit_wait=10, max_wait=20))
+    assert time.monotonic() - started < 5, "the failed page waited for the other worker's pause"
