@@ -310,4 +310,4 @@ def test_a_small_answer_off_the_layout_is_still_read_as_json_reads_it(api, setti
 def test_a_number_is_written_in_ascii_digits(name, text):
     # int() and float() read other scripts' digits and underscores: a setting takes what a person types as ASCII.
     with pytest.raises(SettingsError, match=rf"^{FLAG[name]} must be"):
-        load_settings({name: text})
+        load(name, text)

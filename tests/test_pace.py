@@ -94,18 +94,16 @@ def test_one_request_probes_the_limit_while_every_worker_waits(limited, out, raw
 def test_a_pull_of_five_windows_finishes_soon_after_the_fourth_reset(limited, out, raw):
     batch = etl.run(limited_settings(limited, out, raw, n=5 * PER_WINDOW, seed="paged"))
     finished = time.monotonic()
-    first = limited.requests[0].at
-    reset = first
-    for _ in range(4):
-        reset = limited.next_reset(reset)
+    resets = [limited.next_reset(limited.requests[0].at)]
+    while len(resets) < 4:
+        resets.append(limited.next_reset(resets[-1]))
+    reset = resets[-1]
     assert reset <= finished < reset + 2 + PROBE, f"finished {finished - reset:.2f}s after the fourth reset"
     assert any(r.answer == "limited" for r in limited.requests), "the pull never met the limit"
     # Each reset is met soon: the first page served after it comes within a probe interval (and a little).
     served = [r.at for r in limited.requests if r.answer == "normal"]
-    resets = [limited.next_reset(first)]
-    while len(resets) < 4:
-        resets.append(limited.next_reset(resets[-1]))
-    late = [round(next(t for t in served if t >= at) - at, 3) for at in resets if next(t for t in served if t >= at) - at > PROBE + 0.25]
+    gaps = [next(t for t in served if t >= at) - at for at in resets]
+    late = [round(gap, 3) for gap in gaps if gap > PROBE + 0.25]
     assert late == [], f"pages served this long after a reset: {late}"
     assert_rows_are(pl.read_parquet(batch.path), served_users("paged", 5 * PER_WINDOW, PAGE))
 
