@@ -62,32 +62,25 @@ def refused_untouched(run, bait: Path, says: str) -> None:
 # ---------------------------------------------------------------- links where the job keeps its folders
 
 
-def link_staging(out, raw, bait):
-    """<output>/.staging is a link."""
-    out.mkdir()
-    (out / ".staging").symlink_to(bait, target_is_directory=True)
-    return out / ".staging"
+OWN_FOLDERS = {  # the folders the job makes its own, and where each lies
+    "staging": lambda out, raw: out / ".staging",
+    "seed-staging": lambda out, raw: out / ".staging" / "pura",
+    "sort": lambda out, raw: out / ".staging" / "pura" / "sort",
+    "raw-seed": lambda out, raw: raw / "pura",
+}
 
 
-def link_seed_staging(out, raw, bait):
-    """<output>/.staging/<seed> is a link: today the job empties its target."""
-    (out / ".staging").mkdir(parents=True)
-    (out / ".staging" / "pura").symlink_to(bait, target_is_directory=True)
-    return out / ".staging" / "pura"
+def linked(where: str):
+    """A planting that makes the job's own folder `where` (OWN_FOLDERS) a link to the bait."""
 
+    def plant(out, raw, bait):
+        path = OWN_FOLDERS[where](out, raw)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.symlink_to(bait, target_is_directory=True)
+        return path
 
-def link_sort_folder(out, raw, bait):
-    """The external sort's scratch folder is a link."""
-    (out / ".staging" / "pura").mkdir(parents=True)
-    (out / ".staging" / "pura" / "sort").symlink_to(bait, target_is_directory=True)
-    return out / ".staging" / "pura" / "sort"
-
-
-def link_raw_seed(out, raw, bait):
-    """<raw>/<seed> is a link: today the job sweeps and writes kept answers in its target."""
-    raw.mkdir()
-    (raw / "pura").symlink_to(bait, target_is_directory=True)
-    return raw / "pura"
+    plant.__name__ = "link_" + where.replace("-", "_")
+    return plant
 
 
 def link_lock(out, raw, bait):
@@ -111,7 +104,8 @@ def fifo_as_lock(out, raw, bait):
     return out / ".staging" / "pura.lock"
 
 
-PLANTED = [link_staging, link_seed_staging, link_sort_folder, link_raw_seed, link_lock, file_as_seed_staging, fifo_as_lock]
+link_staging, link_seed_staging, link_sort, link_raw_seed = map(linked, OWN_FOLDERS)
+PLANTED = [link_staging, link_seed_staging, link_sort, link_raw_seed, link_lock, file_as_seed_staging, fifo_as_lock]
 
 
 @pytest.mark.parametrize("plant", PLANTED, ids=lambda plant: plant.__name__)
@@ -444,12 +438,6 @@ def plant_folder(path: Path, uid: int, mode: int) -> Path:
     return path
 
 
-OWN_FOLDERS = {
-    "staging": lambda out, raw: out / ".staging",
-    "seed-staging": lambda out, raw: out / ".staging" / "pura",
-    "sort": lambda out, raw: out / ".staging" / "pura" / "sort",
-    "raw-seed": lambda out, raw: raw / "pura",
-}
 STRANGERS = {  # (owner, mode, what the refusal says)
     "owned-by-another-user": (OTHER_UID, 0o755, f"owned by uid {OTHER_UID}"),
     "open-to-all": (None, 0o777, "mode 0777"),
