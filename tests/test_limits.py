@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import tracemalloc
 
 import polars as pl
 import pytest
@@ -311,3 +312,30 @@ def test_a_number_is_written_in_ascii_digits(name, text):
     # int() and float() read other scripts' digits and underscores: a setting takes what a person types as ASCII.
     with pytest.raises(SettingsError, match=rf"^{FLAG[name]} must be"):
         load(name, text)
+
+
+# ------------------------------------------------------------------ memory: checking an answer's layout
+
+
+def with_escaped_quote(body: bytes) -> bytes:
+    """The answer with a double quote, escaped as the service writes it, in the first user's city."""
+    doc = json.loads(body)
+    doc["results"][0]["location"]["city"] = 'Santa "Ana"'
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@pytest.mark.parametrize("escapes", [False, True], ids=["plain", "escaped-quote"])
+def test_checking_a_full_page_holds_no_memory_per_user(escapes):
+    # The layout check's regular expression kept a backtracking entry per user: 27 MB on a full page,
+    # twice at once on two staging threads. What Python allocates while typing a page stays small.
+    page = page_body("roomy", 1, 5000)
+    page = with_escaped_quote(page) if escapes else page
+    expected = json.loads(page)["results"]
+    tracemalloc.start()
+    try:
+        frame = etl.transform(page)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 2**20, f"{peak / 2**20:.1f} MB allocated at the peak"
+    assert_rows_are(frame, expected)
