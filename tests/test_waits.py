@@ -254,15 +254,9 @@ def run_hostile(case: str, folder: Path, cli) -> SimpleNamespace:
         return SimpleNamespace(result=result, requests=len(api.requests), errors=api.errors)
 
 
-@pytest.fixture
-def hostile_transport(cli, tmp_path):
-    """hostile_transport.result(case): one case run in-process in the test's own folder."""
-    return SimpleNamespace(result=lambda case: run_hostile(case, tmp_path, cli))
-
-
 @pytest.mark.parametrize("case", CASES)
-def test_no_personal_data_in_any_line_whatever_the_transport_does(hostile_transport, case):
-    outcome = hostile_transport.result(case)
+def test_no_personal_data_in_any_line_whatever_the_transport_does(case, tmp_path, cli):
+    outcome = run_hostile(case, tmp_path, cli)
     stderr = outcome.result.stderr
     if case.endswith("once"):
         assert outcome.result.returncode == 0, stderr
