@@ -164,13 +164,11 @@ def test_read_processed_gives_every_batch_as_one_lazy_frame(api, out, raw, setti
     assert sorted(gb) == sorted(row["postcode"] for row in user_rows(raw_users(PURA, GBONLY)).values() if row["nationality"] == "GB")
 
 
-def help_lines(monkeypatch, capsys) -> dict[str, str]:
+def help_lines(cli) -> dict[str, str]:
     """`--help` in this process, wide enough that each flag is one line: the line of each flag."""
-    monkeypatch.setenv("COLUMNS", "1000")
-    with pytest.raises(SystemExit) as done:
-        etl.main(["--help"])
-    assert done.value.code == 0
-    lines = [line.strip() for line in capsys.readouterr().out.splitlines() if line.startswith("  --")]
+    result = cli("--help", env={"COLUMNS": 1000})
+    assert result.returncode == 0, result.stderr
+    lines = [line.strip() for line in result.stdout.splitlines() if line.startswith("  --")]
     return {line.split()[0]: line for line in lines}
 
 
@@ -181,13 +179,13 @@ def shown(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def test_every_setting_has_a_flag_whose_help_shows_its_default_once(monkeypatch, capsys):
+def test_every_setting_has_a_flag_whose_help_shows_its_default_once(cli):
     import dataclasses
 
     from random_user_config import SETTINGS, Settings
 
     assert [s.name for s in SETTINGS] == [f.name for f in dataclasses.fields(Settings)]
-    lines, defaults = help_lines(monkeypatch, capsys), Settings()
+    lines, defaults = help_lines(cli), Settings()
     for setting in SETTINGS:
         line, value = lines[setting.flag], getattr(defaults, setting.name)
         assert line.endswith(f"[{setting.env}]") and line.count("(default") == 1, line
@@ -197,12 +195,11 @@ def test_every_setting_has_a_flag_whose_help_shows_its_default_once(monkeypatch,
             assert f"(default {shown(value)})" in line, line
 
 
-def test_allow_http_is_a_plain_switch(monkeypatch, capsys):
+def test_allow_http_is_a_plain_switch(cli):
     from random_user_config import load_settings
 
-    assert help_lines(monkeypatch, capsys)["--allow-http"].split()[1] == "allow"  # no value after the flag
+    assert help_lines(cli)["--allow-http"].split()[1] == "allow"  # no value after the flag
     flags = vars(etl.build_parser().parse_args(["--allow-http"]))
     assert load_settings({k: v for k, v in flags.items() if k not in ("verbose", "replay")}, environ={}).allow_http is True
-    with pytest.raises(SystemExit) as done:
-        etl.main(["--allow-http", "false"])
-    assert done.value.code == 2 and "unrecognized arguments: false" in capsys.readouterr().err
+    result = cli("--allow-http", "false")
+    assert result.returncode == 2 and "unrecognized arguments: false" in result.stderr

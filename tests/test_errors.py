@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import os
 from pathlib import Path
 
 import polars as pl
@@ -30,22 +28,9 @@ def causes(exc: BaseException) -> list[BaseException]:
     return chain
 
 
-@pytest.fixture
-def job_env(api, out, raw, monkeypatch):
-    """The CLI's environment in this process: the fake API, the test's folders, fast waits, no other setting."""
-    for name in [name for name in os.environ if name.startswith("RANDOM_USER_")]:
-        monkeypatch.delenv(name)
-    for name, value in fast_env(api.url, out, raw).items():
-        monkeypatch.setenv(name, str(value))
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:], root.level = handlers, level  # main pointed them at capsys's stream, closed after the test
-
-
-def run_paged(*args) -> int:
-    """main() on two pages of seed "paged", one at a time, so the script's second answer is page 2."""
-    return etl.main(["--seed", "paged", "--n", "80", "--page-size", "40", "--concurrency", "1", *args])
+def run_paged(cli, api, out, raw, *args):
+    """The CLI (conftest's cli) on two pages of seed "paged", one at a time, so the script's second answer is page 2."""
+    return cli("--seed", "paged", "--n", "80", "--page-size", "40", "--concurrency", "1", *args, env=fast_env(api.url, out, raw))
 
 
 def test_the_line_is_formatted_from_the_page_and_path_attributes():
@@ -103,10 +88,11 @@ def test_a_replay_of_nothing_names_its_source(tmp_path):
     assert str(caught.value) == f"nothing to replay at {tmp_path / 'none'}: no such folder or file"
 
 
-def test_verbose_logs_the_chain_by_class_and_never_the_answers_bytes(api, job_env, capsys):
+def test_verbose_logs_the_chain_by_class_and_never_the_answers_bytes(api, out, raw, cli):
     api.script(normal(), body(CUT_PAGE))
-    assert run_paged("-v") == 1
-    err = capsys.readouterr().err
+    result = run_paged(cli, api, out, raw, "-v")
+    assert result.returncode == 1, result.stderr
+    err = result.stderr
     lines = err.rstrip("\n").splitlines()
     assert lines[-1] == CUT_LINE
     chain = [line.split(" DEBUG ", 1)[1] for line in lines if " DEBUG caused by " in line]
@@ -117,14 +103,16 @@ def test_verbose_logs_the_chain_by_class_and_never_the_answers_bytes(api, job_en
     assert [word for word in PERSON if word in err] == []
 
 
-def test_without_verbose_the_one_line_is_as_before(api, job_env, capsys):
+def test_without_verbose_the_one_line_is_as_before(api, out, raw, cli):
     api.script(normal(), body(CUT_PAGE))
-    assert run_paged() == 1
-    err = capsys.readouterr().err
+    result = run_paged(cli, api, out, raw)
+    assert result.returncode == 1, result.stderr
+    err = result.stderr
     assert "caused by" not in err and err.rstrip("\n").splitlines()[-1] == CUT_LINE
 
 
-def test_a_storage_line_is_as_before(job_env, tmp_path, capsys):
+def test_a_storage_line_is_as_before(api, out, raw, cli, tmp_path):
     (tmp_path / "a-file").write_text("not a folder")
-    assert run_paged("--output-dir", str(tmp_path / "a-file" / "out")) == 1
-    assert capsys.readouterr().err.splitlines()[-1] == PREFIX + f"cannot write to {tmp_path / 'a-file' / 'out'}: Not a directory"
+    result = run_paged(cli, api, out, raw, "--output-dir", tmp_path / "a-file" / "out")
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines()[-1] == PREFIX + f"cannot write to {tmp_path / 'a-file' / 'out'}: Not a directory"

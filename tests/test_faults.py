@@ -14,7 +14,6 @@ import logging
 import re
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import polars as pl
 import pytest
@@ -274,15 +273,9 @@ def run_persistent(case: str, folder: Path, cli) -> Outcome:
         return Outcome(result, before, landed(out), batch_files(out), len(api.requests), api.errors)
 
 
-@pytest.fixture
-def persistent(cli, tmp_path):
-    """persistent.result(case): one case run in-process (main) in the test's own folder."""
-    return SimpleNamespace(result=lambda case: run_persistent(case, tmp_path, cli))
-
-
 @pytest.mark.parametrize("case", PERSISTENT)
-def test_a_persistent_fault_fails_with_one_line_and_changes_nothing(persistent, case):
-    outcome = persistent.result(case)
+def test_a_persistent_fault_fails_with_one_line_and_changes_nothing(case, tmp_path, cli):
+    outcome = run_persistent(case, tmp_path, cli)
     result, says = outcome.result, PERSISTENT[case][1]
     assert result.returncode == 1, result.stderr
     assert_one_error_line(result.stderr, says)

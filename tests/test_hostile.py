@@ -134,18 +134,12 @@ def run_case(case: str, folder: Path, cli, nowhere: str) -> SimpleNamespace:
         )
 
 
-@pytest.fixture
-def hostile(cli, nowhere, tmp_path):
-    """hostile.result(case): one CLI case run in-process in the test's own folder."""
-    return SimpleNamespace(result=lambda case: run_case(case, tmp_path / "case", cli, nowhere))
-
-
 # ------------------------------------------------------------------ seeds
 
 
 @pytest.mark.parametrize("case", [f"seed:{source}:{name}" for source in ("flag", "variable") for name in SEEDS])
-def test_a_hostile_seed_setting_is_refused_before_anything_is_written(hostile, case):
-    outcome = hostile.result(case)
+def test_a_hostile_seed_setting_is_refused_before_anything_is_written(case, tmp_path, cli, nowhere):
+    outcome = run_case(case, tmp_path / "case", cli, nowhere)
     assert outcome.result.returncode == 2, outcome.result.stderr
     assert_one_error_line(outcome.result.stderr, r"--seed \(RANDOM_USER_SEED\) must be 1 to 100 letters")
     assert len(outcome.result.stderr.splitlines()) == 1  # exit 2, not 1: no request was tried (see run_case)
@@ -154,8 +148,8 @@ def test_a_hostile_seed_setting_is_refused_before_anything_is_written(hostile, c
 
 
 @pytest.mark.parametrize("case", [f"seed:server:{name}" for name in SERVER_SEEDS])
-def test_a_hostile_seed_from_the_server_fails_the_run_before_anything_is_written(hostile, case):
-    outcome = hostile.result(case)
+def test_a_hostile_seed_from_the_server_fails_the_run_before_anything_is_written(case, tmp_path, cli, nowhere):
+    outcome = run_case(case, tmp_path / "case", cli, nowhere)
     stderr = outcome.result.stderr
     assert outcome.result.returncode == 1, stderr
     assert_one_error_line(stderr, r"page 1: the service('s seed .* is not safe as a file name| picked no seed)")
@@ -276,8 +270,8 @@ def test_the_size_bound_counts_the_answer_as_unpacked_not_as_sent(api, out, sett
 
 
 @pytest.mark.parametrize("case", ["http:flag:remote", "http:variable:remote", "http:flag:file"])
-def test_plain_http_to_a_remote_host_is_refused(hostile, case):
-    outcome = hostile.result(case)
+def test_plain_http_to_a_remote_host_is_refused(case, tmp_path, cli, nowhere):
+    outcome = run_case(case, tmp_path / "case", cli, nowhere)
     assert outcome.result.returncode == 2, outcome.result.stderr
     says = r"plain http:// to example\.com.*--allow-http" if case.endswith("remote") else r"must be an https:// address"
     assert_one_error_line(outcome.result.stderr, says)
@@ -313,8 +307,8 @@ def test_tls_verification_is_never_switched_off(out, monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["pii:run:success", "pii:run:contract", "pii:run:wrong-type"])
-def test_no_personal_data_in_the_logs(hostile, case):
-    outcome = hostile.result(case)
+def test_no_personal_data_in_the_logs(case, tmp_path, cli, nowhere):
+    outcome = run_case(case, tmp_path / "case", cli, nowhere)
     stderr = outcome.result.stderr
     if case.endswith("success"):
         assert outcome.result.returncode == 0, stderr

@@ -78,11 +78,29 @@ def test_the_values_that_crashed_the_job_are_refused(name):
         load(name, CRASHED[name])
 
 
-def test_a_number_out_of_range_stops_the_cli_with_one_line_before_any_request(nowhere, out, raw, cli):
+# --max-wait's texts that are no plain finite number, refused from its flag and from its variable, each naming its
+# source. (Numbers outside its range: test_a_value_just_outside_a_range_is_refused_naming_the_setting.)
+@pytest.mark.parametrize("text", ["nan", "inf", "soon", "", "\u0661", "1_000"])
+def test_a_max_wait_that_is_no_finite_ascii_number_is_refused_naming_where_it_came_from(text):
+    with pytest.raises(SettingsError, match=r"--max-wait"):
+        load("max_wait", text)
+    with pytest.raises(SettingsError, match=r"RANDOM_USER_MAX_WAIT"):
+        load_settings({}, environ={"RANDOM_USER_MAX_WAIT": text})
+
+
+@pytest.mark.parametrize(
+    "flag, says",
+    [
+        ("--timeout", r"--timeout \(RANDOM_USER_TIMEOUT\) must be between 0.01 and 3600"),
+        ("--max-wait", r"--max-wait \(RANDOM_USER_MAX_WAIT\) must be between 0.01 and 86400"),  # the one check of its bounds' words
+    ],
+    ids=["timeout", "max-wait"],
+)
+def test_a_number_out_of_range_stops_the_cli_with_one_line_before_any_request(nowhere, out, raw, cli, flag, says):
     # No server: the API address refuses, so a run that went on to make a request would exit 1, not 2.
-    result = cli("--seed", "pura", "--timeout", "1e10", env=fast_env(nowhere, out, raw))
-    assert result.returncode == 2
-    assert_one_error_line(result.stderr, r"--timeout \(RANDOM_USER_TIMEOUT\) must be between 0.01 and 3600")
+    result = cli("--seed", "pura", flag, "1e10", env=fast_env(nowhere, out, raw))
+    assert result.returncode == 2, result.stderr
+    assert_one_error_line(result.stderr, says)
     assert not out.exists() and not raw.exists()
 
 
