@@ -73,7 +73,7 @@ def fetch_and_land(settings: Settings, run_rows: int = SORT_RUN_ROWS, group_rows
             if kept is not None:
                 clear_stale_raw(kept, todo)
             sorter = sort.ExternalSort(sort_folder(folder), settings.n, run_rows, group_rows)
-            fetch_and_stage(session, settings, gate, seed, sizes, todo, folder, sorter, first_answer)
+            fetch_and_stage(session, settings, gate, seed, sizes, todo, folder, sorter, kept, first_answer)
             return land(folder, settings, seed, sizes, destination, ingested_at, started, len(todo), sorter, kept)
 
 

@@ -127,10 +127,10 @@ def _take(items, count: int) -> list:
     return [item for _, item in zip(range(count), items)]
 
 
-def fetch_and_keep(session, settings: Settings, request: PageRequest, gate: RateGate) -> tuple[PageRequest, Answer, Path | None]:
-    """Fetch one page and keep its raw answer: the part of a page's work that waits on the network."""
+def fetch_and_keep(session, settings: Settings, request: PageRequest, gate: RateGate, kept: Path | None) -> tuple[PageRequest, Answer, Path | None]:
+    """Fetch one page and keep its raw answer in `kept`: the part of a page's work that waits on the network."""
     answer = fetch_page(session, settings, request, gate)
-    return request, answer, save_raw(settings.raw_dir, request.seed, request.page, answer)
+    return request, answer, save_raw(kept, request.page, answer)
 
 
 def stage_body(answer: Answer, request: PageRequest, settings: Settings, folder: Path, raw_path: Path | None = None) -> tuple[int, int]:
@@ -198,8 +198,8 @@ def land(folder, settings, seed, sizes, destination, ingested_at, started, fetch
 
 
 
-def fetch_and_stage(session, settings: Settings, gate: RateGate, seed: str, sizes: list[int], todo: list[int], folder: Path, sorter: ExternalSort, first_answer: Answer | None = None) -> None:
-    """Fetch, check and stage every page in `todo` (page 1 from `first_answer` if the service picked the seed)."""
+def fetch_and_stage(session, settings: Settings, gate: RateGate, seed: str, sizes: list[int], todo: list[int], folder: Path, sorter: ExternalSort, kept: Path | None = None, first_answer: Answer | None = None) -> None:
+    """Fetch, check and stage every page in `todo` (page 1 from `first_answer` if the service picked the seed), keeping raw answers in `kept`."""
     if len(todo) < len(sizes):
         log.info("resuming seed %s: %d of %d pages already staged", seed, len(sizes) - len(todo), len(sizes))
     progress = Progress(settings.n, len(sizes), done=settings.n - sum(sizes[page - 1] for page in todo), gate=gate)
@@ -207,13 +207,13 @@ def fetch_and_stage(session, settings: Settings, gate: RateGate, seed: str, size
     todo = list(todo)
     try:
         if first_answer is not None and 1 in todo:
-            raw_path = save_raw(settings.raw_dir, seed, 1, first_answer)
+            raw_path = save_raw(kept, 1, first_answer)
             progress.advance(*stage((PageRequest(seed, 1, sizes[0]), first_answer, raw_path)))
             todo.remove(1)
         # `concurrency` threads wait on the network while at most STAGERS pages are typed,
         # so memory holds a bounded number of bodies and typed pages, whatever n.
         wanted = [PageRequest(seed, page, sizes[page - 1]) for page in todo]
-        fetch = functools.partial(fetch_and_keep, session, settings, gate=gate)
+        fetch = functools.partial(fetch_and_keep, session, settings, gate=gate, kept=kept)
         with contextlib.closing(in_parallel(fetch, wanted, settings.concurrency)) as answers:
             for page, rows in in_parallel(stage, answers, min(settings.concurrency, STAGERS)):
                 progress.advance(page, rows)
