@@ -182,7 +182,8 @@ def land(folder, settings, seed, sizes, destination, ingested_at, started, fetch
     """Write the batch from its staged parts, keep its raw answers (if `kept`), clear the staging, say what landed."""
     parts = [part_path(folder, page) for page in range(1, len(sizes) + 1)]
     try:
-        report, size = write_batch(parts, destination, ingested_at, sum(sizes), sorter=sorter)
+        # Each part holds its page's size: staged from an answer checked to hold it, or trusted for it.
+        report, size = write_batch(parts, destination, ingested_at, sum(sizes), sorter=sorter, part_rows=sizes)
     except (OSError, pl.exceptions.PolarsError) as exc:
         raise StorageError(write_error(exc), path=destination, doing="cannot write") from exc
     try:
