@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import getpass
 import hashlib
 import ipaddress
 import os
@@ -355,8 +356,19 @@ def staging_root(output_dir: str) -> Path:
         # Per user, and made 0700 by the run (or refused): a shared, predictable temp path could
         # be pre-created by another local user as a link to a folder of theirs or of ours.
         digest = hashlib.sha256(output_dir.encode()).hexdigest()[:16]
-        return Path(tempfile.gettempdir()) / f"random_user_etl-{os.getuid()}" / digest
+        return Path(tempfile.gettempdir()) / f"random_user_etl-{user_tag()}" / digest
     return Path(output_dir) / STAGING
+
+
+def user_tag() -> str:
+    """This user in a folder name: the uid, or where there is none (Windows) the login name, as one plain name."""
+    if hasattr(os, "getuid"):
+        return str(os.getuid())
+    try:
+        name = getpass.getuser()
+    except Exception:  # no login variable set, and no pwd module: ImportError, OSError or KeyError by version
+        return "user"
+    return re.sub(r"[^A-Za-z0-9_-]", "_", name)  # one plain name: a slash, a backslash or ".." must not leave the temp folder
 
 
 def check_folders_apart(output_dir: str, raw_dir: str | None) -> None:

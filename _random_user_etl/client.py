@@ -181,7 +181,8 @@ def fetch_page(session: requests.Session, settings: Settings, request: PageReque
             if response.status_code == 200:
                 gate.served(request.results or 0, token)
                 return answer
-            if rate_limited(response):
+            asked = retry_after(response)  # read once: it tells the rate limit from a retry, and how long to wait
+            if response.status_code == 429 and asked is None:  # the rate limit: a 429 that says nothing of when to come back
                 waited, seconds = gate.refused(settings, request.page, token)
                 log.warning("rate limited for %s at %s: HTTP 429, pausing all requests, asking again in %gs", seconds_text(waited), where, seconds)
                 continue
@@ -189,14 +190,9 @@ def fetch_page(session: requests.Session, settings: Settings, request: PageReque
             if answer is not None or response.is_redirect:
                 raise status_error(response, answer, settings, request.page, retry)
             retry += 1
-            why, seconds = status_wait(response, settings, retry, request.page)
+            why, seconds = status_wait(response, asked, settings, retry, request.page)
         log.warning("retry %d of %d for %s: %s", retry, most, where, why)
         hold(seconds)
-
-
-def rate_limited(response: requests.Response) -> bool:
-    """True for the service's rate limit: a 429 that says nothing of when to come back."""
-    return response.status_code == 429 and retry_after(response) is None
 
 
 def ask(session: requests.Session, settings: Settings, params: dict, last: bool) -> tuple[requests.Response, Answer | None]:
@@ -233,9 +229,9 @@ def status_error(response: requests.Response, answer: Answer | None, settings: S
     return ServiceError(f"HTTP {response.status_code}{says}{retries_made(retries)}", page=page)
 
 
-def status_wait(response: requests.Response, settings: Settings, retry: int, page: int) -> tuple[str, float]:
-    """Why a status is retried, and how long to wait first."""
-    why, asked = f"HTTP {response.status_code}", retry_after(response)
+def status_wait(response: requests.Response, asked: float | None, settings: Settings, retry: int, page: int) -> tuple[str, float]:
+    """Why a status is retried, and how long to wait first (`asked`: its Retry-After, if any)."""
+    why = f"HTTP {response.status_code}"
     if asked and asked > settings.max_wait:
         raise ServiceError(
             f"{why}, the service asks to wait {asked:.0f}s (Retry-After), longer than --max-wait {settings.max_wait:g}s", page=page

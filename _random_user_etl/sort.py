@@ -82,13 +82,13 @@ class ExternalSort:
         self._keyed(group).sink_parquet(target, engine="streaming", **SCRATCH)
         self.groups += 1
 
-    def ordered(self, parts: list[Path]) -> pl.LazyFrame:
-        """All of `parts` in key order: each key range, read from its pieces, sorted alone."""
+    def ordered(self, parts: list[Path], rows: list[int] | None = None) -> pl.LazyFrame:
+        """All of `parts` in key order: each key range, read from its pieces, sorted alone; `rows`, each part's rows if known."""
         if self.runs <= 1:
             return pl.scan_parquet(parts).sort(sort_key())
-        for part in parts:
-            if part not in self.taken:
-                self.add(part, pl.scan_parquet(part).select(pl.len()).collect().item())
+        for part, known in zip(parts, rows or [None] * len(parts)):
+            if part not in self.taken:  # a part the run did not add: one resumed, or staged by replay
+                self.add(part, pl.scan_parquet(part).select(pl.len()).collect().item() if known is None else known)
         with self.lock:
             # The last group (at most about two groups' rows) is split here, in memory.
             last = self._keyed(self.waiting).collect() if self.waiting else None

@@ -37,16 +37,18 @@ def write_batch(
     storage_options=None,
     run_rows: int = SORT_RUN_ROWS,
     sorter: sort.ExternalSort | None = None,
+    part_rows: list[int] | None = None,
 ) -> tuple[dict, int]:
     """Assemble staged parts into the sorted batch file with the streaming engine, atomically: its quality report and size in bytes."""
-    # `sorter` is the run's ExternalSort if it already split some parts.
+    # `sorter` is the run's ExternalSort if it already split some parts; `part_rows`, each part's
+    # rows where known, so the sort need not open a part to count them.
     report = quality_report(parts)
     if report["rows"] != expected_rows:
         raise StorageError(f"staged parts hold {report['rows']} rows, expected {expected_rows}")
     if report["unique_user_ids"] != report["rows"]:
         raise StorageError(f"login.uuid repeats across pages in {report['rows'] - report['unique_user_ids']} records")
     sorter = sorter or sort.ExternalSort(sort_folder(parts[0].parent), report["rows"], run_rows)
-    ordered = sorter.ordered(parts)
+    ordered = sorter.ordered(parts, part_rows)
     batch = ordered.with_columns(ingested_at=pl.lit(ingested_at, UTC_INSTANT))
     sink = dict(
         compression="zstd",

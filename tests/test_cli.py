@@ -6,8 +6,8 @@ import re
 
 import polars as pl
 import pytest
-from conftest import GBONLY, PURA, assert_rows_are, batch_files, fast_env, raw_users, run_cli, user_rows
-from fake_api import PICKED_SEED, free_port, recorded_pages
+from conftest import GBONLY, PURA, assert_rows_are, batch_files, duplicate_first_id, fast_env, landed, raw_users, run_cli, user_rows, users
+from fake_api import PICKED_SEED, free_port, mutate, recorded_pages
 
 import random_user_etl as etl
 
@@ -78,6 +78,21 @@ def test_without_a_seed_the_service_picks_one_and_later_pages_reuse_it(api, out,
     frame = pl.read_parquet(batch.path)
     assert set(ids_of(recorded)) <= set(frame["user_id"])
     assert frame.height == 12 and frame["user_id"].n_unique() == 12
+
+
+def another_page(doc):
+    """The answer says it is page 2."""
+    doc["info"]["page"] = 2
+    return doc
+
+
+@pytest.mark.parametrize("change, says", [(users(duplicate_first_id), r"login\.uuid repeats in 1 records"), (another_page, "the answer is for page 2")], ids=["contract", "another-page"])
+def test_a_first_page_that_fails_its_check_when_the_service_picks_the_seed_is_kept_as_rejected_under_that_seed(change, says, api, out, raw, settings):
+    api.script(mutate(change))
+    with pytest.raises(etl.EtlError, match=f"^page 1: .*{says}"):
+        etl.run(settings(n=12, page_size=5, seed=None))
+    assert sorted(landed(raw)) == [f"{PICKED_SEED}/rejected-page-00001.json.gz"]
+    assert batch_files(out) == [] and len(api.requests) == 1
 
 
 def test_a_rerun_of_a_seed_replaces_its_batch(api, out, raw, settings):

@@ -322,6 +322,26 @@ def test_a_raw_folder_in_the_staging_folder_of_object_storage_is_refused(tmp_pat
     Settings(output_dir=url, raw_dir=str(tmp_path.parent / "raw"))
 
 
+@pytest.mark.parametrize("login", ["ana", "j.doe@CORP/x", None])
+def test_object_storage_settings_are_made_where_there_is_no_uid(login, tmp_path, monkeypatch):
+    # As on Windows: no os.getuid, so the private staging folder is named after the login name,
+    # as a single plain name whatever that name holds, or without one if none is known.
+    monkeypatch.delattr(os, "getuid")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    for variable in ("LOGNAME", "USER", "LNAME", "USERNAME"):
+        monkeypatch.delenv(variable, raising=False)
+    if login is not None:
+        monkeypatch.setenv("USERNAME", login)
+    url = "s3://bucket/lake"
+    assert Settings(output_dir=url).output_dir == url
+    private = config.staging_root(url).parent
+    assert private.parent == tmp_path and private.name.startswith("random_user_etl-")
+    if login == "ana":
+        assert private.name == "random_user_etl-ana"
+    with pytest.raises(SettingsError, match="--raw-dir .*--output-dir"):
+        Settings(output_dir=url, raw_dir=str(private))
+
+
 def test_the_cli_refuses_a_raw_folder_in_staging_at_start_and_keeps_every_kept_answer(api, out, raw, settings, cli):
     etl.run(settings(seed="pura"))
     before = landed(out)
