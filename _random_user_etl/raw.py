@@ -10,7 +10,7 @@ from pathlib import Path
 from random_user_config import shorten, staging_root
 from _random_user_etl.answer import answer_info
 from _random_user_etl.errors import EtlError, StorageError, write_error
-from _random_user_etl.folders import own_folder, write_atomically
+from _random_user_etl.folders import found_own_folder, own_folder, write_atomically
 from _random_user_etl.wire import Answer, too_large, unpack, wire_limit
 
 
@@ -19,12 +19,13 @@ KEPT_PAGE = re.compile(r"(accepted-|rejected-)?page-([0-9]{5})\.json\.gz")
 
 
 def save_raw(folder: Path | None, page: int, answer: Answer) -> Path | None:
-    """Keep the answer exactly as received, gzip-compressed, before it is transformed, in the seed's raw folder (kept_folder)."""
+    """Keep the answer exactly as received, gzip-compressed, in the seed's raw folder (kept_folder), before it is transformed."""
     if folder is None:
         return None
     # Named "unchecked" until the transform accepts it, so a bad answer never replaces a good one.
     path = folder / f"unchecked-page-{page:05d}.json.gz"
     try:
+        own_folder(folder)  # made on the first page kept, so a run that keeps none leaves no folder
         # The service's own gzip bytes when it sent them: the same body, and no CPU spent again.
         packed = answer.wire if answer.gzipped else gzip.compress(answer.wire, compresslevel=1, mtime=0)
         write_atomically(path, lambda temp: temp.write_bytes(packed), mode=0o666)
@@ -45,14 +46,14 @@ def settle_raw(path: Path | None, accepted: bool) -> None:
 
 
 def kept_folder(raw_dir: str | None, seed: str) -> Path | None:
-    """The seed's raw folder, made or found ours once a run (None when raw answers are not kept); a link, a file or another's refused."""
+    """The seed's raw folder (None when raw answers are not kept); refused now if it is a link, a file or another's."""
     if raw_dir is None:
         return None
     folder = Path(raw_dir) / seed
     try:
-        own_folder(folder)  # once a run, under the seed's lock and before any page is kept: save_raw trusts it
+        found_own_folder(folder)  # refused before any page is fetched, if it is there and not ours
     except OSError as exc:
-        raise StorageError(write_error(exc), path=exc.filename or raw_dir, doing="cannot keep the raw answer in") from exc
+        raise StorageError(write_error(exc), path=raw_dir, doing="cannot keep the raw answer in") from exc
     return folder
 
 

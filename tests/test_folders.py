@@ -761,3 +761,11 @@ def test_replay_of_a_folder_in_the_output_staging_is_refused_and_the_folder_kept
     assert result.returncode == 1
     assert_one_error_line(result.stderr, f"cannot replay {given[spelling]}: it lies in the staging folder {out / '.staging'}")
     assert landed(out) == before and batch_files(out) == []
+
+
+def test_a_run_that_keeps_no_answer_leaves_no_raw_folder_behind(api, out, raw, settings):
+    # The seed's raw folder is checked at the start, but made only when a first answer is kept.
+    api.script(status(400))
+    with pytest.raises(etl.EtlError, match=r"^page 1: HTTP 400"):
+        etl.run(settings(seed="pura", retries=0))
+    assert not (raw / "pura").exists() and batch_files(out) == []
