@@ -63,9 +63,9 @@ def fetch_and_land(settings: Settings, run_rows: int = SORT_RUN_ROWS, group_rows
     gate = RateGate()
     STOP.clear()  # a new run starts unstopped, even in a session where an earlier one was interrupted
     with make_session(settings) as session:
-        seed, first_answer, first_frame = settings.seed, None, None
+        seed, first_answer = settings.seed, None
         if seed is None:
-            seed, first_answer, first_frame = first_seed(session, settings, gate, sizes)
+            seed, first_answer = first_seed(session, settings, gate, sizes)
         destination = batch_path(settings.output_dir, seed)
         with staging_for(settings, seed) as folder:
             kept = kept_folder(settings.raw_dir, seed)
@@ -73,7 +73,7 @@ def fetch_and_land(settings: Settings, run_rows: int = SORT_RUN_ROWS, group_rows
             if kept is not None:
                 clear_stale_raw(kept, todo)
             sorter = sort.ExternalSort(sort_folder(folder), settings.n, run_rows, group_rows)
-            fetch_and_stage(session, settings, gate, seed, sizes, todo, folder, sorter, kept, first_answer, first_frame)
+            fetch_and_stage(session, settings, gate, seed, sizes, todo, folder, sorter, kept, first_answer)
             return land(folder, settings, seed, sizes, destination, ingested_at, started, len(todo), sorter, kept)
 
 

@@ -133,10 +133,10 @@ def fetch_and_keep(session, settings: Settings, request: PageRequest, gate: Rate
     return request, answer, save_raw(kept, request.page, answer)
 
 
-def stage_body(answer: Answer, request: PageRequest, settings: Settings, folder: Path, raw_path: Path | None = None, frame: pl.DataFrame | None = None) -> tuple[int, int]:
-    """Unpack, transform and stage one answer (or its `frame`, if already transformed), and name its kept raw file after the verdict."""
+def stage_body(answer: Answer, request: PageRequest, settings: Settings, folder: Path, raw_path: Path | None = None) -> tuple[int, int]:
+    """Unpack, transform and stage one answer, and name its kept raw file after the verdict."""
     try:
-        frame = transform(unpack(answer, settings.max_response_bytes), request) if frame is None else frame
+        frame = transform(unpack(answer, settings.max_response_bytes), request)
     except EtlError as exc:
         settle_raw(raw_path, accepted=False)
         raise on_page(exc, request.page) from exc
@@ -156,32 +156,26 @@ def split_part(sorter: ExternalSort, folder: Path, page: int, rows: int) -> None
         raise StorageError(write_error(exc), page=page, path=folder, doing="cannot split into key ranges in") from exc
 
 
-def stage_and_split(fetched: tuple[PageRequest, Answer, Path | None], settings: Settings, folder: Path, sorter: ExternalSort, frame: pl.DataFrame | None = None) -> tuple[int, int]:
-    """Stage one fetched answer (or its `frame`), then hand the staged page to the external sort."""
+def stage_and_split(fetched: tuple[PageRequest, Answer, Path | None], settings: Settings, folder: Path, sorter: ExternalSort) -> tuple[int, int]:
+    """Stage one fetched answer, then hand the staged page to the external sort."""
     request, answer, raw_path = fetched
-    page, rows = stage_body(answer, request, settings, folder, raw_path, frame)
+    page, rows = stage_body(answer, request, settings, folder, raw_path)
     split_part(sorter, folder, page, rows)
     return page, rows
 
 
-def first_seed(session, settings, gate, sizes) -> tuple[str, Answer, pl.DataFrame | None]:
-    """Ask for page 1 with no seed and take the seed the service picked; page 1 transformed, or None if it fails the check."""
-    request = PageRequest(None, 1, sizes[0])
-    answer = fetch_page(session, settings, request, gate)
+def first_seed(session, settings, gate, sizes) -> tuple[str, Answer]:
+    """Ask for page 1 with no seed and take the seed the service picked."""
+    answer = fetch_page(session, settings, PageRequest(None, 1, sizes[0]), gate)
     try:
-        body = unpack(answer, settings.max_response_bytes)
-        try:  # transformed here, once: the frame is staged as it is, not unpacked and read again
-            frame = transform(body, request)
-            seed = frame.get_column("seed")[0]
-        except EtlError:  # read for its seed alone, then staged as any page: kept as rejected, and its failure raised there
-            frame, seed = None, answer_info(body).get("seed")
+        seed = answer_info(unpack(answer, settings.max_response_bytes)).get("seed")  # the transform checks the rest
     except EtlError as exc:
         raise on_page(exc, 1) from exc
     if not seed:
         raise AnswerError("the service picked no seed (info.seed missing)", page=1)
     if not config.SEED_PATTERN.fullmatch(seed):
         raise AnswerError(f"the service's seed {shorten(seed)!r} is not safe as a file name", page=1)
-    return seed, answer, frame
+    return seed, answer
 
 
 def land(folder, settings, seed, sizes, destination, ingested_at, started, fetched, sorter=None, kept=None) -> Batch:
@@ -205,11 +199,8 @@ def land(folder, settings, seed, sizes, destination, ingested_at, started, fetch
 
 
 
-def fetch_and_stage(
-    session, settings: Settings, gate: RateGate, seed: str, sizes: list[int], todo: list[int], folder: Path, sorter: ExternalSort,
-    kept: Path | None = None, first_answer: Answer | None = None, first_frame: pl.DataFrame | None = None,
-) -> None:
-    """Fetch, check and stage every page in `todo` (page 1 from first_seed if the service picked the seed), keeping raw answers in `kept`."""
+def fetch_and_stage(session, settings: Settings, gate: RateGate, seed: str, sizes: list[int], todo: list[int], folder: Path, sorter: ExternalSort, kept: Path | None = None, first_answer: Answer | None = None) -> None:
+    """Fetch, check and stage every page in `todo` (page 1 from `first_answer` if the service picked the seed), keeping raw answers in `kept`."""
     if len(todo) < len(sizes):
         log.info("resuming seed %s: %d of %d pages already staged", seed, len(sizes) - len(todo), len(sizes))
     progress = Progress(settings.n, len(sizes), done=settings.n - sum(sizes[page - 1] for page in todo), gate=gate)
@@ -218,7 +209,7 @@ def fetch_and_stage(
     try:
         if first_answer is not None and 1 in todo:
             raw_path = save_raw(kept, 1, first_answer)
-            progress.advance(*stage((PageRequest(seed, 1, sizes[0]), first_answer, raw_path), frame=first_frame))
+            progress.advance(*stage((PageRequest(seed, 1, sizes[0]), first_answer, raw_path)))
             todo.remove(1)
         # `concurrency` threads wait on the network while at most STAGERS pages are typed,
         # so memory holds a bounded number of bodies and typed pages, whatever n.
