@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 import threading
@@ -12,6 +13,7 @@ from schemas import SORT_KEY
 from _random_user_etl.errors import StorageError
 from _random_user_etl.folders import found_own_folder, own_folder
 
+log = logging.getLogger("random_user_etl")  # one logger for the job: the CLI lets only its records carry text
 
 SORT_RUN_ROWS = 10_000  # rows sorted in memory at once: assembly memory stays flat whatever n
 
@@ -108,6 +110,8 @@ class ExternalSort:
         def ranges_in_order(with_columns, predicate, n_rows, batch_size):
             """Each key range read, sorted and handed on, in key order (Polars' io-source protocol)."""
             for run, pieces in enumerate(ranges):
+                # On a thread of Polars', while the main thread waits in the sink: with -v, how far the write is.
+                log.debug("writing key range %d of %d", run + 1, self.runs)
                 frames = [pl.read_parquet(pieces, hive_partitioning=False)] if pieces else []
                 if (run,) in tails:
                     frames.append(tails[(run,)])
