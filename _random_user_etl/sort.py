@@ -12,6 +12,7 @@ from polars.io.plugins import register_io_source
 from schemas import SORT_KEY
 from _random_user_etl.errors import StorageError
 from _random_user_etl.folders import found_own_folder, own_folder
+from _random_user_etl.wire import check_stop
 
 log = logging.getLogger("random_user_etl")  # one logger for the job: the CLI lets only its records carry text
 
@@ -110,8 +111,10 @@ class ExternalSort:
         def ranges_in_order(with_columns, predicate, n_rows, batch_size):
             """Each key range read, sorted and handed on, in key order (Polars' io-source protocol)."""
             for run, pieces in enumerate(ranges):
-                # On a thread of Polars', while the main thread waits in the sink: with -v, how far the write is.
-                log.debug("writing key range %d of %d", run + 1, self.runs)
+                # On a thread of Polars', while the main thread waits in the sink and runs no signal handler:
+                # a stop ends the write here, and Polars raises it in the main thread (nothing is moved into place).
+                check_stop()
+                log.debug("writing key range %d of %d", run + 1, self.runs)  # with -v, how far the write is
                 frames = [pl.read_parquet(pieces, hive_partitioning=False)] if pieces else []
                 if (run,) in tails:
                     frames.append(tails[(run,)])

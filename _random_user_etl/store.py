@@ -59,6 +59,8 @@ def write_batch(
         return report, sink_to_store(batch, destination, storage_options, sink)
     final = Path(destination)
     final.parent.mkdir(parents=True, exist_ok=True)
+    # A stop signal during the sink ends it at the next key range (ExternalSort.ordered), or else is
+    # raised by its handler as the sink returns: the temp file is removed, never moved into place.
     write = lambda temp: batch.sink_parquet(temp, sync_on_close="all", **sink)
     write_atomically(final, write, temp_dir=parts[0].parent, mode=0o666)  # analysts read the lake
     return report, final.stat().st_size

@@ -263,6 +263,8 @@ def test_a_stop_while_the_batch_is_written_lands_nothing_and_the_next_run_lands_
             proc.wait()
     stderr = err.read_text()
     assert_stopped(code, stderr, seconds, signal.SIGTERM)
+    # The write stops at the next key range, not once the sink is done (check_stop).
+    assert "writing key range 1 of 3" in stderr and "writing key range 2 of" not in stderr, stderr
     # The signal came before the batch was moved into place, so it never was: the earlier batch and
     # the raw answers replay reads for it stand byte for byte, no temp file is left, and every staged
     # page is kept for the next run.
