@@ -273,6 +273,7 @@ def test_a_stop_while_the_batch_is_written_lands_nothing_and_the_next_run_lands_
     assert {k: v for k, v in digests(landed(raw)).items() if k in kept} == kept
     assert not [name for name in after if name.endswith(".tmp")], stderr
     assert staged(out, "held") == [f"part-{page:05d}.parquet" for page in range(1, 6)]
+    assert list((out / ".staging" / "held" / "sort").glob("group-*")), "the sort's scratch, left for the next run to clear"
 
     api.clear()
     rerun = cli(*LARGE, env=env)
