@@ -46,7 +46,9 @@ def write_batch(
     if report["unique_user_ids"] != report["rows"]:
         raise StorageError(f"login.uuid repeats across pages in {report['rows'] - report['unique_user_ids']} records")
     sorter = sorter or sort.ExternalSort(sort_folder(parts[0].parent), report["rows"], run_rows)
-    ordered = sorter.ordered(parts)
+    # An upload to object storage whose source ends in an error is still completed, with part of the batch
+    # at its key (Polars 2.1): there a stop waits for the whole write, and lands it whole, before it is raised.
+    ordered = sorter.ordered(parts, stoppable=not is_remote(destination))
     batch = ordered.with_columns(ingested_at=pl.lit(ingested_at, UTC_INSTANT))
     sink = dict(
         compression="zstd",
