@@ -40,7 +40,7 @@ from _random_user_etl import sort
 from _random_user_etl.sort import SCATTER_ROWS, SORT_RUN_ROWS
 from _random_user_etl.staging import pending_pages, sort_folder, staging_for
 from _random_user_etl.store import BATCH_GLOB, batch_path, lake_batches, lake_folder
-from _random_user_etl.wire import STOP, Fault, make_session, stop_requests
+from _random_user_etl.wire import STOP, Fault, make_session, signals_noted, stop_requests
 
 __all__ = ["Batch", "EtlError", "PageRequest", "main", "read_processed", "replay", "run", "transform"]
 
@@ -196,7 +196,8 @@ def stop_on_signals():
     # Ctrl-C reached Python only when the main thread next woke, which could be a whole page later.
     previous = {signum: signal.signal(signum, on_stop_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        with signals_noted():  # a Polars call the main thread waits in sees a signal too (check_stop)
+            yield
     finally:
         for signum, handler in previous.items():
             # After a stop the process is leaving: a later signal must not change its status or line.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 import threading
@@ -11,7 +12,9 @@ from polars.io.plugins import register_io_source
 from schemas import SORT_KEY
 from _random_user_etl.errors import StorageError
 from _random_user_etl.folders import found_own_folder, own_folder
+from _random_user_etl.wire import check_stop
 
+log = logging.getLogger("random_user_etl")  # one logger for the job: the CLI lets only its records carry text
 
 SORT_RUN_ROWS = 10_000  # rows sorted in memory at once: assembly memory stays flat whatever n
 
@@ -82,8 +85,8 @@ class ExternalSort:
         self._keyed(group).sink_parquet(target, engine="streaming", **SCRATCH)
         self.groups += 1
 
-    def ordered(self, parts: list[Path], rows: list[int] | None = None) -> pl.LazyFrame:
-        """All of `parts` in key order: each key range, read from its pieces, sorted alone; `rows`, each part's rows if known."""
+    def ordered(self, parts: list[Path], rows: list[int] | None = None, stoppable: bool = True) -> pl.LazyFrame:
+        """All of `parts` in key order, each key range sorted alone; `rows`, each part's rows if known; if `stoppable`, a stop ends it early."""
         if self.runs <= 1:
             return pl.scan_parquet(parts).sort(sort_key())
         for part, known in zip(parts, rows or [None] * len(parts)):
@@ -108,6 +111,11 @@ class ExternalSort:
         def ranges_in_order(with_columns, predicate, n_rows, batch_size):
             """Each key range read, sorted and handed on, in key order (Polars' io-source protocol)."""
             for run, pieces in enumerate(ranges):
+                # On a thread of Polars', while the main thread waits in the sink and runs no signal handler:
+                # a stop ends the write here, and Polars raises it in the main thread (nothing is moved into place).
+                if stoppable:
+                    check_stop()
+                log.debug("writing key range %d of %d", run + 1, self.runs)  # with -v, how far the write is
                 frames = [pl.read_parquet(pieces, hive_partitioning=False)] if pieces else []
                 if (run,) in tails:
                     frames.append(tails[(run,)])

@@ -112,10 +112,15 @@ def staging_for(settings: Settings, seed: str):
         with seed_lock(root, seed):
             folder = own_folder(root / seed)
             found_own_folder(sort_folder(folder))  # cleared below: refused now if it is a link or another's
+            stopped = False
             try:
                 yield folder
+            except KeyboardInterrupt:  # a stop (Stopped) leaves the sort's scratch for the next run to clear:
+                stopped = True  # a large batch's is many thousand files, longer to delete than the CronJob's grace
+                raise
             finally:
-                shutil.rmtree(sort_folder(folder), ignore_errors=True)  # derived scratch; the parts stay for a rerun
+                if not stopped:
+                    shutil.rmtree(sort_folder(folder), ignore_errors=True)  # derived scratch; the parts stay for a rerun
                 with contextlib.suppress(OSError):
                     folder.rmdir()  # only when empty: a run that staged nothing leaves no folder behind
     except OSError as exc:

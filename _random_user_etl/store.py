@@ -48,7 +48,9 @@ def write_batch(
     if report["unique_user_ids"] != report["rows"]:
         raise StorageError(f"login.uuid repeats across pages in {report['rows'] - report['unique_user_ids']} records")
     sorter = sorter or sort.ExternalSort(sort_folder(parts[0].parent), report["rows"], run_rows)
-    ordered = sorter.ordered(parts, part_rows)
+    # An upload to object storage whose source ends in an error is still completed, with part of the batch
+    # at its key (Polars 2.1): there a stop waits for the whole write, and lands it whole, before it is raised.
+    ordered = sorter.ordered(parts, part_rows, stoppable=not is_remote(destination))
     batch = ordered.with_columns(ingested_at=pl.lit(ingested_at, UTC_INSTANT))
     sink = dict(
         compression="zstd",
@@ -61,6 +63,8 @@ def write_batch(
         return report, sink_to_store(batch, destination, storage_options, sink)
     final = Path(destination)
     final.parent.mkdir(parents=True, exist_ok=True)
+    # A stop signal during the sink ends it at the next key range (ExternalSort.ordered), or else is
+    # raised by its handler as the sink returns: the temp file is removed, never moved into place.
     write = lambda temp: batch.sink_parquet(temp, sync_on_close="all", **sink)
     write_atomically(final, write, temp_dir=parts[0].parent, mode=0o666)  # analysts read the lake
     return report, final.stat().st_size

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import http.client
+import os
 import re
+import signal
 import socket
 import ssl
 import threading
@@ -32,6 +34,50 @@ _attempt = threading.local()  # the try each thread's requests belong to, for it
 
 
 _in_flight: set = set()  # every try under way, cut at once by a stop
+
+
+# While the CLI's handlers are set, the write end of this pipe is Python's signal wakeup fd: the C-level
+# handler writes each signal's number to it the moment it arrives. The Python handler waits for the main
+# thread's next bytecode, which inside a long Polars call (the batch's sink) is when that call returns.
+_signals_read: int | None = None
+
+
+@contextlib.contextmanager
+def signals_noted():
+    """While held (main thread only), every signal with a Python handler is noted at once for check_stop, on any thread."""
+    global _signals_read
+    read, write = os.pipe()
+    for fd in (read, write):
+        os.set_blocking(fd, False)
+    previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    _signals_read = read
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(previous)
+        _signals_read = None
+        os.close(read)
+        os.close(write)
+
+
+def noted_signal() -> int | None:
+    """SIGINT or SIGTERM if one arrived since the last look, whether or not the main thread has run its handler yet."""
+    try:
+        numbers = os.read(_signals_read, 512) if _signals_read is not None else b""
+    except OSError:  # nothing written (BlockingIOError)
+        return None
+    return next((signum for signum in numbers if signum in (signal.SIGINT, signal.SIGTERM)), None)
+
+
+def check_stop() -> None:
+    """Raise Stopped if a stop signal came: for code Polars runs on its own thread while the main thread waits in its call."""
+    # Not STOP: a failed page sets it too, to wind the workers down, and a replay after that is no stop.
+    signum = noted_signal()
+    if signum is not None:
+        # The stop starts here: the main thread's handler, run once Polars returns, finds it under way and
+        # raises nothing of its own, so this Stopped (which Polars hands back as it is) carries the stop.
+        stop_requests()
+        raise Stopped(signum)
 
 
 def hold(seconds: float) -> None:

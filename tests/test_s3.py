@@ -7,14 +7,17 @@ buckets and looks at what landed. Every value read back is checked against the r
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import signal
 
 import polars as pl
 import pytest
-from conftest import GBONLY, PAGED, PURA, assert_rows_are, fast_env, nationality_counts, raw_key, raw_users, record_sorts
+from conftest import GBONLY, PAGED, PURA, assert_rows_are, fast_env, fixture_bytes, nationality_counts, raw_key, raw_users, record_sorts
 from fake_api import mutate, status
 
 import random_user_etl as etl
+from _random_user_etl import staging, store, wire
 from schemas import OUTPUT_SCHEMA, QUALITY_METADATA_KEY, SORT_KEY
 
 
@@ -144,3 +147,18 @@ def test_a_batch_sorted_in_several_key_ranges_lands_in_s3_in_order(settings, s3,
     assert_rows_are(frame, users)
     assert frame.select(SORT_KEY).rows() == sorted(map(raw_key, users))
     assert batch.rows == 100 and batch.report["unique_user_ids"] == 100
+
+
+def test_a_stop_signal_during_an_upload_does_not_cut_the_object_short(s3, tmp_path, monkeypatch):
+    # Polars completes an upload whose source raised, with the rows sent so far: a stop must not end the
+    # write there as it does a local one (whose temp file is removed), or part of a batch would land.
+    folder = tmp_path / "stage"
+    folder.mkdir()
+    parts = [
+        staging.stage_part(folder, etl.transform(fixture_bytes(name), etl.PageRequest("paged", page, 40)), staging.part_identity(etl.Settings(), "paged", page, 40))
+        for page, name in enumerate(PAGED, start=1)
+    ]
+    monkeypatch.setattr(wire, "noted_signal", lambda: signal.SIGTERM)  # a SIGTERM noted at every look
+    store.write_batch(parts, f"{s3.url()}/random_users_paged.parquet", dt.datetime.now(dt.timezone.utc), 120, run_rows=17)
+    landed = pl.read_parquet(f"{s3.url()}/random_users_paged.parquet")
+    assert landed.select(SORT_KEY).rows() == sorted(map(raw_key, raw_users(*PAGED)))

@@ -17,13 +17,15 @@ import sys
 import time
 from pathlib import Path
 
+import polars as pl
 import psutil
 import pytest
-from conftest import LOG_LINE, ROOT, clean_environ, fast_env
+from conftest import LOG_LINE, ROOT, clean_environ, digests, fast_env, landed, raw_key, served_users
 from fake_api import hang, normal, rate_limited, status
 
 import random_user_etl as etl
 from _random_user_etl import store
+from schemas import SORT_KEY
 
 HELD = 30  # seconds the fake (or a wait the job is told to make) holds the job: far past the bound
 PROMPT = 3.0  # the issue's "within 2 seconds", with room for a loaded machine
@@ -52,9 +54,9 @@ def wait_until(check, seconds: float = 20.0, what: str = "") -> None:
         time.sleep(0.02)
 
 
-def staged(out: Path) -> list[str]:
-    """The page parts staged for seed 'paged'."""
-    return sorted(p.name for p in (out / ".staging" / "paged").glob("part-*.parquet"))
+def staged(out: Path, seed: str = "paged") -> list[str]:
+    """The page parts staged for a seed."""
+    return sorted(p.name for p in (out / ".staging" / seed).glob("part-*.parquet"))
 
 
 def job_pid(proc: subprocess.Popen, in_namespace: bool) -> int:
@@ -190,3 +192,94 @@ def test_a_stop_is_prompt_while_a_connection_is_being_opened(out, raw, tmp_path,
                 proc.kill()
                 proc.wait()
     assert_stopped(code, err.read_text(), seconds, signum)
+
+
+# ---------------------------------------------------------------- a stop while the batch is written
+
+# The CLI with the first key range of the batch's write held on the Polars thread that logs it: the
+# main thread is then inside the sink, one Polars call, where Python runs no signal handler. argv:
+# the file whose arrival lets the range go (".held" beside it says it is held), the job's arguments.
+HELD_IN_THE_SINK = f"""
+import logging, os, sys, time
+sys.path.insert(0, {str(ROOT)!r})
+import random_user_etl as etl
+release = sys.argv[1]
+
+class Hold(logging.Filter):
+    def filter(self, record):
+        if record.getMessage().startswith("writing key range 1 of"):
+            open(release + ".held", "w").close()
+            deadline = time.monotonic() + {HELD}
+            while not os.path.exists(release) and time.monotonic() < deadline:
+                time.sleep(0.002)
+        return True
+
+logging.getLogger("random_user_etl").addFilter(Hold())
+etl.exit_now(etl.main(sys.argv[2:]))
+"""
+
+LARGE = ["--seed", "held", "--n", "25000"]  # five pages of 5,000: three key ranges, one group split while fetching
+
+
+def delivered(pid: int, signum: int) -> bool:
+    """True once a signal sent to a process is no longer pending: its C-level handler has taken it."""
+    status_ = Path(f"/proc/{pid}/status").read_text()
+    pending = [int(re.search(rf"^{field}:\s+(\w+)$", status_, re.M)[1], 16) for field in ("ShdPnd", "SigPnd")]
+    return not any(mask & (1 << (signum - 1)) for mask in pending)
+
+
+def lake(files: dict[str, str]) -> dict[str, str]:
+    """The files of an output folder that are not the job's staging."""
+    return {name: digest for name, digest in files.items() if not name.startswith(".staging/")}
+
+
+def test_a_stop_while_the_batch_is_written_lands_nothing_and_the_next_run_lands_it_whole(api, out, raw, tmp_path, cli):
+    env = fast_env(api.url, out, raw)
+    assert cli(*LARGE, env=env).returncode == 0  # an earlier batch of the seed: the stopped run must leave it as it is
+    before, kept = digests(landed(out)), digests(landed(raw))
+    earlier = pl.read_parquet(out / "random_users_held.parquet")
+    served = served_users("held", 25000, 5000)
+    assert earlier.select(SORT_KEY).rows() == sorted(map(raw_key, served))
+
+    release, err = tmp_path / "release", tmp_path / "stderr.txt"
+    with open(err, "w") as stderr:
+        command = [sys.executable, "-c", HELD_IN_THE_SINK, str(release), "-v", *LARGE]
+        proc = subprocess.Popen(command, env=clean_environ(**env), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        wait_until(lambda: Path(f"{release}.held").exists() or proc.poll() is not None, what="the batch's write under way")
+        assert proc.poll() is None, err.read_text()
+        proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        wait_until(lambda: delivered(proc.pid, signal.SIGTERM), what="SIGTERM taken")
+        release.touch()  # the write goes on, with the stop already noted
+        try:
+            code = proc.wait(timeout=HELD)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running {HELD}s after SIGTERM")
+        seconds = time.monotonic() - signalled
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stderr = err.read_text()
+    assert_stopped(code, stderr, seconds, signal.SIGTERM)
+    # The write stops at the next key range, not once the sink is done (check_stop).
+    assert "writing key range 1 of 3" in stderr and "writing key range 2 of" not in stderr, stderr
+    # The signal came before the batch was moved into place, so it never was: the earlier batch and
+    # the raw answers replay reads for it stand byte for byte, no temp file is left, and every staged
+    # page is kept for the next run.
+    after = digests(landed(out))
+    assert lake(after) == lake(before), stderr
+    assert {k: v for k, v in digests(landed(raw)).items() if k in kept} == kept
+    assert not [name for name in after if name.endswith(".tmp")], stderr
+    assert staged(out, "held") == [f"part-{page:05d}.parquet" for page in range(1, 6)]
+    assert list((out / ".staging" / "held" / "sort").glob("group-*")), "the sort's scratch, left for the next run to clear"
+
+    api.clear()
+    rerun = cli(*LARGE, env=env)
+    assert rerun.returncode == 0, rerun.stderr
+    assert api.requests == [], "the next run fetched pages the stopped one had staged"
+    batch = pl.read_parquet(out / "random_users_held.parquet")
+    assert batch.drop("ingested_at").equals(earlier.drop("ingested_at"))
+    assert batch["ingested_at"].n_unique() == 1 and batch["ingested_at"][0] > earlier["ingested_at"][0]
+    assert not (out / ".staging" / "held").exists()
