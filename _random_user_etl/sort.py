@@ -85,8 +85,8 @@ class ExternalSort:
         self._keyed(group).sink_parquet(target, engine="streaming", **SCRATCH)
         self.groups += 1
 
-    def ordered(self, parts: list[Path], rows: list[int] | None = None, stoppable: bool = True) -> pl.LazyFrame:
-        """All of `parts` in key order, each key range sorted alone; `rows`, each part's rows if known; if `stoppable`, a stop ends it early."""
+    def ordered(self, parts: list[Path], rows: list[int] | None = None) -> pl.LazyFrame:
+        """All of `parts` in key order, each key range sorted alone (a stop signal ends it early); `rows`, each part's rows if known."""
         if self.runs <= 1:
             return pl.scan_parquet(parts).sort(sort_key())
         for part, known in zip(parts, rows or [None] * len(parts)):
@@ -113,8 +113,7 @@ class ExternalSort:
             for run, pieces in enumerate(ranges):
                 # On a thread of Polars', while the main thread waits in the sink and runs no signal handler:
                 # a stop ends the write here, and Polars raises it in the main thread (nothing is moved into place).
-                if stoppable:
-                    check_stop()
+                check_stop()
                 log.debug("writing key range %d of %d", run + 1, self.runs)  # with -v, how far the write is
                 frames = [pl.read_parquet(pieces, hive_partitioning=False)] if pieces else []
                 if (run,) in tails:

@@ -13,7 +13,7 @@ import random_user_config as config
 from random_user_config import is_remote, shorten
 from schemas import QUALITY_METADATA_KEY, UTC_INSTANT
 from _random_user_etl.errors import StorageError
-from _random_user_etl.folders import write_atomically
+from _random_user_etl.folders import fresh_temp, write_atomically
 from _random_user_etl import sort
 from _random_user_etl.sort import SORT_RUN_ROWS
 from _random_user_etl.staging import quality_report, sort_folder
@@ -48,9 +48,7 @@ def write_batch(
     if report["unique_user_ids"] != report["rows"]:
         raise StorageError(f"login.uuid repeats across pages in {report['rows'] - report['unique_user_ids']} records")
     sorter = sorter or sort.ExternalSort(sort_folder(parts[0].parent), report["rows"], run_rows)
-    # An upload to object storage whose source ends in an error is still completed, with part of the batch
-    # at its key (Polars 2.1): there a stop waits for the whole write, and lands it whole, before it is raised.
-    ordered = sorter.ordered(parts, part_rows, stoppable=not is_remote(destination))
+    ordered = sorter.ordered(parts, part_rows)
     batch = ordered.with_columns(ingested_at=pl.lit(ingested_at, UTC_INSTANT))
     sink = dict(
         compression="zstd",
@@ -59,26 +57,32 @@ def write_batch(
         engine="streaming",
         row_group_size=run_rows,
     )
-    if is_remote(destination):
-        return report, sink_to_store(batch, destination, storage_options, sink)
-    final = Path(destination)
-    final.parent.mkdir(parents=True, exist_ok=True)
     # A stop signal during the sink ends it at the next key range (ExternalSort.ordered), or else is
     # raised by its handler as the sink returns: the temp file is removed, never moved into place.
     write = lambda temp: batch.sink_parquet(temp, sync_on_close="all", **sink)
+    if is_remote(destination):
+        # Polars completes an upload whose source failed, with the rows sent so far at the key (2.1):
+        # the batch is written whole to a local file first, and only a finished file is uploaded.
+        temp = fresh_temp(parts[0].parent, "batch.parquet", 0o600)
+        try:
+            write(temp)
+            return report, upload(temp, destination, storage_options, sink)
+        finally:
+            temp.unlink(missing_ok=True)
+    final = Path(destination)
+    final.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(final, write, temp_dir=parts[0].parent, mode=0o666)  # analysts read the lake
     return report, final.stat().st_size
 
 
-def sink_to_store(batch: pl.LazyFrame, destination: str, storage_options: dict | None, sink: dict) -> int:
-    """Stream the batch to an object key through Polars' cloud writer; return the object's size in bytes."""
+def upload(path: Path, destination: str, storage_options: dict | None, sink: dict) -> int:
+    """Stream a finished batch file to an object key through Polars' cloud writer; the object's size in bytes."""
     # With no storage_options, Polars takes credentials, region and endpoint from the standard
     # AWS_* variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION,
     # AWS_ENDPOINT_URL). A PUT, or a multipart upload that is only completed after its last part,
-    # replaces the key in one step: readers see the old batch or the new one, never part of one;
-    # a failed upload leaves the old object (or none) in place.
+    # replaces the key in one step: readers see the old batch or the new one, never part of one.
     sinked = []
-    batch.sink_parquet(destination, storage_options=storage_options, sinked_paths_callback=sinked.append, **sink)
+    pl.scan_parquet(path).sink_parquet(destination, storage_options=storage_options, sinked_paths_callback=sinked.append, **sink)
     return sum(path.num_bytes for args in sinked for path in args.paths)
 
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
+import shutil
 import signal
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -149,16 +152,47 @@ def test_a_batch_sorted_in_several_key_ranges_lands_in_s3_in_order(settings, s3,
     assert batch.rows == 100 and batch.report["unique_user_ids"] == 100
 
 
-def test_a_stop_signal_during_an_upload_does_not_cut_the_object_short(s3, tmp_path, monkeypatch):
-    # Polars completes an upload whose source raised, with the rows sent so far: a stop must not end the
-    # write there as it does a local one (whose temp file is removed), or part of a batch would land.
-    folder = tmp_path / "stage"
+def staged_paged(folder: Path) -> list[Path]:
+    """The three recorded pages of seed paged, staged as a run stages them."""
     folder.mkdir()
-    parts = [
+    return [
         staging.stage_part(folder, etl.transform(fixture_bytes(name), etl.PageRequest("paged", page, 40)), staging.part_identity(etl.Settings(), "paged", page, 40))
         for page, name in enumerate(PAGED, start=1)
     ]
-    monkeypatch.setattr(wire, "noted_signal", lambda: signal.SIGTERM)  # a SIGTERM noted at every look
-    store.write_batch(parts, f"{s3.url()}/random_users_paged.parquet", dt.datetime.now(dt.timezone.utc), 120, run_rows=17)
-    landed = pl.read_parquet(f"{s3.url()}/random_users_paged.parquet")
-    assert landed.select(SORT_KEY).rows() == sorted(map(raw_key, raw_users(*PAGED)))
+
+
+class OnLine(logging.Handler):
+    """Calls `act` once, on the first log record whose text starts with `text`."""
+
+    def __init__(self, text: str, act):
+        super().__init__(logging.DEBUG)
+        self.text, self.act = text, act
+
+    def emit(self, record):
+        if self.act and record.getMessage().startswith(self.text):
+            self.act, act = None, self.act
+            act()
+
+
+@pytest.mark.parametrize("fault", ["scratch-lost", "stop-signal"])
+def test_a_write_that_fails_midway_leaves_the_earlier_object_as_it_was(fault, s3, tmp_path, monkeypatch):
+    # Polars completes an upload whose source failed, with the rows sent so far at the key (2.1): the
+    # batch must be written whole before any of it is uploaded.
+    parts, key = staged_paged(tmp_path / "stage"), f"{s3.url()}/random_users_paged.parquet"
+    store.write_batch(parts, key, dt.datetime.now(dt.timezone.utc), 120, run_rows=17)
+    earlier = s3.client.get_object(Bucket=s3.name, Key=key.split("/", 3)[3])["Body"].read()
+    if fault == "stop-signal":
+        monkeypatch.setattr(wire, "noted_signal", lambda: signal.SIGTERM)  # a SIGTERM noted at every look
+        lose = None
+    else:  # the disk loses the sort's scratch while the batch is written
+        lose = OnLine("writing key range 2 of", lambda: shutil.rmtree(staging.sort_folder(tmp_path / "stage")))
+    log, level = logging.getLogger("random_user_etl"), logging.getLogger("random_user_etl").level
+    log.setLevel(logging.DEBUG)
+    log.addHandler(lose or logging.NullHandler())
+    try:
+        with pytest.raises((OSError, pl.exceptions.PolarsError, KeyboardInterrupt)):
+            store.write_batch(parts, key, dt.datetime.now(dt.timezone.utc), 120, run_rows=17)
+    finally:
+        log.setLevel(level)
+        log.handlers = [handler for handler in log.handlers if handler is not lose]
+    assert s3.client.get_object(Bucket=s3.name, Key=key.split("/", 3)[3])["Body"].read() == earlier
