@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from concurrent import futures
 import functools
 import json
 import re
@@ -44,16 +43,6 @@ LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # what is left of a lone escape 
 MOST_OFF_LAYOUT_BYTES = 2_000_000
 
 
-# Answers this large (about 900 users) are parsed as two halves at once, on two cores.
-HALVES_FROM_BYTES = 1 << 20
-
-
-RESULTS_HEAD = b'{"results":['  # how an answer in the service's layout begins
-
-
-USER_BOUNDARY = b'},{"gender":'  # between two users in the service's layout
-
-
 @dataclasses.dataclass(frozen=True)
 class PageRequest:
     """What one page should hold: a check on the answer wherever a field is not None."""
@@ -77,7 +66,7 @@ def parse_body(body: bytes, schema: pl.Schema = RAW_RESPONSE, most_users: int = 
             f"the answer is not in the service's compact layout of at most {most_users} users (cut short, reformatted, "
             f"or holding other fields or more users), and is larger than {MOST_OFF_LAYOUT_BYTES:,} bytes: refused unread"
         )
-    parsed = parse_in_halves(body, schema) if in_layout and len(body) >= HALVES_FROM_BYTES else parse_json(body, schema)
+    parsed = parse_json(body, schema)
     if not in_layout:  # the exact, slower reading only where Polars and json could differ
         faults = json_reading_faults(body)
         if faults:
@@ -101,24 +90,6 @@ def parse_json(body: bytes, schema: pl.Schema) -> pl.DataFrame:
     if parsed.height != 1 or not body.lstrip().startswith(b"{"):
         raise AnswerError("the answer is not one JSON object")
     return parsed
-
-
-def parse_in_halves(body: bytes, schema: pl.Schema) -> pl.DataFrame:
-    """An answer in the service's layout parsed as two halves at once, cut between two users."""
-    # Polars reads one document on one thread. In the layout, USER_BOUNDARY stands only between two
-    # users (a quote inside text is escaped, so '{"' cannot be), so both halves are whole answers.
-    cut = body.find(USER_BOUNDARY, len(body) // 2)
-    if cut < 0 or "results" not in schema:
-        return parse_json(body, schema)
-    try:
-        with futures.ThreadPoolExecutor(1, thread_name_prefix="parse") as pool:
-            view = memoryview(body)  # each half copied once, straight from the body
-            first = pool.submit(parse_json, b"".join((view[: cut + 1], b"]}")), schema)
-            rest = parse_json(b"".join((RESULTS_HEAD, view[cut + 2 :])), schema)
-            first = first.result()
-    except AnswerError:  # bytes Polars refuses: the verdict, and where it points, come from the whole answer
-        return parse_json(body, schema)
-    return rest.with_columns(results=first.get_column("results").list.concat(rest.get_column("results")))
 
 
 def json_fault(exc: Exception) -> str:

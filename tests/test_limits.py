@@ -344,8 +344,8 @@ def with_escaped_quote(body: bytes) -> bytes:
 
 @pytest.mark.parametrize("escapes", [False, True], ids=["plain", "escaped-quote"])
 def test_checking_a_full_page_holds_no_memory_per_user(escapes):
-    # The layout check's regular expression kept a backtracking entry per user: 26 MB on a full page,
-    # twice at once on two staging threads. Typing a page now allocates one copy of it (its two halves).
+    # The layout check's regular expression kept a backtracking entry per user: 27 MB on a full page,
+    # twice at once on two staging threads. What Python allocates while typing a page stays small.
     page = page_body("roomy", 1, 5000)
     page = with_escaped_quote(page) if escapes else page
     expected = json.loads(page)["results"]
@@ -355,5 +355,5 @@ def test_checking_a_full_page_holds_no_memory_per_user(escapes):
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak < len(page) + 2**20, f"{peak / 2**20:.1f} MB allocated at the peak, for a page of {len(page) / 2**20:.1f} MB"
+    assert peak < 4 * 2**20, f"{peak / 2**20:.1f} MB allocated at the peak"
     assert_rows_are(frame, expected)
