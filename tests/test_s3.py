@@ -7,9 +7,11 @@ buckets and looks at what landed. Every value read back is checked against the r
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
+import os
 import shutil
 import signal
 from pathlib import Path
@@ -21,6 +23,7 @@ from fake_api import mutate, status
 
 import random_user_etl as etl
 from _random_user_etl import staging, store, wire
+from _random_user_etl.errors import Stopped
 from schemas import OUTPUT_SCHEMA, QUALITY_METADATA_KEY, SORT_KEY
 
 
@@ -174,25 +177,41 @@ class OnLine(logging.Handler):
             act()
 
 
-@pytest.mark.parametrize("fault", ["scratch-lost", "stop-signal"])
-def test_a_write_that_fails_midway_leaves_the_earlier_object_as_it_was(fault, s3, tmp_path, monkeypatch):
-    # Polars completes an upload whose source failed, with the rows sent so far at the key (2.1): the
-    # batch must be written whole before any of it is uploaded.
-    parts, key = staged_paged(tmp_path / "stage"), f"{s3.url()}/random_users_paged.parquet"
-    store.write_batch(parts, key, dt.datetime.now(dt.timezone.utc), 120, run_rows=17)
-    earlier = s3.client.get_object(Bucket=s3.name, Key=key.split("/", 3)[3])["Body"].read()
-    if fault == "stop-signal":
-        monkeypatch.setattr(wire, "noted_signal", lambda: signal.SIGTERM)  # a SIGTERM noted at every look
-        lose = None
-    else:  # the disk loses the sort's scratch while the batch is written
-        lose = OnLine("writing key range 2 of", lambda: shutil.rmtree(staging.sort_folder(tmp_path / "stage")))
-    log, level = logging.getLogger("random_user_etl"), logging.getLogger("random_user_etl").level
+@contextlib.contextmanager
+def scratch_lost_midway(stage: Path):
+    """The disk loses the sort's scratch once the write has begun its second key range."""
+    log = logging.getLogger("random_user_etl")
+    lose, level = OnLine("writing key range 2 of", lambda: shutil.rmtree(staging.sort_folder(stage))), log.level
     log.setLevel(logging.DEBUG)
-    log.addHandler(lose or logging.NullHandler())
+    log.addHandler(lose)
     try:
-        with pytest.raises((OSError, pl.exceptions.PolarsError, KeyboardInterrupt)):
-            store.write_batch(parts, key, dt.datetime.now(dt.timezone.utc), 120, run_rows=17)
+        with pytest.raises((OSError, pl.exceptions.PolarsError)):
+            yield
     finally:
         log.setLevel(level)
-        log.handlers = [handler for handler in log.handlers if handler is not lose]
+        log.removeHandler(lose)
+
+
+@contextlib.contextmanager
+def stop_signal_arrived():
+    """A SIGTERM delivered before the write, as the CLI notes it while the main thread waits in Polars."""
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)  # the CLI's handler, minus its unwinding
+    try:
+        with wire.signals_noted(), pytest.raises(Stopped):
+            os.kill(os.getpid(), signal.SIGTERM)
+            yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.parametrize("fault", [scratch_lost_midway, stop_signal_arrived], ids=["scratch-lost", "stop-signal"])
+def test_a_write_that_fails_midway_leaves_the_earlier_object_as_it_was(fault, s3, tmp_path):
+    # Polars completes an upload whose source failed, with the rows sent so far at the key (2.1): the
+    # batch must be written whole before any of it is uploaded.
+    stage = tmp_path / "stage"
+    parts, key = staged_paged(stage), f"{s3.url()}/random_users_paged.parquet"
+    store.write_batch(parts, key, dt.datetime.now(dt.timezone.utc), 120, run_rows=17)
+    earlier = s3.client.get_object(Bucket=s3.name, Key=key.split("/", 3)[3])["Body"].read()
+    with fault(stage) if fault is scratch_lost_midway else fault():
+        store.write_batch(parts, key, dt.datetime.now(dt.timezone.utc), 120, run_rows=17)
     assert s3.client.get_object(Bucket=s3.name, Key=key.split("/", 3)[3])["Body"].read() == earlier
