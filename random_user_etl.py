@@ -82,6 +82,7 @@ def replay(source: str | Path, settings: Settings | None = None, **overrides) ->
     settings = dataclasses.replace(settings or Settings(), **overrides)
     started = time.monotonic()
     ingested_at = dt.datetime.now(dt.timezone.utc)
+    STOP.clear()  # as a run: an earlier failed run set it, and a stop signal would be taken for a second one
     check_not_staging(Path(source), settings.output_dir)
     seed, pages = kept_pages(Path(source), settings.max_response_bytes)
     destination = batch_path(settings.output_dir, seed)

@@ -90,16 +90,23 @@ def fresh_temp(folder: Path, name: str, mode: int) -> Path:
     raise FileExistsError(errno.EEXIST, "no unused temp file name", str(folder))
 
 
+@contextlib.contextmanager
+def temp_file(folder: Path, name: str, mode: int = 0o600):
+    """A fresh temp file in `folder` (fresh_temp), removed on leaving unless it was moved away."""
+    temp = fresh_temp(folder, name, mode)
+    try:
+        yield temp
+    finally:
+        temp.unlink(missing_ok=True)
+
+
 def write_atomically(path: Path, write, temp_dir: Path | None = None, mode: int = 0o600) -> None:
     """Call write(temp_path) on a fresh temp file, then move the finished file into place in one step."""
     # `mode` (less the umask) is the file's: 0600 for the job's own files, 0666 for what others read.
     # temp_dir must be on the same filesystem; a killed run's temp file is swept from there.
-    temp = fresh_temp(temp_dir or path.parent, path.name, mode)
-    try:
+    with temp_file(temp_dir or path.parent, path.name, mode) as temp:
         write(temp)
         os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ def save_raw(folder: Path | None, page: int, answer: Answer) -> Path | None:
     # Named "unchecked" until the transform accepts it, so a bad answer never replaces a good one.
     path = folder / f"unchecked-page-{page:05d}.json.gz"
     try:
-        own_folder(folder)  # made on the first page kept, so a run that keeps none leaves no folder
+        own_folder(folder)  # made (or found ours) as a page is kept: a run that keeps none leaves no folder
         # The service's own gzip bytes when it sent them: the same body, and no CPU spent again.
         packed = answer.wire if answer.gzipped else gzip.compress(answer.wire, compresslevel=1, mtime=0)
         write_atomically(path, lambda temp: temp.write_bytes(packed), mode=0o666)

@@ -13,7 +13,7 @@ import random_user_config as config
 from random_user_config import is_remote, shorten
 from schemas import QUALITY_METADATA_KEY, UTC_INSTANT
 from _random_user_etl.errors import StorageError
-from _random_user_etl.folders import fresh_temp, write_atomically
+from _random_user_etl.folders import temp_file, write_atomically
 from _random_user_etl import sort
 from _random_user_etl.sort import SORT_RUN_ROWS
 from _random_user_etl.staging import quality_report, sort_folder
@@ -59,18 +59,15 @@ def write_batch(
     )
     # A stop signal during the sink ends it at the next key range (ExternalSort.ordered), or else is
     # raised by its handler as the sink returns: the temp file is removed, never moved into place.
-    write = lambda temp: batch.sink_parquet(temp, sync_on_close="all", **sink)
     if is_remote(destination):
         # Polars completes an upload whose source failed, with the rows sent so far at the key (2.1):
         # the batch is written whole to a local file first, and only a finished file is uploaded.
-        temp = fresh_temp(parts[0].parent, "batch.parquet", 0o600)
-        try:
-            write(temp)
+        with temp_file(parts[0].parent, "batch.parquet") as temp:
+            batch.sink_parquet(temp, **sink)  # read straight back: no need to wait for the disk
             return report, upload(temp, destination, storage_options, sink)
-        finally:
-            temp.unlink(missing_ok=True)
     final = Path(destination)
     final.parent.mkdir(parents=True, exist_ok=True)
+    write = lambda temp: batch.sink_parquet(temp, sync_on_close="all", **sink)
     write_atomically(final, write, temp_dir=parts[0].parent, mode=0o666)  # analysts read the lake
     return report, final.stat().st_size
 

@@ -46,16 +46,21 @@ _signals_read: int | None = None
 def signals_noted():
     """While held (main thread only), every signal with a Python handler is noted at once for check_stop, on any thread."""
     global _signals_read
-    read, write = os.pipe()
-    for fd in (read, write):
-        os.set_blocking(fd, False)
-    previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
-    _signals_read = read
-    try:
+    if os.name == "nt":  # a wakeup fd must be a socket there; runs need POSIX anyway (the seed lock)
         yield
+        return
+    outer, (read, write) = _signals_read, os.pipe()
+    try:
+        for fd in (read, write):
+            os.set_blocking(fd, False)
+        previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        _signals_read = read
+        try:
+            yield
+        finally:
+            signal.set_wakeup_fd(previous)
+            _signals_read = outer
     finally:
-        signal.set_wakeup_fd(previous)
-        _signals_read = None
         os.close(read)
         os.close(write)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as futures
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -398,3 +399,25 @@ def unstopped():
     wire.STOP.clear()
     yield
     wire.STOP.clear()
+
+
+@contextlib.contextmanager
+def on_log(text: str, act):
+    """While held, call `act` once, on the first record of the job's log (debug included) that starts with `text`."""
+
+    class Once(logging.Handler):
+        def emit(self, record):
+            nonlocal act
+            if act and record.getMessage().startswith(text):
+                act, then = None, act
+                then()
+
+    log, handler = logging.getLogger("random_user_etl"), Once(logging.DEBUG)
+    level = log.level
+    log.setLevel(logging.DEBUG)
+    log.addHandler(handler)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+        log.removeHandler(handler)

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import PAGED, ROOT, assert_rows_are, batch_files, fast_env, fixture_json, landed, raw_users
-from fake_api import mutate
+from conftest import PAGED, ROOT, assert_rows_are, batch_files, fast_env, fixture_json, landed, on_log, raw_users
+from fake_api import mutate, status
 
 import random_user_etl as etl
 
@@ -186,3 +188,17 @@ def test_a_kept_answer_past_the_size_bound_is_refused_before_it_is_read(tmp_path
     monkeypatch.setattr(Path, "read_bytes", never)  # the size is refused from the file's length alone
     with pytest.raises(etl.EtlError, match="answer larger than the 1,000,000-byte limit"):
         etl.replay(saved, output_dir=str(tmp_path / "out"), max_response_mb=1)
+
+
+def test_ctrl_c_stops_a_replay_after_an_earlier_run_in_this_process_failed(api, out, raw, settings, cli, tmp_path):
+    # A failed page sets the stop event to wind the other workers down; a later replay in the same
+    # process must still hear Ctrl-C, not take it for a second signal of a stop under way.
+    etl.run(settings(seed="paged", n=120, page_size=40))
+    api.script(status(400))
+    with pytest.raises(etl.EtlError, match="HTTP 400"):
+        etl.run(settings(seed="other", retries=0))
+    fresh = tmp_path / "fresh"
+    with on_log("replayed", lambda: os.kill(os.getpid(), signal.SIGINT)):
+        result = cli("--replay", str(raw / "paged"), env=fast_env(api.url, fresh, tmp_path / "no-raw"))
+    assert result.returncode == 130, result.stderr
+    assert "stopped by SIGINT" in result.stderr and batch_files(fresh) == []

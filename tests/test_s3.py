@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
-import logging
 import os
 import shutil
 import signal
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import GBONLY, PAGED, PURA, assert_rows_are, fast_env, fixture_bytes, nationality_counts, raw_key, raw_users, record_sorts
+from conftest import GBONLY, PAGED, PURA, assert_rows_are, fast_env, fixture_bytes, on_log, nationality_counts, raw_key, raw_users, record_sorts
 from fake_api import mutate, status
 
 import random_user_etl as etl
@@ -164,32 +163,11 @@ def staged_paged(folder: Path) -> list[Path]:
     ]
 
 
-class OnLine(logging.Handler):
-    """Calls `act` once, on the first log record whose text starts with `text`."""
-
-    def __init__(self, text: str, act):
-        super().__init__(logging.DEBUG)
-        self.text, self.act = text, act
-
-    def emit(self, record):
-        if self.act and record.getMessage().startswith(self.text):
-            self.act, act = None, self.act
-            act()
-
-
 @contextlib.contextmanager
 def scratch_lost_midway(stage: Path):
     """The disk loses the sort's scratch once the write has begun its second key range."""
-    log = logging.getLogger("random_user_etl")
-    lose, level = OnLine("writing key range 2 of", lambda: shutil.rmtree(staging.sort_folder(stage))), log.level
-    log.setLevel(logging.DEBUG)
-    log.addHandler(lose)
-    try:
-        with pytest.raises((OSError, pl.exceptions.PolarsError)):
-            yield
-    finally:
-        log.setLevel(level)
-        log.removeHandler(lose)
+    with on_log("writing key range 2 of", lambda: shutil.rmtree(staging.sort_folder(stage))), pytest.raises((OSError, pl.exceptions.PolarsError)):
+        yield
 
 
 @contextlib.contextmanager
