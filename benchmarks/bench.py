@@ -874,12 +874,12 @@ def bench_pace(report: Report) -> dict:
 
 
 def clean_env() -> dict:
-    """This process's environment without any RANDOM_USER_ setting, plus the allocator setting the image gives the job."""
+    """This process's environment without any RANDOM_USER_ setting, plus the allocator settings the image gives the job."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RANDOM_USER_")}
-    # Measured as it runs in production: the Dockerfile's MALLOC_MMAP_THRESHOLD_ (glibc returns freed
-    # answer buffers at once), read from the Dockerfile so the two cannot drift apart.
-    found = re.search(r"MALLOC_MMAP_THRESHOLD_=([0-9]+)", (ROOT / "Dockerfile").read_text())
-    return {**env, **({"MALLOC_MMAP_THRESHOLD_": found.group(1)} if found else {})}
+    # Measured as it runs in production: the Dockerfile's MALLOC_MMAP_THRESHOLD_ (glibc) and
+    # _RJEM_MALLOC_CONF (Polars' jemalloc), read from the Dockerfile so the two cannot drift apart.
+    found = re.findall(r"\b(MALLOC_MMAP_THRESHOLD_|_RJEM_MALLOC_CONF)=(\S+)", (ROOT / "Dockerfile").read_text())
+    return {**env, **dict(found)}
 
 
 def run_pace_job(url: str) -> dict:
