@@ -8,9 +8,9 @@ FROM python:3.11-slim-bookworm
 # MALLOC_MMAP_THRESHOLD_: glibc gives freed buffers over 128 kB (answer bodies are ~5 MB) straight
 # back to the OS, so RSS follows live data; without it glibc raises its threshold after the first
 # free, and peak RSS at 100,000 users measured 412 MB instead of 323 MB (benchmarks/bench.py --quick).
-# _RJEM_MALLOC_CONF: Polars' own allocator (jemalloc) keeps an arena per thread group, eight on two
-# cores, and memory one arena frees is not reused by another; with two, peak RSS at 200,000 users
-# measured about 270 MB instead of 300 to 330 MB, and the run was no slower (benchmarks/README.md).
+# _RJEM_MALLOC_CONF: Polars' own allocator (jemalloc) keeps eight arenas on two cores, and memory one
+# arena frees is not reused by another; with two, peak RSS at 200,000 users measured 296 MB instead
+# of 327 MB, and the run was no slower (benchmarks/bench.py, memory section).
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
