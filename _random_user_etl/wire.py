@@ -58,8 +58,8 @@ def signals_noted():
         try:
             yield
         finally:
+            _signals_read = outer  # first: no look may read a pipe about to be closed
             signal.set_wakeup_fd(previous)
-            _signals_read = outer
     finally:
         os.close(read)
         os.close(write)

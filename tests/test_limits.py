@@ -344,7 +344,7 @@ def with_escaped_quote(body: bytes) -> bytes:
 
 @pytest.mark.parametrize("escapes", [False, True], ids=["plain", "escaped-quote"])
 def test_checking_a_full_page_holds_no_memory_per_user(escapes):
-    # The layout check's regular expression kept a backtracking entry per user: 27 MB on a full page,
+    # The layout check's regular expression kept a backtracking entry per user: 26 MB on a full page,
     # twice at once on two staging threads. What Python allocates while typing a page stays small.
     page = page_body("roomy", 1, 5000)
     page = with_escaped_quote(page) if escapes else page

@@ -185,7 +185,8 @@ def stop_signal_arrived():
 @pytest.mark.parametrize("fault", [scratch_lost_midway, stop_signal_arrived], ids=["scratch-lost", "stop-signal"])
 def test_a_write_that_fails_midway_leaves_the_earlier_object_as_it_was(fault, s3, tmp_path):
     # Polars completes an upload whose source failed, with the rows sent so far at the key (2.1): the
-    # batch must be written whole before any of it is uploaded.
+    # batch must be written whole before any of it is uploaded. A lost scratch file is that case; a
+    # stop, which Polars does not complete an upload after, checks the stop ends the write unlanded.
     stage = tmp_path / "stage"
     parts, key = staged_paged(stage), f"{s3.url()}/random_users_paged.parquet"
     store.write_batch(parts, key, dt.datetime.now(dt.timezone.utc), 120, run_rows=17)
