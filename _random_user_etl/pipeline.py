@@ -133,8 +133,8 @@ def fetch_and_keep(session, settings: Settings, request: PageRequest, gate: Rate
     return request, answer, save_raw(kept, request.page, answer)
 
 
-def stage_body(answer: Answer, request: PageRequest, settings: Settings, folder: Path, raw_path: Path | None = None) -> tuple[int, int]:
-    """Unpack, transform and stage one answer, and name its kept raw file after the verdict."""
+def stage_body(answer: Answer, request: PageRequest, settings: Settings, folder: Path, raw_path: Path | None = None, replayed: bool = False) -> tuple[int, int]:
+    """Unpack, transform and stage one answer (a kept one, if `replayed`), and name its kept raw file after the verdict."""
     try:
         frame = transform(unpack(answer, settings.max_response_bytes), request)
     except EtlError as exc:
@@ -142,7 +142,7 @@ def stage_body(answer: Answer, request: PageRequest, settings: Settings, folder:
         raise on_page(exc, request.page) from exc
     settle_raw(raw_path, accepted=True)
     try:
-        stage_part(folder, frame, part_identity(settings, request.seed, request.page, frame.height))
+        stage_part(folder, frame, part_identity(settings, request.seed, request.page, frame.height, replayed))
     except (OSError, pl.exceptions.PolarsError) as exc:
         raise StorageError(write_error(exc), page=request.page, path=folder, doing="cannot stage in") from exc
     return request.page, frame.height
@@ -227,5 +227,5 @@ def stage_kept(pages: list[tuple[int, Path]], seed: str, settings: Settings, fol
     sizes = []
     for page, path in pages:
         body = read_kept(path, settings.max_response_bytes)
-        sizes.append(stage_body(Answer(body), PageRequest(seed, page, None), settings, folder)[1])
+        sizes.append(stage_body(Answer(body), PageRequest(seed, page, None), settings, folder, replayed=True)[1])
     return sizes

@@ -26,9 +26,12 @@ PART_NULLS_KEY = "random_user_etl.nulls"  # a staged page's nulls per column, co
 PART = dict(compression="zstd", compression_level=1, statistics=False)
 
 
-def part_identity(settings: Settings, seed: str, page: int, rows: int) -> dict:
+def part_identity(settings: Settings, seed: str, page: int, rows: int, replayed: bool = False) -> dict:
     """What a staged part must prove about itself before a later run trusts it."""
-    return {"seed": seed, "page": page, "rows": rows, "page_size": settings.page_size, "nat": ",".join(settings.nat)}
+    # A replayed page says nothing of the nationalities or page size it was asked with: it never
+    # stands in for a page of a live run (a stopped replay leaves its staged pages behind).
+    origin = "replay" if replayed else "service"
+    return {"seed": seed, "page": page, "rows": rows, "page_size": settings.page_size, "nat": ",".join(settings.nat), "from": origin}
 
 
 def part_path(folder: Path, page: int) -> Path:

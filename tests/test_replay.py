@@ -16,6 +16,7 @@ from conftest import PAGED, ROOT, assert_rows_are, batch_files, fast_env, fixtur
 from fake_api import mutate, status
 
 import random_user_etl as etl
+from _random_user_etl import pipeline, staging
 
 PAGES = ["page-00001.json.gz", "page-00002.json.gz", "page-00003.json.gz"]
 
@@ -202,3 +203,14 @@ def test_ctrl_c_stops_a_replay_after_an_earlier_run_in_this_process_failed(api, 
         result = cli("--replay", str(raw / "paged"), env=fast_env(api.url, fresh, tmp_path / "no-raw"))
     assert result.returncode == 130, result.stderr
     assert "stopped by SIGINT" in result.stderr and batch_files(fresh) == []
+
+
+def test_a_live_run_never_trusts_a_page_a_replay_staged(api, out, raw, settings):
+    # A kept answer does not say which nationalities it was asked for: a page a stopped replay left
+    # staged (stamped with the replay's settings) must not stand in for a page of a live run.
+    etl.run(settings(seed="paged", n=120, page_size=40, nat=("gb",)))
+    run = settings(seed="paged", n=120, page_size=40)
+    folder = staging.own_staging_root(str(out)) / "paged"
+    folder.mkdir(0o700)
+    pipeline.stage_kept([(1, raw / "paged" / "page-00001.json.gz")], "paged", run, folder)
+    assert staging.pending_pages(folder, run, "paged", [40, 40, 40]) == [1, 2, 3]
