@@ -769,3 +769,14 @@ def test_a_run_that_keeps_no_answer_leaves_no_raw_folder_behind(api, out, raw, s
     with pytest.raises(etl.EtlError, match=r"^page 1: HTTP 400"):
         etl.run(settings(seed="pura", retries=0))
     assert not (raw / "pura").exists() and batch_files(out) == []
+
+
+def test_kept_raw_answers_are_readable_by_this_user_alone_even_in_an_open_seed_folder(api, raw, settings):
+    # They hold the credentials the service sends; a seed folder made 0755 by hand is accepted (no
+    # one else can write in it), and the answers in it must still be closed to others.
+    (raw / "pura").mkdir(parents=True)
+    os.chmod(raw / "pura", 0o755)
+    etl.run(settings(seed="pura"))
+    kept = sorted((raw / "pura").iterdir())
+    assert [path.name for path in kept] == ["page-00001.json.gz"]
+    assert all(stat.S_IMODE(os.lstat(path).st_mode) & 0o077 == 0 for path in kept), [oct(os.lstat(p).st_mode) for p in kept]
