@@ -27,7 +27,7 @@ sys.path[:0] = [str(ROOT), str(TESTS)]
 from fake_api import FIXTURES, FakeRandomUser  # noqa: E402
 
 import random_user_etl as etl  # noqa: E402
-from _random_user_etl import client, sort, store, wire  # noqa: E402
+from _random_user_etl import sort, store, wire  # noqa: E402
 from random_user_config import Settings, staging_root  # noqa: E402
 from oracle import LONE_SURROGATE, USER_COLUMNS, Refused, raw_key, reference_rows, user_rows  # noqa: E402,F401  (the one oracle)
 
@@ -79,8 +79,11 @@ def served_users(seed: str, n: int, page_size: int) -> list[dict]:
     """The users the fake serves a run of (seed, n, page_size), page by page, parsed by the standard library."""
     from fake_api import page_body
 
-    sizes = client.page_sizes(n, page_size)
-    return [u for page, size in enumerate(sizes, start=1) for u in json.loads(page_body(seed, page, size))["results"]]
+    full, rest = divmod(n, page_size)  # written out, not the job's page_sizes: full pages, then the rest
+    sizes = [page_size] * full + ([rest] if rest else [])
+    users = [u for page, size in enumerate(sizes, start=1) for u in json.loads(page_body(seed, page, size))["results"]]
+    assert len(users) == n
+    return users
 
 
 def assert_null_counts(report: dict, users: list[dict]) -> None:

@@ -7,7 +7,6 @@ run cleans up what a dead run left and lands the right data.
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -18,11 +17,11 @@ from types import SimpleNamespace
 
 import polars as pl
 import pytest
-from conftest import FAST, ROOT, CasePool, assert_one_error_line, batch_files, clean_environ, digests, fast_env, landed
-from fake_api import FakeRandomUser, hang, mutate, normal, page_body
+from conftest import FAST, ROOT, CasePool, assert_one_error_line, batch_files, clean_environ, digests, fast_env, landed, served_users
+from fake_api import FakeRandomUser, hang, mutate, normal
 
 import random_user_etl as etl
-from _random_user_etl import client, store
+from _random_user_etl import store
 from random_user_config import Settings
 from schemas import OUTPUT_SCHEMA
 
@@ -32,11 +31,9 @@ PAGED = ["--seed", "paged", "--n", "200", "--page-size", "40"]
 # ------------------------------------------------------------------ helpers
 
 
-def expected_ids(seed: str, sizes: list[int]) -> list[str]:
-    """The user ids the fake serves for these pages of a seed (recorded users first), sorted."""
-    return sorted(
-        u["login"]["uuid"] for page, size in enumerate(sizes, 1) for u in json.loads(page_body(seed, page, size))["results"]
-    )
+def expected_ids(seed: str, n: int, page_size: int) -> list[str]:
+    """The user ids the fake serves a run of (seed, n, page_size), sorted."""
+    return sorted(u["login"]["uuid"] for u in served_users(seed, n, page_size))
 
 
 def spawn(*args, env: dict, stderr: Path) -> subprocess.Popen:
@@ -110,7 +107,7 @@ def test_kill_9_mid_fetch_shows_no_torn_batch_and_the_next_run_resumes(api, out,
     assert result.returncode == 0, result.stderr
     assert sorted(int(r.params["page"]) for r in api.requests) == [3, 4, 5]  # resumed: staged pages trusted
     frame = pl.read_parquet(out / "random_users_paged.parquet")
-    assert sorted(frame["user_id"]) == expected_ids("paged", [40] * 5)
+    assert sorted(frame["user_id"]) == expected_ids("paged", 200, 40)
     assert_visible_batches_whole(out, {"pura": 100, "paged": 200})
     assert not (out / ".staging" / "paged").exists() and leftovers(out, raw) == []
 
@@ -140,7 +137,7 @@ def test_kill_9_mid_write_never_shows_a_torn_batch_and_the_next_run_cleans_up(ap
     result = cli(*args, env=env)
     assert result.returncode == 0, result.stderr
     frame = pl.read_parquet(out / "random_users_big.parquet")
-    assert sorted(frame["user_id"]) == expected_ids("big", [5000, 5000])
+    assert sorted(frame["user_id"]) == expected_ids("big", 10_000, 5000)
     assert_visible_batches_whole(out, {"big": n, "pura": 100})
     assert not (out / ".staging" / "big").exists()
     assert leftovers(out) == [], f"the killed runs' temp files are still in the output folder (kills mid-write: {hits})"
@@ -171,7 +168,7 @@ def test_two_runs_of_one_seed_at_once_end_with_one_whole_copy(api, out, raw, tmp
     assert batch_files(out) == ["random_users_paged.parquet"]
     frame = pl.read_parquet(out / "random_users_paged.parquet")
     assert frame.height == 200 and frame["user_id"].n_unique() == 200
-    assert sorted(frame["user_id"]) == expected_ids("paged", [40] * 5)
+    assert sorted(frame["user_id"]) == expected_ids("paged", 200, 40)
     assert_visible_batches_whole(out, {"paged": 200})
     assert leftovers(out, raw) == [] and not (out / ".staging" / "paged").exists()
 
@@ -236,9 +233,8 @@ def run_case(case: str, folder: Path) -> SimpleNamespace:
         staged_whole = all(pl.scan_parquet(p).select(pl.len()).collect().item() > 0 for p in staged)
         rerun = etl.run(Settings(**values))  # the disk has room again: the next run lands the right data
         rerun_ids = sorted(pl.read_parquet(rerun.path)["user_id"])
-        sizes = client.page_sizes(n, page_size)
         return SimpleNamespace(result=result, before=before, after=after, raw_before=raw_before, raw_after=raw_after,
-                               leftovers=stray, staged_whole=staged_whole, rerun_ok=rerun_ids == expected_ids(seed, sizes))
+                               leftovers=stray, staged_whole=staged_whole, rerun_ok=rerun_ids == expected_ids(seed, n, page_size))
 
 
 @pytest.fixture(scope="module")
