@@ -89,11 +89,14 @@ def test_unique_users_gives_each_user_once_the_most_recently_ingested(api, setti
 
 def test_unique_users_breaks_a_tie_in_ingested_at_by_seed_then_page(api, settings, out, tmp_path):
     land_repeated_batch(settings)
-    # The same instant on both batches, written in either order of files: the larger seed wins.
+    # The same instant on both batches, and demo2's file read first (the lake is read in name
+    # order, which alone would let demo's rows win): the larger seed wins.
     when = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
-    for name in ("random_users_demo.parquet", "random_users_demo2.parquet"):
+    for name, renamed in (("random_users_demo.parquet", None), ("random_users_demo2.parquet", "random_users_0.parquet")):
         path = out / name
-        pl.read_parquet(path).with_columns(ingested_at=pl.lit(when, OUTPUT_SCHEMA["ingested_at"])).write_parquet(path)
+        pl.read_parquet(path).with_columns(ingested_at=pl.lit(when, OUTPUT_SCHEMA["ingested_at"])).write_parquet(out / (renamed or name))
+        if renamed:
+            path.unlink()
     frame = etl.read_processed(str(out), unique_users=True).collect()
     assert frame.height == 20
     assert frame.group_by("seed", "page").len().sort("seed").rows() == [("demo", 1, 10), ("demo2", 1, 10)]
