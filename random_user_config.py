@@ -371,15 +371,20 @@ def user_tag() -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", name)  # one plain name: a slash, a backslash or ".." must not leave the temp folder
 
 
+def lies_in(path, folder) -> bool:
+    """True when `path` is `folder` or lies inside it, both resolved: a relative path, "..", or a link hides nothing."""
+    path, folder = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
+    return path == folder or folder in path.parents
+
+
 def check_folders_apart(output_dir: str, raw_dir: str | None) -> None:
     """Refuse a raw folder that is, lies inside, or holds the output folder (or object storage's private staging)."""
     if raw_dir is None:
         return
     # Staged pages are swept and batches are read by folder: a raw folder among them would be
-    # swept or read as a batch. Resolved, so a relative path, "..", or a link hides nothing.
+    # swept or read as a batch.
     local = staging_root(output_dir).parent if is_remote(output_dir) else Path(output_dir)
-    ours, raws = Path(os.path.realpath(local)), Path(os.path.realpath(raw_dir))
-    if ours == raws or ours in raws.parents or raws in ours.parents:
+    if lies_in(raw_dir, local) or lies_in(local, raw_dir):
         where = f" the staging folder {shorten(local, 120)} of" if is_remote(output_dir) else ""
         raise SettingsError(
             f"{describe('raw_dir')} {shorten(raw_dir, 120)!r} overlaps{where} {describe('output_dir')} "

@@ -6,6 +6,7 @@ import concurrent.futures as futures
 import contextlib
 import dataclasses
 import functools
+import itertools
 import logging
 import shutil
 import sys
@@ -105,13 +106,13 @@ def in_parallel(work, items, concurrency: int):
     """Run work(item) for each item, at most `concurrency` at once; yield results as they finish."""
     items = iter(items)
     pool = futures.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="page")
-    pending, stopped = {pool.submit(work, item) for item in _take(items, concurrency)}, False
+    pending, stopped = {pool.submit(work, item) for item in itertools.islice(items, concurrency)}, False
     try:
         while pending:
             done, pending = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
             results = [future.result() for future in done]  # a failure surfaces before more work is taken
             # Refill before yielding, so the next items are under way while the caller works on these.
-            pending |= {pool.submit(work, item) for item in _take(items, len(done))}
+            pending |= {pool.submit(work, item) for item in itertools.islice(items, len(done))}
             yield from results
     except BaseException as exc:  # a stop, a failed page, or the consumer gone: nothing more is worth waiting for
         stopped = isinstance(exc, KeyboardInterrupt)
@@ -120,11 +121,6 @@ def in_parallel(work, items, concurrency: int):
     finally:
         # On a stop, not waited for: a worker may sit in a connect that nothing can cut (see the script's exit).
         pool.shutdown(wait=not stopped, cancel_futures=True)
-
-
-def _take(items, count: int) -> list:
-    """The next `count` items of an iterator."""
-    return [item for _, item in zip(range(count), items)]
 
 
 def fetch_and_keep(session, settings: Settings, request: PageRequest, gate: RateGate, kept: Path | None) -> tuple[PageRequest, Answer, Path | None]:

@@ -7,7 +7,7 @@ import os
 import re
 import stat
 from pathlib import Path
-from random_user_config import shorten, staging_root
+from random_user_config import lies_in, shorten, staging_root
 from _random_user_etl.answer import answer_info
 from _random_user_etl.errors import EtlError, StorageError, write_error
 from _random_user_etl.folders import found_own_folder, own_folder, write_atomically
@@ -139,9 +139,7 @@ def read_kept(path: Path, limit: int) -> bytes:
 
 def check_not_staging(source: Path, output_dir: str) -> None:
     """Refuse a replay source in the output's staging folder: replay clears the seed's staging folder first."""
-    staging = Path(os.path.realpath(staging_root(output_dir)))
-    found = Path(os.path.realpath(source))  # resolved: a link or ".." hides nothing
-    if found == staging or staging in found.parents:
+    if lies_in(source, staging_root(output_dir)):
         raise StorageError(
             f"it lies in the staging folder {staging_root(output_dir)} of the output, "
             "which a run clears; copy the kept answers elsewhere and replay the copy",

@@ -34,7 +34,6 @@ def write_batch(
     destination: str,
     ingested_at: dt.datetime,
     expected_rows: int,
-    storage_options=None,
     run_rows: int = SORT_RUN_ROWS,
     sorter: sort.ExternalSort | None = None,
     part_rows: list[int] | None = None,
@@ -64,7 +63,7 @@ def write_batch(
         # the batch is written whole to a local file first, and only a finished file is uploaded.
         with temp_file(parts[0].parent, "batch.parquet") as temp:
             batch.sink_parquet(temp, **sink)  # read straight back: no need to wait for the disk
-            return report, upload(temp, destination, storage_options, sink)
+            return report, upload(temp, destination, sink)
     final = Path(destination)
     final.parent.mkdir(parents=True, exist_ok=True)
     write = lambda temp: batch.sink_parquet(temp, sync_on_close="all", **sink)
@@ -72,14 +71,14 @@ def write_batch(
     return report, final.stat().st_size
 
 
-def upload(path: Path, destination: str, storage_options: dict | None, sink: dict) -> int:
+def upload(path: Path, destination: str, sink: dict) -> int:
     """Stream a finished batch file to an object key through Polars' cloud writer; the object's size in bytes."""
-    # With no storage_options, Polars takes credentials, region and endpoint from the standard
+    # Polars takes credentials, region and endpoint from the standard
     # AWS_* variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION,
     # AWS_ENDPOINT_URL). A PUT, or a multipart upload that is only completed after its last part,
     # replaces the key in one step: readers see the old batch or the new one, never part of one.
     sinked = []
-    pl.scan_parquet(path).sink_parquet(destination, storage_options=storage_options, sinked_paths_callback=sinked.append, **sink)
+    pl.scan_parquet(path).sink_parquet(destination, sinked_paths_callback=sinked.append, **sink)
     return sum(path.num_bytes for args in sinked for path in args.paths)
 
 
