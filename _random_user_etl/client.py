@@ -181,8 +181,7 @@ def fetch_page(session: requests.Session, settings: Settings, request: PageReque
             if response.status_code == 200:
                 gate.served(request.results or 0, token)
                 return answer
-            asked = retry_after(response)  # read once: it tells the rate limit from a retry, and how long to wait
-            if response.status_code == 429 and asked is None:  # the rate limit: a 429 that says nothing of when to come back
+            if rate_limit_refusal(response):
                 waited, seconds = gate.refused(settings, request.page, token)
                 log.warning("rate limited for %s at %s: HTTP 429, pausing all requests, asking again in %gs", seconds_text(waited), where, seconds)
                 continue
@@ -190,9 +189,14 @@ def fetch_page(session: requests.Session, settings: Settings, request: PageReque
             if answer is not None or response.is_redirect:
                 raise status_error(response, answer, settings, request.page, retry)
             retry += 1
-            why, seconds = status_wait(response, asked, settings, retry, request.page)
+            why, seconds = status_wait(response, retry_after(response), settings, retry, request.page)
         log.warning("retry %d of %d for %s: %s", retry, most, where, why)
         hold(seconds)
+
+
+def rate_limit_refusal(response: requests.Response) -> bool:
+    """A 429 that says nothing of when to come back: the service's rate limit, waited out, never a retry."""
+    return response.status_code == 429 and retry_after(response) is None
 
 
 def ask(session: requests.Session, settings: Settings, params: dict, last: bool) -> tuple[requests.Response, Answer | None]:
@@ -203,7 +207,7 @@ def ask(session: requests.Session, settings: Settings, params: dict, last: bool)
             # A redirect is not followed: it could lead to plain http on another host.
             response = session.get(settings.api_url, params=params, timeout=settings.timeout, stream=True, allow_redirects=False)
             with response:
-                if response.is_redirect or (response.status_code in RETRIED_STATUSES and not last):
+                if response.is_redirect or rate_limit_refusal(response) or (response.status_code in RETRIED_STATUSES and not last):
                     return response, None  # closed unread: a huge or endless error body never fills memory
                 answer = read_body(response, settings.max_response_bytes)
             if attempt.expired:  # shut at the deadline: what came before is not the whole answer

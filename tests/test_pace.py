@@ -1,6 +1,7 @@
 """Long pulls at the service's pace: the rate limit is waited out, not retried, probed by one request at a time."""
 
 import logging
+import random
 import re
 import time
 
@@ -144,3 +145,12 @@ def test_a_page_that_fails_ends_the_run_at_once_while_another_waits_on_the_limit
     with pytest.raises(etl.EtlError, match=r"^page [12]: HTTP 400"):
         etl.run(settings(seed="paged", n=40, page_size=10, concurrency=2, rate_limit_wait=10, max_wait=20))
     assert time.monotonic() - started < 5, "the failed page waited for the other worker's pause"
+
+
+def test_the_rate_limit_is_waited_out_unread_with_no_retries_left(api, settings):
+    # A bare 429 draws nothing on --retries, so with none (--retries 0) its body is not read either: a body
+    # past --max-response-mb (or one that trickles) must not turn the pause into a failed page.
+    noise = random.Random(429).randbytes(500_000)  # gzip cannot shrink it below the bound
+    api.script(status(429, noise), status(429, noise), normal())
+    batch = etl.run(settings(seed="pura", retries=0, max_response_mb=0.2))
+    assert batch.rows == 100 and len(api.requests) == 3
