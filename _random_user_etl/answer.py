@@ -181,7 +181,7 @@ def envelope(parsed: pl.DataFrame) -> dict:
 
 def service_error(message: str) -> AnswerError:
     """The error for an answer that is the service's own error body."""
-    return AnswerError(f"the service answered with an error: {message[:200]!r}")
+    return AnswerError(f"the service answered with an error: {shorten(message, 200)!r}")
 
 
 def answer_info(body: bytes) -> dict:

@@ -279,5 +279,5 @@ def service_says(answer: Answer, limit: int) -> str:
         message = json.loads(unpack(answer, min(limit, SERVICE_SAYS_BYTES))).get("error")
     except (EtlError, ValueError, AttributeError, RecursionError):
         return ""
-    return f": the service says {str(message)[:200]!r}" if message else ""
+    return f": the service says {shorten(message, 200)!r}" if message else ""
 
