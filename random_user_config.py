@@ -64,6 +64,52 @@ OFF_WORDS = frozenset({"", "off", "none", "no", "false", "0"})
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 
 
+def shorten(text, limit: int = 60) -> str:
+    """Any value as one short line fit for a terminal: every unprintable character escaped, at most `limit` characters, then '...'."""
+    # Unprintable: C0 and C1 controls, DEL, line and paragraph separators, bidi and other format
+    # characters, lone surrogates. Each is shown as Python writes it (\x1b, \n, \u202e), so a value can
+    # neither forge a second line, nor move the cursor, colour the terminal or reorder the line.
+    shown, size = [], 0
+    for char in str(text):
+        piece = char if char.isprintable() else repr(char)[1:-1]
+        if size + len(piece) > limit:
+            return "".join(shown) + "..."
+        shown.append(piece)
+        size += len(piece)
+    return "".join(shown)
+
+
+# The query parameters the job itself sends (client.page_params): their values hold no secret, and
+# say which page a line is about. Any other parameter of --api-url may be a token.
+SHOWN_PARAMETERS = frozenset({"results", "page", "inc", "seed", "nat"})
+
+
+LINE_LIMIT = 1000  # the most characters of one line the job prints, its values escaped (shorten)
+
+
+SHOWN_URL_LIMIT = 300  # an address in a line: the job's own query is about 150 characters
+
+
+def shown_url(url, path_only: bool = False) -> str:
+    """An address as a line may show it: no user or password, no value of a parameter not the job's own, escaped and bounded."""
+    text = str(url)
+    head, _, query = text.partition("?")
+    query = query.partition("#")[0]
+    scheme, slashes, rest = head.partition("://")
+    if not slashes:
+        scheme, rest = "", head
+    if "@" in rest:  # a user and password, as far as the last "@" before the query (an unescaped "/" in a password too)
+        rest = "***@" + rest.rpartition("@")[2]
+    if path_only:
+        rest = "/" + rest.partition("/")[2] if slashes else rest
+    elif slashes:
+        rest = f"{scheme}://{rest}"
+    pairs = [pair.partition("=") for pair in query.split("&")] if query else []
+    # A bare name (?abcd1234) may be the token itself.
+    shown = "&".join(name + eq + value if name in SHOWN_PARAMETERS else name + "=***" if eq else "***" for name, eq, value in pairs)
+    return shorten(rest + ("?" + shown if query else ""), SHOWN_URL_LIMIT)
+
+
 class SettingsError(ValueError):
     """A setting with a value the job cannot use (exit status 2)."""
 
@@ -238,7 +284,7 @@ class Settings:
             check("seed", SEED_PATTERN.fullmatch(self.seed) is not None, seed_rule())
             check("seed", len(self.seed) != NAT_CODE_SEED_LENGTH, nat_code_seed(self.seed))
         unknown = [code for code in self.nat if code not in NATIONALITIES]
-        check("nat", not unknown, f"unknown nationality {','.join(unknown)!r}; known: {','.join(sorted(NATIONALITIES))}")
+        check("nat", not unknown, f"unknown nationality '{shorten(','.join(unknown))}'; known: {','.join(sorted(NATIONALITIES))}")
         check("timeout", SHORTEST_WAIT <= self.timeout <= LONGEST_WAIT, f"must be between {SHORTEST_WAIT} and {LONGEST_WAIT}")
         check("retries", 0 <= self.retries <= MOST_RETRIES, f"must be between 0 and {MOST_RETRIES}")
         check("backoff", 0 <= self.backoff <= MOST_BACKOFF, f"must be between 0 and {MOST_BACKOFF}")
@@ -248,7 +294,8 @@ class Settings:
         check("concurrency", 1 <= self.concurrency <= MOST_CONCURRENCY, f"must be between 1 and {MOST_CONCURRENCY}")
         check("max_response_mb", LEAST_RESPONSE_MB <= self.max_response_mb <= MOST_RESPONSE_MB, f"must be between {LEAST_RESPONSE_MB} and {MOST_RESPONSE_MB}")
         check("output_dir", bool(self.output_dir), "must not be empty")
-        for name in ("api_url", "output_dir", "raw_dir"):
+        check_path_text(describe("api_url"), self.api_url, shown_url)
+        for name in ("output_dir", "raw_dir"):
             check_path_text(describe(name), getattr(self, name))
         check_folder_addresses(self.output_dir, self.raw_dir)
         check_folders_apart(self.output_dir, self.raw_dir)
@@ -289,14 +336,14 @@ def describe(name: str) -> str:
     return f"{setting.flag} ({setting.env})"
 
 
-def check_path_text(label: str, text: str | None) -> None:
-    """Refuse a path or URL with whitespace at either end or a control character anywhere."""
+def check_path_text(label: str, text: str | None, show=shorten) -> None:
+    """Refuse a path or URL with whitespace at either end or a control character anywhere; `show` puts it in the line."""
     if text is None:
         return
     if text != text.strip():
-        raise SettingsError(f"{label} has whitespace at its start or end, got {shorten(text)!r}")
+        raise SettingsError(f"{label} has whitespace at its start or end, got '{show(text)}'")
     if CONTROL_CHARACTER.search(text):
-        raise SettingsError(f"{label} holds a control character, got {shorten(text)!r}")
+        raise SettingsError(f"{label} holds a control character, got '{show(text)}'")
 
 
 def seed_rule() -> str:
@@ -324,12 +371,16 @@ def is_loopback(host: str) -> bool:
 
 def check_api_url(url: str, allow_http: bool) -> None:
     """Refuse an API address that is not http(s), or plain http to a remote host unless allowed."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("https", "http") or not parts.hostname:
-        raise SettingsError(f"{describe('api_url')} must be an https:// address, got {url!r}")
-    if parts.scheme == "http" and not allow_http and not is_loopback(parts.hostname):
+    try:
+        parts = urlsplit(url)
+        scheme, host, _ = parts.scheme, parts.hostname, parts.port  # an odd "[::1" or port raises here, not in a request
+    except ValueError:
+        scheme = host = None
+    if scheme not in ("https", "http") or not host:
+        raise SettingsError(f"{describe('api_url')} must be an https:// address, got '{shown_url(url)}'")
+    if scheme == "http" and not allow_http and not is_loopback(host):
         raise SettingsError(
-            f"{describe('api_url')} is plain http:// to {parts.hostname}; use https, "
+            f"{describe('api_url')} is plain http:// to {shorten(host)}; use https, "
             f"or allow it with {describe('allow_http')}"
         )
 
@@ -344,10 +395,10 @@ def check_folder_addresses(output_dir: str, raw_dir: str | None) -> None:
     # A file:// address would pass for object storage: staged in the temp folder, and compared with
     # the raw folder as a URL, never as the folder it names.
     if is_remote(output_dir) and urlsplit(output_dir).scheme.lower() == "file":
-        raise SettingsError(f"{describe('output_dir')} is a file:// address, got {shorten(output_dir)!r}; use a plain path for a local folder")
+        raise SettingsError(f"{describe('output_dir')} is a file:// address, got '{shorten(output_dir)}'; use a plain path for a local folder")
     if raw_dir is not None and is_remote(raw_dir):
         scheme = urlsplit(raw_dir).scheme
-        raise SettingsError(f"{describe('raw_dir')} is a local folder, not a {scheme}:// address, got {shorten(raw_dir)!r}; use a plain path")
+        raise SettingsError(f"{describe('raw_dir')} is a local folder, not a {scheme}:// address, got '{shorten(raw_dir)}'; use a plain path")
 
 
 def staging_root(output_dir: str) -> Path:
@@ -387,8 +438,8 @@ def check_folders_apart(output_dir: str, raw_dir: str | None) -> None:
     if lies_in(raw_dir, local) or lies_in(local, raw_dir):
         where = f" the staging folder {shorten(local, 120)} of" if is_remote(output_dir) else ""
         raise SettingsError(
-            f"{describe('raw_dir')} {shorten(raw_dir, 120)!r} overlaps{where} {describe('output_dir')} "
-            f"{shorten(output_dir, 120)!r}: keep them apart, neither inside the other"
+            f"{describe('raw_dir')} '{shorten(raw_dir, 120)}' overlaps{where} {describe('output_dir')} "
+            f"'{shorten(output_dir, 120)}': keep them apart, neither inside the other"
         )
 
 
@@ -413,14 +464,8 @@ def load_settings(flags: dict | None = None, environ=None, today: dt.date | None
         try:
             values[setting.name] = setting.parse(text)
         except ValueError as exc:
-            raise SettingsError(f"{source} {exc}, got {shorten(text)!r}") from exc
+            raise SettingsError(f"{source} {exc}, got '{shorten(text)}'") from exc
     today = today or dt.datetime.now(dt.timezone.utc).date()
     if "seed" in values:
         values["seed"] = expand_seed(values["seed"], today)
     return Settings(**values)
-
-
-def shorten(text, limit: int = 60) -> str:
-    """Keep an echoed value to one short line."""
-    text = str(text)
-    return text if len(text) <= limit else text[:limit] + "..."

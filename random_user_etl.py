@@ -16,8 +16,10 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -28,7 +30,7 @@ from pathlib import Path
 import polars as pl
 
 import random_user_config as config
-from random_user_config import Settings, SettingsError, is_remote
+from random_user_config import LINE_LIMIT, Settings, SettingsError, is_remote, shorten
 from schemas import OUTPUT_SCHEMA
 from _random_user_etl.answer import PageRequest
 from _random_user_etl.client import RateGate, page_sizes
@@ -168,23 +170,54 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def configure_logging(verbose: bool) -> None:
-    """Log lines to stderr, one per event; never a library's record that carries an exception's text."""
+    """Log lines to stderr, one per event, each escaped and bounded; only the job's own, and with -v urllib3's and warnings'."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(without_fault_text)
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s",
-        handlers=[handler],
-        force=True,
-    )
+    handler.addFilter(functools.partial(job_record, verbose=verbose))
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
     logging.getLogger("urllib3").setLevel(logging.DEBUG if verbose else logging.ERROR)
+    # A library's warnings (Polars' Rust side raises its own as Python warnings) become records,
+    # which the filter drops unless -v, instead of text of their own on stderr.
+    logging.captureWarnings(True)
 
 
-def without_fault_text(record: logging.LogRecord) -> bool:
-    """False for another logger's record that carries an exception: its text can hold the answer's bytes."""
-    # urllib3 logs headers it cannot parse (a header line may be a person) with the exception and its traceback.
+class OneLineFormatter(logging.Formatter):
+    """Each record as one line with every unprintable character escaped (shorten); a traceback (with -v) line by line."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        """The record's line: a newline or an escape code in a value cannot make another line or reach the terminal."""
+        return shorten(super().formatMessage(record), LINE_LIMIT)
+
+    def formatException(self, ei) -> str:
+        """A traceback, each of its lines escaped."""
+        return "\n".join(shorten(line, LINE_LIMIT) for line in super().formatException(ei).split("\n"))
+
+    def formatStack(self, stack_info: str) -> str:
+        """A stack, each of its lines escaped."""
+        return "\n".join(shorten(line, LINE_LIMIT) for line in super().formatStack(stack_info).split("\n"))
+
+
+SHOWN_WITH_VERBOSE = ("urllib3", "py.warnings")  # the loggers besides the job's that -v lets through
+
+
+def job_record(record: logging.LogRecord, verbose: bool) -> bool:
+    """True for the job's records; with -v also urllib3's (addresses shown by shown_url) and warnings', never one that carries an exception."""
+    # Any other library's record is not the job's line: boto's credential notice, and with -v its
+    # debug lines, which carry request headers. urllib3 logs headers it cannot parse (a header line may
+    # be a person) with the exception and its traceback.
+    if record.name == log.name:
+        return True
+    if not verbose or not record.name.startswith(SHOWN_WITH_VERBOSE):
+        return False
     args = record.args if isinstance(record.args, tuple) else ()
-    return record.name == log.name or not (record.exc_info or any(isinstance(arg, BaseException) for arg in args))
+    if record.exc_info or any(isinstance(arg, BaseException) for arg in args):
+        return False
+    if record.name.startswith("urllib3"):  # it logs each request's path and query: a token in --api-url's query is in it
+        record.args = tuple(config.shown_url(arg) if isinstance(arg, str) and ADDRESS.match(arg) else arg for arg in args)
+    return True
+
+
+ADDRESS = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://|/")  # an argument of a library's record that is a URL or a path
 
 
 @contextlib.contextmanager

@@ -181,7 +181,7 @@ def envelope(parsed: pl.DataFrame) -> dict:
 
 def service_error(message: str) -> AnswerError:
     """The error for an answer that is the service's own error body."""
-    return AnswerError(f"the service answered with an error: {shorten(message, 200)!r}")
+    return AnswerError(f"the service answered with an error: '{shorten(message, 200)}'")
 
 
 def answer_info(body: bytes) -> dict:
@@ -197,7 +197,7 @@ def answer_info(body: bytes) -> dict:
 def check_page_number(info: dict) -> None:
     """Refuse an info.page that is not a page number."""
     if info.get("page") is not None and not re.fullmatch(r"[1-9][0-9]{0,4}", info["page"]):
-        raise AnswerError(f"the answer's info.page {shorten(info['page'])!r} is not a page number")
+        raise AnswerError(f"the answer's info.page '{shorten(info['page'])}' is not a page number")
 
 
 def check_envelope(parsed: pl.DataFrame, expect: PageRequest | None) -> dict:
@@ -219,7 +219,7 @@ def check_envelope(parsed: pl.DataFrame, expect: PageRequest | None) -> dict:
 def check_expected(info: dict, got: int, expect: PageRequest) -> None:
     """Refuse an answer for another seed, another page, or another number of users than asked."""
     if expect.seed is not None and info.get("seed") != expect.seed:
-        raise AnswerError(f"asked for seed {expect.seed!r}, the answer is for seed {shorten(info.get('seed'))!r}")
+        raise AnswerError(f"asked for seed {expect.seed!r}, the answer is for seed '{shorten(info.get('seed'))}'")
     if expect.results is not None and got != expect.results:
         raise AnswerError(f"asked for {expect.results} users, the answer holds {got}")
     if expect.page is not None and info.get("page") != str(expect.page):

@@ -13,11 +13,11 @@ import threading
 import time
 from urllib.parse import urlsplit
 import requests
-from random_user_config import Settings, shorten
+from random_user_config import Settings, shorten, shown_url
 from schemas import INCLUDED_FIELDS
 from _random_user_etl.answer import PageRequest
 from _random_user_etl.errors import EtlError, ServiceError, Stopped, on_page
-from _random_user_etl.wire import Answer, Attempt, Fault, STOP, TRANSPORT_ERRORS, fault_of, hold, read_body, redact, unpack
+from _random_user_etl.wire import Answer, Attempt, Fault, STOP, TRANSPORT_ERRORS, fault_of, hold, read_body, unpack
 
 log = logging.getLogger("random_user_etl")  # one logger for the job: the CLI lets only its records carry text
 
@@ -157,7 +157,7 @@ def fetch_page(session: requests.Session, settings: Settings, request: PageReque
     # nothing on --retries. A stop ends any wait or try at once. One log line per retry.
     gate = gate or RateGate()
     params = page_params(settings, request)
-    where = redact(requests.Request("GET", settings.api_url, params=params).prepare().url)
+    where = shown_url(requests.Request("GET", settings.api_url, params=params).prepare().url, path_only=True)
     retry = 0  # retries made so far
     while True:
         token = gate.enter()
@@ -227,10 +227,18 @@ def retries_made(count: int, verb: str = "after") -> str:
 def status_error(response: requests.Response, answer: Answer | None, settings: Settings, page: int, retries: int) -> ServiceError:
     """The error that ends the run on an answer that is not 200: a redirect, or an error status with the service's word."""
     if response.is_redirect:
-        target = urlsplit(response.headers.get("Location", "")).hostname or "elsewhere"
-        return ServiceError(f"HTTP {response.status_code} redirect to {shorten(target)}, not followed", page=page)
+        return ServiceError(f"HTTP {response.status_code} redirect to {redirect_host(response)}, not followed", page=page)
     says = service_says(answer, settings.max_response_bytes)
     return ServiceError(f"HTTP {response.status_code}{says}{retries_made(retries)}", page=page)
+
+
+def redirect_host(response: requests.Response) -> str:
+    """The host a redirect points to, fit for a line; "elsewhere" when its Location names none, or none that parses."""
+    try:
+        host = urlsplit(response.headers.get("Location", "")).hostname
+    except ValueError:  # "http://[::1": a bracket left open
+        host = None
+    return shorten(host) if host else "elsewhere"
 
 
 def status_wait(response: requests.Response, asked: float | None, settings: Settings, retry: int, page: int) -> tuple[str, float]:
@@ -279,5 +287,5 @@ def service_says(answer: Answer, limit: int) -> str:
         message = json.loads(unpack(answer, min(limit, SERVICE_SAYS_BYTES))).get("error")
     except (EtlError, ValueError, AttributeError, RecursionError):
         return ""
-    return f": the service says {shorten(message, 200)!r}" if message else ""
+    return f": the service says '{shorten(message, 200)}'" if message else ""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import signal
+from random_user_config import LINE_LIMIT, shorten
 
 
 class EtlError(Exception):
@@ -15,10 +16,10 @@ class EtlError(Exception):
         self.reason, self.page, self.path, self.doing = reason, page, path, doing
 
     def __str__(self) -> str:
-        """The one line: 'page N: ', then what was done to which path, then why."""
+        """The one line: 'page N: ', then what was done to which path, then why; escaped and bounded, whatever it holds."""
         where = " ".join(str(part) for part in (self.doing, self.path) if part not in ("", None))
         page = f"page {self.page}" if self.page is not None else ""
-        return ": ".join(part for part in (page, where, self.reason) if part)
+        return shorten(": ".join(part for part in (page, where, self.reason) if part), LINE_LIMIT)
 
 
 class ServiceError(EtlError):
@@ -48,16 +49,17 @@ class Stopped(KeyboardInterrupt):
 
 def write_error(exc: BaseException) -> str:
     """Why a write failed, in one line; an object store's refusal by its S3 error code and message."""
+    # The object store's words (and any library's) are outside text: each piece goes through shorten.
     if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
+        return shorten(exc.strerror, 200)
     text = str(exc).strip()
     code = re.search(r"<Code>([^<]+)</Code>", text)
     if code:
         message = re.search(r"<Message>([^<]+)</Message>", text)
-        return f"the object store answered {code.group(1)}" + (f" ({message.group(1)[:160]})" if message else "")
+        return f"the object store answered {shorten(code.group(1))}" + (f" ({shorten(message.group(1), 160)})" if message else "")
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         return type(exc).__name__
     cause = re.sub(r"^\d+:\s*", "", lines[-1]) if len(lines) > 1 and "Caused by:" in text else ""
-    return lines[0][:200] + (f" ({cause[:80]})" if cause else "")
+    return shorten(lines[0], 200) + (f" ({shorten(cause, 80)})" if cause else "")
 

@@ -170,7 +170,7 @@ def first_seed(session, settings, gate, sizes) -> tuple[str, Answer]:
     if not seed:
         raise AnswerError("the service picked no seed (info.seed missing)", page=1)
     if not config.SEED_PATTERN.fullmatch(seed):
-        raise AnswerError(f"the service's seed {shorten(seed)!r} is not safe as a file name", page=1)
+        raise AnswerError(f"the service's seed '{shorten(seed)}' is not safe as a file name", page=1)
     return seed, answer
 
 

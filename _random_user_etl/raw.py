@@ -93,7 +93,7 @@ def kept_pages(source: Path, limit: int) -> tuple[str, list[tuple[int, Path]]]:
         page = int(info.get("page") or 1)
         if page != 1:
             raise StorageError(
-                f"it is page {page} of seed {shorten(info['seed'])!r}, and a batch starts at page 1; replay the seed's kept folder instead",
+                f"it is page {page} of seed '{shorten(info['seed'])}', and a batch starts at page 1; replay the seed's kept folder instead",
                 path=source,
                 doing="cannot replay",
             )

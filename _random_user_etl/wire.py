@@ -18,7 +18,7 @@ import urllib3
 from urllib3.exceptions import InvalidChunkLength, MaxRetryError, NameResolutionError, NewConnectionError, ProtocolError
 from urllib3.poolmanager import pool_classes_by_scheme
 from urllib.parse import urlsplit
-from random_user_config import MOST_RETRIES, Settings
+from random_user_config import MOST_RETRIES, Settings, shorten, shown_url
 from _random_user_etl.errors import AnswerError, Stopped
 
 
@@ -104,6 +104,8 @@ class Attempt:
     def __init__(self, seconds: float):
         self.connection = None
         self.expired = False
+        self.bound: int | None = None  # the most bytes its answer may take once its headers are in (read_body sets it)
+        self.read = 0  # bytes read since the bound was set: body, chunk framing and trailer alike
         self._timer = threading.Timer(seconds, self.cut)
         self._timer.daemon = True
 
@@ -135,8 +137,100 @@ class Attempt:
                 sock.shutdown(socket.SHUT_RDWR)
 
 
+class Overrun(Exception):
+    """More bytes came than the try's bound allows (read_body says it as the size error)."""
+
+
+class BrokenFraming(http.client.HTTPException):
+    """A chunk-size line that is not hex digits (a sign, a negative size, no end): the framing is not HTTP's."""
+
+
+class Metered:
+    """The socket's reader under one answer: once the try's bound is set, every byte read counts against it as it arrives."""
+
+    def __init__(self, fp, attempt: Attempt | None):
+        self._fp, self._attempt = fp, attempt
+
+    def __getattr__(self, name):
+        """Everything else (close, closed, fileno, peek) is the reader's own."""
+        return getattr(self._fp, name)
+
+    def _most(self, asked: int | None) -> int | None:
+        """What a read may ask for: `asked`, but never past one byte beyond the bound, and never "all there is"."""
+        bound = self._attempt.bound if self._attempt is not None else None
+        if bound is None:
+            return asked
+        left = max(bound - self._attempt.read, 0) + 1  # one past: a read that reaches it is over the bound
+        return left if asked is None or asked < 0 else min(asked, left)
+
+    def _count(self, size: int) -> None:
+        """Count bytes read; past the bound, stop the read."""
+        if self._attempt is not None and self._attempt.bound is not None:
+            self._attempt.read += size
+            if self._attempt.read > self._attempt.bound:
+                raise Overrun()
+
+    def read(self, size: int | None = -1) -> bytes:
+        """Read as asked, within the bound."""
+        data = self._fp.read(self._most(size))
+        self._count(len(data))
+        return data
+
+    def read1(self, size: int = -1) -> bytes:
+        """Read at most one buffer's worth, within the bound."""
+        data = self._fp.read1(self._most(size))
+        self._count(len(data))
+        return data
+
+    def readline(self, limit: int | None = -1) -> bytes:
+        """Read a line, cut at the bound: a line with no end ends there."""
+        data = self._fp.readline(self._most(limit))
+        self._count(len(data))
+        return data
+
+    def readinto(self, buffer) -> int:
+        """Read into a buffer, within the bound."""
+        most = self._most(len(buffer))
+        size = self._fp.readinto(memoryview(buffer)[:most])
+        self._count(size)
+        return size
+
+
+CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\r?\n")  # hex digits, any extension, the line's end
+CHUNK_LINE_MOST = 65536  # a chunk-size line, extensions and all, as http.client bounds any line
+
+
+class StrictResponse(http.client.HTTPResponse):
+    """http.client's answer, read past any informational answer, its chunk sizes checked, its body bytes metered."""
+
+    def __init__(self, sock, *args, **kwargs):
+        super().__init__(sock, *args, **kwargs)
+        self.fp = Metered(self.fp, getattr(_attempt, "current", None))
+
+    def _read_status(self):
+        """The final answer's status line: an informational one before it (102 Processing, 103 Early Hints) is read past."""
+        while True:
+            version, status, reason = super()._read_status()
+            # 101 ends HTTP on the connection: no upgrade is asked for, so it stays a final (refused) status.
+            if not 100 <= status < 200 or status == 101:
+                return version, status, reason
+            http.client.parse_headers(self.fp)  # its headers, as bounded as the final answer's, are dropped
+
+    def _read_next_chunk_size(self) -> int:
+        """The next chunk's size, or BrokenFraming: int() would also take "-1" (read to the end) or "+40"."""
+        line = self.fp.readline(CHUNK_LINE_MOST + 1)
+        if not line:
+            raise http.client.IncompleteRead(b"")  # the stream ended where a chunk should start
+        size = CHUNK_SIZE.fullmatch(line)
+        if size is None:
+            raise BrokenFraming()
+        return int(size[1], 16)
+
+
 class _Watched:
-    """Mixed into urllib3's connections: a connection in use is tied to its thread's current try."""
+    """Mixed into urllib3's connections: a connection in use is tied to its thread's current try; its answers are StrictResponse."""
+
+    response_class = StrictResponse
 
     def connect(self):
         """Connect, then tie the new socket to the try under way on this thread."""
@@ -180,9 +274,17 @@ class WatchedAdapter(HTTPAdapter):
         return manager
 
 
+class UnredirectedSession(requests.Session):
+    """requests' session that never works out where a redirect leads: the job follows none (status_error reads it)."""
+
+    def resolve_redirects(self, *args, **kwargs):
+        """No redirect to follow, nor to offer as response.next: a Location that does not parse ("http://[::1") raised ValueError."""
+        return iter(())
+
+
 def make_session(settings: Settings) -> requests.Session:
-    """One pooled, verifying session on watched connections, with no retries of its own."""
-    session = requests.Session()
+    """One pooled, verifying session on watched connections, with no retries or redirects of its own."""
+    session = UnredirectedSession()
     adapter = WatchedAdapter(max_retries=0, pool_connections=1, pool_maxsize=max(settings.concurrency, 1))
     session.mount("https://", adapter)
     session.mount("http://", adapter)
@@ -190,13 +292,6 @@ def make_session(settings: Settings) -> requests.Session:
     session.headers["User-Agent"] = "random-user-etl/1.0"
     session.headers["Accept-Encoding"] = "gzip"  # the one encoding read_body unpacks
     return session
-
-
-def redact(url: str | None) -> str:
-    """A URL fit for the log: path and query only (they hold seeds and page numbers, no PII)."""
-    if not url:
-        return "the request"
-    return re.sub(r"^[a-z]+://[^/]+", "", url) or url
 
 
 # What a transport fault is, by the first row that any exception in its chain of causes matches.
@@ -222,7 +317,7 @@ FAULTS = (
     ((TimeoutError, urllib3.exceptions.TimeoutError, requests.exceptions.Timeout), "timed out", TIMED_OUT),
     ((ConnectionResetError, ConnectionAbortedError, BrokenPipeError), "connection reset by peer", REACH),
     ((ssl.SSLError, urllib3.exceptions.SSLError, requests.exceptions.SSLError), "TLS failed", REACH),
-    ((InvalidChunkLength,), "broken chunked framing", BAD),  # before IncompleteRead, which it derives from
+    ((InvalidChunkLength, BrokenFraming), "broken chunked framing", BAD),  # before IncompleteRead, which one derives from
     ((http.client.IncompleteRead,), "connection broken, answer cut off", CUT),
     ((http.client.HTTPException,), "not an HTTP answer", BAD),
 )
@@ -261,7 +356,7 @@ def fault_of(exc: BaseException, settings: Settings, reading: bool, timed_out: b
         said = TIMED_OUT.format(timeout=settings.timeout)
         return Fault(said, said)
     kind = f"{name} ({words})"
-    said = line.format(url=settings.api_url, host=urlsplit(settings.api_url).hostname, kind=kind)
+    said = line.format(url=shown_url(settings.api_url), host=shorten(urlsplit(settings.api_url).hostname), kind=kind)
     return Fault(kind, said, RESOLVE_RETRIES if line == RESOLVE else MOST_RETRIES)
 
 
@@ -294,6 +389,13 @@ def wire_limit(limit: int, gzipped: bool) -> int:
     return limit + (limit // 3000 + 1024 if gzipped else 0)
 
 
+def framing_allowance(most: int) -> int:
+    """The bytes chunked framing may add to a body of `most` bytes: its size lines and their ends, an eighth again and one long line."""
+    # A server's chunks are kilobytes each, 5 to 10 bytes of framing apiece; chunks of a few bytes
+    # each, or extensions that carry the stream, are refused at this bound, not read to their end.
+    return most // 8 + CHUNK_LINE_MOST
+
+
 def read_body(response: requests.Response, limit: int) -> Answer:
     """A streamed answer's bytes as sent, refused once they cannot hold a body within the bound."""
     encoding = response.headers.get("Content-Encoding", "").strip().lower()
@@ -309,12 +411,20 @@ def read_body(response: requests.Response, limit: int) -> Answer:
     # Read in steps of at most READ_STEP: a page in one read, copied once (1 MB steps cost 2 ms a
     # page, on the critical path at concurrency 1), and never a read sized by the bound, which an
     # answer with no length would allocate whole. A body cut short ends in urllib3's IncompleteRead.
+    # Read by read(), not stream(): stream() reads chunked framing by urllib3's own parser, whose size
+    # lines have no length limit and whose "-1" reads to the end; read() goes through StrictResponse.
+    attempt = getattr(_attempt, "current", None)
+    if attempt is not None:  # whatever the framing, what is read past the headers counts (Metered)
+        attempt.bound, attempt.read = most + framing_allowance(most), 0
     wire, size = [], 0
-    for chunk in response.raw.stream(min(most + 1, READ_STEP), decode_content=False):
-        size += len(chunk)
-        if size > most:
-            raise too_large(limit)
-        wire.append(chunk)
+    try:
+        while chunk := response.raw.read(min(most + 1, READ_STEP), decode_content=False):
+            size += len(chunk)
+            if size > most:
+                raise too_large(limit)
+            wire.append(chunk)
+    except Overrun as exc:
+        raise too_large(limit) from exc
     if not size and length is None and not response.raw.chunked and response.status_code == 200:
         # Its end is the connection closing, and it closed before a byte of body: http.client takes a
         # close inside the headers for their end, so this is an answer cut off, not an empty one.

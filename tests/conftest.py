@@ -215,6 +215,7 @@ def main_in_process(argv: list[str]) -> int:
         root.handlers[:], level, urllib3_level = saved
         root.setLevel(level)
         urllib3_log.setLevel(urllib3_level)
+        logging.captureWarnings(False)  # main routes warnings into the log: this process's go back to pytest
         wire.STOP.clear()  # a stopped run leaves the event set: the next test starts unstopped
 
 

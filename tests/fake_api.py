@@ -31,6 +31,7 @@ import copy
 import functools
 import gzip
 import hashlib
+import itertools
 import json
 import math
 import socket
@@ -382,6 +383,16 @@ def huge(total_bytes: int, status: int = 200, declared: bool = False) -> Answer:
     return Answer("huge", status=status, total_bytes=total_bytes, headers=headers)
 
 
+def chunk_framing(lead: bytes, filler: bytes, total_bytes: int) -> Answer:
+    """A chunked 200 whose body is `lead`, then `filler` again and again to total_bytes: framing of the test's making."""
+    return Answer("framing", body=lead, total_bytes=total_bytes, fn=lambda: filler)
+
+
+def interim(*codes: int) -> Answer:
+    """Informational answers (103 Early Hints, 102 Processing, ...) before the normal one, each with a header of its own."""
+    return Answer("interim", headers={str(code): "" for code in codes})
+
+
 # --------------------------------------------------------------------------- server
 
 
@@ -547,6 +558,26 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         self._write_body(_huge_stream(answer.total_bytes), chunked="Transfer-Encoding" in answer.headers, sent=self._count_huge)
 
+    def _answer_framing(self, answer: Answer, path: str, params: dict[str, str]) -> None:
+        """Send chunked headers, then the scripted framing, counting what is written as huge() does."""
+        self._send_headers(200, JSON_TYPE, {"Transfer-Encoding": "chunked"}, gzipped=False)
+        self.close_connection = True
+        filler, sent = answer.fn(), 0
+        for piece in itertools.chain([answer.body], itertools.repeat(filler)):
+            if sent >= answer.total_bytes or self.server.stopping.is_set():
+                return
+            self.wfile.write(piece)
+            sent += len(piece)
+            self._count_huge(len(piece))
+
+    def _answer_interim(self, answer: Answer, path: str, params: dict[str, str]) -> None:
+        """Send each informational answer in turn, then the normal one."""
+        reasons = {100: "Continue", 102: "Processing", 103: "Early Hints"}
+        for code in map(int, answer.headers):
+            hint = f"Link: </api/1.4/?hint={code}>; rel=preload\r\n" if code == 103 else ""
+            self.wfile.write(f"HTTP/1.1 {code} {reasons.get(code, 'Informational')}\r\n{hint}\r\n".encode())
+        self._answer_normal(answer, path, params)
+
     def _answer_trickle(self, answer: Answer, path: str, params: dict[str, str]) -> None:
         """Send the headers at once, then the body a few bytes at a time."""
         wire, gzipped = self._encode(self.server.fake._page(params))
@@ -705,7 +736,7 @@ class FakeRandomUser:
         self._script: deque[Answer] = deque()
         self._requests: list[Received] = []
         self._sent: list[bytes] = []
-        self.huge_bytes_sent = 0  # body bytes of huge() answers written so far
+        self.huge_bytes_sent = 0  # body bytes of huge() and chunk_framing() answers written so far
         self._errors: list[BaseException] = []
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 from pathlib import Path
 
+import hypothesis
+import hypothesis.strategies as st
 import polars as pl
 import pytest
-from conftest import PAGED, PREFIX, fast_env, fixture_bytes, raw_users
+from conftest import LOG_LINE, PAGED, PREFIX, ROOT, assert_one_error_line, clean_environ, fast_env, fixture_bytes, raw_users, run_cli
 from fake_api import body, normal, status
 
 import random_user_etl as etl
 from _random_user_etl.errors import AnswerError, ServiceError, StorageError, on_page
+from random_user_config import shorten
 
 # Page 2 of seed "paged" cut off after its first user's password: malformed JSON that holds a person.
 CUT_PAGE = fixture_bytes(PAGED[1])[:600] + b"}"
@@ -116,3 +122,73 @@ def test_a_storage_line_is_as_before(api, out, raw, cli, tmp_path):
     result = run_paged(cli, api, out, raw, "--output-dir", tmp_path / "a-file" / "out")
     assert result.returncode == 1, result.stderr
     assert result.stderr.splitlines()[-1] == PREFIX + f"cannot write to {tmp_path / 'a-file' / 'out'}: Not a directory"
+
+
+# ------------------------------------------------------------------ what reaches the terminal
+
+
+UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+@hypothesis.settings(max_examples=400, deadline=None)
+@hypothesis.given(text=st.text(), limit=st.integers(min_value=1, max_value=300))
+def test_shorten_gives_one_bounded_line_with_no_control_character(text, limit):
+    shown = shorten(text, limit)
+    assert len(shown) <= limit + 3  # the "..." that says it was cut
+    assert not UNSAFE.search(shown) and len(shown.splitlines()) <= 1, repr(shown)
+    assert all(c.isprintable() for c in shown), repr(shown)
+    if len(text) <= limit and text.isprintable() and "\\" not in text:
+        assert shown == text  # a plain value is shown as it is
+
+
+def test_shorten_shows_what_it_escaped():
+    assert shorten("a\x1b[31mb\x07\n\u202e") == "a\\x1b[31mb\\x07\\n\\u202e"
+    assert shorten("x" * 100, 10) == "x" * 10 + "..."
+    assert shorten(None) == "None"
+
+
+# The job's CLI in a process of its own, with a warning issued as a library issues one, once a run starts.
+WARNING_LAUNCHER = """
+import sys, warnings
+sys.path.insert(0, sys.argv[1])
+import random_user_etl
+real_run = random_user_etl.run
+def run(*args, **kwargs):
+    warnings.warn("a library's notice", UserWarning)
+    return real_run(*args, **kwargs)
+random_user_etl.run = run
+sys.exit(random_user_etl.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("verbose", [[], ["-v"]], ids=["quiet", "verbose"])
+def test_a_library_warning_is_a_log_line_only_with_verbose(verbose, api, out, raw):
+    # In a process of its own: pytest takes this process's warnings for itself.
+    env = clean_environ(**fast_env(api.url, out, raw))
+    command = [sys.executable, "-c", WARNING_LAUNCHER, str(ROOT), "--seed", "pura", *verbose]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.rstrip("\n").split("\n")
+    assert all(LOG_LINE.match(line) for line in lines), result.stderr
+    assert ("a library's notice" in result.stderr) == bool(verbose), result.stderr
+    if not verbose:
+        assert len(lines) == 1 and " INFO landed 100 rows, seed pura" in lines[0], result.stderr
+
+
+def test_a_cli_run_to_object_storage_with_no_region_prints_only_the_jobs_line(api, out, raw, s3, monkeypatch):
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name)
+    result = run_cli(env=fast_env(api.url, out, raw, RANDOM_USER_OUTPUT_DIR=s3.url(), RANDOM_USER_SEED="pura"))
+    assert result.returncode == 0, result.stderr
+    assert s3.keys() == ["lake/random_users_pura.parquet"]
+    lines = result.stderr.rstrip("\n").split("\n")
+    assert len(lines) == 1 and LOG_LINE.match(lines[0]) and " INFO landed 100 rows, seed pura" in lines[0], result.stderr
+
+
+def test_a_failed_cli_run_to_object_storage_with_no_region_prints_only_its_line(out, raw, s3, nowhere, monkeypatch):
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name)
+    result = run_cli(env=fast_env(nowhere, out, raw, RANDOM_USER_OUTPUT_DIR=s3.url(), RANDOM_USER_SEED="pura", RANDOM_USER_RETRIES=0))
+    assert result.returncode == 1, result.stderr
+    assert_one_error_line(result.stderr, r"page 1: cannot reach")
+    assert len(result.stderr.rstrip("\n").split("\n")) == 1, result.stderr

@@ -32,7 +32,7 @@ from conftest import (
     raw_users,
     users,
 )
-from fake_api import FakeRandomUser, body, hang, mutate, page_body, rate_limited, reset, status, truncated
+from fake_api import FakeRandomUser, body, hang, interim, mutate, page_body, rate_limited, reset, status, truncated
 
 import random_user_etl as etl
 from _random_user_etl import client
@@ -355,3 +355,14 @@ def test_an_error_answer_of_nested_or_tiny_values_is_not_read_for_its_message(ap
     with pytest.raises(etl.EtlError) as refused:
         etl.run(settings(seed="pura"))
     assert str(refused.value) == "page 1: HTTP 404"
+
+
+# ------------------------------------------------------------------ informational answers
+
+
+@pytest.mark.parametrize("codes", [(103,), (102, 103), (100, 103, 102)], ids=["103", "102-103", "100-103-102"])
+def test_informational_answers_before_the_real_one_are_skipped(codes, api, out, settings, caplog):
+    api.script(interim(*codes))
+    batch = etl.run(settings(seed="pura", retries=0))
+    assert_pura_landed(batch.path)
+    assert [r.answer for r in api.requests] == ["interim"]

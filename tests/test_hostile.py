@@ -19,8 +19,8 @@ from types import SimpleNamespace
 
 import pytest
 import polars as pl
-from conftest import PAGED, PREFIX, ROOT, assert_one_error_line, assert_rows_are, batch_files, clean_environ, duplicate_first_id, fast_env, info, landed, raw_users, users
-from fake_api import FakeRandomUser, chunked, huge, mutate, page_body, rate_limited, status, unframed
+from conftest import LOG_LINE, PAGED, PREFIX, PURA, ROOT, assert_one_error_line, assert_rows_are, batch_files, clean_environ, duplicate_first_id, fast_env, info, landed, raw_users, users
+from fake_api import FakeRandomUser, chunk_framing, chunked, huge, mutate, page_body, rate_limited, status, unframed
 
 import random_user_etl as etl
 from _random_user_etl import store, wire
@@ -325,3 +325,138 @@ def test_a_redirect_is_not_followed(api, out, settings):
     with pytest.raises(etl.EtlError, match="page 1: HTTP 302 redirect to example.com, not followed"):
         etl.run(settings(seed="pura"))
     assert len(api.requests) == 1 and batch_files(out) == []
+
+
+# ------------------------------------------------------------------ framing that would outgrow the bound
+
+
+BROKEN_FRAMINGS = {
+    "size-minus-1": b"-1\r\n",  # read as "to the end of the stream"
+    "size-minus-10": b"-10\r\n",
+    "size-with-a-sign": b"+40\r\n",
+    "size-not-hex": b"4g\r\n",
+    "size-line-that-never-ends": b"4",  # the filler follows on the same line, with no end
+}
+
+
+@pytest.mark.parametrize("framing", BROKEN_FRAMINGS)
+def test_a_broken_chunk_size_is_a_transport_fault_and_reads_no_further(framing, api, out, raw, cli):
+    lead = BROKEN_FRAMINGS[framing]
+    filler = b"0" * 65536 if framing.endswith("never-ends") else b'{"results":[' * 5000
+    api.script(*[chunk_framing(lead, filler, 100_000_000)] * 2)
+    result = cli("--seed", "pura", "--retries", "1", "--max-response-mb", "0.1", env=fast_env(api.url, out, raw))
+    assert result.returncode == 1, result.stderr
+    assert_one_error_line(result.stderr, r"page 1: bad answer from \S+: \w+ \(broken chunked framing\), gave up after 1 retry$")
+    assert re.search(r"retry 1 of 1 for \S+: \w+ \(broken chunked framing\)\n", result.stderr), result.stderr
+    # Two tries of 100 MB each were offered: what got through is the bound and the sockets' buffers, not the stream.
+    assert api.huge_bytes_sent < 32_000_000, api.huge_bytes_sent
+    assert batch_files(out) == []
+
+
+def test_a_chunk_size_past_the_bound_is_cut_at_the_bound(api, out, settings):
+    # A size of 2**60: the read must stop at the bound, not wait for (or hold) the chunk it announces.
+    api.script(chunk_framing(b"1000000000000000\r\n", b'{"results":[' * 5000, 100_000_000))
+    with pytest.raises(etl.EtlError, match=r"page 1: answer larger than the 100,000-byte limit"):
+        etl.run(settings(seed="pura", max_response_mb=0.1, retries=0))
+    assert api.huge_bytes_sent < 32_000_000, api.huge_bytes_sent
+
+
+def test_the_bytes_of_the_framing_count_against_the_bound_too(api, out, settings):
+    # One byte of body per chunk, each chunk's size line carrying 60 kB of extension: the body stays
+    # tiny while the stream is endless. What is read counts, not what the framing says is body.
+    chunk = b"1;" + b"x" * 60_000 + b"\r\n{\r\n"
+    api.script(chunk_framing(chunk, chunk, 100_000_000))
+    with pytest.raises(etl.EtlError, match=r"page 1: answer larger than the 100,000-byte limit"):
+        etl.run(settings(seed="pura", max_response_mb=0.1, retries=0))
+    assert api.huge_bytes_sent < 32_000_000, api.huge_bytes_sent
+
+
+def test_a_well_framed_chunked_answer_within_the_bound_lands(api, out, settings):
+    # Many small chunks with an extension and a trailer: legal framing, read as it comes.
+    page = page_body("pura", 1, 100)
+    pieces = b"".join(b"%x;note=1\r\n%b\r\n" % (len(page[i : i + 1000]), page[i : i + 1000]) for i in range(0, len(page), 1000))
+    api.script(chunk_framing(pieces + b"0\r\nX-Trailer: 1\r\n\r\n", b"", len(pieces) + 20))
+    batch = etl.run(settings(seed="pura", retries=0))
+    assert_rows_are(pl.read_parquet(batch.path), raw_users(PURA))
+
+
+# ------------------------------------------------------------------ credentials in the API address
+
+
+SECRET, TOKEN = "s3cretpass", "t0psecret"
+
+
+def with_credentials(url: str) -> str:
+    """The API address with a user and password in it, and a token in its query."""
+    return url.replace("http://", f"http://someone:{SECRET}@", 1) + f"?token={TOKEN}"
+
+
+def no_secret(stderr: str) -> None:
+    """Neither the password nor the token is in what the run printed."""
+    assert SECRET not in stderr and TOKEN not in stderr, stderr
+
+
+@pytest.mark.parametrize("verbose", [[], ["-v"]], ids=["quiet", "verbose"])
+def test_credentials_in_the_api_address_reach_no_retry_line(verbose, api, out, raw, cli):
+    api.script(status(503))
+    result = cli("--seed", "pura", *verbose, env=fast_env(with_credentials(api.url), out, raw))
+    assert result.returncode == 0, result.stderr
+    assert "retry 1 of 3" in result.stderr and "token=" in result.stderr  # the line names the parameter, not its value
+    assert api.requests[0].params["token"] == TOKEN  # the address is used as given
+    no_secret(result.stderr)
+
+
+@pytest.mark.parametrize("verbose", [[], ["-v"]], ids=["quiet", "verbose"])
+def test_credentials_in_the_api_address_reach_no_final_line(verbose, out, raw, cli, nowhere):
+    result = cli("--seed", "pura", *verbose, env=fast_env(with_credentials(nowhere), out, raw))
+    assert result.returncode == 1, result.stderr
+    assert_one_error_line(result.stderr, r"page 1: cannot reach http://\S*127\.0\.0\.1:\d+/api/1\.4/")
+    no_secret(result.stderr)
+
+
+@pytest.mark.parametrize("url", [
+    f"ftp://someone:{SECRET}@example.com/api/?token={TOKEN}",
+    f"https://someone:{SECRET}@/api/?token={TOKEN}",  # no host
+    f" https://someone:{SECRET}@example.com/api/?token={TOKEN}",
+    f"https://someone:{SECRET}@example.com/api/?token={TOKEN}\x1b[31m",
+    f"http://someone:{SECRET}@example.com/api/?token={TOKEN}",  # plain http to a remote host
+])
+@pytest.mark.parametrize("verbose", [[], ["-v"]], ids=["quiet", "verbose"])
+def test_credentials_in_a_refused_api_address_reach_no_line(url, verbose, out, raw, cli, nowhere):
+    result = cli(*verbose, "--api-url", url, env=fast_env(nowhere, out, raw))
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.splitlines()) == 1 and "--api-url" in result.stderr, result.stderr
+    no_secret(result.stderr)
+
+
+# ------------------------------------------------------------------ what the service says reaches the terminal escaped
+
+
+CONTROL_BYTES = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def only_job_lines(stderr: str) -> None:
+    """Every line a log line of the job's or its one last line, and no control character anywhere."""
+    assert not CONTROL_BYTES.search(stderr), repr(stderr)
+    lines = stderr.rstrip("\n").split("\n")
+    assert all(LOG_LINE.match(line) for line in lines[:-1]) and lines[-1].startswith(PREFIX), stderr
+    assert not [line for line in lines if line.startswith("2026-01-01")], stderr  # the forged line is not a line of its own
+
+
+@pytest.mark.parametrize("results", ["5\n2026-01-01 00:00:00,000 INFO landed 5 rows", "\x1b[31m5\x07", "5\u2028x\u202e", "\r5\x00"])
+def test_a_value_from_the_service_reaches_the_terminal_escaped(results, api, out, raw, cli):
+    api.script(mutate(info(results=results)))
+    result = cli("--seed", "pura", "-v", env=fast_env(api.url, out, raw))
+    assert result.returncode == 1, result.stderr
+    assert_one_error_line(result.stderr, r"page 1: the answer says info\.results=.* but holds 100 users")
+    only_job_lines(result.stderr)
+
+
+# Latin-1 only: a header is sent as Latin-1, so a bidi control cannot be in one; C1's CSI (\x9b) can.
+@pytest.mark.parametrize("location", ["http://ex\x1b[31mample.com/api/", "http://[::1", "http://ex\x1bample.com/", "http://exa\x9bmple.com/", "\x07"])
+def test_an_odd_redirect_location_is_one_escaped_line(location, api, out, raw, cli):
+    api.script(status(302, b"", headers={"Location": location}))
+    result = cli("--seed", "pura", env=fast_env(api.url, out, raw))
+    assert result.returncode == 1, result.stderr
+    assert_one_error_line(result.stderr, r"page 1: HTTP 302 redirect to \S+, not followed")
+    only_job_lines(result.stderr)
