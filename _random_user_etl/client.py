@@ -22,6 +22,10 @@ from _random_user_etl.wire import Answer, Attempt, Fault, STOP, TRANSPORT_ERRORS
 log = logging.getLogger("random_user_etl")  # one logger for the job: the CLI lets only its records carry text
 
 
+# Said once, on the last line of a run that could not reach the service at all.
+OFFLINE_WAYS = "; with no internet, --replay a recorded answer or run the fake service (README: Try it offline)"
+
+
 RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 
@@ -169,7 +173,8 @@ def fetch_page(session: requests.Session, settings: Settings, request: PageReque
             gate.release(token)
             most = min(most, fault.retries)  # fewer for a fault that retrying does not mend
             if retry >= most:
-                raise ServiceError(f"{fault.line}{retries_made(retry, 'gave up after')}", page=request.page) from fault
+                hint = OFFLINE_WAYS if fault.unreachable else ""
+                raise ServiceError(f"{fault.line}{retries_made(retry, 'gave up after')}{hint}", page=request.page) from fault
             retry += 1
             why, seconds = fault.reason, backoff_time(settings, retry)
         except BaseException as exc:

@@ -323,6 +323,10 @@ FAULTS = (
 )
 
 
+# The faults that mean the service could not be reached at all, where the offline ways in can help.
+UNREACHABLE = frozenset({"connection refused", "host name does not resolve", "cannot connect"})
+
+
 # Everything a request and its streamed read can raise short of our own checks.
 TRANSPORT_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException, OSError)
 
@@ -330,9 +334,10 @@ TRANSPORT_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, htt
 class Fault(Exception):
     """A transport fault reduced to its kind: what the retry line says, what the last line says, and the most retries it is worth."""
 
-    def __init__(self, reason: str, line: str, retries: int = MOST_RETRIES):
+    def __init__(self, reason: str, line: str, retries: int = MOST_RETRIES, unreachable: bool = False):
         super().__init__(reason)
         self.reason, self.line, self.retries = reason, line, retries
+        self.unreachable = unreachable  # no connection could be made at all: no internet, no DNS, nothing listening
 
 
 def causes(exc: BaseException) -> list[BaseException]:
@@ -357,7 +362,7 @@ def fault_of(exc: BaseException, settings: Settings, reading: bool, timed_out: b
         return Fault(said, said)
     kind = f"{name} ({words})"
     said = line.format(url=shown_url(settings.api_url), host=shorten(urlsplit(settings.api_url).hostname), kind=kind)
-    return Fault(kind, said, RESOLVE_RETRIES if line == RESOLVE else MOST_RETRIES)
+    return Fault(kind, said, RESOLVE_RETRIES if line == RESOLVE else MOST_RETRIES, unreachable=words in UNREACHABLE)
 
 
 def fault_words(chain: list[BaseException], reading: bool, timed_out: bool) -> tuple[str, str]:

@@ -192,3 +192,26 @@ def test_a_failed_cli_run_to_object_storage_with_no_region_prints_only_its_line(
     assert result.returncode == 1, result.stderr
     assert_one_error_line(result.stderr, r"page 1: cannot reach")
     assert len(result.stderr.rstrip("\n").split("\n")) == 1, result.stderr
+
+
+# ---------------------------------------------------------------- a service out of reach
+
+
+OFFLINE_WAYS = r"--replay .*fake service"
+
+
+@pytest.mark.parametrize("where", ["refused", "does not resolve"])
+def test_a_service_out_of_reach_says_so_and_points_once_to_the_offline_ways(where, nowhere, out, raw, cli):
+    url = nowhere if where == "refused" else "http://random-user.invalid/api/1.4/"  # .invalid never resolves
+    done = cli("--seed", "demo", "--allow-http", "--retries", "0", env=fast_env(url, out, raw))
+    assert done.returncode == 1, done.stderr
+    line = assert_one_error_line(done.stderr, r"cannot (reach|resolve) .*" + OFFLINE_WAYS)
+    assert len(re.findall("--replay", done.stderr)) == 1, done.stderr  # once, on the last line alone
+    assert "cannot" in line
+
+
+def test_a_service_that_answers_badly_points_to_no_offline_way(api, out, raw, cli):
+    api.script(status(500), status(500))
+    done = cli("--seed", "demo", "--retries", "1", env=fast_env(api.url, out, raw))
+    assert done.returncode == 1
+    assert "--replay" not in done.stderr
