@@ -264,5 +264,10 @@ def exit_now(status: int) -> None:
     sys.exit(status)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `random-user-etl` command: the same as `python random_user_etl.py`."""
     exit_now(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -20,16 +20,16 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+# The project is imported as installed (pip install -e .); pytest puts this folder on sys.path for its helpers.
+from fake_api import FIXTURES, FakeRandomUser
+from oracle import LONE_SURROGATE, USER_COLUMNS, Refused, raw_key, reference_rows, user_rows  # noqa: F401  (the one oracle)
+
+import random_user_etl as etl
+from _random_user_etl import sort, store, wire
+from random_user_config import Settings, staging_root
+
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
-sys.path[:0] = [str(ROOT), str(TESTS)]
-
-from fake_api import FIXTURES, FakeRandomUser  # noqa: E402
-
-import random_user_etl as etl  # noqa: E402
-from _random_user_etl import sort, store, wire  # noqa: E402
-from random_user_config import Settings, staging_root  # noqa: E402
-from oracle import LONE_SURROGATE, USER_COLUMNS, Refused, raw_key, reference_rows, user_rows  # noqa: E402,F401  (the one oracle)
 
 PREFIX = "random_user_etl.py: error: "
 LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING) ")
