@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -201,9 +202,12 @@ def cli(capsys):
 
 
 def main_in_process(argv: list[str]) -> int:
-    """etl.main(argv), its exit status; the root logger and the stop event restored afterwards."""
+    """etl.main(argv), its exit status; the root logger, the signal handlers and the stop event restored afterwards."""
     root, urllib3_log = logging.getLogger(), logging.getLogger("urllib3")
     saved = root.handlers[:], root.level, urllib3_log.level
+    # A stopped run leaves SIGINT and SIGTERM ignored (the process is leaving): a later test's
+    # subprocess would inherit that and never hear its own Ctrl-C.
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     root.handlers[:] = []  # main's basicConfig(force=True) would close pytest's own handlers
     try:
         return etl.main(argv)
@@ -216,6 +220,8 @@ def main_in_process(argv: list[str]) -> int:
         root.setLevel(level)
         urllib3_log.setLevel(urllib3_level)
         wire.STOP.clear()  # a stopped run leaves the event set: the next test starts unstopped
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
 
 
 # A real S3-protocol server on loopback (moto), for the object-storage tests.
