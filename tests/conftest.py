@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import uuid
 from pathlib import Path
 
@@ -207,7 +208,9 @@ def main_in_process(argv: list[str]) -> int:
     saved = root.handlers[:], root.level, urllib3_log.level
     # A stopped run leaves SIGINT and SIGTERM ignored (the process is leaving): a later test's
     # subprocess would inherit that and never hear its own Ctrl-C.
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    # (Only the main thread may set handlers, and a run in another thread sets none.)
+    main_thread = threading.current_thread() is threading.main_thread()
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
     root.handlers[:] = []  # main's basicConfig(force=True) would close pytest's own handlers
     try:
         return etl.main(argv)
