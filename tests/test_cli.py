@@ -292,3 +292,13 @@ def test_the_default_folders_are_in_the_working_folder_and_help_shows_them(api, 
         made = Settings()
         assert etl.read_processed().collect().height == 100
     assert (made.output_dir, made.raw_dir) == (str(here / "processed_data"), str(here / "raw_data"))  # absolute, fixed when made
+
+
+def test_a_run_with_nat_lands_users_of_those_nationalities_only(api, out, raw, settings):
+    from fake_api import page_body
+
+    batch = etl.run(settings(seed="pura", nat=("gb", "ie")))
+    assert api.requests[0].params["nat"] == "gb,ie"
+    frame = pl.read_parquet(batch.path)
+    assert set(frame["nationality"]) == {"GB", "IE"}
+    assert_rows_are(frame, json.loads(page_body("pura", 1, 100, nat="gb,ie"))["results"])
