@@ -172,7 +172,12 @@ def _templates(nats: tuple[str, ...] = ()) -> tuple[dict, ...]:
     for path in sorted(FIXTURES.glob("*.json")):
         doc = json.loads(path.read_bytes())
         users += [u for u in doc.get("results", []) if set(u) == set(USER_FIELDS) and (not nats or u["nat"] in nats)]
-    return tuple(users)
+    if len(nats) < 2:
+        return tuple(users)
+    # The generator draws each user's nationality evenly from those asked for: take them in turn,
+    # not in the proportions the recordings happen to hold.
+    each = [[u for u in users if u["nat"] == nat] for nat in nats]
+    return tuple(group[turn % len(group)] for turn in range(max(map(len, each))) for group in each)
 
 
 @functools.lru_cache(maxsize=64)
