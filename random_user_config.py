@@ -18,8 +18,6 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
-HERE = Path(__file__).resolve().parent
-
 # The service caps a page at 5000 users and only pages 1..10000 exist.
 MAX_PAGE_SIZE = 5000
 MAX_PAGES = 10_000
@@ -175,8 +173,13 @@ def parse_bool(text: str) -> bool:
 
 
 def parse_nat(text: str) -> tuple[str, ...]:
-    """A comma list of nationality codes, kept in the order given."""
-    return tuple(code.strip().lower() for code in text.split(",") if code.strip())
+    """A comma list of nationality codes, kept in the order given; empty for all."""
+    if not text.strip():
+        return ()
+    codes = tuple(code.strip().lower() for code in text.split(","))
+    if not all(codes):  # "us,,gb" or "us,": a code lost in editing, not a request for all
+        raise ValueError("has an empty item")
+    return codes
 
 
 SETTINGS = (
@@ -244,13 +247,13 @@ SETTINGS = (
 
 
 def default_output_dir() -> str:
-    """processed_data beside the job."""
-    return str(HERE / "processed_data")
+    """processed_data in the working folder, as an absolute path."""
+    return str(Path.cwd() / "processed_data")
 
 
 def default_raw_dir() -> str:
-    """raw_data beside the job."""
-    return str(HERE / "raw_data")
+    """raw_data in the working folder, as an absolute path."""
+    return str(Path.cwd() / "raw_data")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -456,7 +459,7 @@ def load_settings(flags: dict | None = None, environ=None, today: dt.date | None
     environ = os.environ if environ is None else environ
     values = {}
     for setting in SETTINGS:
-        text, source = flags.get(setting.name), setting.flag
+        text, source = flags.get(setting.name), describe(setting.name)
         if text is None:
             text, source = environ.get(setting.env), setting.env
         if text is None:

@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as dt
+import difflib
 import functools
 import logging
 import os
@@ -38,7 +39,7 @@ from _random_user_etl.contract import transform  # one answer body in, the contr
 from _random_user_etl.errors import EtlError, Stopped, StorageError, write_error
 from _random_user_etl.pipeline import Batch, fetch_and_stage, first_seed, land, stage_kept
 from _random_user_etl.raw import check_not_staging, clear_stale_raw, kept_folder, kept_pages
-from _random_user_etl import sort
+from _random_user_etl import __version__, sort
 from _random_user_etl.sort import SCATTER_ROWS, SORT_RUN_ROWS
 from _random_user_etl.staging import pending_pages, sort_folder, staging_for
 from _random_user_etl.store import BATCH_GLOB, batch_path, lake_batches, lake_folder
@@ -140,8 +141,44 @@ def latest_per_user(lake: pl.LazyFrame) -> pl.LazyFrame:
 # ---------------------------------------------------------------- CLI
 
 
+EPILOG = """\
+Every flag has an environment variable (shown in brackets); a flag beats its variable.
+
+examples (python random_user_etl.py takes the same flags):
+  random-user-etl --n 500 --seed demo
+      500 users of seed demo into ./processed_data, their raw answers into ./raw_data
+  RANDOM_USER_OUTPUT_DIR=s3://bucket/lake random-user-etl --seed 'daily-{date}'
+      one batch a day in object storage (the AWS_* variables give its credentials)
+  random-user-etl --replay raw_data/demo
+      rebuild seed demo's batch from its kept raw answers, with no network
+
+exit status:
+  0    the batch landed
+  1    the run failed (service, network or storage): nothing landed, earlier batches untouched
+  2    bad settings, refused before any request
+  130  stopped by SIGINT (Ctrl-C): staged pages are kept and the next run resumes
+  143  stopped by SIGTERM (docker stop, Kubernetes): as for 130
+"""
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line, exit status 2."""
+    """argparse that reports a bad flag in one line, exit status 2, and names the real flag nearest an unknown one."""
+
+    def parse_args(self, args=None, namespace=None):
+        """argparse's parse_args, with a hint for an unknown flag."""
+        known, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}{self.nearest_flag(unknown)}")
+        return known
+
+    def nearest_flag(self, unknown: list[str]) -> str:
+        """'; did you mean --seed?' for the first unknown flag that is close to a real one, else ''."""
+        flags = [flag for action in self._actions for flag in action.option_strings if flag.startswith("--")]
+        for word in unknown:
+            close = difflib.get_close_matches(word.split("=", 1)[0], flags, n=1) if word.startswith("--") else []
+            if close:
+                return f"; did you mean {close[0]}?"
+        return ""
 
     def error(self, message):
         """Say what is wrong in one line and exit 2."""
@@ -153,7 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="random_user_etl.py",
         description="Fetch fake people from randomuser.me and land them as one parquet file per seed.",
-        epilog="Every flag has an environment variable (shown in brackets); a flag beats its variable.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # the epilog's examples and statuses keep their lines
+        allow_abbrev=False,  # --output is not --output-dir: a prefix taken for a flag would run with settings never asked for
     )
     defaults = Settings()
     for setting in config.SETTINGS:
@@ -166,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="rebuild a batch with no network from kept raw answers: a <raw-dir>/<seed> folder or one saved answer (.json or .json.gz)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail, and what caused a failure")
+    parser.add_argument("--version", action="version", version=f"random-user-etl {__version__}")
     return parser
 
 
@@ -297,5 +337,10 @@ def exit_now(status: int) -> None:
     sys.exit(status)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `random-user-etl` command: the same as `python random_user_etl.py`."""
     exit_now(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -3,3 +3,5 @@
 Modules import only those below them: errors; wire; answer; client; contract; folders; staging;
 sort; raw; store; pipeline. Nothing here is a stable interface.
 """
+
+__version__ = "1.0.0"  # the one place the version is written: pyproject.toml reads it

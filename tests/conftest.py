@@ -11,25 +11,27 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import uuid
 from pathlib import Path
 
 import polars as pl
 import pytest
 
+# The project is imported as installed (pip install -e .); pytest puts this folder on sys.path for its helpers.
+from fake_api import FIXTURES, FakeRandomUser
+from oracle import LONE_SURROGATE, USER_COLUMNS, Refused, raw_key, reference_rows, user_rows  # noqa: F401  (the one oracle)
+
+import random_user_etl as etl
+from _random_user_etl import sort, store, wire
+from random_user_config import Settings, staging_root
+
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
-sys.path[:0] = [str(ROOT), str(TESTS)]
-
-from fake_api import FIXTURES, FakeRandomUser  # noqa: E402
-
-import random_user_etl as etl  # noqa: E402
-from _random_user_etl import sort, store, wire  # noqa: E402
-from random_user_config import Settings, staging_root  # noqa: E402
-from oracle import LONE_SURROGATE, USER_COLUMNS, Refused, raw_key, reference_rows, user_rows  # noqa: E402,F401  (the one oracle)
 
 PREFIX = "random_user_etl.py: error: "
 LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING) ")
@@ -201,9 +203,14 @@ def cli(capsys):
 
 
 def main_in_process(argv: list[str]) -> int:
-    """etl.main(argv), its exit status; the root logger and the stop event restored afterwards."""
+    """etl.main(argv), its exit status; the root logger, the signal handlers and the stop event restored afterwards."""
     root, urllib3_log = logging.getLogger(), logging.getLogger("urllib3")
     saved = root.handlers[:], root.level, urllib3_log.level
+    # A stopped run leaves SIGINT and SIGTERM ignored (the process is leaving): a later test's
+    # subprocess would inherit that and never hear its own Ctrl-C.
+    # (Only the main thread may set handlers, and a run in another thread sets none.)
+    main_thread = threading.current_thread() is threading.main_thread()
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
     root.handlers[:] = []  # main's basicConfig(force=True) would close pytest's own handlers
     try:
         return etl.main(argv)
@@ -217,6 +224,8 @@ def main_in_process(argv: list[str]) -> int:
         urllib3_log.setLevel(urllib3_level)
         logging.captureWarnings(False)  # main routes warnings into the log: this process's go back to pytest
         wire.STOP.clear()  # a stopped run leaves the event set: the next test starts unstopped
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
 
 
 # A real S3-protocol server on loopback (moto), for the object-storage tests.

@@ -4,7 +4,8 @@ It serves the recorded responses in `fixtures/` byte for byte, and deterministic
 users for every other (seed, page), so tests and benchmarks can pull any number of pages.
 It follows the generator's seed rules: page k of seed S is page 1 of seed S followed by k's
 digits, and an 18-character seed picks one nationality by its last two characters (no answer at
-all when they index none).
+all when they index none). It serves only the nationalities nat= asks for, and picks a new seed
+for each request that sends none.
 Faults (error statuses, resets, hangs, trickles, truncated or endless bodies, bytes with no
 status line, doctored JSON) are queued with `FakeRandomUser.script(...)` and hit the next
 requests in arrival order.
@@ -34,6 +35,7 @@ import hashlib
 import itertools
 import json
 import math
+import secrets
 import socket
 import socketserver
 import struct
@@ -63,21 +65,22 @@ USER_FIELDS = (
     "registered", "phone", "cell", "id", "picture", "nat",
 )
 
-# (seed, page) pairs recorded from the real service; `narrow` (inc) and `noinfo` are left
-# out because their users are not what a plain request for that seed returns.
+# (seed, page) pairs recorded from the real service, with the nationalities they were asked for
+# (none: all); `narrow` (inc) and `noinfo` are left out because their users are not what a plain
+# request for that seed returns.
 _RECORDED_FILES = (
-    "default_seed-pura_results-100.json",
-    "paged_seed-paged_results-40_page-1.json",
-    "paged_seed-paged_results-40_page-2.json",
-    "paged_seed-paged_results-40_page-3.json",
-    "nat-gb_seed-gbonly_results-25.json",
-    "nat-ca-no-fr_seed-mixnat_results-25.json",
-    "noseed_results-5.json",
+    ("default_seed-pura_results-100.json", ""),
+    ("paged_seed-paged_results-40_page-1.json", ""),
+    ("paged_seed-paged_results-40_page-2.json", ""),
+    ("paged_seed-paged_results-40_page-3.json", ""),
+    ("nat-gb_seed-gbonly_results-25.json", "gb"),
+    ("nat-ca-no-fr_seed-mixnat_results-25.json", "ca,no,fr"),
+    ("noseed_results-5.json", ""),
 )
 
 RATE_LIMIT_BODY = (FIXTURES / "error_429_rate-limit.json").read_bytes()
 SERVICE_ERROR_BODY = (FIXTURES / "error_service.json").read_bytes()
-# The seed the service picked when none was asked: served whenever a request has no seed.
+# The seed the service picked for the recorded request with no seed (each such request gets a new one).
 PICKED_SEED: str = json.loads((FIXTURES / "noseed_results-5.json").read_bytes())["info"]["seed"]
 
 JSON_TYPE = "application/json; charset=utf-8"
@@ -108,10 +111,16 @@ def _dumps(value: Any) -> str:
 @functools.lru_cache(maxsize=None)
 def _recorded() -> dict[tuple[str, int], list[dict]]:
     """Parse the recorded pages once; callers must not mutate the result."""
+    return {key: users for key, (nats, users) in _recorded_with_nat().items()}
+
+
+@functools.lru_cache(maxsize=None)
+def _recorded_with_nat() -> dict[tuple[str, int], tuple[tuple[str, ...], list[dict]]]:
+    """Each recorded (seed, page): the nationalities it was asked for (see nationalities) and its users."""
     pages = {}
-    for name in _RECORDED_FILES:
+    for name, nat in _RECORDED_FILES:
         doc = json.loads((FIXTURES / name).read_bytes())
-        pages[(doc["info"]["seed"], doc["info"]["page"])] = doc["results"]
+        pages[(doc["info"]["seed"], doc["info"]["page"])] = (nationalities(nat), doc["results"])
     return pages
 
 
@@ -121,9 +130,19 @@ def recorded_pages() -> dict[tuple[str, int], list[dict]]:
 
 
 @functools.lru_cache(maxsize=None)
-def _recorded_by_generator_seed() -> dict[str, list[dict]]:
-    """The recorded pages by the seed the generator seeds itself with (see generator_seed)."""
-    return {generator_seed(seed, page): users for (seed, page), users in _recorded().items()}
+def _recorded_by_generator_seed() -> dict[str, tuple[tuple[str, ...], list[dict]]]:
+    """The recorded pages (nationalities asked for, users) by the seed the generator seeds itself with (see generator_seed)."""
+    return {generator_seed(seed, page): recorded for (seed, page), recorded in _recorded_with_nat().items()}
+
+
+def nationalities(value: str | Iterable[str] | None) -> tuple[str, ...]:
+    """A nat= value as the generator reads it: the known codes, upper case, once each, sorted; () for all."""
+    return tuple(sorted({code.upper() for code in _split_fields(value)} & set(SEEDED_NATIONALITIES)))
+
+
+def picked_seed() -> str:
+    """A seed for a request that sends none: a new one each time, 16 hex digits like the service's."""
+    return secrets.token_hex(8)
 
 
 class GeneratorCrash(Exception):
@@ -148,23 +167,28 @@ def generator_seed(seed: str, page: int) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _templates(nat: str | None = None) -> tuple[dict, ...]:
-    """Every recorded user carrying all fields (of one nationality, if given), in a fixed order, as synthetic templates."""
+def _templates(nats: tuple[str, ...] = ()) -> tuple[dict, ...]:
+    """Every recorded user carrying all fields (of these nationalities, if any), in a fixed order, as synthetic templates."""
     users = []
     for path in sorted(FIXTURES.glob("*.json")):
         doc = json.loads(path.read_bytes())
-        users += [u for u in doc.get("results", []) if set(u) == set(USER_FIELDS) and nat in (None, u["nat"])]
-    return tuple(users)
+        users += [u for u in doc.get("results", []) if set(u) == set(USER_FIELDS) and (not nats or u["nat"] in nats)]
+    if len(nats) < 2:
+        return tuple(users)
+    # The generator draws each user's nationality evenly from those asked for: take them in turn,
+    # not in the proportions the recordings happen to hold.
+    each = [[u for u in users if u["nat"] == nat] for nat in nats]
+    return tuple(group[turn % len(group)] for turn in range(max(map(len, each))) for group in each)
 
 
 @functools.lru_cache(maxsize=64)
-def _template_json(fields: tuple[str, ...], nat: str | None = None) -> tuple[bytes, ...]:
+def _template_json(fields: tuple[str, ...], nats: tuple[str, ...] = ()) -> tuple[bytes, ...]:
     """Serialize each template once (only `fields`), with marks where per-user values go.
 
     Bytes, not str: splicing and joining UTF-8 bytes skips re-encoding megabytes per page.
     """
     out = []
-    for user in _templates(nat):
+    for user in _templates(nats):
         user = copy.deepcopy(user)
         user["login"]["uuid"] = _UUID_MARK
         user["login"]["username"] += _SUFFIX_MARK
@@ -174,16 +198,18 @@ def _template_json(fields: tuple[str, ...], nat: str | None = None) -> tuple[byt
     return tuple(out)
 
 
-def _synthetic_json(seed: str, page: int, start: int, stop: int, fields: tuple[str, ...]) -> list[bytes]:
-    """Serialized synthetic users `start`..`stop-1` of (seed, page), keeping only `fields`."""
-    templates = _template_json(fields, seed_nationality(seed))
-    # Page k of seed S is page 1 of seed S followed by k's digits, as in the generator.
-    seed, page = generator_seed(seed, page), 1
+def _synthetic_json(seed: str, page: int, start: int, stop: int, fields: tuple[str, ...], nats: tuple[str, ...] = ()) -> list[bytes]:
+    """Serialized synthetic users `start`..`stop-1` of (seed, page) of these nationalities (all if none), keeping only `fields`."""
+    picked = seed_nationality(seed)  # an 18-character seed picks one and ignores nat=
+    templates = _template_json(fields, (picked,) if picked else nats)
+    # Page k of seed S is page 1 of seed S followed by k's digits, as in the generator; other
+    # nationalities asked for are other people, so they are part of every user's identity.
+    key = f"{generator_seed(seed, page)}/1" + (f"/nat={','.join(nats)}" if nats and not picked else "")
     # A per-page rotation, so different pages do not all begin with the same person.
-    offset = uuid.uuid5(_UUID_NAMESPACE, f"{seed}/{page}").int % len(templates)
+    offset = uuid.uuid5(_UUID_NAMESPACE, key).int % len(templates)
     out = []
     for index in range(start, stop):
-        user_id = _uuid5(f"{seed}/{page}/{index}").encode()
+        user_id = _uuid5(f"{key}/{index}").encode()
         text = templates[(offset + index) % len(templates)]
         out.append(text.replace(_UUID_MARK_B, user_id).replace(_SUFFIX_MARK_B, b"_" + user_id[:8] + user_id[9:13]))
     return out
@@ -200,9 +226,9 @@ def _uuid5(name: str) -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-def synthetic_users(seed: str, page: int, count: int) -> list[dict]:
-    """Deterministic full users 0..count-1 of (seed, page), each with its own uuid, username and email."""
-    return [json.loads(text) for text in _synthetic_json(seed, page, 0, count, USER_FIELDS)]
+def synthetic_users(seed: str, page: int, count: int, nat: str | None = None) -> list[dict]:
+    """Deterministic full users 0..count-1 of (seed, page, nat), each with its own uuid, username and email."""
+    return [json.loads(text) for text in _synthetic_json(seed, page, 0, count, USER_FIELDS, nationalities(nat))]
 
 
 def _split_fields(value: str | Iterable[str] | None) -> list[str]:
@@ -228,14 +254,17 @@ def page_body(
     inc: str | Iterable[str] | None = None,
     exc: str | Iterable[str] | None = None,
     noinfo: bool = False,
+    nat: str | Iterable[str] | None = None,
 ) -> bytes:
     """The exact body the fake sends for these (already sanitized) parameters."""
-    fields = kept_fields(inc, exc)
-    recorded = [] if seed_nationality(seed) else _recorded_by_generator_seed().get(generator_seed(seed, page), [])[:results]
+    fields, nats = kept_fields(inc, exc), nationalities(nat)
+    recorded_nats, recorded = _recorded_by_generator_seed().get(generator_seed(seed, page), ((), []))
+    # A recorded page answers a request for its own nationalities, or (as the tests' fixtures) for all of them.
+    recorded = [] if seed_nationality(seed) or nats not in ((), recorded_nats) else recorded[:results]
     users = [_dumps({k: v for k, v in u.items() if k in fields}).encode("utf-8") for u in recorded]
     # "Page k with results=r is the first r users of page k": recorded users come first
     # and synthetic ones continue the page, indexed by their position in it.
-    users += _synthetic_json(seed, page, len(recorded), results, fields)
+    users += _synthetic_json(seed, page, len(recorded), results, fields, nats)
     # An 18-character seed is answered with two more characters (the index again): 20 that do not reproduce the users.
     answered = seed + seed[-2:] if seed_nationality(seed) else seed
     info = {"seed": answered, "results": results, "page": page, "version": VERSION}
@@ -253,10 +282,11 @@ class PageRequest:
     inc: str | None = None
     exc: str | None = None
     noinfo: bool = False
+    nat: tuple[str, ...] = ()  # as nationalities() reads nat=
 
     def body(self) -> bytes:
         """The normal response body for this request."""
-        return page_body(self.seed, self.page, self.results, inc=self.inc, exc=self.exc, noinfo=self.noinfo)
+        return page_body(self.seed, self.page, self.results, inc=self.inc, exc=self.exc, noinfo=self.noinfo, nat=self.nat)
 
 
 def parse_params(params: dict[str, str]) -> PageRequest:
@@ -269,13 +299,14 @@ def parse_params(params: dict[str, str]) -> PageRequest:
     if math.isnan(page) or page < 1 or page > MAX_PAGE or page != int(page):
         page = 1
     return PageRequest(
-        seed=params.get("seed") or PICKED_SEED,
+        seed=params.get("seed") or picked_seed(),
         page=int(page),
         # The service loops `i < results`, so 2.5 users means 3.
         results=math.ceil(results),
         inc=params.get("inc") or None,
         exc=params.get("exc") or None,
         noinfo="noinfo" in params,
+        nat=nationalities(params.get("nat")),
     )
 
 
@@ -937,7 +968,11 @@ def serve_by_hand(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default=HOST, help=f"address to listen on (default {HOST}: this machine only)")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds before every answer (default 0)")
     args = parser.parse_args(argv)
-    fake = FakeRandomUser(latency=args.latency, port=args.port, host=args.host).start()
+    try:
+        fake = FakeRandomUser(latency=args.latency, port=args.port, host=args.host).start()
+    except OSError as exc:  # the port is taken, or the address is not this machine's
+        print(f"fake_api.py: error: cannot listen on {args.host}:{args.port}: {(exc.strerror or str(exc)).lower()}", file=sys.stderr)
+        sys.exit(1)
     print(f"fake randomuser.me listening: {fake.url}  (Ctrl-C to stop)", flush=True)
     try:
         threading.Event().wait()

@@ -13,14 +13,10 @@ import functools
 import json
 import math
 import re
-import sys
-from pathlib import Path
 
 import polars as pl
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # schemas.py, when bench.py imports this
-
-from schemas import MAX_FIELD_BYTES, OUTPUT_SCHEMA, RAW_RESPONSE, SOURCE_FIELDS  # noqa: E402
+from schemas import MAX_FIELD_BYTES, OUTPUT_SCHEMA, RAW_RESPONSE, SOURCE_FIELDS
 
 # ---------------------------------------------------------------- the contract's reference reading
 # THE oracle of the fuzz and table tests: every contract column of every row, worked out from what

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import polars as pl
 import pytest
-from conftest import GBONLY, PURA, assert_rows_are, batch_files, duplicate_first_id, fast_env, landed, raw_users, run_cli, user_rows, users
-from fake_api import PICKED_SEED, free_port, mutate, recorded_pages
+from conftest import FAST, GBONLY, PURA, assert_rows_are, batch_files, duplicate_first_id, fast_env, landed, raw_users, run_cli, served_users, user_rows, users
+from fake_api import free_port, mutate, recorded_pages
 
 import random_user_etl as etl
 
@@ -69,15 +70,14 @@ def test_without_a_page_size_a_run_asks_for_pages_of_the_service_maximum(api, ou
 
 def test_without_a_seed_the_service_picks_one_and_later_pages_reuse_it(api, out, raw, settings):
     batch = etl.run(settings(n=12, page_size=5, seed=None))
-    assert batch.seed == PICKED_SEED
-    assert batch_files(out) == [f"random_users_{PICKED_SEED}.parquet"]
+    picked = json.loads(api.sent[0])["info"]["seed"]  # the first answer is the only one asked with no seed
+    assert batch.seed == picked
+    assert batch_files(out) == [f"random_users_{picked}.parquet"]
     first, *later = sorted(api.requests, key=lambda r: int(r.params["page"]))
     assert "seed" not in first.params
-    assert [r.params.get("seed") for r in later] == [PICKED_SEED, PICKED_SEED]
-    recorded = recorded_pages()[(PICKED_SEED, 1)]
+    assert [r.params.get("seed") for r in later] == [picked, picked]
     frame = pl.read_parquet(batch.path)
-    assert set(ids_of(recorded)) <= set(frame["user_id"])
-    assert frame.height == 12 and frame["user_id"].n_unique() == 12
+    assert sorted(frame["user_id"]) == ids_of(served_users(picked, 12, 5))
 
 
 def another_page(doc):
@@ -91,7 +91,8 @@ def test_a_first_page_that_fails_its_check_when_the_service_picks_the_seed_is_ke
     api.script(mutate(change))
     with pytest.raises(etl.EtlError, match=f"^page 1: .*{says}"):
         etl.run(settings(n=12, page_size=5, seed=None))
-    assert sorted(landed(raw)) == [f"{PICKED_SEED}/rejected-page-00001.json.gz"]
+    picked = json.loads(api.sent[0])["info"]["seed"]
+    assert sorted(landed(raw)) == [f"{picked}/rejected-page-00001.json.gz"]
     assert batch_files(out) == [] and len(api.requests) == 1
 
 
@@ -218,3 +219,86 @@ def test_allow_http_is_a_plain_switch(cli):
     assert load_settings({k: v for k, v in flags.items() if k not in ("verbose", "replay")}, environ={}).allow_http is True
     result = cli("--allow-http", "false")
     assert result.returncode == 2 and "unrecognized arguments: false" in result.stderr
+
+
+# ---------------------------------------------------------------- the front door: flags, help, version, default folders
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--output", "elsewhere"], "unrecognized arguments: --output elsewhere; did you mean --output-dir?"),  # a prefix is not a flag
+        (["--seeed", "demo"], "unrecognized arguments: --seeed demo; did you mean --seed?"),
+        (["--retires=1"], "unrecognized arguments: --retires=1; did you mean --retries?"),
+        (["--zzz"], "unrecognized arguments: --zzz"),
+    ],
+)
+def test_an_unknown_or_abbreviated_flag_is_refused_naming_the_nearest_real_one(args, says, nowhere, out, raw, tmp_path, cli):
+    result = cli(*args, env=fast_env(nowhere, out, raw), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"random_user_etl.py: error: {says} (see --help)"]
+    assert sorted(tmp_path.iterdir()) == [], "nothing made, not even the flag's folder"
+
+
+def test_help_ends_with_examples_and_the_exit_statuses(cli):
+    result = cli("--help", env={"COLUMNS": 1000})
+    assert result.returncode == 0
+    tail = result.stdout[result.stdout.index("examples") :].splitlines()
+    assert any(line.strip().startswith("random-user-etl --n 500 --seed demo") for line in tail)
+    statuses = {line.split()[0]: line for line in tail[tail.index("exit status:") + 1 :] if line.strip()}
+    assert list(statuses) == ["0", "1", "2", "130", "143"], tail
+    assert "landed" in statuses["0"] and "SIGINT" in statuses["130"] and "SIGTERM" in statuses["143"]
+
+
+def test_version_prints_the_package_version(cli):
+    from _random_user_etl import __version__
+
+    result = cli("--version")
+    assert (result.returncode, result.stdout) == (0, f"random-user-etl {__version__}\n")
+
+
+@pytest.mark.parametrize(
+    "args, env, line",
+    [
+        (["--n", "1.5"], {}, "--n (RANDOM_USER_N) must be a whole number, got '1.5'"),
+        ([], {"RANDOM_USER_N": "1.5"}, "RANDOM_USER_N must be a whole number, got '1.5'"),
+        (["--nat", "us,,gb"], {}, "--nat (RANDOM_USER_NAT) has an empty item, got 'us,,gb'"),
+        (["--nat", "us,"], {}, "--nat (RANDOM_USER_NAT) has an empty item, got 'us,'"),
+        ([], {"RANDOM_USER_NAT": " ,gb"}, "RANDOM_USER_NAT has an empty item, got ' ,gb'"),
+    ],
+)
+def test_a_bad_flag_value_names_the_flag_and_its_variable_and_a_list_with_an_empty_item_is_refused(args, env, line, nowhere, out, raw, cli):
+    result = cli(*args, env={**fast_env(nowhere, out, raw), **env})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"random_user_etl.py: error: {line}"]
+    assert not out.exists() and not raw.exists()
+
+
+def test_the_default_folders_are_in_the_working_folder_and_help_shows_them(api, tmp_path, cli):
+    from random_user_config import Settings
+
+    here = tmp_path / "here"
+    here.mkdir()
+    env = {f"RANDOM_USER_{k.upper()}": v for k, v in FAST.items()} | {"RANDOM_USER_API_URL": api.url}
+    lines = {line.split()[0]: line for line in cli("--help", env={"COLUMNS": 1000}, cwd=here).stdout.splitlines() if line.startswith("  --")}
+    assert f"(default {here / 'processed_data'})" in lines["--output-dir"]
+    assert f"(default {here / 'raw_data'})" in lines["--raw-dir"]
+    result = cli("--seed", "pura", env=env, cwd=here)
+    assert result.returncode == 0, result.stderr
+    assert batch_files(here / "processed_data") == ["random_users_pura.parquet"]
+    assert sorted(landed(here / "raw_data")) == ["pura/page-00001.json.gz"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(here)
+        made = Settings()
+        assert etl.read_processed().collect().height == 100
+    assert (made.output_dir, made.raw_dir) == (str(here / "processed_data"), str(here / "raw_data"))  # absolute, fixed when made
+
+
+def test_a_run_with_nat_lands_users_of_those_nationalities_only(api, out, raw, settings):
+    from fake_api import page_body
+
+    batch = etl.run(settings(seed="pura", nat=("gb", "ie")))
+    assert api.requests[0].params["nat"] == "gb,ie"
+    frame = pl.read_parquet(batch.path)
+    assert set(frame["nationality"]) == {"GB", "IE"}
+    assert_rows_are(frame, json.loads(page_body("pura", 1, 100, nat="gb,ie"))["results"])

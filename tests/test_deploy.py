@@ -34,7 +34,8 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 DEPLOY = ROOT / "deploy"
 # The oldest Kubernetes the manifests promise to work on (podFailurePolicy is GA from 1.31), and the newest known.
 K8S_VERSIONS = ("1.31", kubernetes_validate.latest_version())
-HADOLINT = shutil.which("hadolint")
+# The environment's own scripts first: a venv's python run by path (.venv/bin/python -m pytest) has its bin off PATH.
+HADOLINT = shutil.which("hadolint", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
 SECRET_WORDS = re.compile(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY|CREDENTIAL", re.I)
 
 

@@ -1,7 +1,9 @@
 """The fake randomuser.me server behaves like the real one, and its faults do what they say."""
 
+import collections
 import gzip
 import json
+import re
 import threading
 import time
 
@@ -98,10 +100,42 @@ def test_pages_out_of_range_silently_become_page_one(fake, http, page):
     assert doc["results"] == recorded_pages()[("paged", 1)]
 
 
-def test_without_seed_the_service_picks_one(fake, http):
-    doc = get(http, fake, results=5).json()
-    assert doc == fixture_doc("noseed_results-5.json")
-    assert doc["info"]["seed"] == PICKED_SEED
+def test_without_seed_the_service_picks_a_new_one_for_each_request(fake, http):
+    picked = [get(http, fake, results=5).json() for _ in range(3)]
+    seeds = [doc["info"]["seed"] for doc in picked]
+    assert len(set(seeds)) == 3 and all(re.fullmatch(r"[0-9a-f]{16}", seed) for seed in seeds), seeds
+    for doc in picked:  # the users of the seed it picked, as that seed asked for gives them
+        assert doc == get(http, fake, results=5, seed=doc["info"]["seed"]).json()
+    # The recorded answer to a request with no seed is the page of the seed it picked then.
+    assert get(http, fake, results=5, seed=PICKED_SEED).json() == fixture_doc("noseed_results-5.json")
+
+
+@pytest.mark.parametrize("seed", ["pura", "fresh", "gbonly", "mixnat", "paged"])
+@pytest.mark.parametrize("nat, nationalities", [("gb", {"GB"}), ("US", {"US"}), ("ca,no,fr", {"CA", "NO", "FR"}), ("de, ch", {"DE", "CH"})])
+def test_nat_gives_users_of_those_nationalities_only(fake, http, seed, nat, nationalities):
+    doc = get(http, fake, results=60, seed=seed, page=2 if seed == "paged" else 1, nat=nat).json()
+    counts = collections.Counter(user["nat"] for user in doc["results"])
+    assert len(doc["results"]) == 60 and set(counts) <= nationalities
+    if seed == "fresh":  # no recorded users: each nationality drawn evenly, as the generator does
+        assert max(counts.values()) - min(counts.values()) <= 1 and len(counts) == len(nationalities), counts
+    assert get(http, fake, results=60, seed=seed, page=2 if seed == "paged" else 1, nat=nat).json() == doc  # the same request, the same users
+    ids = {user["login"]["uuid"] for user in doc["results"]}
+    assert len(ids) == 60
+    others = get(http, fake, results=60, seed=seed, page=2 if seed == "paged" else 1, nat="tr" if "TR" not in nationalities else "au").json()
+    assert not ids & {user["login"]["uuid"] for user in others["results"]}, "other nationalities are other people"
+
+
+def test_a_recorded_page_is_served_for_the_nationalities_it_was_recorded_with_or_none(fake, http):
+    for seed, nat, name in [("gbonly", "gb", "nat-gb_seed-gbonly_results-25.json"), ("mixnat", "ca,no,fr", "nat-ca-no-fr_seed-mixnat_results-25.json")]:
+        recorded = fixture_doc(name)["results"]
+        assert get(http, fake, results=25, seed=seed, nat=nat).json()["results"] == recorded
+        assert get(http, fake, results=25, seed=seed).json()["results"] == recorded
+    pura = get(http, fake, results=100, seed="pura", nat="gb").json()["results"]
+    assert {user["nat"] for user in pura} == {"GB"} and pura != fixture_doc("default_seed-pura_results-100.json")["results"]
+
+
+def test_nat_of_no_known_code_serves_every_nationality(fake, http):
+    assert get(http, fake, results=100, seed="pura", nat="xx").json() == fixture_doc("default_seed-pura_results-100.json")
 
 
 def test_inc_keeps_and_exc_drops_top_level_fields(fake, http):
@@ -406,3 +440,19 @@ def test_the_fake_started_by_hand_serves_the_job_and_stops_on_ctrl_c(tmp_path):
     finally:
         server.kill()
         server.wait()
+
+
+def test_the_fake_started_by_hand_on_a_busy_port_says_so_in_one_line():
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import TESTS
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run([sys.executable, str(TESTS / "fake_api.py"), "--port", str(port)], capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.splitlines() == [f"fake_api.py: error: cannot listen on 127.0.0.1:{port}: address already in use"], result.stderr

@@ -106,7 +106,7 @@ def test_a_number_out_of_range_stops_the_cli_with_one_line_before_any_request(no
 
 @pytest.mark.parametrize("name", ["n", "retries"])
 def test_a_whole_number_of_5000_digits_is_refused_in_plain_words(name):
-    with pytest.raises(SettingsError, match=rf"^{FLAG[name]} (must be|is too large)") as refused:
+    with pytest.raises(SettingsError, match=rf"^{FLAG[name]} \({ENV[name]}\) (must be|is too large)") as refused:
         load(name, "9" * 5000)
     assert "sys." not in str(refused.value) and len(str(refused.value)) < 200
 
@@ -328,7 +328,7 @@ def test_a_small_answer_off_the_layout_is_still_read_as_json_reads_it(api, setti
 @pytest.mark.parametrize("text", ["\u0663", "1_000", "\uff15"], ids=["arabic-indic-3", "underscored", "fullwidth-5"])
 def test_a_number_is_written_in_ascii_digits(name, text):
     # int() and float() read other scripts' digits and underscores: a setting takes what a person types as ASCII.
-    with pytest.raises(SettingsError, match=rf"^{FLAG[name]} must be"):
+    with pytest.raises(SettingsError, match=rf"^{FLAG[name]} \({ENV[name]}\) must be"):
         load(name, text)
 
 

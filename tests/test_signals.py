@@ -201,7 +201,6 @@ def test_a_stop_is_prompt_while_a_connection_is_being_opened(out, raw, tmp_path,
 # the file whose arrival lets the range go (".held" beside it says it is held), the job's arguments.
 HELD_IN_THE_SINK = f"""
 import logging, os, sys, time
-sys.path.insert(0, {str(ROOT)!r})
 import random_user_etl as etl
 release = sys.argv[1]
 
