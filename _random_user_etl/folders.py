@@ -71,7 +71,8 @@ def is_plain_file(path: Path) -> bool:
 
 def own_staging_root(output_dir: str) -> Path:
     """The staging root, made or checked: the job's own folder, in one only this user can enter for object storage."""
-    root = staging_root(output_dir)
+    # Absolute: Polars reads a leading "~" as the home folder, which the job's own file calls do not.
+    root = staging_root(output_dir).absolute()
     if is_remote(output_dir):
         own_folder(root.parent, closed=0o077)  # in the shared temp folder: closed to others' eyes too
     return own_folder(root)

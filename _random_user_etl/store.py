@@ -78,7 +78,7 @@ def upload(path: Path, destination: str, sink: dict) -> int:
     # AWS_ENDPOINT_URL). A PUT, or a multipart upload that is only completed after its last part,
     # replaces the key in one step: readers see the old batch or the new one, never part of one.
     sinked = []
-    pl.scan_parquet(path).sink_parquet(destination, sinked_paths_callback=sinked.append, **sink)
+    pl.scan_parquet(path, glob=False).sink_parquet(destination, sinked_paths_callback=sinked.append, **sink)
     return sum(path.num_bytes for args in sinked for path in args.paths)
 
 
@@ -92,7 +92,7 @@ def lake_batches(folder: Path) -> list[str]:
                 # a folder or device is not a batch the job landed: something odd is in the lake.
                 if not entry.is_file(follow_symlinks=True):
                     raise StorageError("named like a batch but not a regular file; move it out of the lake", path=entry.path)
-                batches.append(entry.path)
+                batches.append(str(Path(entry.path).absolute()))  # Polars reads a leading "~" as the home folder
     return sorted(batches)
 
 
