@@ -11,7 +11,7 @@ from pathlib import Path
 import polars as pl
 import random_user_config as config
 from random_user_config import is_remote, shorten
-from schemas import QUALITY_METADATA_KEY, UTC_INSTANT
+from schemas import OUTPUT_SCHEMA, QUALITY_METADATA_KEY, UTC_INSTANT
 from _random_user_etl.errors import StorageError
 from _random_user_etl.folders import temp_file, write_atomically
 from _random_user_etl import sort
@@ -83,7 +83,7 @@ def upload(path: Path, destination: str, sink: dict) -> int:
 
 
 def lake_batches(folder: Path) -> list[str]:
-    """The batch files of a local lake, sorted; a folder that cannot be listed, or an odd thing named like a batch, raises."""
+    """The batch files of a local lake, sorted, each checked (check_batch); a folder that cannot be listed, or an odd thing named like a batch, raises."""
     batches = []
     with os.scandir(folder) as entries:  # PermissionError naming the folder: pathlib's glob would skip it
         for entry in entries:
@@ -93,7 +93,24 @@ def lake_batches(folder: Path) -> list[str]:
                 if not entry.is_file(follow_symlinks=True):
                     raise StorageError("named like a batch but not a regular file; move it out of the lake", path=entry.path)
                 batches.append(str(Path(entry.path).absolute()))  # Polars reads a leading "~" as the home folder
+    for batch in batches:
+        check_batch(batch)
     return sorted(batches)
+
+
+def check_batch(path: str) -> None:
+    """Read a local batch's footer: a torn file, or one not of the contract's columns and types, raises naming it."""
+    # Only the footer is read, so the lake stays a lazy scan; Polars' own words would name no file,
+    # and can echo the file's last bytes.
+    try:
+        schema = pl.scan_parquet(path, glob=False).collect_schema()
+    except pl.exceptions.PolarsError as exc:
+        raise StorageError("not a whole parquet file (cut short, or not a batch); move it out of the lake", path=path) from exc
+    if "user_id" not in schema:  # every batch ever landed has it: a file without is not one (it would read as null rows)
+        raise StorageError("holds no user_id column, so it is not a batch; move it out of the lake", path=path)
+    for name, dtype in schema.items():
+        if name in OUTPUT_SCHEMA and dtype != OUTPUT_SCHEMA[name]:
+            raise StorageError(f"column {name} is {dtype}, not {OUTPUT_SCHEMA[name]} as in a batch; move it out of the lake", path=path)
 
 
 def lake_folder(output_dir: str) -> Path:
