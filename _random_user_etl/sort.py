@@ -11,7 +11,7 @@ import polars as pl
 from polars.io.plugins import register_io_source
 from schemas import SORT_KEY
 from _random_user_etl.errors import StorageError
-from _random_user_etl.folders import found_own_folder, own_folder
+from _random_user_etl.folders import found_own_folder, full_disk_said, own_folder
 from _random_user_etl.wire import check_stop
 
 log = logging.getLogger("random_user_etl")  # one logger for the job: the CLI lets only its records carry text
@@ -82,7 +82,8 @@ class ExternalSort:
         own_folder(self.work)  # made when first needed (0700): a run that never splits leaves none behind
         # Streamed into group-N/__run=R/ by Polars: the group is never held in memory whole.
         target = pl.PartitionBy(self.work / f"group-{self.groups:05d}", key="__run", include_key=False)
-        self._keyed(group).sink_parquet(target, engine="streaming", **SCRATCH)
+        with full_disk_said(self.work):
+            self._keyed(group).sink_parquet(target, engine="streaming", **SCRATCH)
         self.groups += 1
 
     def ordered(self, parts: list[Path], rows: list[int] | None = None) -> pl.LazyFrame:

@@ -13,7 +13,7 @@ import random_user_config as config
 from random_user_config import is_remote, shorten
 from schemas import OUTPUT_SCHEMA, QUALITY_METADATA_KEY, UTC_INSTANT
 from _random_user_etl.errors import StorageError
-from _random_user_etl.folders import temp_file, write_atomically
+from _random_user_etl.folders import full_disk_said, temp_file, write_atomically
 from _random_user_etl import sort
 from _random_user_etl.sort import SORT_RUN_ROWS
 from _random_user_etl.staging import quality_report, sort_folder
@@ -62,7 +62,8 @@ def write_batch(
         # Polars completes an upload whose source failed, with the rows sent so far at the key (2.1):
         # the batch is written whole to a local file first, and only a finished file is uploaded.
         with temp_file(parts[0].parent, "batch.parquet") as temp:
-            batch.sink_parquet(temp, **sink)  # read straight back: no need to wait for the disk
+            with full_disk_said(temp.parent):
+                batch.sink_parquet(temp, **sink)  # read straight back: no need to wait for the disk
             return report, upload(temp, destination, sink)
     final = Path(destination)
     final.parent.mkdir(parents=True, exist_ok=True)
