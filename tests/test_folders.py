@@ -13,6 +13,7 @@ everything, and that user cannot start the interpreter, which lives under /root.
 
 from __future__ import annotations
 
+import fnmatch
 import gzip
 import os
 import select
@@ -27,6 +28,9 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from conftest import PAGED, ROOT, assert_one_error_line, assert_rows_are, batch_files, fast_env, landed, raw_key, raw_users, record_sorts, run_cli, served_users
 from fake_api import mutate, normal, status
 
@@ -852,3 +856,17 @@ def test_an_output_folder_starting_with_a_tilde_is_the_folder_named_not_the_home
     assert_rows_are(read_batch(tmp_path / "~" / "lake" / "random_users_pura.parquet"), raw_users(PURA_ANSWER.name))
     assert_rows_are(etl.read_processed("~/lake").collect(), raw_users(PURA_ANSWER.name))
     assert batch.path == "~/lake/random_users_pura.parquet" and list(home.iterdir()) == []
+
+
+@hypothesis_settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(name=st.text(alphabet="ab1[]*?", min_size=1, max_size=6))
+def test_read_processed_reads_the_folder_named_whatever_glob_characters_it_holds(tmp_path_factory, name):
+    base = tmp_path_factory.mktemp("names")
+    (base / name).mkdir()
+    pl.DataFrame({"user_id": ["in-the-lake"]}).write_parquet(base / name / "random_users_s.parquet")
+    # A sibling the name matches as a pattern, holding a batch of the same file name.
+    for sibling in {"a", "b", "1", "ab1", "a1", "ab", "[", "]", "[1]"} - {name}:
+        if fnmatch.fnmatchcase(sibling, name):
+            (base / sibling).mkdir(exist_ok=True)
+            pl.DataFrame({"user_id": ["a-sibling's"]}).write_parquet(base / sibling / "random_users_s.parquet")
+    assert etl.read_processed(str(base / name)).select("user_id").collect().to_series().to_list() == ["in-the-lake"]
