@@ -58,6 +58,11 @@ MOST_CONCURRENCY = 64
 # character anywhere (a newline from a heredoc) would name a folder nobody meant.
 CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
+# What an object-storage lake's address may hold: Polars lists a lake by the pattern
+# <prefix>/random_users_*.parquet, reading [ ] * ? there as a pattern (with no way to escape them) and
+# percent-encoding other characters (\ { } ^ % ` " < > ~ # | and all but ASCII) into another prefix.
+LISTABLE_CHARACTER = re.compile(r"[A-Za-z0-9/!_.'()+,;=@&$: -]")
+
 OFF_WORDS = frozenset({"", "off", "none", "no", "false", "0"})
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 
@@ -399,9 +404,21 @@ def check_folder_addresses(output_dir: str, raw_dir: str | None) -> None:
     # the raw folder as a URL, never as the folder it names.
     if is_remote(output_dir) and urlsplit(output_dir).scheme.lower() == "file":
         raise SettingsError(f"{describe('output_dir')} is a file:// address, got '{shorten(output_dir)}'; use a plain path for a local folder")
+    if is_remote(output_dir):
+        check_listable(describe("output_dir"), output_dir)
     if raw_dir is not None and is_remote(raw_dir):
         scheme = urlsplit(raw_dir).scheme
         raise SettingsError(f"{describe('raw_dir')} is a local folder, not a {scheme}:// address, got '{shorten(raw_dir)}'; use a plain path")
+
+
+def check_listable(label: str, location: str) -> None:
+    """Refuse an object-storage address that Polars would not list as written (LISTABLE_CHARACTER)."""
+    odd = sorted({char for char in location.split("://", 1)[1] if not LISTABLE_CHARACTER.fullmatch(char)})
+    if odd:
+        raise SettingsError(
+            f"{label} '{shorten(location)}' holds '{shorten(' '.join(odd))}': Polars reads such characters as a pattern, or changes them, "
+            "when it lists the prefix, so its batches cannot be read back; use letters, digits, space and / ! - _ . ' ( ) + , ; = @ & $ :"
+        )
 
 
 def staging_root(output_dir: str) -> Path:

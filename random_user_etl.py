@@ -112,6 +112,7 @@ def read_processed(output_dir: str | None = None, storage_options: dict | None =
     """Every batch ever landed, as one lazy frame with the output schema (empty if the folder holds none); with unique_users, each user once."""
     output_dir = output_dir or os.environ.get("RANDOM_USER_OUTPUT_DIR") or config.default_output_dir()
     if is_remote(output_dir):
+        config.check_listable("the lake", output_dir)
         source = f"{output_dir.rstrip('/')}/{BATCH_GLOB}"
     else:
         source = lake_batches(lake_folder(output_dir))
@@ -123,6 +124,7 @@ def read_processed(output_dir: str | None = None, storage_options: dict | None =
         lake = pl.scan_parquet(
             source,
             schema=OUTPUT_SCHEMA,
+            glob=is_remote(output_dir),  # a local lake is its list of files, each read as named
             missing_columns="insert",  # a column added to the contract later reads as null in older batches
             extra_columns="ignore",
             storage_options=storage_options,

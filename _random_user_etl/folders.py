@@ -9,6 +9,7 @@ import os
 import secrets
 import stat
 from pathlib import Path
+import polars as pl
 from random_user_config import is_remote, staging_root
 from _random_user_etl.errors import StorageError, write_error
 
@@ -71,7 +72,8 @@ def is_plain_file(path: Path) -> bool:
 
 def own_staging_root(output_dir: str) -> Path:
     """The staging root, made or checked: the job's own folder, in one only this user can enter for object storage."""
-    root = staging_root(output_dir)
+    # Absolute: Polars reads a leading "~" as the home folder, which the job's own file calls do not.
+    root = staging_root(output_dir).absolute()
     if is_remote(output_dir):
         own_folder(root.parent, closed=0o077)  # in the shared temp folder: closed to others' eyes too
     return own_folder(root)
@@ -91,6 +93,29 @@ def fresh_temp(folder: Path, name: str, mode: int) -> Path:
 
 
 @contextlib.contextmanager
+def full_disk_said(folder: Path):
+    """A Polars write in `folder` that fails once its filesystem is full raises OSError ENOSPC: Polars' own words vary."""
+    # A full disk reaches Polars' writer as ENOSPC, but what it says depends on where the write
+    # stopped ("Invalid thrift: transport error" in the footer): the filesystem itself is asked,
+    # while what the failed write left is still on it.
+    try:
+        yield
+    except pl.exceptions.PolarsError as exc:
+        if no_space_left(folder):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder)) from exc
+        raise
+
+
+def no_space_left(folder: Path) -> bool:
+    """True when the filesystem holding `folder` has no block left for this user."""
+    try:
+        info = os.statvfs(folder)
+    except (OSError, AttributeError):  # gone, or no statvfs (Windows): not known to be full
+        return False
+    return info.f_bavail == 0
+
+
+@contextlib.contextmanager
 def temp_file(folder: Path, name: str, mode: int = 0o600):
     """A fresh temp file in `folder` (fresh_temp), removed on leaving unless it was moved away."""
     temp = fresh_temp(folder, name, mode)
@@ -105,7 +130,8 @@ def write_atomically(path: Path, write, temp_dir: Path | None = None, mode: int 
     # `mode` (less the umask) is the file's: 0600 for the job's own files, 0666 for what others read.
     # temp_dir must be on the same filesystem; a killed run's temp file is swept from there.
     with temp_file(temp_dir or path.parent, path.name, mode) as temp:
-        write(temp)
+        with full_disk_said(temp.parent):
+            write(temp)
         os.replace(temp, path)
 
 

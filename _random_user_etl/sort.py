@@ -11,7 +11,7 @@ import polars as pl
 from polars.io.plugins import register_io_source
 from schemas import SORT_KEY
 from _random_user_etl.errors import StorageError
-from _random_user_etl.folders import found_own_folder, own_folder
+from _random_user_etl.folders import found_own_folder, full_disk_said, own_folder
 from _random_user_etl.wire import check_stop
 
 log = logging.getLogger("random_user_etl")  # one logger for the job: the CLI lets only its records carry text
@@ -69,7 +69,7 @@ class ExternalSort:
     def _keyed(self, group: list[Path]) -> pl.LazyFrame:
         """A group's rows with their sort key and key range; the first group's keys set the ranges."""
         # The key is kept in the pieces: one string column sorts three times faster than the four it is made of.
-        rows = pl.scan_parquet(group).with_columns(sort_key().alias("__key"))
+        rows = pl.scan_parquet(group, glob=False).with_columns(sort_key().alias("__key"))
         if self.bounds is None:
             # Bounds only balance the ranges' sizes: any bounds give the same order.
             keys = rows.select("__key").collect().get_column("__key").sort()
@@ -82,16 +82,17 @@ class ExternalSort:
         own_folder(self.work)  # made when first needed (0700): a run that never splits leaves none behind
         # Streamed into group-N/__run=R/ by Polars: the group is never held in memory whole.
         target = pl.PartitionBy(self.work / f"group-{self.groups:05d}", key="__run", include_key=False)
-        self._keyed(group).sink_parquet(target, engine="streaming", **SCRATCH)
+        with full_disk_said(self.work):
+            self._keyed(group).sink_parquet(target, engine="streaming", **SCRATCH)
         self.groups += 1
 
     def ordered(self, parts: list[Path], rows: list[int] | None = None) -> pl.LazyFrame:
         """All of `parts` in key order, each key range sorted alone (a stop signal ends it early); `rows`, each part's rows if known."""
         if self.runs <= 1:
-            return pl.scan_parquet(parts).sort(sort_key())
+            return pl.scan_parquet(parts, glob=False).sort(sort_key())
         for part, known in zip(parts, rows or [None] * len(parts)):
             if part not in self.taken:  # a part the run did not add: one resumed, or staged by replay
-                self.add(part, pl.scan_parquet(part).select(pl.len()).collect().item() if known is None else known)
+                self.add(part, pl.scan_parquet(part, glob=False).select(pl.len()).collect().item() if known is None else known)
         with self.lock:
             # The last group (at most about two groups' rows) is split here, in memory.
             last = self._keyed(self.waiting).collect() if self.waiting else None
@@ -101,7 +102,7 @@ class ExternalSort:
         for piece in sorted(self.work.glob("group-*/__run=*/*.parquet")):  # one walk, not one per range
             by_folder.get(piece.parent.name, []).append(piece)  # anything else is not a range's piece
         pieces = [piece for run in ranges for piece in run]
-        held = (pl.scan_parquet(pieces, hive_partitioning=False).select(pl.len()).collect().item() if pieces else 0)
+        held = (pl.scan_parquet(pieces, hive_partitioning=False, glob=False).select(pl.len()).collect().item() if pieces else 0)
         held += last.height if last is not None else 0
         if held != self.rows:  # the batch is built from these pieces, so they must hold every row, once
             raise StorageError(f"the sort's key ranges hold {held} rows, expected {self.rows}")
@@ -115,7 +116,7 @@ class ExternalSort:
                 # a stop ends the write here, and Polars raises it in the main thread (nothing is moved into place).
                 check_stop()
                 log.debug("writing key range %d of %d", run + 1, self.runs)  # with -v, how far the write is
-                frames = [pl.read_parquet(pieces, hive_partitioning=False)] if pieces else []
+                frames = [pl.read_parquet(pieces, hive_partitioning=False, glob=False)] if pieces else []
                 if (run,) in tails:
                     frames.append(tails[(run,)])
                 if not frames:
@@ -128,5 +129,5 @@ class ExternalSort:
         # One pass: each range is read, sorted and handed straight to the sink, never written back.
         # (register_io_source and PartitionBy are marked unstable in Polars 2; requirements pin
         # polars <3 and test_large.py checks the order they give against the raw JSON.)
-        return register_io_source(ranges_in_order, schema=pl.read_parquet_schema(parts[0]))
+        return register_io_source(ranges_in_order, schema=pl.scan_parquet(parts[0], glob=False).collect_schema())  # read_parquet_schema globs
 

@@ -60,7 +60,7 @@ def trusted_part(path: Path, identity: dict) -> bool:
     try:
         metadata = pl.read_parquet_metadata(path)
         found = json.loads(metadata.get(PART_METADATA_KEY, "null"))
-        rows = pl.scan_parquet(path).select(pl.len()).collect().item()
+        rows = pl.scan_parquet(path, glob=False).select(pl.len()).collect().item()
     except Exception:  # a torn or foreign file is simply not trusted
         return False
     # A part staged by an older version carries no null counts: staging is scratch, so it is fetched again.
@@ -94,7 +94,7 @@ def quality_report(parts: list[Path]) -> dict:
     for part in parts:
         for name, count in json.loads(pl.read_parquet_metadata(part)[PART_NULLS_KEY]).items():
             nulls[name] += count
-    ids = pl.scan_parquet(parts).select("user_id")
+    ids = pl.scan_parquet(parts, glob=False).select("user_id")
     # 8-byte hashes keep the distinct count small in memory; only a suspected repeat is recounted exactly.
     rows, unique = ids.select(pl.len(), pl.col("user_id").hash().n_unique()).collect(engine="streaming").row(0)
     if unique < rows:

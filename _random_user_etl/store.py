@@ -11,9 +11,9 @@ from pathlib import Path
 import polars as pl
 import random_user_config as config
 from random_user_config import is_remote, shorten
-from schemas import QUALITY_METADATA_KEY, UTC_INSTANT
+from schemas import OUTPUT_SCHEMA, QUALITY_METADATA_KEY, UTC_INSTANT
 from _random_user_etl.errors import StorageError
-from _random_user_etl.folders import temp_file, write_atomically
+from _random_user_etl.folders import full_disk_said, temp_file, write_atomically
 from _random_user_etl import sort
 from _random_user_etl.sort import SORT_RUN_ROWS
 from _random_user_etl.staging import quality_report, sort_folder
@@ -25,7 +25,7 @@ BATCH_GLOB = "random_users_*.parquet"
 def batch_path(output_dir: str, seed: str) -> str:
     """Where a seed's batch lands; the seed is checked, so the path never leaves the folder."""
     if not config.SEED_PATTERN.fullmatch(seed):
-        raise StorageError(f"seed {shorten(seed)!r} is not safe as a file name: it {config.seed_rule()}")
+        raise StorageError(f"seed '{shorten(seed)}' is not safe as a file name: it {config.seed_rule()}")
     return f"{output_dir.rstrip('/')}/random_users_{seed}.parquet"
 
 
@@ -62,7 +62,8 @@ def write_batch(
         # Polars completes an upload whose source failed, with the rows sent so far at the key (2.1):
         # the batch is written whole to a local file first, and only a finished file is uploaded.
         with temp_file(parts[0].parent, "batch.parquet") as temp:
-            batch.sink_parquet(temp, **sink)  # read straight back: no need to wait for the disk
+            with full_disk_said(temp.parent):
+                batch.sink_parquet(temp, **sink)  # read straight back: no need to wait for the disk
             return report, upload(temp, destination, sink)
     final = Path(destination)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -78,12 +79,12 @@ def upload(path: Path, destination: str, sink: dict) -> int:
     # AWS_ENDPOINT_URL). A PUT, or a multipart upload that is only completed after its last part,
     # replaces the key in one step: readers see the old batch or the new one, never part of one.
     sinked = []
-    pl.scan_parquet(path).sink_parquet(destination, sinked_paths_callback=sinked.append, **sink)
+    pl.scan_parquet(path, glob=False).sink_parquet(destination, sinked_paths_callback=sinked.append, **sink)
     return sum(path.num_bytes for args in sinked for path in args.paths)
 
 
 def lake_batches(folder: Path) -> list[str]:
-    """The batch files of a local lake, sorted; a folder that cannot be listed, or an odd thing named like a batch, raises."""
+    """The batch files of a local lake, sorted, each checked (check_batch); a folder that cannot be listed, or an odd thing named like a batch, raises."""
     batches = []
     with os.scandir(folder) as entries:  # PermissionError naming the folder: pathlib's glob would skip it
         for entry in entries:
@@ -92,8 +93,25 @@ def lake_batches(folder: Path) -> list[str]:
                 # a folder or device is not a batch the job landed: something odd is in the lake.
                 if not entry.is_file(follow_symlinks=True):
                     raise StorageError("named like a batch but not a regular file; move it out of the lake", path=entry.path)
-                batches.append(entry.path)
+                batches.append(str(Path(entry.path).absolute()))  # Polars reads a leading "~" as the home folder
+    for batch in batches:
+        check_batch(batch)
     return sorted(batches)
+
+
+def check_batch(path: str) -> None:
+    """Read a local batch's footer: a torn file, or one not of the contract's columns and types, raises naming it."""
+    # Only the footer is read, so the lake stays a lazy scan; Polars' own words would name no file,
+    # and can echo the file's last bytes.
+    try:
+        schema = pl.scan_parquet(path, glob=False).collect_schema()
+    except pl.exceptions.PolarsError as exc:
+        raise StorageError("not a whole parquet file (cut short, or not a batch); move it out of the lake", path=path) from exc
+    if "user_id" not in schema:  # every batch ever landed has it: a file without is not one (it would read as null rows)
+        raise StorageError("holds no user_id column, so it is not a batch; move it out of the lake", path=path)
+    for name, dtype in schema.items():
+        if name in OUTPUT_SCHEMA and dtype != OUTPUT_SCHEMA[name]:
+            raise StorageError(f"column {name} is {dtype}, not {OUTPUT_SCHEMA[name]} as in a batch; move it out of the lake", path=path)
 
 
 def lake_folder(output_dir: str) -> Path:

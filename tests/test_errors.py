@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import hypothesis
@@ -215,3 +219,62 @@ def test_a_service_that_answers_badly_points_to_no_offline_way(api, out, raw, cl
     done = cli("--seed", "demo", "--retries", "1", env=fast_env(api.url, out, raw))
     assert done.returncode == 1
     assert "--replay" not in done.stderr
+
+
+# ---------------------------------------------------------------- a full disk says so
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MB filesystem of its own (tmpfs), to fill for real; unmounted afterwards."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not permitted here, so no disk can be filled for real: {mounted.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def fill(disk: Path, free: int) -> None:
+    """Empty the disk, then fill it until `free` bytes are left."""
+    for path in disk.iterdir():
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    info = os.statvfs(disk)
+    (disk / "filler").write_bytes(b"x" * max(info.f_bavail * info.f_frsize - free, 0))
+
+
+def fill_until_it_lands(disk: Path, land) -> set[str]:
+    """Run land() with ever more room left on the disk until it lands; every failure says the disk is full; what each was doing."""
+    doing = set()
+    for free in itertools.count(0, 8192):
+        fill(disk, free)
+        try:
+            land()
+            return doing
+        except StorageError as exc:
+            assert str(exc).endswith(": No space left on device"), (free, str(exc))
+            doing.add(exc.doing)
+
+
+def test_a_full_disk_says_so_wherever_the_run_was_writing(api, settings, small_disk):
+    run = settings(seed="paged", n=120, page_size=40, concurrency=1, output_dir=str(small_disk / "out"), raw_dir=str(small_disk / "raw"))
+    doing = fill_until_it_lands(small_disk, lambda: etl.fetch_and_land(run, run_rows=17, group_rows=40))
+    # Polars said "Invalid thrift: transport error" or "underlying IO error: ..." here, by where the write stopped.
+    assert doing == {"cannot keep the raw answer in", "cannot stage in", "cannot split into key ranges in", "cannot write"}
+
+
+def test_a_full_temp_folder_says_so_for_an_object_storage_run(api, settings, s3, small_disk, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(small_disk))
+    run = settings(seed="paged", n=120, page_size=40, concurrency=1, output_dir=s3.url(), raw_dir=None)
+    doing = fill_until_it_lands(small_disk, lambda: etl.run(run))
+    assert {"cannot stage in", "cannot write"} <= doing
+
+
+def test_the_cli_says_no_space_left_in_one_line(api, out, raw, cli, small_disk):
+    fill(small_disk, 24576)  # room for a page or so
+    result = run_paged(cli, api, small_disk / "out", raw)
+    assert result.returncode == 1
+    assert_one_error_line(result.stderr, r"^random_user_etl\.py: error: page \d+: cannot stage in .*: No space left on device$")

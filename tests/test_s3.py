@@ -11,18 +11,21 @@ import contextlib
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import signal
+import tempfile
 from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import GBONLY, PAGED, PURA, assert_rows_are, fast_env, fixture_bytes, on_log, nationality_counts, raw_key, raw_users, record_sorts
+from conftest import GBONLY, PAGED, PURA, assert_one_error_line, assert_rows_are, fast_env, fixture_bytes, on_log, nationality_counts, raw_key, raw_users, record_sorts, served_users
 from fake_api import mutate, status
 
 import random_user_etl as etl
 from _random_user_etl import staging, store, wire
 from _random_user_etl.errors import Stopped
+from random_user_config import SettingsError
 from schemas import OUTPUT_SCHEMA, QUALITY_METADATA_KEY, SORT_KEY
 
 
@@ -194,3 +197,50 @@ def test_a_write_that_fails_midway_leaves_the_earlier_object_as_it_was(fault, s3
     with fault(stage) if fault is scratch_lost_midway else fault():
         store.write_batch(parts, key, dt.datetime.now(dt.timezone.utc), 120, run_rows=17)
     assert s3.client.get_object(Bucket=s3.name, Key=key.split("/", 3)[3])["Body"].read() == earlier
+
+
+# ---------------------------------------------------------------- paths are literal
+
+
+def test_a_temp_folder_named_like_a_pattern_stages_and_sorts_this_runs_pages_not_a_siblings(api, settings, s3, tmp_path, monkeypatch):
+    # A run whose upload failed left another seed's users staged, as this seed's, in the sibling tmp1.
+    missing = f"{s3.name}-later"
+    url = f"s3://{missing}/lake"
+    for temp in ("tmp1", "tmp[1]"):
+        (tmp_path / temp).mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp1"))
+    with pytest.raises(etl.EtlError, match="NoSuchBucket"):
+        etl.run(settings(output_dir=url, seed="decoy", n=100, page_size=40))
+    staged = etl.config.staging_root(url)
+    (staged / "decoy").rename(staged / "paged")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp[1]"))
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp[1]"))
+    s3.client.create_bucket(Bucket=missing)
+    sorts = record_sorts(monkeypatch)
+    etl.fetch_and_land(settings(output_dir=url, seed="paged", n=100, page_size=40, concurrency=2), run_rows=17, group_rows=40)
+    assert sorts[0].runs == 6, "sorted in key ranges, in the temp folder"
+    frame, users = etl.read_processed(url).collect(), served_users("paged", 100, 40)
+    assert_rows_are(frame, users)
+    assert frame.select(SORT_KEY).rows() == sorted(map(raw_key, users))
+
+
+# Polars lists an s3:// lake by a pattern that reads these characters as pattern or changes them
+# (an s3 prefix holding them reads another prefix's batches, or none at all).
+UNLISTABLE_PREFIXES = ["lake[1]", "lake*", "lake?", "la]ke", "a{b}", "caf\u00e9", "50%", "a\\b", "a#b"]
+
+
+@pytest.mark.parametrize("prefix", UNLISTABLE_PREFIXES)
+def test_an_s3_prefix_polars_cannot_list_literally_is_refused_before_any_request(api, out, raw, cli, s3, prefix):
+    url = s3.url(prefix)
+    result = cli("--seed", "pura", env=fast_env(api.url, out, raw, RANDOM_USER_OUTPUT_DIR=url))
+    assert result.returncode == 2
+    line = assert_one_error_line(result.stderr, re.escape(f"--output-dir (RANDOM_USER_OUTPUT_DIR) {url!r} holds"))
+    assert "cannot be read back" in line
+    assert api.requests == [] and s3.keys() == []
+
+
+@pytest.mark.parametrize("prefix", ["lake[1]", "lake?"])
+def test_read_processed_of_an_s3_prefix_polars_cannot_list_literally_raises_instead_of_reading_a_sibling(api, settings, s3, prefix):
+    etl.run(settings(output_dir=s3.url("lake1"), seed="pura"))
+    with pytest.raises(SettingsError, match="cannot be read back"):
+        etl.read_processed(s3.url(prefix))
