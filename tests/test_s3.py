@@ -234,7 +234,7 @@ def test_an_s3_prefix_polars_cannot_list_literally_is_refused_before_any_request
     url = s3.url(prefix)
     result = cli("--seed", "pura", env=fast_env(api.url, out, raw, RANDOM_USER_OUTPUT_DIR=url))
     assert result.returncode == 2
-    line = assert_one_error_line(result.stderr, re.escape(f"--output-dir (RANDOM_USER_OUTPUT_DIR) {url!r} holds"))
+    line = assert_one_error_line(result.stderr, re.escape(f"--output-dir (RANDOM_USER_OUTPUT_DIR) '{url}' holds"))
     assert "cannot be read back" in line
     assert api.requests == [] and s3.keys() == []
 
