@@ -460,3 +460,55 @@ def test_an_odd_redirect_location_is_one_escaped_line(location, api, out, raw, c
     assert result.returncode == 1, result.stderr
     assert_one_error_line(result.stderr, r"page 1: HTTP 302 redirect to \S+, not followed")
     only_job_lines(result.stderr)
+
+
+def credentials_in(nowhere: str, form: str) -> str:
+    """The refusing loopback address with a secret put into it in one of the odd forms an operator may type."""
+    host = nowhere.split("/")[2]
+    return {
+        "fragment": f"{nowhere}#{SECRET}",
+        "path-parameter": nowhere.replace("/api/1.4/", f"/api/1.4;jsessionid={SECRET}/"),
+        "bare-path-parameter": nowhere.replace("/api/1.4/", f"/api/1.4;{SECRET}/"),
+        "user-only": nowhere.replace(host, f"{SECRET}@{host}"),
+        "percent-encoded-at": nowhere.replace(host, f"some%40one:{SECRET}@{host}"),
+        "uppercase-scheme": nowhere.replace("http://", f"HTTP://someone:{SECRET}@"),
+        "ipv6-host": nowhere.replace(host, f"someone:{SECRET}@[::1]:{host.split(':')[1]}"),
+        "at-and-colon-in-password": nowhere.replace(host, f"someone:{SECRET[:4]}@:{SECRET[4:]}@{host}"),
+        "question-mark-in-password": nowhere.replace(host, f"someone:{SECRET[:4]}?{SECRET[4:]}@{host}"),
+        "hash-in-password": nowhere.replace(host, f"someone:{SECRET[:4]}#{SECRET[4:]}@{host}"),
+        "token-with-an-at": f"{nowhere}?token={TOKEN[:4]}@{TOKEN[4:]}",
+    }[form]
+
+
+CREDENTIAL_FORMS = [
+    "fragment", "path-parameter", "bare-path-parameter", "user-only", "percent-encoded-at", "uppercase-scheme",
+    "ipv6-host", "at-and-colon-in-password", "question-mark-in-password", "hash-in-password", "token-with-an-at",
+]
+
+
+def no_part_of_a_secret(stderr: str) -> None:
+    """No piece of the password or token, not even half of one, is in what the run printed."""
+    pieces = [SECRET[:4], SECRET[4:], TOKEN[:4], TOKEN[4:]]
+    assert not [piece for piece in pieces if piece in stderr], stderr
+
+
+@pytest.mark.parametrize("form", CREDENTIAL_FORMS)
+@pytest.mark.parametrize("verbose", [[], ["-v"]], ids=["quiet", "verbose"])
+def test_a_secret_in_any_part_of_the_api_address_reaches_no_line(form, verbose, out, raw, cli, nowhere):
+    result = cli("--seed", "pura", "--retries", "1", *verbose, env=fast_env(credentials_in(nowhere, form), out, raw))
+    assert result.returncode in (1, 2), result.stderr
+    assert_one_error_line(result.stderr, r"--api-url|cannot reach")
+    no_part_of_a_secret(result.stderr)
+
+
+@pytest.mark.parametrize("host", ["\u2764.example", "a" * 64 + ".example", "a..b.example", ".example"])
+def test_an_api_address_no_request_can_be_sent_to_is_a_bad_setting(host, out, raw, cli, nowhere):
+    # requests cannot prepare it (IDNA 2008), or the socket layer cannot encode its name: refused
+    # before any request, never a run that fails later as a storage error or a retried transport fault.
+    url = f"https://someone:{SECRET}@{host}/api/1.4/?token={TOKEN}"
+    result = cli("--seed", "pura", env={**fast_env(url, out, raw), **proxied_to(nowhere)})
+    assert result.returncode == 2, result.stderr
+    assert_one_error_line(result.stderr, r"--api-url \(RANDOM_USER_API_URL\) .*host name")
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    no_part_of_a_secret(result.stderr)
+    assert files_under(out.parent) == []
