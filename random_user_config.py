@@ -113,6 +113,14 @@ def shown_url(url, path_only: bool = False) -> str:
     return shorten(shown, SHOWN_URL_LIMIT)
 
 
+ADDRESS_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+")  # an address inside a library's words, to the next space
+
+
+def shown_urls_in(text) -> str:
+    """Text with every address in it as shown_url shows it: a library's words name the address it was given, password and all."""
+    return ADDRESS_IN_TEXT.sub(lambda address: shown_url(address[0]), str(text))
+
+
 def shown_path(path: str) -> str:
     """A path with the value of each ;parameter hidden (a session id rides there): a bare one is hidden whole."""
     return re.sub(r";([^;/=]*)(=?)[^;/]*", lambda m: ";" + (m[1] + "=***" if m[2] else "***"), path)
