@@ -21,6 +21,7 @@ import pytest
 import polars as pl
 from conftest import LOG_LINE, PAGED, PREFIX, PURA, ROOT, assert_one_error_line, assert_rows_are, batch_files, clean_environ, duplicate_first_id, fast_env, info, landed, raw_users, users
 from fake_api import FakeRandomUser, chunk_framing, chunked, huge, mutate, page_body, rate_limited, status, unframed
+from fake_api import raw as raw_bytes
 
 import random_user_etl as etl
 from _random_user_etl import store, wire
@@ -378,6 +379,27 @@ def test_a_well_framed_chunked_answer_within_the_bound_lands(api, out, settings)
     api.script(chunk_framing(pieces + b"0\r\nX-Trailer: 1\r\n\r\n", b"", len(pieces) + 20))
     batch = etl.run(settings(seed="pura", retries=0))
     assert_rows_are(pl.read_parquet(batch.path), raw_users(PURA))
+
+
+def test_a_chunk_whose_data_runs_past_its_size_is_broken_framing(api, out, raw, cli):
+    # A chunk's data must end with CRLF where its size line says: http.client tossed whatever two bytes
+    # came there, so a chunk two bytes longer than its size (and no CRLF) lost them from the body and landed.
+    page = page_body("pura", 1, 100)
+    pieces = b"".join(b"%x\r\n%bZZ" % (len(page[i : i + 1000]), page[i : i + 1000]) for i in range(0, len(page), 1000))
+    api.script(chunk_framing(pieces + b"0\r\n\r\n", b"", len(pieces) + 5))
+    result = cli("--seed", "pura", "--retries", "0", env=fast_env(api.url, out, raw))
+    assert result.returncode == 1, result.stderr
+    assert_one_error_line(result.stderr, r"page 1: bad answer from \S+: \w+ \(broken chunked framing\)$")
+    assert batch_files(out) == []
+
+
+def test_content_lengths_that_disagree_are_a_bad_answer_not_a_host_out_of_reach(api, out, raw, cli):
+    page = page_body("pura", 1, 100)
+    api.script(raw_bytes(b"HTTP/1.1 200 OK\r\nContent-Length: %d, %d\r\n\r\n%b" % (len(page), len(page) + 1, page)))
+    result = cli("--seed", "pura", "--retries", "0", env=fast_env(api.url, out, raw))
+    assert result.returncode == 1, result.stderr
+    assert_one_error_line(result.stderr, r"page 1: bad answer from \S+: InvalidHeader \(not an HTTP answer\)$")
+    assert batch_files(out) == []
 
 
 # ------------------------------------------------------------------ credentials in the API address
