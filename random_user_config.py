@@ -16,7 +16,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 HERE = Path(__file__).resolve().parent
 
@@ -119,6 +119,30 @@ ADDRESS_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+")  # an address ins
 def shown_urls_in(text) -> str:
     """Text with every address in it as shown_url shows it: a library's words name the address it was given, password and all."""
     return ADDRESS_IN_TEXT.sub(lambda address: shown_url(address[0]), str(text))
+
+
+# A shorter piece of an address is not hidden in other text: a user name "user" would make every
+# "120 users" of a line "120 ***s". A key or password worth hiding is longer.
+SHORTEST_SECRET = 8
+
+
+def address_secrets(url: str) -> tuple[str, ...]:
+    """What shown_url hides of a (valid) address, as typed and percent-decoded, longest first: text no line may hold."""
+    # For text that repeats them outside an address: a service's error message echoes the key it was given.
+    parts = urlsplit(url)
+    params = [pair.partition("=") for pair in parts.query.split("&")] if parts.query else []
+    pieces = [parts.username, parts.password, parts.fragment]
+    pieces += [value if eq else name for name, eq, value in params if name not in SHOWN_PARAMETERS]
+    pieces += [value or name for name, _, value in re.findall(r";([^;/=]*)(=?)([^;/]*)", parts.path)]
+    found = {form for piece in pieces if piece for form in (piece, unquote(piece)) if len(form) >= SHORTEST_SECRET}
+    return tuple(sorted(found, key=len, reverse=True))
+
+
+def without_secrets(text: str, secrets: tuple[str, ...]) -> str:
+    """Text with each of `secrets` (address_secrets) shown as ***."""
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
 
 
 def shown_path(path: str) -> str:

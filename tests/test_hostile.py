@@ -451,6 +451,17 @@ def test_credentials_in_a_refused_api_address_reach_no_line(url, verbose, out, r
     no_secret(result.stderr)
 
 
+@pytest.mark.parametrize("verbose", [[], ["-v"]], ids=["quiet", "verbose"])
+def test_a_secret_of_the_api_address_the_service_echoes_reaches_no_line(verbose, api, out, raw, cli):
+    # Services echo what they were asked in their error message: "invalid key t0psecret", "no route /api;jsessionid=...".
+    echo = json.dumps({"error": f"invalid key {TOKEN} for someone:{SECRET}, session {SECRET}x, no route /api/1.4/"})
+    api.script(status(503, echo), status(401, echo))
+    result = cli("--seed", "pura", *verbose, env=fast_env(with_credentials(api.url), out, raw))
+    assert result.returncode == 1, result.stderr
+    assert_one_error_line(result.stderr, r"page 1: HTTP 401: the service says 'invalid key \*\*\* for someone:\*\*\*, session \*\*\*x, no route /api/1.4/', after 1 retry")
+    no_secret(result.stderr)
+
+
 # ------------------------------------------------------------------ what the service says reaches the terminal escaped
 
 
