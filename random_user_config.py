@@ -16,7 +16,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 # The service caps a page at 5000 users and only pages 1..10000 exist.
 MAX_PAGE_SIZE = 5000
@@ -94,23 +94,69 @@ SHOWN_URL_LIMIT = 300  # an address in a line: the job's own query is about 150 
 
 
 def shown_url(url, path_only: bool = False) -> str:
-    """An address as a line may show it: no user or password, no value of a parameter not the job's own, escaped and bounded."""
+    """An address as a line may show it: no user or password, no fragment, no value of a parameter not the job's own, escaped and bounded."""
     text = str(url)
-    head, _, query = text.partition("?")
-    query = query.partition("#")[0]
-    scheme, slashes, rest = head.partition("://")
+    scheme, slashes, rest = text.partition("://")
     if not slashes:
-        scheme, rest = "", head
-    if "@" in rest:  # a user and password, as far as the last "@" before the query (an unescaped "/" in a password too)
-        rest = "***@" + rest.rpartition("@")[2]
-    if path_only:
-        rest = "/" + rest.partition("/")[2] if slashes else rest
-    elif slashes:
-        rest = f"{scheme}://{rest}"
-    pairs = [pair.partition("=") for pair in query.split("&")] if query else []
-    # A bare name (?abcd1234) may be the token itself.
-    shown = "&".join(name + eq + value if name in SHOWN_PARAMETERS else name + "=***" if eq else "***" for name, eq, value in pairs)
-    return shorten(rest + ("?" + shown if query else ""), SHOWN_URL_LIMIT)
+        scheme, rest = "", text
+    userinfo, at, after = rest.rpartition("@")  # a user and password end at the last "@", whatever the password holds
+    if at and re.search(r"[?#]", userinfo):
+        # That "@" is in a query or fragment, or a "?" or "#" is in a password: either way what
+        # follows it may be the rest of a secret, and what comes before it certainly may.
+        return shorten(f"{scheme}{slashes}***" if not path_only else "/***", SHOWN_URL_LIMIT)
+    if at:
+        rest = after
+    parts = re.fullmatch(r"([^/?#]*)([^?#]*)(\?[^#]*)?(#.*)?", rest, re.S) if slashes else re.fullmatch(r"()([^?#]*)(\?[^#]*)?(#.*)?", rest, re.S)
+    authority, path, query, fragment = parts.groups(default="")
+    shown = shown_path(path) + (shown_query(query[1:]) if query else "") + ("#***" if fragment else "")
+    if not path_only:
+        shown = (f"{scheme}{slashes}" + ("***@" if at else "") + authority if slashes else ("***@" if at else "")) + shown
+    elif slashes and not shown.startswith("/"):
+        shown = "/" + shown
+    return shorten(shown, SHOWN_URL_LIMIT)
+
+
+ADDRESS_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+")  # an address inside a library's words, to the next space
+
+
+def shown_urls_in(text) -> str:
+    """Text with every address in it as shown_url shows it: a library's words name the address it was given, password and all."""
+    return ADDRESS_IN_TEXT.sub(lambda address: shown_url(address[0]), str(text))
+
+
+# A shorter piece of an address is not hidden in other text: a user name "user" would make every
+# "120 users" of a line "120 ***s". A key or password worth hiding is longer.
+SHORTEST_SECRET = 8
+
+
+def address_secrets(url: str) -> tuple[str, ...]:
+    """What shown_url hides of a (valid) address, as typed and percent-decoded, longest first: text no line may hold."""
+    # For text that repeats them outside an address: a service's error message echoes the key it was given.
+    parts = urlsplit(url)
+    params = [pair.partition("=") for pair in parts.query.split("&")] if parts.query else []
+    pieces = [parts.username, parts.password, parts.fragment]
+    pieces += [value if eq else name for name, eq, value in params if name not in SHOWN_PARAMETERS]
+    pieces += [value or name for name, _, value in re.findall(r";([^;/=]*)(=?)([^;/]*)", parts.path)]
+    found = {form for piece in pieces if piece for form in (piece, unquote(piece)) if len(form) >= SHORTEST_SECRET}
+    return tuple(sorted(found, key=len, reverse=True))
+
+
+def without_secrets(text: str, secrets: tuple[str, ...]) -> str:
+    """Text with each of `secrets` (address_secrets) shown as ***."""
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+def shown_path(path: str) -> str:
+    """A path with the value of each ;parameter hidden (a session id rides there): a bare one is hidden whole."""
+    return re.sub(r";([^;/=]*)(=?)[^;/]*", lambda m: ";" + (m[1] + "=***" if m[2] else "***"), path)
+
+
+def shown_query(query: str) -> str:
+    """'?' and a query with the value of each parameter not the job's own hidden; a bare name (?abcd1234) may be the token itself."""
+    pairs = [pair.partition("=") for pair in query.split("&")]
+    return "?" + "&".join(name + eq + value if name in SHOWN_PARAMETERS else name + "=***" if eq else "***" for name, eq, value in pairs)
 
 
 class SettingsError(ValueError):
@@ -378,7 +424,7 @@ def is_loopback(host: str) -> bool:
 
 
 def check_api_url(url: str, allow_http: bool) -> None:
-    """Refuse an API address that is not http(s), or plain http to a remote host unless allowed."""
+    """Refuse an API address that is not http(s), plain http to a remote host unless allowed, or one no request can be sent to."""
     try:
         parts = urlsplit(url)
         scheme, host, _ = parts.scheme, parts.hostname, parts.port  # an odd "[::1" or port raises here, not in a request
@@ -391,6 +437,23 @@ def check_api_url(url: str, allow_http: bool) -> None:
             f"{describe('api_url')} is plain http:// to {shorten(host)}; use https, "
             f"or allow it with {describe('allow_http')}"
         )
+    if not sendable(url, host):
+        raise SettingsError(f"{describe('api_url')} has a host name no request can be sent to, got '{shown_url(url)}'")
+
+
+def sendable(url: str, host: str) -> bool:
+    """True when requests can prepare a request to the address and the socket layer can encode its host name."""
+    # Else the run would fail at its first request: requests' own parse (IDNA 2008: "\u2764.example",
+    # ".example") raises text that holds the whole address, and the socket layer's ("a..b", a label
+    # past 63 characters) is a transport fault retried --retries times.
+    import requests  # here, not at the top: the settings alone are read without the job's dependencies
+
+    try:
+        requests.Request("GET", url).prepare()
+        host.encode("idna")
+    except (requests.RequestException, UnicodeError, ValueError):
+        return False
+    return True
 
 
 def is_remote(location: str) -> bool:

@@ -211,32 +211,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def configure_logging(verbose: bool) -> None:
+def configure_logging(verbose: bool) -> OneLineFormatter:
     """Log lines to stderr, one per event, each escaped and bounded; only the job's own, and with -v urllib3's and warnings'."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(functools.partial(job_record, verbose=verbose))
-    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(message)s"))
+    formatter = OneLineFormatter("%(asctime)s %(levelname)s %(message)s")
+    handler.setFormatter(formatter)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
     logging.getLogger("urllib3").setLevel(logging.DEBUG if verbose else logging.ERROR)
     # A library's warnings (Polars' Rust side raises its own as Python warnings) become records,
     # which the filter drops unless -v, instead of text of their own on stderr.
     logging.captureWarnings(True)
+    return formatter
 
 
 class OneLineFormatter(logging.Formatter):
-    """Each record as one line with every unprintable character escaped (shorten); a traceback (with -v) line by line."""
+    """Each record as one line with every unprintable character escaped (shorten) and no secret of --api-url; a traceback (with -v) line by line."""
+
+    secrets: tuple[str, ...] = ()  # the --api-url's pieces no line may hold (address_secrets), once the settings are read
+
+    def line(self, text: str) -> str:
+        """One line of output: the address's secrets hidden, then escaped and bounded."""
+        return shorten(config.without_secrets(text, self.secrets), LINE_LIMIT)
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         """The record's line: a newline or an escape code in a value cannot make another line or reach the terminal."""
-        return shorten(super().formatMessage(record), LINE_LIMIT)
+        return self.line(super().formatMessage(record))
 
     def formatException(self, ei) -> str:
         """A traceback, each of its lines escaped."""
-        return "\n".join(shorten(line, LINE_LIMIT) for line in super().formatException(ei).split("\n"))
+        return "\n".join(self.line(line) for line in super().formatException(ei).split("\n"))
 
     def formatStack(self, stack_info: str) -> str:
         """A stack, each of its lines escaped."""
-        return "\n".join(shorten(line, LINE_LIMIT) for line in super().formatStack(stack_info).split("\n"))
+        return "\n".join(self.line(line) for line in super().formatStack(stack_info).split("\n"))
 
 
 SHOWN_WITH_VERBOSE = ("urllib3", "py.warnings")  # the loggers besides the job's that -v lets through
@@ -303,23 +311,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     verbose, source = args.pop("verbose"), args.pop("replay")
-    configure_logging(verbose)
+    formatter = configure_logging(verbose)
     try:
         settings = config.load_settings(args)
         config.check_path_text("--replay", source)
     except SettingsError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
+    # A service's error message, or a library's words, can repeat a key of the address it was given.
+    formatter.secrets = config.address_secrets(settings.api_url)
     with stop_on_signals():  # held while the last line is printed: a second signal cannot cut it
         try:
             replay(source, settings) if source else run(settings)
         except EtlError as exc:
             log_causes(exc)
-            print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+            print(f"{parser.prog}: error: {formatter.line(str(exc))}", file=sys.stderr)
             return 1
         except Exception as exc:  # a bug, not bad input: still one line, and -v shows the traceback
             log.debug("unexpected failure", exc_info=True)
-            print(f"{parser.prog}: error: unexpected {type(exc).__name__}: {write_error(exc)} (run with -v for details)", file=sys.stderr)
+            print(f"{parser.prog}: error: unexpected {type(exc).__name__}: {formatter.line(write_error(exc))} (run with -v for details)", file=sys.stderr)
             return 1
         except KeyboardInterrupt as exc:
             signum = getattr(exc, "signum", signal.SIGINT)

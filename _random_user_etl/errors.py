@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import signal
-from random_user_config import LINE_LIMIT, shorten
+from random_user_config import LINE_LIMIT, shorten, shown_urls_in
 
 
 class EtlError(Exception):
@@ -49,10 +49,11 @@ class Stopped(KeyboardInterrupt):
 
 def write_error(exc: BaseException) -> str:
     """Why a write failed, in one line; an object store's refusal by its S3 error code and message."""
-    # The object store's words (and any library's) are outside text: each piece goes through shorten.
+    # The object store's words (and any library's) are outside text: each piece goes through shorten,
+    # and every address in them through shown_url (Polars names the endpoint as given, password and all).
     if isinstance(exc, OSError) and exc.strerror:
-        return shorten(exc.strerror, 200)
-    text = str(exc).strip()
+        return shorten(shown_urls_in(exc.strerror), 200)
+    text = shown_urls_in(str(exc).strip())
     code = re.search(r"<Code>([^<]+)</Code>", text)
     if code:
         message = re.search(r"<Message>([^<]+)</Message>", text)

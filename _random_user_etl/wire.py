@@ -142,7 +142,7 @@ class Overrun(Exception):
 
 
 class BrokenFraming(http.client.HTTPException):
-    """A chunk-size line that is not hex digits (a sign, a negative size, no end): the framing is not HTTP's."""
+    """A chunk-size line that is not hex digits (a sign, a negative size, no end), or chunk data not ended by CRLF: the framing is not HTTP's."""
 
 
 class Metered:
@@ -215,6 +215,14 @@ class StrictResponse(http.client.HTTPResponse):
             if not 100 <= status < 200 or status == 101:
                 return version, status, reason
             http.client.parse_headers(self.fp)  # its headers, as bounded as the final answer's, are dropped
+
+    def _get_chunk_left(self):
+        """The bytes left of the chunk under way (the next size line read if none); its data must end with CRLF."""
+        if self.chunk_left == 0:  # http.client tosses whatever two bytes come there: two bytes of a chunk too long
+            if self._safe_read(2) != b"\r\n":
+                raise BrokenFraming()
+            self.chunk_left = None  # past the chunk's end: the next size line is read as at the start
+        return super()._get_chunk_left()
 
     def _read_next_chunk_size(self) -> int:
         """The next chunk's size, or BrokenFraming: int() would also take "-1" (read to the end) or "+40"."""
@@ -320,6 +328,8 @@ FAULTS = (
     ((InvalidChunkLength, BrokenFraming), "broken chunked framing", BAD),  # before IncompleteRead, which one derives from
     ((http.client.IncompleteRead,), "connection broken, answer cut off", CUT),
     ((http.client.HTTPException,), "not an HTTP answer", BAD),
+    # urllib3's own check of the headers (Content-Length: 5, 6), raised before requests has a response.
+    ((urllib3.exceptions.InvalidHeader, requests.exceptions.InvalidHeader), "not an HTTP answer", BAD),
 )
 
 

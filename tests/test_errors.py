@@ -19,7 +19,7 @@ from conftest import LOG_LINE, PAGED, PREFIX, ROOT, assert_one_error_line, clean
 from fake_api import body, normal, status
 
 import random_user_etl as etl
-from _random_user_etl.errors import AnswerError, ServiceError, StorageError, on_page
+from _random_user_etl.errors import AnswerError, ServiceError, StorageError, on_page, write_error
 from random_user_config import shorten
 
 # Page 2 of seed "paged" cut off after its first user's password: malformed JSON that holds a person.
@@ -119,6 +119,26 @@ def test_without_verbose_the_one_line_is_as_before(api, out, raw, cli):
     assert result.returncode == 1, result.stderr
     err = result.stderr
     assert "caused by" not in err and err.rstrip("\n").splitlines()[-1] == CUT_LINE
+
+
+def test_an_object_stores_words_show_no_secret_of_the_address_they_name(tmp_path, nowhere):
+    # A real Polars failure, quickly (no retries): its text names the endpoint as given, password and all.
+    source = tmp_path / "one.parquet"
+    pl.DataFrame({"a": [1]}).write_parquet(source)
+    endpoint = nowhere.replace("http://", "http://someone:s3cretpass@").split("/api/")[0]
+    options = {"aws_endpoint_url": endpoint, "aws_access_key_id": "k", "aws_secret_access_key": "s", "aws_region": "us-east-1", "max_retries": 0}
+    with pytest.raises(OSError) as caught:
+        pl.scan_parquet(source).sink_parquet("s3://bucket/key.parquet", storage_options=options)
+    assert "s3cretpass" in str(caught.value)  # what the library says
+    line = write_error(caught.value)
+    assert "s3cretpass" not in line and "PUT http://***@127.0.0.1:" in line, line
+
+
+def test_a_librarys_words_show_no_secret_of_any_address_in_them():
+    text = "Failed to parse: https://someone:s3cret@h\u2764.example/api/?token=t0psecret, and http://u:p%40ss@other/?key=k3y"
+    line = write_error(ValueError(text))
+    assert not [word for word in ("s3cret", "t0psecret", "p%40ss", "k3y") if word in line], line
+    assert "https://***@h\u2764.example/api/?token=***" in line, line
 
 
 def test_a_storage_line_is_as_before(api, out, raw, cli, tmp_path):

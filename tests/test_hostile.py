@@ -21,6 +21,7 @@ import pytest
 import polars as pl
 from conftest import LOG_LINE, PAGED, PREFIX, PURA, ROOT, assert_one_error_line, assert_rows_are, batch_files, clean_environ, duplicate_first_id, fast_env, info, landed, raw_users, users
 from fake_api import FakeRandomUser, chunk_framing, chunked, huge, mutate, page_body, rate_limited, status, unframed
+from fake_api import raw as raw_bytes
 
 import random_user_etl as etl
 from _random_user_etl import store, wire
@@ -380,6 +381,27 @@ def test_a_well_framed_chunked_answer_within_the_bound_lands(api, out, settings)
     assert_rows_are(pl.read_parquet(batch.path), raw_users(PURA))
 
 
+def test_a_chunk_whose_data_runs_past_its_size_is_broken_framing(api, out, raw, cli):
+    # A chunk's data must end with CRLF where its size line says: http.client tossed whatever two bytes
+    # came there, so a chunk two bytes longer than its size (and no CRLF) lost them from the body and landed.
+    page = page_body("pura", 1, 100)
+    pieces = b"".join(b"%x\r\n%bZZ" % (len(page[i : i + 1000]), page[i : i + 1000]) for i in range(0, len(page), 1000))
+    api.script(chunk_framing(pieces + b"0\r\n\r\n", b"", len(pieces) + 5))
+    result = cli("--seed", "pura", "--retries", "0", env=fast_env(api.url, out, raw))
+    assert result.returncode == 1, result.stderr
+    assert_one_error_line(result.stderr, r"page 1: bad answer from \S+: \w+ \(broken chunked framing\)$")
+    assert batch_files(out) == []
+
+
+def test_content_lengths_that_disagree_are_a_bad_answer_not_a_host_out_of_reach(api, out, raw, cli):
+    page = page_body("pura", 1, 100)
+    api.script(raw_bytes(b"HTTP/1.1 200 OK\r\nContent-Length: %d, %d\r\n\r\n%b" % (len(page), len(page) + 1, page)))
+    result = cli("--seed", "pura", "--retries", "0", env=fast_env(api.url, out, raw))
+    assert result.returncode == 1, result.stderr
+    assert_one_error_line(result.stderr, r"page 1: bad answer from \S+: InvalidHeader \(not an HTTP answer\)$")
+    assert batch_files(out) == []
+
+
 # ------------------------------------------------------------------ credentials in the API address
 
 
@@ -429,6 +451,17 @@ def test_credentials_in_a_refused_api_address_reach_no_line(url, verbose, out, r
     no_secret(result.stderr)
 
 
+@pytest.mark.parametrize("verbose", [[], ["-v"]], ids=["quiet", "verbose"])
+def test_a_secret_of_the_api_address_the_service_echoes_reaches_no_line(verbose, api, out, raw, cli):
+    # Services echo what they were asked in their error message: "invalid key t0psecret", "no route /api;jsessionid=...".
+    echo = json.dumps({"error": f"invalid key {TOKEN} for someone:{SECRET}, session {SECRET}x, no route /api/1.4/"})
+    api.script(status(503, echo), status(401, echo))
+    result = cli("--seed", "pura", *verbose, env=fast_env(with_credentials(api.url), out, raw))
+    assert result.returncode == 1, result.stderr
+    assert_one_error_line(result.stderr, r"page 1: HTTP 401: the service says 'invalid key \*\*\* for someone:\*\*\*, session \*\*\*x, no route /api/1.4/', after 1 retry")
+    no_secret(result.stderr)
+
+
 # ------------------------------------------------------------------ what the service says reaches the terminal escaped
 
 
@@ -460,3 +493,55 @@ def test_an_odd_redirect_location_is_one_escaped_line(location, api, out, raw, c
     assert result.returncode == 1, result.stderr
     assert_one_error_line(result.stderr, r"page 1: HTTP 302 redirect to \S+, not followed")
     only_job_lines(result.stderr)
+
+
+def credentials_in(nowhere: str, form: str) -> str:
+    """The refusing loopback address with a secret put into it in one of the odd forms an operator may type."""
+    host = nowhere.split("/")[2]
+    return {
+        "fragment": f"{nowhere}#{SECRET}",
+        "path-parameter": nowhere.replace("/api/1.4/", f"/api/1.4;jsessionid={SECRET}/"),
+        "bare-path-parameter": nowhere.replace("/api/1.4/", f"/api/1.4;{SECRET}/"),
+        "user-only": nowhere.replace(host, f"{SECRET}@{host}"),
+        "percent-encoded-at": nowhere.replace(host, f"some%40one:{SECRET}@{host}"),
+        "uppercase-scheme": nowhere.replace("http://", f"HTTP://someone:{SECRET}@"),
+        "ipv6-host": nowhere.replace(host, f"someone:{SECRET}@[::1]:{host.split(':')[1]}"),
+        "at-and-colon-in-password": nowhere.replace(host, f"someone:{SECRET[:4]}@:{SECRET[4:]}@{host}"),
+        "question-mark-in-password": nowhere.replace(host, f"someone:{SECRET[:4]}?{SECRET[4:]}@{host}"),
+        "hash-in-password": nowhere.replace(host, f"someone:{SECRET[:4]}#{SECRET[4:]}@{host}"),
+        "token-with-an-at": f"{nowhere}?token={TOKEN[:4]}@{TOKEN[4:]}",
+    }[form]
+
+
+CREDENTIAL_FORMS = [
+    "fragment", "path-parameter", "bare-path-parameter", "user-only", "percent-encoded-at", "uppercase-scheme",
+    "ipv6-host", "at-and-colon-in-password", "question-mark-in-password", "hash-in-password", "token-with-an-at",
+]
+
+
+def no_part_of_a_secret(stderr: str) -> None:
+    """No piece of the password or token, not even half of one, is in what the run printed."""
+    pieces = [SECRET[:4], SECRET[4:], TOKEN[:4], TOKEN[4:]]
+    assert not [piece for piece in pieces if piece in stderr], stderr
+
+
+@pytest.mark.parametrize("form", CREDENTIAL_FORMS)
+@pytest.mark.parametrize("verbose", [[], ["-v"]], ids=["quiet", "verbose"])
+def test_a_secret_in_any_part_of_the_api_address_reaches_no_line(form, verbose, out, raw, cli, nowhere):
+    result = cli("--seed", "pura", "--retries", "1", *verbose, env=fast_env(credentials_in(nowhere, form), out, raw))
+    assert result.returncode in (1, 2), result.stderr
+    assert_one_error_line(result.stderr, r"--api-url|cannot reach")
+    no_part_of_a_secret(result.stderr)
+
+
+@pytest.mark.parametrize("host", ["\u2764.example", "a" * 64 + ".example", "a..b.example", ".example"])
+def test_an_api_address_no_request_can_be_sent_to_is_a_bad_setting(host, out, raw, cli, nowhere):
+    # requests cannot prepare it (IDNA 2008), or the socket layer cannot encode its name: refused
+    # before any request, never a run that fails later as a storage error or a retried transport fault.
+    url = f"https://someone:{SECRET}@{host}/api/1.4/?token={TOKEN}"
+    result = cli("--seed", "pura", env={**fast_env(url, out, raw), **proxied_to(nowhere)})
+    assert result.returncode == 2, result.stderr
+    assert_one_error_line(result.stderr, r"--api-url \(RANDOM_USER_API_URL\) .*host name")
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    no_part_of_a_secret(result.stderr)
+    assert files_under(out.parent) == []
