@@ -107,7 +107,7 @@ def replay(source: str | Path, settings: Settings | None = None, **overrides) ->
 
 def read_processed(output_dir: str | None = None, storage_options: dict | None = None, unique_users: bool = False) -> pl.LazyFrame:
     """Every batch ever landed, as one lazy frame with the output schema (empty if the folder holds none); with unique_users, each user once."""
-    output_dir = output_dir or os.environ.get("RANDOM_USER_OUTPUT_DIR") or config.default_output_dir()
+    output_dir = output_dir or config.environ_value("output_dir") or config.default_output_dir()
     if is_remote(output_dir):
         source = f"{output_dir.rstrip('/')}/{BATCH_GLOB}"
     else:
@@ -242,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
             log_causes(exc)
             print(f"{parser.prog}: error: {exc}", file=sys.stderr)
             return 1
-        except Exception as exc:  # a bug, not bad input: still one line, and -v shows the traceback
+        # A bug, not bad input: still one line, and -v shows the traceback. A panic inside Polars is
+        # raised as a BaseException, so it is named here too.
+        except (Exception, pl.exceptions.PanicException) as exc:
             log.debug("unexpected failure", exc_info=True)
             print(f"{parser.prog}: error: unexpected {type(exc).__name__}: {write_error(exc)} (run with -v for details)", file=sys.stderr)
             return 1
