@@ -175,8 +175,8 @@ SETTINGS = (
         takes("DIR"),
         instead_of_empty=f"{OFF!r} to keep no raw answers",
     ),
-    Setting("timeout", "--timeout", "RANDOM_USER_TIMEOUT", "seconds for one whole answer, from connect to its last byte", parse_float, takes("S")),
-    Setting("retries", "--retries", "RANDOM_USER_RETRIES", "retries per request on transient faults", parse_int, takes("K")),
+    Setting("timeout", "--timeout", "RANDOM_USER_TIMEOUT", "seconds for one whole answer, from connect to its last byte, and for each request to object storage", parse_float, takes("S")),
+    Setting("retries", "--retries", "RANDOM_USER_RETRIES", "retries per request on transient faults, the service's or object storage's", parse_int, takes("K")),
     Setting("backoff", "--backoff", "RANDOM_USER_BACKOFF", "base of the exponential backoff between retries, seconds", parse_float, takes("S")),
     Setting(
         "rate_limit_wait",
@@ -381,7 +381,7 @@ def check_s3_address(address: str) -> None:
     shown = re.sub(r"^([^/]*//)[^/]*@", r"\1...@", address)  # a user or password in it is never echoed
     label, got = describe("output_dir"), f"got {shorten(shown)!r}"
     if scheme.lower() != S3[:-3]:
-        raise SettingsError(f"{label} must be a local folder (a plain path) or an s3://bucket/prefix address, not {shorten(scheme, 20)}://, {got}")
+        raise SettingsError(f"{label} is a {shorten(scheme, 20)}:// address, {got}; use a plain path for a local folder, or s3://bucket/prefix")
     bucket, _, prefix = rest.partition("/")
     if not BUCKET.fullmatch(bucket):
         raise SettingsError(

@@ -39,7 +39,7 @@ from _random_user_etl.raw import check_not_staging, clear_stale_raw, kept_folder
 from _random_user_etl import sort
 from _random_user_etl.sort import SCATTER_ROWS, SORT_RUN_ROWS
 from _random_user_etl.staging import pending_pages, sort_folder, staging_for
-from _random_user_etl.store import BATCH_GLOB, batch_path, lake_batches, lake_folder
+from _random_user_etl.store import BATCH_GLOB, batch_path, check_writable, lake_batches, lake_folder, store_options
 from _random_user_etl.wire import STOP, Fault, make_session, signals_noted, stop_requests
 
 __all__ = ["Batch", "EtlError", "PageRequest", "main", "read_processed", "replay", "run", "transform"]
@@ -62,6 +62,8 @@ def fetch_and_land(settings: Settings, run_rows: int = SORT_RUN_ROWS, group_rows
     sizes = page_sizes(settings.n, settings.page_size)
     gate = RateGate()
     STOP.clear()  # a new run starts unstopped, even in a session where an earlier one was interrupted
+    # Before the first request: a missing bucket or credentials once failed a run only after every page was fetched.
+    check_writable(settings.output_dir, store_options(settings))
     with make_session(settings) as session:
         seed, first_answer = settings.seed, None
         if seed is None:
@@ -84,6 +86,7 @@ def replay(source: str | Path, settings: Settings | None = None, **overrides) ->
     ingested_at = dt.datetime.now(dt.timezone.utc)
     STOP.clear()  # as a run: an earlier failed run set it, and a stop signal would be taken for a second one
     check_not_staging(Path(source), settings.output_dir)
+    check_writable(settings.output_dir, store_options(settings))
     seed, pages = kept_pages(Path(source), settings.max_response_bytes)
     destination = batch_path(settings.output_dir, seed)
     with staging_for(settings, seed) as folder:

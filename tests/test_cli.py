@@ -263,7 +263,7 @@ def test_an_output_address_other_than_a_folder_or_s3_bucket_prefix_is_refused_be
     result = cli("--seed", "pura", "--output-dir", address, env=fast_env(api.url, tmp_path / "unused", raw, **store), cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     (line,) = result.stderr.strip().splitlines()
-    assert re.match(r"random_user_etl.py: error: --output-dir \(RANDOM_USER_OUTPUT_DIR\) (must be a local folder|names no valid bucket|has a prefix)", line), line
+    assert re.match(r"random_user_etl.py: error: --output-dir \(RANDOM_USER_OUTPUT_DIR\) (is an? [^ ]+:// address, got .*; use a plain path for a local folder, or s3://bucket/prefix$|names no valid bucket|has a prefix)", line), line
     assert "secret" not in line
     assert api.requests == []
     assert sorted(p.name for p in tmp_path.iterdir()) == []
