@@ -279,3 +279,11 @@ def test_a_panic_inside_polars_is_one_line_of_unexpected_failure(cli, monkeypatc
     assert result.returncode == 1
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("random_user_etl.py: error: unexpected PanicException:"), line
+
+
+def test_read_processed_refuses_an_empty_output_variable_rather_than_reading_the_default_lake(monkeypatch):
+    from random_user_config import SettingsError
+
+    monkeypatch.setenv("RANDOM_USER_OUTPUT_DIR", "")
+    with pytest.raises(SettingsError, match=r"^RANDOM_USER_OUTPUT_DIR is set but empty"):
+        etl.read_processed()
