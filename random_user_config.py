@@ -62,9 +62,20 @@ CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # <prefix>/random_users_*.parquet, reading [ ] * ? there as a pattern (with no way to escape them) and
 # percent-encoding other characters (\ { } ^ % ` " < > ~ # | and all but ASCII) into another prefix.
 LISTABLE_CHARACTER = re.compile(r"[A-Za-z0-9/!_.'()+,;=@&$: -]")
-
-OFF_WORDS = frozenset({"", "off", "none", "no", "false", "0"})
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"0", "false", "no", "off"})
+# The one word, in any case, that turns a folder setting off. These others once did too: a folder
+# named after one of them is refused, not made, so an old setting never silently starts keeping answers.
+OFF = "off"
+OFF_LOOKALIKES = frozenset({"none", "no", "false", "0"})
+
+# Where batches may land: a local folder or S3. Any other scheme would send personal data to a host of
+# its own (http://), fail only after the whole fetch (ftp://, gs://, memory://), or ask cloud metadata
+# addresses for credentials.
+S3 = "s3://"
+# S3's rule for a bucket name: 3 to 63 lowercase letters, digits, dots and hyphens, a letter or digit at
+# each end, never two dots in a row, never an IP address.
+BUCKET = re.compile(r"(?!\d+\.\d+\.\d+\.\d+$)(?!.*\.\.)[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
 def shorten(text, limit: int = 60) -> str:
@@ -174,6 +185,7 @@ class Setting:
     parse: object  # str -> value; raises ValueError with a short reason
     flag_options: dict  # argparse's keywords for the flag: the metavar of its value, or a switch's action
     unset: str = ""  # what a default of no value (None, an empty list) means, in words
+    instead_of_empty: str = ""  # what to write, beyond leaving the setting out, where an empty value was given
 
 
 def takes(metavar: str) -> dict:
@@ -209,8 +221,12 @@ def parse_float(text: str) -> float:
 
 
 def parse_optional_path(text: str) -> str | None:
-    """A folder, or off."""
-    return None if text.strip().lower() in OFF_WORDS else text
+    """A folder, or 'off' (any case) for none."""
+    if text.lower() == OFF:
+        return None
+    if text.lower() in OFF_LOOKALIKES:
+        raise ValueError(f"is not a word for off: only {OFF!r} keeps no raw answers (write ./{text} for a folder of that name)")
+    return text
 
 
 def parse_bool(text: str) -> bool:
@@ -218,7 +234,7 @@ def parse_bool(text: str) -> bool:
     word = text.strip().lower()
     if word in TRUE_WORDS:
         return True
-    if word in OFF_WORDS:
+    if word in FALSE_WORDS:
         return False
     raise ValueError("must be true or false")
 
@@ -240,7 +256,7 @@ SETTINGS = (
         "--seed",
         "RANDOM_USER_SEED",
         "API seed; same seed, same users. {date} becomes the run's UTC date (YYYYMMDD)",
-        lambda text: text or None,
+        str,
         takes("SEED"),
         unset="the service picks one",
     ),
@@ -254,9 +270,10 @@ SETTINGS = (
         "where raw answers are kept, gzip-compressed; 'off' keeps none",
         parse_optional_path,
         takes("DIR"),
+        instead_of_empty=f"{OFF!r} to keep no raw answers",
     ),
-    Setting("timeout", "--timeout", "RANDOM_USER_TIMEOUT", "seconds for one whole answer, from connect to its last byte", parse_float, takes("S")),
-    Setting("retries", "--retries", "RANDOM_USER_RETRIES", "retries per request on transient faults", parse_int, takes("K")),
+    Setting("timeout", "--timeout", "RANDOM_USER_TIMEOUT", "seconds for one whole answer, from connect to its last byte, and for each request to object storage", parse_float, takes("S")),
+    Setting("retries", "--retries", "RANDOM_USER_RETRIES", "retries per request on transient faults, the service's or object storage's", parse_int, takes("K")),
     Setting("backoff", "--backoff", "RANDOM_USER_BACKOFF", "base of the exponential backoff between retries, seconds", parse_float, takes("S")),
     Setting(
         "rate_limit_wait",
@@ -328,8 +345,13 @@ class Settings:
     allow_http: bool = False
 
     def __post_init__(self):
-        """Refuse any value the job cannot use, with a reason that names the setting."""
+        """Refuse any value the job cannot use, with a reason that names the setting; spell 'off' and s3:// one way."""
         check = _checker()
+        check("raw_dir", self.raw_dir != "", f"must not be empty; use None or {OFF!r} to keep no raw answers")
+        if isinstance(self.raw_dir, str) and self.raw_dir.lower() == OFF:
+            object.__setattr__(self, "raw_dir", None)
+        if isinstance(self.output_dir, str) and self.output_dir[: len(S3)].lower() == S3:
+            object.__setattr__(self, "output_dir", S3 + self.output_dir[len(S3) :])  # Polars reads S3:// as a local path
         check("n", self.n >= 1, "must be at least 1")
         check("page_size", 1 <= self.page_size <= MAX_PAGE_SIZE, f"must be between 1 and {MAX_PAGE_SIZE}")
         most = self.page_size * MAX_PAGES
@@ -462,13 +484,11 @@ def is_remote(location: str) -> bool:
 
 
 def check_folder_addresses(output_dir: str, raw_dir: str | None) -> None:
-    """Refuse a file:// output folder, and any URL as the raw folder: a local folder is a plain path."""
+    """Refuse an output address other than a plain path or s3://bucket/prefix, and any URL as the raw folder."""
     # A file:// address would pass for object storage: staged in the temp folder, and compared with
     # the raw folder as a URL, never as the folder it names.
-    if is_remote(output_dir) and urlsplit(output_dir).scheme.lower() == "file":
-        raise SettingsError(f"{describe('output_dir')} is a file:// address, got '{shorten(output_dir)}'; use a plain path for a local folder")
     if is_remote(output_dir):
-        check_listable(describe("output_dir"), output_dir)
+        check_s3_address(output_dir)
     if raw_dir is not None and is_remote(raw_dir):
         scheme = urlsplit(raw_dir).scheme
         raise SettingsError(f"{describe('raw_dir')} is a local folder, not a {scheme}:// address, got '{shorten(raw_dir)}'; use a plain path")
@@ -482,6 +502,24 @@ def check_listable(label: str, location: str) -> None:
             f"{label} '{shorten(location)}' holds '{shorten(' '.join(odd))}': Polars reads such characters as a pattern, or changes them, "
             "when it lists the prefix, so its batches cannot be read back; use letters, digits, space and / ! - _ . ' ( ) + , ; = @ & $ :"
         )
+
+
+def check_s3_address(address: str) -> None:
+    """Refuse any scheme but s3://, a bucket name S3 would refuse, and a prefix with an empty, '.' or '..' part or a character Polars lists otherwise."""
+    scheme, _, rest = address.partition("://")
+    label, got = describe("output_dir"), f"got '{shorten(shown_url(address))}'"  # a user or password in it is never echoed
+    if scheme.lower() != S3[:-3]:
+        raise SettingsError(f"{label} is a {shorten(scheme, 20)}:// address, {got}; use a plain path for a local folder, or s3://bucket/prefix")
+    bucket, _, prefix = rest.partition("/")
+    if not BUCKET.fullmatch(bucket):
+        raise SettingsError(
+            f"{label} names no valid bucket, {got}: a bucket is 3 to 63 lowercase letters, digits, '.' or '-', "
+            "starting and ending with a letter or digit"
+        )
+    parts = prefix.rstrip("/").split("/") if prefix.rstrip("/") else []
+    if any(part in ("", ".", "..") for part in parts):
+        raise SettingsError(f"{label} has a prefix with an empty, '.' or '..' part, {got}")
+    check_listable(label, address)
 
 
 def staging_root(output_dir: str) -> Path:
@@ -533,15 +571,30 @@ def expand_seed(seed: str | None, today: dt.date) -> str | None:
     return seed.replace("{date}", today.strftime("%Y%m%d"))
 
 
+def setting_text(setting: Setting, flags: dict, environ) -> tuple[str | None, str]:
+    """A setting's text (None if not given) and where it came from, its flag before its variable; refused when empty or blank."""
+    text, source = flags.get(setting.name), setting.flag
+    if text is None:
+        text, source = environ.get(setting.env), setting.env
+    if text is not None and not text.strip():
+        raise SettingsError(empty_value(setting, source))
+    return text, source
+
+
+def environ_value(name: str) -> str | None:
+    """A setting's environment variable as set, or None when unset; refused when set but empty or blank."""
+    return setting_text(next(s for s in SETTINGS if s.name == name), {}, os.environ)[0]
+
+
 def load_settings(flags: dict | None = None, environ=None, today: dt.date | None = None) -> Settings:
     """Settings from flag texts, then environment variables, then defaults."""
     flags = flags or {}
     environ = os.environ if environ is None else environ
     values = {}
     for setting in SETTINGS:
-        text, source = flags.get(setting.name), describe(setting.name)
-        if text is None:
-            text, source = environ.get(setting.env), setting.env
+        text, source = setting_text(setting, flags, environ)
+        if source == setting.flag:
+            source = describe(setting.name)  # a flag's bad value names its variable too
         if text is None:
             continue
         try:
@@ -552,3 +605,11 @@ def load_settings(flags: dict | None = None, environ=None, today: dt.date | None
     if "seed" in values:
         values["seed"] = expand_seed(values["seed"], today)
     return Settings(**values)
+
+
+def empty_value(setting: Setting, source: str) -> str:
+    """Why an empty (or blank) flag or variable is refused: it never stands for the default or for off."""
+    said, how = ("is empty", "leave it out") if source == setting.flag else ("is set but empty", "unset it")
+    instead = f", or {setting.instead_of_empty}" if setting.instead_of_empty else ""
+    return f"{source} {said}; {how} for the default{instead}"
+

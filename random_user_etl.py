@@ -42,7 +42,7 @@ from _random_user_etl.raw import check_not_staging, clear_stale_raw, kept_folder
 from _random_user_etl import __version__, sort
 from _random_user_etl.sort import SCATTER_ROWS, SORT_RUN_ROWS
 from _random_user_etl.staging import pending_pages, sort_folder, staging_for
-from _random_user_etl.store import BATCH_GLOB, batch_path, lake_batches, lake_folder
+from _random_user_etl.store import BATCH_GLOB, batch_path, check_writable, lake_batches, lake_folder, store_options
 from _random_user_etl.wire import STOP, Fault, make_session, signals_noted, stop_requests
 
 __all__ = ["Batch", "EtlError", "PageRequest", "main", "read_processed", "replay", "run", "transform"]
@@ -65,6 +65,8 @@ def fetch_and_land(settings: Settings, run_rows: int = SORT_RUN_ROWS, group_rows
     sizes = page_sizes(settings.n, settings.page_size)
     gate = RateGate()
     STOP.clear()  # a new run starts unstopped, even in a session where an earlier one was interrupted
+    # Before the first request: a missing bucket or credentials once failed a run only after every page was fetched.
+    check_writable(settings.output_dir, store_options(settings))
     with make_session(settings) as session:
         seed, first_answer = settings.seed, None
         if seed is None:
@@ -87,6 +89,7 @@ def replay(source: str | Path, settings: Settings | None = None, **overrides) ->
     ingested_at = dt.datetime.now(dt.timezone.utc)
     STOP.clear()  # as a run: an earlier failed run set it, and a stop signal would be taken for a second one
     check_not_staging(Path(source), settings.output_dir)
+    check_writable(settings.output_dir, store_options(settings))
     seed, pages = kept_pages(Path(source), settings.max_response_bytes)
     destination = batch_path(settings.output_dir, seed)
     with staging_for(settings, seed) as folder:
@@ -110,7 +113,7 @@ def replay(source: str | Path, settings: Settings | None = None, **overrides) ->
 
 def read_processed(output_dir: str | None = None, storage_options: dict | None = None, unique_users: bool = False) -> pl.LazyFrame:
     """Every batch ever landed, as one lazy frame with the output schema (empty if the folder holds none); with unique_users, each user once."""
-    output_dir = output_dir or os.environ.get("RANDOM_USER_OUTPUT_DIR") or config.default_output_dir()
+    output_dir = output_dir or config.environ_value("output_dir") or config.default_output_dir()
     if is_remote(output_dir):
         config.check_listable("the lake", output_dir)
         source = f"{output_dir.rstrip('/')}/{BATCH_GLOB}"
@@ -327,7 +330,9 @@ def main(argv: list[str] | None = None) -> int:
             log_causes(exc)
             print(f"{parser.prog}: error: {formatter.line(str(exc))}", file=sys.stderr)
             return 1
-        except Exception as exc:  # a bug, not bad input: still one line, and -v shows the traceback
+        # A bug, not bad input: still one line, and -v shows the traceback. A panic inside Polars is
+        # raised as a BaseException, so it is named here too.
+        except (Exception, pl.exceptions.PanicException) as exc:
             log.debug("unexpected failure", exc_info=True)
             print(f"{parser.prog}: error: unexpected {type(exc).__name__}: {formatter.line(write_error(exc))} (run with -v for details)", file=sys.stderr)
             return 1

@@ -22,7 +22,7 @@ from _random_user_etl.errors import AnswerError, EtlError, StorageError, on_page
 from _random_user_etl.raw import keep_landed_raw, read_kept, save_raw, settle_raw
 from _random_user_etl.sort import ExternalSort
 from _random_user_etl.staging import part_identity, part_path, stage_part
-from _random_user_etl.store import write_batch
+from _random_user_etl.store import store_options, write_batch
 from _random_user_etl.wire import Answer, stop_requests, unpack
 
 log = logging.getLogger("random_user_etl")  # one logger for the job: the CLI lets only its records carry text
@@ -179,7 +179,7 @@ def land(folder, settings, seed, sizes, destination, ingested_at, started, fetch
     parts = [part_path(folder, page) for page in range(1, len(sizes) + 1)]
     try:
         # Each part holds its page's size: staged from an answer checked to hold it, or trusted for it.
-        report, size = write_batch(parts, destination, ingested_at, sum(sizes), sorter=sorter, part_rows=sizes)
+        report, size = write_batch(parts, destination, ingested_at, sum(sizes), sorter=sorter, part_rows=sizes, storage_options=store_options(settings))
     except (OSError, pl.exceptions.PolarsError) as exc:
         raise StorageError(write_error(exc), path=destination, doing="cannot write") from exc
     try:

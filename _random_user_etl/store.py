@@ -7,19 +7,33 @@ import errno
 import fnmatch
 import json
 import os
+import threading
 from pathlib import Path
 import polars as pl
 import random_user_config as config
 from random_user_config import is_remote, shorten
 from schemas import OUTPUT_SCHEMA, QUALITY_METADATA_KEY, UTC_INSTANT
-from _random_user_etl.errors import StorageError
-from _random_user_etl.folders import full_disk_said, temp_file, write_atomically
+from _random_user_etl.errors import StorageError, write_error
+from _random_user_etl.folders import fresh_temp, full_disk_said, write_atomically
 from _random_user_etl import sort
 from _random_user_etl.sort import SORT_RUN_ROWS
 from _random_user_etl.staging import quality_report, sort_folder
 
 
 BATCH_GLOB = "random_users_*.parquet"
+
+
+# The object each run writes beside the batches before its first request, to prove the store takes
+# writes. Polars can write an object but not delete one, so it has one fixed name: each run
+# overwrites it, and it is never more than one small object. Readers skip it (it is no batch).
+WRITE_CHECK = ".random_user_etl-write-check"
+
+
+# Set when some way of signing in is: without one, Polars asks the instance's metadata service.
+CREDENTIAL_VARIABLES = (
+    "AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+)
 
 
 def batch_path(output_dir: str, seed: str) -> str:
@@ -37,6 +51,7 @@ def write_batch(
     run_rows: int = SORT_RUN_ROWS,
     sorter: sort.ExternalSort | None = None,
     part_rows: list[int] | None = None,
+    storage_options: dict | None = None,
 ) -> tuple[dict, int]:
     """Assemble staged parts into the sorted batch file with the streaming engine, atomically: its quality report and size in bytes."""
     # `sorter` is the run's ExternalSort if it already split some parts; `part_rows`, each part's
@@ -61,10 +76,14 @@ def write_batch(
     if is_remote(destination):
         # Polars completes an upload whose source failed, with the rows sent so far at the key (2.1):
         # the batch is written whole to a local file first, and only a finished file is uploaded.
-        with temp_file(parts[0].parent, "batch.parquet") as temp:
+        temp = fresh_temp(parts[0].parent, "batch.parquet", 0o600)
+        try:
             with full_disk_said(temp.parent):
                 batch.sink_parquet(temp, **sink)  # read straight back: no need to wait for the disk
-            return report, upload(temp, destination, sink)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        return report, upload(temp, destination, sink, storage_options or {})
     final = Path(destination)
     final.parent.mkdir(parents=True, exist_ok=True)
     write = lambda temp: batch.sink_parquet(temp, sync_on_close="all", **sink)
@@ -72,15 +91,79 @@ def write_batch(
     return report, final.stat().st_size
 
 
-def upload(path: Path, destination: str, sink: dict) -> int:
-    """Stream a finished batch file to an object key through Polars' cloud writer; the object's size in bytes."""
+def upload(path: Path, destination: str, sink: dict, storage_options: dict) -> int:
+    """Stream a finished batch file to an object key through Polars' cloud writer, then remove the file; the object's size in bytes."""
     # Polars takes credentials, region and endpoint from the standard
     # AWS_* variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION,
     # AWS_ENDPOINT_URL). A PUT, or a multipart upload that is only completed after its last part,
     # replaces the key in one step: readers see the old batch or the new one, never part of one.
     sinked = []
-    pl.scan_parquet(path, glob=False).sink_parquet(destination, sinked_paths_callback=sinked.append, **sink)
+    sink = {**sink, "storage_options": storage_options}
+
+    def send() -> None:
+        """The upload; the file is removed by its thread, which a stopped run leaves reading it."""
+        try:
+            pl.scan_parquet(path, glob=False).sink_parquet(destination, sinked_paths_callback=sinked.append, **sink)
+        finally:
+            path.unlink(missing_ok=True)
+
+    to_store(send, storage_options)
     return sum(path.num_bytes for args in sinked for path in args.paths)
+
+
+def store_options(settings: config.Settings) -> dict:
+    """Polars' storage_options bounding each request to object storage by --timeout, retried at most --retries times."""
+    # Without them an upload the store accepts and never answers holds the run for good.
+    deadline = f"{max(1, round(settings.timeout * 1000))}ms"
+    return {"timeout": deadline, "connect_timeout": deadline, "max_retries": settings.retries}
+
+
+def to_store(call, storage_options: dict):
+    """call(), one Polars call to object storage, on a thread of its own; its result; a timeout said in words."""
+    # Polars holds its calling thread until the store answers, and Python runs a signal's handler only
+    # on the main thread, between bytecodes: waiting here instead, a stop leaves at once. The call left
+    # behind ends with the process; an upload is completed only after its last byte, so the key keeps
+    # its earlier object.
+    outcome = {}
+
+    def work() -> None:
+        """Run the call, keeping what it returned or raised."""
+        try:
+            outcome["value"] = call()
+        except BaseException as exc:  # handed to the waiting thread as it is: a panic too
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=work, name="object-store", daemon=True)
+    worker.start()
+    worker.join()  # a stop signal's handler raises Stopped here
+    error = outcome.get("error")
+    if isinstance(error, TimeoutError) and "timeout" in storage_options:
+        seconds = int(storage_options["timeout"].removesuffix("ms")) / 1000
+        raise TimeoutError(errno.ETIMEDOUT, f"no answer from the object store within {seconds:g}s (--timeout)") from error
+    if error is not None:
+        raise error
+    return outcome["value"]
+
+
+def check_writable(output_dir: str, storage_options: dict) -> None:
+    """Before a run's first request: for object storage, write the write-check object, or raise StorageError saying why not."""
+    if not is_remote(output_dir):
+        return
+    key = f"{output_dir.rstrip('/')}/{WRITE_CHECK}"
+    # Through Polars' own cloud writer, as the batch goes: the same credentials, region and endpoint.
+    check = pl.LazyFrame({"checked_at": [dt.datetime.now(dt.timezone.utc)]})
+    try:
+        to_store(lambda: check.sink_parquet(key, storage_options=storage_options), storage_options)
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        raise StorageError(store_refusal(exc), path=output_dir, doing="cannot write to") from exc
+
+
+def store_refusal(exc: BaseException) -> str:
+    """Why the store took no write, in one line; credentials missing said as such."""
+    # With no credentials set, Polars asks the instance's metadata service (paths under /latest/) for them.
+    if "/latest/" in str(exc) and not any(os.environ.get(name) for name in CREDENTIAL_VARIABLES):
+        return "no AWS credentials are set (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile or a role), and the instance's metadata service gave none"
+    return write_error(exc)
 
 
 def lake_batches(folder: Path) -> list[str]:

@@ -302,3 +302,72 @@ def test_a_run_with_nat_lands_users_of_those_nationalities_only(api, out, raw, s
     frame = pl.read_parquet(batch.path)
     assert set(frame["nationality"]) == {"GB", "IE"}
     assert_rows_are(frame, json.loads(page_body("pura", 1, 100, nat="gb,ie"))["results"])
+
+
+@pytest.mark.parametrize("setting", [s.env for s in __import__("random_user_config").SETTINGS])
+def test_an_empty_variable_stops_the_cli_with_one_line_naming_it_before_any_request(setting, nowhere, out, raw, cli, tmp_path):
+    # No server: the API address refuses, so a run that went on to make a request would exit 1, not 2.
+    result = cli(env={**fast_env(nowhere, out, raw), setting: ""}, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"random_user_etl.py: error: {setting} is set but empty; unset it for the default"), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flag", ["--raw-dir", "--seed", "--output-dir", "--nat"])
+def test_an_empty_flag_value_stops_the_cli_with_one_line_naming_it(flag, nowhere, out, raw, cli, tmp_path):
+    result = cli(flag, "", env=fast_env(nowhere, out, raw), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"random_user_etl.py: error: {flag} is empty; leave it out for the default"), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_run_told_raw_dir_off_from_python_keeps_no_raw_answers_and_makes_no_folder_named_off(api, out, raw, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    batch = etl.run(etl.Settings(api_url=api.url, output_dir=str(out), timeout=2.0), seed="pura", raw_dir="off")
+    assert_rows_are(pl.read_parquet(batch.path), raw_users(PURA))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# Every scheme but s3:// (any case) is refused before any request: http:// would send the batch's
+# personal data in clear to that host; the others failed only after the whole fetch, some asking
+# cloud metadata addresses for credentials on the way.
+OTHER_SCHEMES = ["http://127.0.0.1:9/lake", "https://lake.invalid/lake", "ftp://lake.invalid/lake", "memory://lake/x", "gs://lake/x", "gcs://lake/x",
+                 "az://lake/x", "abfss://lake@acct/x", "hf://datasets/lake", "file:///tmp/lake", "s3a://lake-bucket/x", "r2://lake/x"]
+BAD_BUCKETS = ["s3://", "s3:///lake", "s3://ab/lake", "s3://Lake_Bucket/x", "s3://192.168.1.1/x", "s3://a..b/x", "s3://user:secret@lake-bucket/x"]
+OTHER_SCHEMES.append("http://user:secret@127.0.0.1:9/lake")
+BAD_PREFIXES = ["s3://lake-bucket//x", "s3://lake-bucket/./x", "s3://lake-bucket/x/../y", "s3://lake-bucket/x?y=1", "s3://lake-bucket/x*"]
+
+
+@pytest.mark.parametrize("address", OTHER_SCHEMES + BAD_BUCKETS + BAD_PREFIXES)
+def test_an_output_address_other_than_a_folder_or_s3_bucket_prefix_is_refused_before_any_request(address, api, raw, cli, tmp_path, nowhere):
+    # Were it let through, the store and its credentials would be asked on loopback, where nothing answers.
+    store = {"AWS_ENDPOINT_URL": nowhere, "AWS_METADATA_ENDPOINT": nowhere, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    result = cli("--seed", "pura", "--output-dir", address, env=fast_env(api.url, tmp_path / "unused", raw, **store), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert re.match(r"random_user_etl.py: error: --output-dir \(RANDOM_USER_OUTPUT_DIR\) (is an? [^ ]+:// address, got .*; use a plain path for a local folder, or s3://bucket/prefix$|names no valid bucket|has a prefix|'[^']*' holds)", line), line
+    assert "secret" not in line
+    assert api.requests == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_panic_inside_polars_is_one_line_of_unexpected_failure(cli, monkeypatch, nowhere, out, raw):
+    # Polars raises a panic of its Rust code as a BaseException, which a plain `except Exception` lets through.
+    def panics(settings):
+        raise pl.exceptions.PanicException("called `Option::unwrap()` on a `None` value")
+
+    monkeypatch.setattr(etl, "run", panics)
+    result = cli("--seed", "pura", env=fast_env(nowhere, out, raw))
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("random_user_etl.py: error: unexpected PanicException:"), line
+
+
+def test_read_processed_refuses_an_empty_output_variable_rather_than_reading_the_default_lake(monkeypatch):
+    from random_user_config import SettingsError
+
+    monkeypatch.setenv("RANDOM_USER_OUTPUT_DIR", "")
+    with pytest.raises(SettingsError, match=r"^RANDOM_USER_OUTPUT_DIR is set but empty"):
+        etl.read_processed()

@@ -28,6 +28,7 @@ from fake_api import synthetic_users
 
 import random_user_config as config
 import random_user_etl as etl
+from _random_user_etl import store
 
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
@@ -299,7 +300,8 @@ def test_the_scheduled_run_from_the_image_files_and_configmap_lands_one_object_p
     seed = f"daily-{before:%Y%m%d}"
     key = f"{prefix}/random_users_{seed}.parquet"
     listed = s3.client.list_objects_v2(Bucket=bucket)
-    assert [obj["Key"] for obj in listed.get("Contents", [])] == [key]  # the retry replaced, not added
+    # The retry replaced, not added; beside the batch, the one write check each run overwrites.
+    assert [obj["Key"] for obj in listed.get("Contents", [])] == [f"{prefix}/{store.WRITE_CHECK}", key]
     n = int(data["RANDOM_USER_N"])
     frame = etl.read_processed(f"s3://{bucket}/{prefix}").select("user_id", "email", "seed").collect()
     served = synthetic_users(seed, 1, n)  # the fake's answer for that seed, parsed by json

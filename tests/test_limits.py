@@ -357,3 +357,45 @@ def test_checking_a_full_page_holds_no_memory_per_user(escapes):
         tracemalloc.stop()
     assert peak < 4 * 2**20, f"{peak / 2**20:.1f} MB allocated at the peak"
     assert_rows_are(frame, expected)
+
+
+# ------------------------------------------------------------------ empty values
+
+BLANK = st.text(alphabet=" \t\n\r\x0b\x0c\u00a0\u2003\u3000", max_size=4)  # "" among them
+
+
+@hypothesis_settings(max_examples=200, deadline=None)
+@given(name=st.sampled_from([s.name for s in SETTINGS]), text=BLANK)
+def test_an_empty_or_blank_value_of_any_setting_is_refused_naming_where_it_came_from(name, text):
+    # Never the default, never off: an empty RANDOM_USER_RAW_DIR once turned the raw archive off in silence.
+    with pytest.raises(SettingsError, match=rf"^{ENV[name]} is set but empty; unset it for the default"):
+        load_settings({}, environ={ENV[name]: text})
+    with pytest.raises(SettingsError, match=rf"^{FLAG[name]} is empty; leave it out for the default"):
+        load_settings({name: text}, environ={})
+
+
+def test_an_empty_raw_folder_says_how_to_keep_no_raw_answers():
+    with pytest.raises(SettingsError, match=r"^RANDOM_USER_RAW_DIR is set but empty; unset it for the default, or 'off' to keep no raw answers$"):
+        load_settings({}, environ={"RANDOM_USER_RAW_DIR": ""})
+    with pytest.raises(SettingsError, match=r"^--raw-dir \(RANDOM_USER_RAW_DIR\) must not be empty; use None or 'off'"):
+        Settings(raw_dir="")
+
+
+@pytest.mark.parametrize("word", ["off", "OFF", "Off"])
+def test_off_in_any_case_keeps_no_raw_answers_from_a_flag_a_variable_or_python(word):
+    assert load("raw_dir", word).raw_dir is None
+    assert load_settings({}, environ={"RANDOM_USER_RAW_DIR": word}).raw_dir is None
+    assert Settings(raw_dir=word).raw_dir is None
+
+
+@pytest.mark.parametrize("word", ["none", "no", "false", "0", "NONE"])
+def test_a_word_that_looks_like_off_is_refused_not_made_a_folder(word):
+    # Read as a folder name, a setting written in one of these words would keep raw answers unasked.
+    with pytest.raises(SettingsError, match=rf"^RANDOM_USER_RAW_DIR is not a word for off: only 'off' keeps no raw answers \(write \./{word} "):
+        load_settings({}, environ={"RANDOM_USER_RAW_DIR": word})
+    assert load("raw_dir", f"./{word}").raw_dir == f"./{word}"
+
+
+@pytest.mark.parametrize("word", ["off", "no", "false", "0", "OFF"])
+def test_a_boolean_keeps_its_words_for_false(word):
+    assert load("allow_http", word).allow_http is False

@@ -9,23 +9,33 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import http.client
+import http.server
 import json
 import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
+import threading
+import urllib.parse
 from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import GBONLY, PAGED, PURA, assert_one_error_line, assert_rows_are, fast_env, fixture_bytes, on_log, nationality_counts, raw_key, raw_users, record_sorts, served_users
+from conftest import (
+    GBONLY, PAGED, PREFIX, PURA, ROOT, assert_one_error_line, assert_rows_are, clean_environ, fast_env, fixture_bytes, on_log,
+    nationality_counts, raw_key, raw_users, record_sorts, run_cli, served_users,
+)
 from fake_api import mutate, status
+from test_signals import HELD, assert_stopped, signalled_exit, wait_until
 
 import random_user_etl as etl
 from _random_user_etl import staging, store, wire
-from _random_user_etl.errors import Stopped
-from random_user_config import SettingsError
+from _random_user_etl.errors import StorageError, Stopped
+from random_user_config import SettingsError, staging_root
 from schemas import OUTPUT_SCHEMA, QUALITY_METADATA_KEY, SORT_KEY
 
 
@@ -124,24 +134,159 @@ def test_a_failed_run_lands_nothing_and_leaves_the_previous_batch(api, settings,
     assert s3.keys() == [key]
 
 
-def test_a_store_that_refuses_fails_in_one_line_and_the_next_run_reuses_the_staged_pages(
-    api, out, raw, cli, settings, s3
-):
+def test_a_missing_bucket_fails_in_one_line_before_any_request_and_lands_once_it_exists(api, out, raw, cli, settings, s3):
+    # Checked first: a large run once fetched every page, minutes under the service's rate limit, to fail on this.
     missing = f"{s3.name}-later"
     url = f"s3://{missing}/lake"
     env = fast_env(api.url, out, raw, RANDOM_USER_OUTPUT_DIR=url, RANDOM_USER_SEED="paged", RANDOM_USER_PAGE_SIZE=40)
     result = cli(env=env)
     assert result.returncode == 1
-    (error,) = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert f"cannot write {url}/random_users_paged.parquet" in error and "NoSuchBucket" in error
-    assert len(api.requests) == 3
-    # The pages fetched are kept in the temp folder; once the bucket exists, the next run
-    # (this time in this process, same temp folder) lands them without asking the service again.
+    assert_one_error_line(result.stderr, rf"^{PREFIX}cannot write to {url}: the object store answered NoSuchBucket")
+    assert api.requests == [] and not staging_root(url).exists()
     s3.client.create_bucket(Bucket=missing)
     batch = etl.run(settings(output_dir=url, seed="paged", n=100, page_size=40))
-    assert len(api.requests) == 3
-    assert batch.rows == 100 and s3.client.list_objects_v2(Bucket=missing)["KeyCount"] == 1
+    assert batch.rows == 100 and len(api.requests) == 3
     assert_rows_are(etl.read_processed(url).collect(), raw_users(*PAGED, limits={PAGED[2]: 20}))
+
+
+def test_missing_credentials_fail_in_one_line_before_any_request(api, out, raw, s3, nowhere, monkeypatch):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    # Polars then asks the instance's metadata service (it does not read AWS_EC2_METADATA_DISABLED):
+    # pointed at a loopback port where nothing listens, it fails at once.
+    monkeypatch.setenv("AWS_METADATA_ENDPOINT", nowhere.removesuffix("/api/1.4/"))
+    # In a process of its own, as in a pod: Polars keeps credentials it found for the life of the process.
+    result = run_cli(env=fast_env(api.url, out, raw, RANDOM_USER_OUTPUT_DIR=s3.url(), RANDOM_USER_SEED="pura"))
+    assert result.returncode == 1
+    assert_one_error_line(result.stderr, rf"^{PREFIX}cannot write to {s3.url()}: no AWS credentials are set \(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+    assert api.requests == [] and s3.keys() == [] and s3.all_keys() == []
+
+
+def test_the_write_check_is_one_small_object_beside_the_batches_that_readers_skip(api, settings, s3):
+    etl.run(settings(output_dir=s3.url(), seed="pura"))
+    etl.run(settings(output_dir=s3.url(), seed="gbonly", n=25, nat=("gb",)))
+    check = f"lake/{store.WRITE_CHECK}"
+    assert s3.all_keys() == sorted([check, "lake/random_users_gbonly.parquet", "lake/random_users_pura.parquet"])
+    assert s3.head(check)["ContentLength"] < 2000  # overwritten by each run: always one object
+    assert_rows_are(etl.read_processed(s3.url()).collect(), raw_users(PURA, GBONLY))
+
+
+@pytest.mark.parametrize("spelled", ["S3://{name}/lake", "s3://{name}", "s3://{name}/"], ids=["upper-case-scheme", "no-prefix", "no-prefix-slash"])
+def test_an_upper_case_scheme_and_a_bucket_with_no_prefix_land(spelled, api, settings, s3):
+    # Polars reads S3:// as a local path; with no prefix, batches land at the top of the bucket.
+    address = spelled.format(name=s3.name)
+    batch = etl.run(settings(output_dir=address, seed="pura"))
+    prefix = "lake/" if address.endswith("/lake") else ""
+    assert batch.path == f"s3://{s3.name}/{prefix}random_users_pura.parquet"
+    assert s3.keys("") == [f"{prefix}random_users_pura.parquet"]
+    assert_rows_are(etl.read_processed(address.replace("S3://", "s3://")).collect(), raw_users(PURA))
+
+
+class HeldStore(http.server.ThreadingHTTPServer):
+    """An S3 endpoint on loopback that passes every request on to moto's, but holds those for keys holding `holds` unanswered."""
+
+    daemon_threads = True
+
+    def __init__(self, upstream: str, holds: str):
+        super().__init__(("127.0.0.1", 0), HeldStoreHandler)
+        self.holds = holds
+        self.upstream = urllib.parse.urlsplit(upstream)
+        self.held, self.release = threading.Event(), threading.Event()
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class HeldStoreHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def relay(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.server.holds in self.path:  # accepted, read, and never answered
+            self.server.held.set()
+            self.server.release.wait(60)
+            self.close_connection = True
+            return
+        upstream = http.client.HTTPConnection(self.server.upstream.hostname, self.server.upstream.port, timeout=10)
+        upstream.request(self.command, self.path, body=body, headers=dict(self.headers))
+        answer = upstream.getresponse()
+        data = answer.read()
+        self.send_response(answer.status)
+        for name, value in answer.getheaders():
+            if name.lower() not in ("transfer-encoding", "connection", "content-length"):
+                self.send_header(name, value)
+        self.send_header("Content-Length", answer.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        upstream.close()
+
+    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = relay
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def held_store(upstream: str, holds: str = "/random_users_"):
+    """A HeldStore serving on a thread of its own while held; by default it holds a batch's upload."""
+    server = HeldStore(upstream, holds)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.release.set()
+        server.shutdown()
+        server.server_close()
+
+
+def held_env(api, out, raw, s3, store_url: str, **env) -> dict:
+    """The CLI's variables for a run of seed paged (three pages) landing in the bucket through `store_url`."""
+    return fast_env(api.url, out, raw, RANDOM_USER_OUTPUT_DIR=s3.url(), RANDOM_USER_SEED="paged", RANDOM_USER_PAGE_SIZE=40, AWS_ENDPOINT_URL=store_url, **env)
+
+
+def staged_parts(s3) -> list[str]:
+    """The parts staged for seed paged in the bucket's private staging folder."""
+    return sorted(p.name for p in (s3.staged() / "paged").glob("part-*.parquet"))
+
+
+def test_a_store_that_never_answers_ends_the_run_within_its_deadline_before_any_request(api, out, raw, s3, s3_endpoint):
+    with held_store(s3_endpoint, holds="/") as held:
+        result = run_cli(env=held_env(api, out, raw, s3, held.url, RANDOM_USER_TIMEOUT=0.5, RANDOM_USER_RETRIES=0), timeout=30)
+    assert result.returncode == 1, result.stderr
+    assert_one_error_line(result.stderr, rf"^{PREFIX}cannot write to {s3.url()}: no answer from the object store within 0.5s \(--timeout\)$")
+    assert api.requests == [] and s3.all_keys() == []
+
+
+def test_an_upload_the_store_never_answers_ends_the_run_within_its_deadline_and_a_rerun_lands_the_staged_pages(api, out, raw, settings, s3, s3_endpoint):
+    # In a process of its own: Polars keeps its client of a bucket, endpoint and all, for the life of the process.
+    with held_store(s3_endpoint) as held:
+        result = run_cli(env=held_env(api, out, raw, s3, held.url, RANDOM_USER_TIMEOUT=0.5, RANDOM_USER_RETRIES=0), timeout=30)
+        assert held.held.is_set(), result.stderr  # the write check passed through; the batch's upload was held
+    assert result.returncode == 1, result.stderr
+    url = f"{s3.url()}/random_users_paged.parquet"
+    assert_one_error_line(result.stderr, rf"^{PREFIX}cannot write {url}: no answer from the object store within 0.5s \(--timeout\)$")
+    assert staged_parts(s3) == ["part-00001.parquet", "part-00002.parquet", "part-00003.parquet"] and len(api.requests) == 3
+    assert s3.keys() == []
+    batch = etl.run(settings(output_dir=s3.url(), seed="paged", n=100, page_size=40))
+    assert (batch.pages_fetched, batch.pages_reused) == (0, 3) and len(api.requests) == 3
+    assert_rows_are(etl.read_processed(s3.url()).collect(), raw_users(*PAGED, limits={PAGED[2]: 20}))
+
+
+def test_sigterm_during_an_upload_the_store_never_answers_ends_the_job_promptly_and_keeps_the_staged_pages(api, out, raw, s3, s3_endpoint, tmp_path):
+    err = tmp_path / "stderr.txt"
+    with held_store(s3_endpoint) as held, open(err, "w") as stderr:
+        env = clean_environ(**held_env(api, out, raw, s3, held.url, RANDOM_USER_TIMEOUT=HELD))
+        proc = subprocess.Popen([sys.executable, str(ROOT / "random_user_etl.py")], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            wait_until(lambda: held.held.is_set() or proc.poll() is not None, what="the batch's upload held")
+            assert proc.poll() is None, err.read_text()
+            code, seconds = signalled_exit(proc, signal.SIGTERM)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert_stopped(code, err.read_text(), seconds, signal.SIGTERM)
+    assert staged_parts(s3) == ["part-00001.parquet", "part-00002.parquet", "part-00003.parquet"]
+    assert s3.keys() == []
 
 
 def test_a_batch_sorted_in_several_key_ranges_lands_in_s3_in_order(settings, s3, monkeypatch):
@@ -204,18 +349,22 @@ def test_a_write_that_fails_midway_leaves_the_earlier_object_as_it_was(fault, s3
 
 def test_a_temp_folder_named_like_a_pattern_stages_and_sorts_this_runs_pages_not_a_siblings(api, settings, s3, tmp_path, monkeypatch):
     # A run whose upload failed left another seed's users staged, as this seed's, in the sibling tmp1.
-    missing = f"{s3.name}-later"
-    url = f"s3://{missing}/lake"
+    url = s3.url()
     for temp in ("tmp1", "tmp[1]"):
         (tmp_path / temp).mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp1"))
-    with pytest.raises(etl.EtlError, match="NoSuchBucket"):
-        etl.run(settings(output_dir=url, seed="decoy", n=100, page_size=40))
+
+    def upload_fails(*args, **kwargs):
+        raise StorageError("the store went away")
+
+    with pytest.MonkeyPatch.context() as patch:  # the precondition only: a failed upload, as a store that went away gives
+        patch.setattr(store, "upload", upload_fails)
+        with pytest.raises(etl.EtlError, match="the store went away"):
+            etl.run(settings(output_dir=url, seed="decoy", n=100, page_size=40))
     staged = etl.config.staging_root(url)
     (staged / "decoy").rename(staged / "paged")
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp[1]"))
     monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp[1]"))
-    s3.client.create_bucket(Bucket=missing)
     sorts = record_sorts(monkeypatch)
     etl.fetch_and_land(settings(output_dir=url, seed="paged", n=100, page_size=40, concurrency=2), run_rows=17, group_rows=40)
     assert sorts[0].runs == 6, "sorted in key ranges, in the temp folder"

@@ -220,6 +220,19 @@ etl.exit_now(etl.main(sys.argv[2:]))
 LARGE = ["--seed", "held", "--n", "25000"]  # five pages of 5,000: three key ranges, one group split while fetching
 
 
+def signalled_exit(proc: subprocess.Popen, signum: int, then=None) -> tuple[int, float]:
+    """Signal the process, call then() if given, wait for it to end: its status and seconds from the signal; fail past HELD."""
+    proc.send_signal(signum)
+    signalled = time.monotonic()
+    if then is not None:
+        then()
+    try:
+        code = proc.wait(timeout=HELD)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still running {HELD}s after {signal.Signals(signum).name}")
+    return code, time.monotonic() - signalled
+
+
 def delivered(pid: int, signum: int) -> bool:
     """True once a signal sent to a process is no longer pending: its C-level handler has taken it."""
     status_ = Path(f"/proc/{pid}/status").read_text()
@@ -247,15 +260,12 @@ def test_a_stop_while_the_batch_is_written_lands_nothing_and_the_next_run_lands_
     try:
         wait_until(lambda: Path(f"{release}.held").exists() or proc.poll() is not None, what="the batch's write under way")
         assert proc.poll() is None, err.read_text()
-        proc.send_signal(signal.SIGTERM)
-        signalled = time.monotonic()
-        wait_until(lambda: delivered(proc.pid, signal.SIGTERM), what="SIGTERM taken")
-        release.touch()  # the write goes on, with the stop already noted
-        try:
-            code = proc.wait(timeout=HELD)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"still running {HELD}s after SIGTERM")
-        seconds = time.monotonic() - signalled
+
+        def let_go():
+            wait_until(lambda: delivered(proc.pid, signal.SIGTERM), what="SIGTERM taken")
+            release.touch()  # the write goes on, with the stop already noted
+
+        code, seconds = signalled_exit(proc, signal.SIGTERM, let_go)
     finally:
         if proc.poll() is None:
             proc.kill()
