@@ -29,7 +29,7 @@ from fake_api import FIXTURES, FakeRandomUser  # noqa: E402
 import random_user_etl as etl  # noqa: E402
 from _random_user_etl import sort, store, wire  # noqa: E402
 from random_user_config import Settings, staging_root  # noqa: E402
-from oracle import LONE_SURROGATE, USER_COLUMNS, Refused, raw_key, reference_rows, user_rows  # noqa: E402,F401  (the one oracle)
+from oracle import COLUMNS, LONE_SURROGATE, USER_COLUMNS, Refused, raw_key, reference_rows, user_rows  # noqa: E402,F401  (the one oracle)
 
 PREFIX = "random_user_etl.py: error: "
 LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING) ")
