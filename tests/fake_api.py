@@ -33,6 +33,7 @@ import gzip
 import hashlib
 import json
 import math
+import signal
 import socket
 import socketserver
 import struct
@@ -906,6 +907,9 @@ def serve_by_hand(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default=HOST, help=f"address to listen on (default {HOST}: this machine only)")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds before every answer (default 0)")
     args = parser.parse_args(argv)
+    # Its own handlers: started from a shell that ignores SIGINT (a background job), it inherits that.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.default_int_handler)
     fake = FakeRandomUser(latency=args.latency, port=args.port, host=args.host).start()
     print(f"fake randomuser.me listening: {fake.url}  (Ctrl-C to stop)", flush=True)
     try:
@@ -913,6 +917,8 @@ def serve_by_hand(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         pass
     finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut the stop short
+            signal.signal(signum, signal.SIG_IGN)
         fake.stop()
 
 
