@@ -306,6 +306,7 @@ class Answer:
     seconds: float = 0.0
     total_bytes: int = 0
     fn: Callable[[Any], Any] | None = None
+    then: Answer | None = None
 
 
 def normal() -> Answer:
@@ -336,6 +337,11 @@ def reset() -> Answer:
 def hang(seconds: float) -> Answer:
     """Wait `seconds` (cut short by stop()) and then answer normally."""
     return Answer("hang", seconds=seconds)
+
+
+def held(until: Callable[[], bool], then: Answer, seconds: float = 10.0) -> Answer:
+    """Hold the answer until until() is true (at most `seconds`, cut short by stop()), then answer as `then`."""
+    return Answer("held", seconds=seconds, fn=until, then=then)
 
 
 def truncated() -> Answer:
@@ -503,6 +509,14 @@ class _Handler(BaseHTTPRequestHandler):
         """Stall, then serve normally unless the server is stopping."""
         if self._pause(answer.seconds):
             self._answer_normal(answer, path, params)
+
+    def _answer_held(self, answer: Answer, path: str, params: dict[str, str]) -> None:
+        """Wait for the test's condition (bounded), then answer as scripted unless the server is stopping."""
+        deadline = time.monotonic() + answer.seconds
+        while not answer.fn() and time.monotonic() < deadline:
+            if not self._pause(0.002):
+                return
+        getattr(self, "_answer_" + answer.then.kind)(answer.then, path, params)
 
     def _answer_status(self, answer: Answer, path: str, params: dict[str, str]) -> None:
         """Send the scripted status and body."""
