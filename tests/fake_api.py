@@ -27,6 +27,7 @@ Standard library only: the job's own dependencies must not be needed to fake its
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import gzip
@@ -921,19 +922,36 @@ def serve_by_hand(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default=HOST, help=f"address to listen on (default {HOST}: this machine only)")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds before every answer (default 0)")
     args = parser.parse_args(argv)
-    # Its own handlers: started from a shell that ignores SIGINT (a background job), it inherits that.
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, signal.default_int_handler)
+    take_stop_signals()
     fake = FakeRandomUser(latency=args.latency, port=args.port, host=args.host).start()
     print(f"fake randomuser.me listening: {fake.url}  (Ctrl-C to stop)", flush=True)
     try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        pass
+        wait_for_stop()
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut the stop short
-            signal.signal(signum, signal.SIG_IGN)
         fake.stop()
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def take_stop_signals() -> None:
+    """From here on SIGINT and SIGTERM wait, blocked in every thread, for wait_for_stop to take them."""
+    # Blocked before the server's threads start (they inherit it), so a signal at any moment, mid-start
+    # or a second one mid-stop, is never raised inside other code. The disposition is set here because
+    # a shell that ignores SIGINT (a background job) passes that on.
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
+
+
+def wait_for_stop() -> None:
+    """Wait for Ctrl-C or SIGTERM."""
+    if hasattr(signal, "sigwait"):
+        signal.sigwait(STOP_SIGNALS)
+        return
+    with contextlib.suppress(KeyboardInterrupt):  # Windows: Ctrl-C comes as KeyboardInterrupt
+        threading.Event().wait()
 
 
 if __name__ == "__main__":
