@@ -24,7 +24,7 @@ import pytest
 
 # The project is imported as installed (pip install -e .); pytest puts this folder on sys.path for its helpers.
 from fake_api import FIXTURES, FakeRandomUser
-from oracle import LONE_SURROGATE, USER_COLUMNS, Refused, raw_key, reference_rows, user_rows  # noqa: F401  (the one oracle)
+from oracle import COLUMNS, LONE_SURROGATE, USER_COLUMNS, Refused, raw_key, reference_rows, user_rows  # noqa: F401  (the one oracle)
 
 import random_user_etl as etl
 from _random_user_etl import sort, store, wire

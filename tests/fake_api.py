@@ -28,6 +28,7 @@ Standard library only: the job's own dependencies must not be needed to fake its
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import gzip
@@ -36,6 +37,7 @@ import itertools
 import json
 import math
 import secrets
+import signal
 import socket
 import socketserver
 import struct
@@ -337,6 +339,7 @@ class Answer:
     seconds: float = 0.0
     total_bytes: int = 0
     fn: Callable[[Any], Any] | None = None
+    then: Answer | None = None
 
 
 def normal() -> Answer:
@@ -367,6 +370,11 @@ def reset() -> Answer:
 def hang(seconds: float) -> Answer:
     """Wait `seconds` (cut short by stop()) and then answer normally."""
     return Answer("hang", seconds=seconds)
+
+
+def held(until: Callable[[], bool], then: Answer, seconds: float = 10.0) -> Answer:
+    """Hold the answer until until() is true (at most `seconds`, cut short by stop()), then answer as `then`."""
+    return Answer("held", seconds=seconds, fn=until, then=then)
 
 
 def truncated() -> Answer:
@@ -544,6 +552,14 @@ class _Handler(BaseHTTPRequestHandler):
         """Stall, then serve normally unless the server is stopping."""
         if self._pause(answer.seconds):
             self._answer_normal(answer, path, params)
+
+    def _answer_held(self, answer: Answer, path: str, params: dict[str, str]) -> None:
+        """Wait for the test's condition (bounded), then answer as scripted unless the server is stopping."""
+        deadline = time.monotonic() + answer.seconds
+        while not answer.fn() and time.monotonic() < deadline:
+            if not self._pause(0.002):
+                return
+        getattr(self, "_answer_" + answer.then.kind)(answer.then, path, params)
 
     def _answer_status(self, answer: Answer, path: str, params: dict[str, str]) -> None:
         """Send the scripted status and body."""
@@ -968,6 +984,7 @@ def serve_by_hand(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default=HOST, help=f"address to listen on (default {HOST}: this machine only)")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds before every answer (default 0)")
     args = parser.parse_args(argv)
+    take_stop_signals()
     try:
         fake = FakeRandomUser(latency=args.latency, port=args.port, host=args.host).start()
     except OSError as exc:  # the port is taken, or the address is not this machine's
@@ -975,11 +992,32 @@ def serve_by_hand(argv: list[str] | None = None) -> None:
         sys.exit(1)
     print(f"fake randomuser.me listening: {fake.url}  (Ctrl-C to stop)", flush=True)
     try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        pass
+        wait_for_stop()
     finally:
         fake.stop()
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def take_stop_signals() -> None:
+    """From here on SIGINT and SIGTERM wait, blocked in every thread, for wait_for_stop to take them."""
+    # Blocked before the server's threads start (they inherit it), so a signal at any moment, mid-start
+    # or a second one mid-stop, is never raised inside other code. The disposition is set here because
+    # a shell that ignores SIGINT (a background job) passes that on.
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
+
+
+def wait_for_stop() -> None:
+    """Wait for Ctrl-C or SIGTERM."""
+    if hasattr(signal, "sigwait"):
+        signal.sigwait(STOP_SIGNALS)
+        return
+    with contextlib.suppress(KeyboardInterrupt):  # Windows: Ctrl-C comes as KeyboardInterrupt
+        threading.Event().wait()
 
 
 if __name__ == "__main__":

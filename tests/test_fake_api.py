@@ -456,3 +456,45 @@ def test_the_fake_started_by_hand_on_a_busy_port_says_so_in_one_line():
         result = subprocess.run([sys.executable, str(TESTS / "fake_api.py"), "--port", str(port)], capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.splitlines() == [f"fake_api.py: error: cannot listen on 127.0.0.1:{port}: address already in use"], result.stderr
+
+
+def serves_soon(port: int, seconds: float = 20.0) -> bool:
+    """True once something accepts a connection on the loopback port, False after `seconds`."""
+    import socket
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            probe.settimeout(1)
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_the_fake_started_by_hand_stops_on_a_signal_even_when_its_shell_ignores_sigint(signame):
+    # A background job of a non-interactive shell starts with SIGINT ignored, and a child keeps that.
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import TESTS
+    from fake_api import free_port
+
+    port = free_port()
+    command = [sys.executable, str(TESTS / "fake_api.py"), "--port", str(port)]
+    ignore_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)  # noqa: E731
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL, preexec_fn=ignore_sigint)
+    try:
+        assert serves_soon(port), "the fake never listened"
+        server.send_signal(getattr(signal, signame))
+        try:
+            code = server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still serving 10s after {signame}")
+        assert code == 0
+        assert "Traceback" not in server.stderr.read()
+    finally:
+        server.kill()
+        server.wait()

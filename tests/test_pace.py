@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 from conftest import assert_one_error_line, assert_rows_are, batch_files, fast_env, served_users
-from fake_api import FakeRandomUser, normal, rate_limited, status
+from fake_api import FakeRandomUser, held, normal, rate_limited, status
 
 import random_user_etl as etl
 import random_user_config as config
@@ -138,9 +138,13 @@ def test_time_left_counts_the_windows_still_to_wait(out, raw, caplog):
         assert abs(left - (last - at)) < 0.4, f"said {left}s left at {at - second_reset:.2f}s past the second reset, was {last - at:.2f}s"
 
 
-def test_a_page_that_fails_ends_the_run_at_once_while_another_waits_on_the_limit(api, settings):
+def test_a_page_that_fails_ends_the_run_at_once_while_another_waits_on_the_limit(api, settings, caplog):
     # One worker holds the rate-limit pause (10 s here); another page's refusal must not wait for it.
-    api.script(rate_limited(), status(400))
+    # The 429 waits for the other worker's request, which would else wait behind the shut gate for the
+    # probe; the 400 waits until the first worker is in the pause.
+    caplog.set_level(logging.INFO, logger="random_user_etl")
+    paused = lambda: any("pausing all requests" in r.getMessage() for r in caplog.records)  # noqa: E731
+    api.script(held(lambda: len(api.requests) >= 2, rate_limited()), held(paused, status(400)))
     started = time.monotonic()
     with pytest.raises(etl.EtlError, match=r"^page [12]: HTTP 400"):
         etl.run(settings(seed="paged", n=40, page_size=10, concurrency=2, rate_limit_wait=10, max_wait=20))
