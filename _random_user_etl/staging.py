@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -26,12 +27,20 @@ PART_NULLS_KEY = "random_user_etl.nulls"  # a staged page's nulls per column, co
 PART = dict(compression="zstd", compression_level=1, statistics=False)
 
 
+PART_FORMAT = 2  # the job's own version of a part: a part of another format is fetched again
+
+
 def part_identity(settings: Settings, seed: str, page: int, rows: int, replayed: bool = False) -> dict:
-    """What a staged part must prove about itself before a later run trusts it."""
+    """What a staged part must prove about itself before a later run trusts it: everything that shaped its answer."""
     # A replayed page says nothing of the nationalities or page size it was asked with: it never
     # stands in for a page of a live run (a stopped replay leaves its staged pages behind).
     origin = "replay" if replayed else "service"
-    return {"seed": seed, "page": page, "rows": rows, "page_size": settings.page_size, "nat": ",".join(settings.nat), "from": origin}
+    # The address (its path holds the API version) only as a hash: it may carry credentials.
+    api = hashlib.sha256(settings.api_url.encode()).hexdigest()
+    return {
+        "seed": seed, "page": page, "rows": rows, "page_size": settings.page_size, "nat": ",".join(settings.nat),
+        "from": origin, "api": api, "format": PART_FORMAT,
+    }
 
 
 def part_path(folder: Path, page: int) -> Path:
