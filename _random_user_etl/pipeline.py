@@ -18,7 +18,7 @@ from random_user_config import Settings, shorten
 from _random_user_etl.answer import PageRequest, answer_info
 from _random_user_etl.client import RateGate, fetch_page, seconds_text
 from _random_user_etl.contract import transform
-from _random_user_etl.errors import AnswerError, EtlError, StorageError, on_page, write_error
+from _random_user_etl.errors import AnswerError, EtlError, RefusedPages, StorageError, on_page, write_error
 from _random_user_etl.raw import keep_landed_raw, read_kept, save_raw, settle_raw
 from _random_user_etl.sort import ExternalSort
 from _random_user_etl.staging import part_identity, part_path, stage_part
@@ -180,6 +180,10 @@ def land(folder, settings, seed, sizes, destination, ingested_at, started, fetch
     try:
         # Each part holds its page's size: staged from an answer checked to hold it, or trusted for it.
         report, size = write_batch(parts, destination, ingested_at, sum(sizes), sorter=sorter, part_rows=sizes)
+    except RefusedPages as exc:
+        for page in exc.pages:  # reused as they are, they would be refused again by every rerun
+            part_path(folder, page).unlink(missing_ok=True)
+        raise
     except (OSError, pl.exceptions.PolarsError) as exc:
         raise StorageError(write_error(exc), path=destination, doing="cannot write") from exc
     try:

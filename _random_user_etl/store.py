@@ -41,13 +41,15 @@ def write_batch(
     """Assemble staged parts into the sorted batch file with the streaming engine, atomically: its quality report and size in bytes."""
     # `sorter` is the run's ExternalSort if it already split some parts; `part_rows`, each part's
     # rows where known, so the sort need not open a part to count them.
-    report = quality_report(parts)
-    if report["rows"] != expected_rows:
-        raise StorageError(f"staged parts hold {report['rows']} rows, expected {expected_rows}")
-    if report["unique_user_ids"] != report["rows"]:
-        raise StorageError(f"login.uuid repeats across pages in {report['rows'] - report['unique_user_ids']} records")
-    sorter = sorter or sort.ExternalSort(sort_folder(parts[0].parent), report["rows"], run_rows)
+    report, dropped = quality_report(parts)
+    staged = report["rows"] + report["duplicate_users_dropped"]
+    if staged != expected_rows:
+        raise StorageError(f"staged parts hold {staged} rows, expected {expected_rows}")
+    sorter = sorter or sort.ExternalSort(sort_folder(parts[0].parent), staged, run_rows)
     ordered = sorter.ordered(parts, part_rows)
+    if dropped.height:  # a user served on several pages, identically, lands once: from the first of them
+        copies = dropped.select(pl.struct("user_id", "page")).to_series().implode()
+        ordered = ordered.filter(~pl.struct("user_id", "page").is_in(copies))
     batch = ordered.with_columns(ingested_at=pl.lit(ingested_at, UTC_INSTANT))
     sink = dict(
         compression="zstd",

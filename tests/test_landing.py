@@ -4,12 +4,13 @@ memory does not grow with the number of pages."""
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import polars as pl
 import pytest
-from conftest import assert_rows_are, served_users, users
-from fake_api import FakeRandomUser, mutate, rate_limited
+from conftest import assert_null_counts, assert_one_error_line, assert_rows_are, batch_files, fast_env, served_users, users
+from fake_api import FakeRandomUser, mutate, normal, page_body, rate_limited
 
 import random_user_etl as etl
 
@@ -66,3 +67,64 @@ def test_a_part_never_holds_the_credentials_of_its_address(api, out, settings):
         assert secret.encode() not in part.read_bytes() and b"reader" not in part.read_bytes()
     etl.run(settings(api_url=with_password, **PAGED))
     assert asked_pages(api) == [3], "the same address, credentials and all, resumes its own pages"
+
+
+# ------------------------------------------------------------------ a user served twice
+
+
+def page_1s_users(count: int):
+    """A mutate fn that puts page 1's first `count` users (as served) in place of the page's first `count`."""
+
+    def fn(doc):
+        doc["results"][:count] = json.loads(page_body("paged", 1, 10))["results"][:count]
+        return doc
+
+    return fn
+
+
+def test_a_refused_batch_drops_the_pages_involved_and_the_next_run_fetches_them_again(api, out, raw, cli):
+    def someone_else_with_page_1s_first_id(doc):
+        doc["results"][4]["login"]["uuid"] = served_users("paged", 30, 10)[0]["login"]["uuid"]
+        return doc
+
+    args = ("--seed", "paged", "--n", 30, "--page-size", 10, "--concurrency", 1)
+    api.script(normal(), mutate(someone_else_with_page_1s_first_id))
+    first = cli(*args, env=fast_env(api.url, out, raw))
+    assert first.returncode == 1
+    assert_one_error_line(first.stderr, r"login\.uuid repeats across pages 1 and 2 with different records \(1 id\); those pages are dropped from staging")
+    assert batch_files(out) == []
+    staged = sorted(p.name for p in (out / ".staging" / "paged").glob("part-*.parquet"))
+    assert staged == ["part-00003.parquet"], "the pages involved are dropped from staging"
+    api.clear()
+    again = cli(*args, env=fast_env(api.url, out, raw))
+    assert again.returncode == 0, again.stderr
+    assert sorted(int(r.params["page"]) for r in api.requests) == [1, 2]
+    assert_rows_are(pl.read_parquet(out / "random_users_paged.parquet"), served_users("paged", 30, 10))
+
+
+@pytest.mark.parametrize("count", [10, 4], ids=["whole-page", "part-of-a-page"])
+def test_a_user_served_twice_identically_lands_once_from_the_first_page(api, settings, count):
+    api.script(normal(), mutate(page_1s_users(count)))  # page 2 holds `count` of page 1's people, as served
+    batch = etl.run(settings(**PAGED))
+    served = [json.loads(body)["results"] for body in api.sent]
+    assert served[1][:count] == served[0][:count], "the same people were served twice"
+    landed = pl.read_parquet(batch.path)
+    once = served[0] + served[1][count:] + served[2]
+    assert_rows_are(landed, once)
+    assert batch.rows == 30 - count and batch.report["rows"] == batch.report["unique_user_ids"] == 30 - count
+    assert batch.report["duplicate_users_dropped"] == count
+    repeated = {u["login"]["uuid"] for u in served[0][:count]}
+    assert set(landed.filter(pl.col("user_id").is_in(repeated))["page"]) == {1}, "the first page's copy is kept"
+    assert_null_counts(batch.report, once)
+
+
+def test_one_id_with_two_different_records_is_still_refused(api, out, settings):
+    def two_served_again_one_renamed(doc):
+        page_1s_users(3)(doc)
+        doc["results"][0]["name"]["first"] = "Different"  # the same id, someone else's record
+        return doc
+
+    api.script(normal(), mutate(two_served_again_one_renamed))
+    with pytest.raises(etl.EtlError, match=r"^login\.uuid repeats across pages 1 and 2 with different records \(1 id\)"):
+        etl.run(settings(**PAGED))
+    assert batch_files(out) == []
