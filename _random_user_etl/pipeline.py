@@ -22,7 +22,7 @@ from _random_user_etl.errors import AnswerError, EtlError, RefusedPages, Storage
 from _random_user_etl.raw import keep_landed_raw, read_kept, save_raw, settle_raw
 from _random_user_etl.sort import ExternalSort
 from _random_user_etl.staging import part_identity, part_path, stage_part
-from _random_user_etl.store import write_batch
+from _random_user_etl.store import batch_exists, write_batch
 from _random_user_etl.wire import Answer, stop_requests, unpack
 
 log = logging.getLogger("random_user_etl")  # one logger for the job: the CLI lets only its records carry text
@@ -172,6 +172,16 @@ def first_seed(session, settings, gate, sizes) -> tuple[str, Answer]:
     if not config.SEED_PATTERN.fullmatch(seed):
         raise AnswerError(f"the service's seed {shorten(seed)!r} is not safe as a file name", page=1)
     return seed, answer
+
+
+def check_picked_seed(seed: str, destination: str) -> None:
+    """Refuse a seed the service picked when its batch has landed: a run with no --seed never replaces a batch."""
+    if batch_exists(destination):
+        raise StorageError(
+            f"the service picked it, and a picked seed never replaces a batch (give --seed {seed} to land it again)",
+            path=destination,
+            doing=f"a batch of seed {seed} is already at",
+        )
 
 
 def land(folder, settings, seed, sizes, destination, ingested_at, started, fetched, sorter=None, kept=None) -> Batch:

@@ -12,7 +12,7 @@ import polars as pl
 import random_user_config as config
 from random_user_config import is_remote, shorten
 from schemas import QUALITY_METADATA_KEY, UTC_INSTANT
-from _random_user_etl.errors import StorageError
+from _random_user_etl.errors import StorageError, write_error
 from _random_user_etl.folders import temp_file, write_atomically
 from _random_user_etl import sort
 from _random_user_etl.sort import SORT_RUN_ROWS
@@ -27,6 +27,19 @@ def batch_path(output_dir: str, seed: str) -> str:
     if not config.SEED_PATTERN.fullmatch(seed):
         raise StorageError(f"seed {shorten(seed)!r} is not safe as a file name: it {config.seed_rule()}")
     return f"{output_dir.rstrip('/')}/random_users_{seed}.parquet"
+
+
+def batch_exists(destination: str) -> bool:
+    """True when something is at a batch's path or key; StorageError when the store cannot tell."""
+    if not is_remote(destination):
+        return os.path.lexists(destination)  # a link, even a dangling one, is something there
+    try:
+        pl.read_parquet_metadata(destination)  # a GET of the footer: the key's HEAD, through Polars' cloud I/O
+    except FileNotFoundError:
+        return False
+    except Exception as exc:  # refused, unreachable, or not a parquet file: something may be there
+        raise StorageError(write_error(exc), path=destination, doing="cannot tell whether a batch is at") from exc
+    return True
 
 
 def write_batch(

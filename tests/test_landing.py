@@ -9,8 +9,8 @@ import uuid
 
 import polars as pl
 import pytest
-from conftest import assert_null_counts, assert_one_error_line, assert_rows_are, batch_files, fast_env, served_users, users
-from fake_api import FakeRandomUser, mutate, normal, page_body, rate_limited
+from conftest import assert_null_counts, assert_one_error_line, assert_rows_are, batch_files, digests, fast_env, landed, served_users, users
+from fake_api import PICKED_SEED, FakeRandomUser, mutate, normal, page_body, rate_limited
 
 import random_user_etl as etl
 
@@ -128,3 +128,44 @@ def test_one_id_with_two_different_records_is_still_refused(api, out, settings):
     with pytest.raises(etl.EtlError, match=r"^login\.uuid repeats across pages 1 and 2 with different records \(1 id\)"):
         etl.run(settings(**PAGED))
     assert batch_files(out) == []
+
+
+# ------------------------------------------------------------------ a seed the service picks
+
+
+def test_a_picked_seed_whose_batch_has_landed_is_refused_and_nothing_is_touched(api, out, raw, cli):
+    env = fast_env(api.url, out, raw)
+    assert cli("--seed", PICKED_SEED, "--n", 5, env=env).returncode == 0
+    before_out, before_raw = digests(landed(out)), digests(landed(raw))
+    api.clear()
+    result = cli("--n", 5, env=env)  # no --seed: the service picks the seed that has landed
+    assert result.returncode == 1
+    assert_one_error_line(result.stderr, rf"a batch of seed {PICKED_SEED} is already at .*random_users_{PICKED_SEED}\.parquet: the service picked it")
+    assert len(api.requests) == 1, "only page 1 was asked for, which is how the seed was picked"
+    assert digests(landed(out)) == before_out and digests(landed(raw)) == before_raw
+
+
+def test_a_picked_seed_whose_object_has_landed_is_refused_and_the_object_kept(api, raw, s3, cli, tmp_path):
+    env = fast_env(api.url, s3.url(), raw)
+    assert cli("--seed", PICKED_SEED, "--n", 5, env=env).returncode == 0
+    key = f"lake/random_users_{PICKED_SEED}.parquet"
+    before, before_raw = s3.head(key)["ETag"], digests(landed(raw))
+    result = cli("--n", 5, env=env)
+    assert result.returncode == 1
+    assert_one_error_line(result.stderr, rf"a batch of seed {PICKED_SEED} is already at s3://{s3.name}/{key}: the service picked it")
+    assert s3.keys() == [key] and s3.head(key)["ETag"] == before and digests(landed(raw)) == before_raw
+
+
+def test_a_picked_seed_with_no_batch_lands(api, out, raw, cli):
+    result = cli("--n", 5, env=fast_env(api.url, out, raw))
+    assert result.returncode == 0, result.stderr
+    assert batch_files(out) == [f"random_users_{PICKED_SEED}.parquet"]
+
+
+def test_a_picked_seed_is_refused_when_the_store_cannot_tell_what_is_at_its_key(api, raw, s3, cli):
+    key = f"lake/random_users_{PICKED_SEED}.parquet"
+    s3.client.put_object(Bucket=s3.name, Key=key, Body=b"not a batch")
+    result = cli("--n", 5, env=fast_env(api.url, s3.url(), raw))
+    assert result.returncode == 1
+    assert_one_error_line(result.stderr, rf"cannot tell whether a batch is at s3://{s3.name}/{key}: ")
+    assert s3.client.get_object(Bucket=s3.name, Key=key)["Body"].read() == b"not a batch"
