@@ -13,6 +13,9 @@ from conftest import assert_null_counts, assert_one_error_line, assert_rows_are,
 from fake_api import PICKED_SEED, FakeRandomUser, mutate, normal, page_body, rate_limited
 
 import random_user_etl as etl
+from _random_user_etl import staging
+from random_user_config import Settings
+from test_hostile import run_measured
 
 PAGED = dict(seed="paged", n=30, page_size=10, concurrency=1)
 
@@ -169,3 +172,32 @@ def test_a_picked_seed_is_refused_when_the_store_cannot_tell_what_is_at_its_key(
     assert result.returncode == 1
     assert_one_error_line(result.stderr, rf"cannot tell whether a batch is at s3://{s3.name}/{key}: ")
     assert s3.client.get_object(Bucket=s3.name, Key=key)["Body"].read() == b"not a batch"
+
+
+# ------------------------------------------------------------------ many tiny pages
+
+
+def stage_tiny_pages(api, out, pages: int, size: int) -> list[dict]:
+    """Stage `pages` pages of `size` users of seed "many", as a stopped run against `api` left them; their raw users."""
+    # Typed 1,000 users at a time (answers of the fake's pages 1, 2, ...), then cut into pages: fast.
+    bodies = [page_body("many", chunk, 1000) for chunk in range(1, pages * size // 1000 + 1)]
+    served = [user for body in bodies for user in json.loads(body)["results"]]
+    frame = pl.concat([etl.transform(body) for body in bodies])
+    run = Settings(api_url=api.url, output_dir=str(out), seed="many", n=pages * size, page_size=size)
+    folder = staging.own_staging_root(str(out)) / "many"
+    folder.mkdir(0o700)
+    for page in range(1, pages + 1):
+        part = frame.slice((page - 1) * size, size).with_columns(page=pl.lit(page, pl.Int32))
+        staging.stage_part(folder, part, staging.part_identity(run, "many", page, size))
+    return served
+
+
+@pytest.mark.parametrize("size", [1, 3], ids=["one-key-range", "two-key-ranges"])
+def test_landing_many_tiny_pages_takes_no_more_memory_than_their_rows_need(api, out, raw, size):
+    # 4,000 staged pages: each file Polars opens at once costs it some 40 kB, whatever its rows.
+    served = stage_tiny_pages(api, out, 4000, size)
+    proc, peak_mb, stderr = run_measured(api, out, raw, "--seed", "many", "--n", str(4000 * size), "--page-size", str(size))
+    assert proc.returncode == 0, stderr
+    assert api.requests == [], "every page was staged: the run only lands"
+    assert_rows_are(pl.read_parquet(out / "random_users_many.parquet"), served)
+    assert peak_mb < 200, f"peak RSS {peak_mb:.0f} MB"
