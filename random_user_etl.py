@@ -37,7 +37,7 @@ from _random_user_etl.answer import PageRequest
 from _random_user_etl.client import RateGate, page_sizes
 from _random_user_etl.contract import transform  # one answer body in, the contract frame out
 from _random_user_etl.errors import EtlError, Stopped, StorageError, write_error
-from _random_user_etl.pipeline import Batch, fetch_and_stage, first_seed, land, stage_kept
+from _random_user_etl.pipeline import Batch, check_picked_seed, fetch_and_stage, first_seed, land, stage_kept
 from _random_user_etl.raw import check_not_staging, clear_stale_raw, kept_folder, kept_pages
 from _random_user_etl import __version__, sort
 from _random_user_etl.sort import SCATTER_ROWS, SORT_RUN_ROWS
@@ -73,6 +73,8 @@ def fetch_and_land(settings: Settings, run_rows: int = SORT_RUN_ROWS, group_rows
             seed, first_answer = first_seed(session, settings, gate, sizes)
         destination = batch_path(settings.output_dir, seed)
         with staging_for(settings, seed) as folder:
+            if first_answer is not None:
+                check_picked_seed(seed, destination, settings)  # under the seed's lock, before anything is touched
             kept = kept_folder(settings.raw_dir, seed)
             todo = pending_pages(folder, settings, seed, sizes)
             if kept is not None:

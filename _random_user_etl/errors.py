@@ -34,6 +34,14 @@ class StorageError(EtlError):
     """A folder, lock or file of the job's could not be used or written."""
 
 
+class RefusedPages(StorageError):
+    """Staged pages that cannot land together: the run drops them from staging, so the next one fetches them again."""
+
+    def __init__(self, reason: str, pages: list[int]):
+        super().__init__(reason)
+        self.pages = pages
+
+
 def on_page(exc: EtlError, page: int | None) -> EtlError:
     """The same kind of error, said of one page."""
     return type(exc)(exc.reason, page=page, path=exc.path, doing=exc.doing)

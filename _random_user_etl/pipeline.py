@@ -18,11 +18,11 @@ from random_user_config import Settings, shorten
 from _random_user_etl.answer import PageRequest, answer_info
 from _random_user_etl.client import RateGate, fetch_page, seconds_text
 from _random_user_etl.contract import transform
-from _random_user_etl.errors import AnswerError, EtlError, StorageError, on_page, write_error
+from _random_user_etl.errors import AnswerError, EtlError, RefusedPages, StorageError, on_page, write_error
 from _random_user_etl.raw import keep_landed_raw, read_kept, save_raw, settle_raw
 from _random_user_etl.sort import ExternalSort
 from _random_user_etl.staging import part_identity, part_path, stage_part
-from _random_user_etl.store import store_options, write_batch
+from _random_user_etl.store import batch_exists, store_options, write_batch
 from _random_user_etl.wire import Answer, stop_requests, unpack
 
 log = logging.getLogger("random_user_etl")  # one logger for the job: the CLI lets only its records carry text
@@ -174,12 +174,26 @@ def first_seed(session, settings, gate, sizes) -> tuple[str, Answer]:
     return seed, answer
 
 
+def check_picked_seed(seed: str, destination: str, settings: Settings) -> None:
+    """Refuse a seed the service picked when its batch has landed: a run with no --seed never replaces a batch."""
+    if batch_exists(destination, store_options(settings)):
+        raise StorageError(
+            f"the service picked it, and a picked seed never replaces a batch (give --seed {seed} to land it again)",
+            path=destination,
+            doing=f"a batch of seed {seed} is already at",
+        )
+
+
 def land(folder, settings, seed, sizes, destination, ingested_at, started, fetched, sorter=None, kept=None) -> Batch:
     """Write the batch from its staged parts, keep its raw answers (if `kept`), clear the staging, say what landed."""
     parts = [part_path(folder, page) for page in range(1, len(sizes) + 1)]
     try:
         # Each part holds its page's size: staged from an answer checked to hold it, or trusted for it.
         report, size = write_batch(parts, destination, ingested_at, sum(sizes), sorter=sorter, part_rows=sizes, storage_options=store_options(settings))
+    except RefusedPages as exc:
+        for page in exc.pages:  # reused as they are, they would be refused again by every rerun
+            part_path(folder, page).unlink(missing_ok=True)
+        raise
     except (OSError, pl.exceptions.PolarsError) as exc:
         raise StorageError(write_error(exc), path=destination, doing="cannot write") from exc
     try:

@@ -22,6 +22,11 @@ SORT_RUN_ROWS = 10_000  # rows sorted in memory at once: assembly memory stays f
 SCATTER_ROWS = 20_000  # rows of staged parts split into key ranges together: fewer, larger pieces
 
 
+# Staged parts read together at most: Polars holds some 40 kB for each file one read opens, whatever
+# its rows, so 10,000 pages of 2 users read at once took 400 MB.
+GROUP_FILES = 200
+
+
 # Scratch files of the external sort are read once, soon after: uncompressed parquet is the
 # cheapest to write and read back (Arrow IPC and zstd were slower: see benchmarks/README.md).
 SCRATCH = dict(compression="uncompressed", statistics=False)
@@ -33,6 +38,12 @@ def sort_key() -> pl.Expr:
     # first, as in a tuple; a NUL inside a field becomes "\x00\x01", after that end and before "\x01".
     fields = [pl.col(name).str.replace_all("\x00", "\x00\x01", literal=True) for name in SORT_KEY]
     return pl.concat_str(fields, separator="\x00\x00")
+
+
+def read_parts(parts: list[Path]) -> pl.DataFrame:
+    """Staged parts in one frame, read GROUP_FILES at a time: memory follows their rows, not how many files hold them."""
+    groups = (pl.read_parquet(parts[start : start + GROUP_FILES], glob=False).rechunk() for start in range(0, len(parts), GROUP_FILES))
+    return pl.concat(groups, rechunk=True)
 
 
 class ExternalSort:
@@ -63,7 +74,8 @@ class ExternalSort:
             self.waiting_rows += rows
             self.added_rows += rows
             # The last group is not written out: ordered() splits it in memory, saving a round trip.
-            if self.waiting_rows >= self.group_rows and self.added_rows < self.rows:
+            full = self.waiting_rows >= self.group_rows or len(self.waiting) >= GROUP_FILES
+            if full and self.added_rows < self.rows:
                 self._split()
 
     def _keyed(self, group: list[Path]) -> pl.LazyFrame:
@@ -89,7 +101,7 @@ class ExternalSort:
     def ordered(self, parts: list[Path], rows: list[int] | None = None) -> pl.LazyFrame:
         """All of `parts` in key order, each key range sorted alone (a stop signal ends it early); `rows`, each part's rows if known."""
         if self.runs <= 1:
-            return pl.scan_parquet(parts, glob=False).sort(sort_key())
+            return read_parts(parts).lazy().sort(sort_key())  # at most run_rows rows
         for part, known in zip(parts, rows or [None] * len(parts)):
             if part not in self.taken:  # a part the run did not add: one resumed, or staged by replay
                 self.add(part, pl.scan_parquet(part, glob=False).select(pl.len()).collect().item() if known is None else known)

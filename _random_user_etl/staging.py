@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import shutil
 from pathlib import Path
 import polars as pl
 from random_user_config import Settings
 from schemas import OUTPUT_SCHEMA
-from _random_user_etl.errors import StorageError, write_error
+from _random_user_etl.errors import RefusedPages, StorageError, write_error
 from _random_user_etl.folders import found_own_folder, is_plain_file, own_folder, own_staging_root, seed_lock, write_atomically
 
 
@@ -26,12 +27,20 @@ PART_NULLS_KEY = "random_user_etl.nulls"  # a staged page's nulls per column, co
 PART = dict(compression="zstd", compression_level=1, statistics=False)
 
 
+PART_FORMAT = 2  # the job's own version of a part: a part of another format is fetched again
+
+
 def part_identity(settings: Settings, seed: str, page: int, rows: int, replayed: bool = False) -> dict:
-    """What a staged part must prove about itself before a later run trusts it."""
+    """What a staged part must prove about itself before a later run trusts it: everything that shaped its answer."""
     # A replayed page says nothing of the nationalities or page size it was asked with: it never
     # stands in for a page of a live run (a stopped replay leaves its staged pages behind).
     origin = "replay" if replayed else "service"
-    return {"seed": seed, "page": page, "rows": rows, "page_size": settings.page_size, "nat": ",".join(settings.nat), "from": origin}
+    # The address (its path holds the API version) only as a hash: it may carry credentials.
+    api = hashlib.sha256(settings.api_url.encode()).hexdigest()
+    return {
+        "seed": seed, "page": page, "rows": rows, "page_size": settings.page_size, "nat": ",".join(settings.nat),
+        "from": origin, "api": api, "format": PART_FORMAT,
+    }
 
 
 def part_path(folder: Path, page: int) -> Path:
@@ -86,8 +95,8 @@ def pending_pages(folder: Path, settings: Settings, seed: str, sizes: list[int])
     return todo
 
 
-def quality_report(parts: list[Path]) -> dict:
-    """What was checked of a batch: rows, unique ids, nulls per contract column."""
+def quality_report(parts: list[Path]) -> tuple[dict, pl.DataFrame]:
+    """What was checked of a batch (rows, unique ids, nulls per contract column), and the repeated users to drop."""
     # Nulls were counted from each page as it was staged (trusted_part proves the count is there);
     # only the ids are read again here.
     nulls = dict.fromkeys(OUTPUT_SCHEMA.names(), 0)
@@ -95,16 +104,53 @@ def quality_report(parts: list[Path]) -> dict:
         for name, count in json.loads(pl.read_parquet_metadata(part)[PART_NULLS_KEY]).items():
             nulls[name] += count
     ids = pl.scan_parquet(parts, glob=False).select("user_id")
-    # 8-byte hashes keep the distinct count small in memory; only a suspected repeat is recounted exactly.
+    # 8-byte hashes keep the distinct count small in memory; only a suspected repeat is read again.
     rows, unique = ids.select(pl.len(), pl.col("user_id").hash().n_unique()).collect(engine="streaming").row(0)
-    if unique < rows:
-        unique = ids.select(pl.col("user_id").n_unique()).collect(engine="streaming").item()
-    return {
-        "rows": rows,
-        "unique_user_ids": unique,
+    dropped = served_twice(parts) if unique < rows else pl.DataFrame(schema={"user_id": pl.String, "page": pl.Int32})
+    for name, count in dropped.null_count().row(0, named=True).items():
+        nulls[name] -= count  # counted when its page was staged, but it does not land
+    report = {
+        "rows": rows - dropped.height,
+        "unique_user_ids": rows - dropped.height,
+        "duplicate_users_dropped": dropped.height,
         "nulls": nulls,
         "checked_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    return report, dropped
+
+
+def served_twice(parts: list[Path]) -> pl.DataFrame:
+    """The later copies of users served on more than one page, each identical to its first; RefusedPages if one is not."""
+    hashed = pl.scan_parquet(parts, glob=False).with_columns(__hash=pl.col("user_id").hash())
+    suspects = hashed.group_by("__hash").len().filter(pl.col("len") > 1).select("__hash").collect(engine="streaming")
+    # Only the rows whose id hash repeats are held: a page or two when the service repeats one.
+    repeats = hashed.filter(pl.col("__hash").is_in(suspects["__hash"].implode())).drop("__hash").collect(engine="streaming")
+    repeats = repeats.filter(pl.len().over("user_id") > 1)
+    # The page differs between pages by construction, and ingested_at is when a page was staged (the
+    # batch's own instant replaces it as it lands); every other column comes from the user alone, or
+    # is the same on every page of a batch (seed, api_version): equal in all of them is the same person.
+    record = pl.struct(pl.exclude("user_id", "page", "ingested_at"))
+    differing = repeats.filter(record.n_unique().over("user_id") > 1)
+    if differing.height:
+        pages = differing["page"].unique().sort().to_list()
+        raise RefusedPages(
+            f"login.uuid repeats across pages {page_list(pages)} with different records ({plural(differing['user_id'].n_unique(), 'id')}); "
+            "those pages are dropped from staging, so the next run fetches them again",
+            pages,
+        )
+    return repeats.filter(pl.col("page") != pl.col("page").min().over("user_id"))
+
+
+def plural(number: int, thing: str) -> str:
+    """'1 id', '3 ids'."""
+    return f"{number:,} {thing}{'' if number == 1 else 's'}"
+
+
+def page_list(pages: list[int], most: int = 8) -> str:
+    """'1, 4 and 7', or the first `most` of many and how many more."""
+    shown = ", ".join(map(str, pages[: most if len(pages) > most else -1]))
+    rest = f" and {len(pages) - most} more" if len(pages) > most else f" and {pages[-1]}"
+    return shown + rest if len(pages) > 1 else str(pages[0])
 
 
 @contextlib.contextmanager

@@ -43,6 +43,21 @@ def batch_path(output_dir: str, seed: str) -> str:
     return f"{output_dir.rstrip('/')}/random_users_{seed}.parquet"
 
 
+def batch_exists(destination: str, storage_options: dict | None = None) -> bool:
+    """True when something is at a batch's path or key; StorageError when the store cannot tell."""
+    if not is_remote(destination):
+        return os.path.lexists(destination)  # a link, even a dangling one, is something there
+    options = storage_options or {}
+    try:
+        # A GET of the footer: the key's HEAD, through Polars' cloud I/O, bounded as every call to the store.
+        to_store(lambda: pl.read_parquet_metadata(destination, storage_options=options), options)
+    except FileNotFoundError:
+        return False
+    except Exception as exc:  # refused, unreachable, or not a parquet file: something may be there
+        raise StorageError(write_error(exc), path=destination, doing="cannot tell whether a batch is at") from exc
+    return True
+
+
 def write_batch(
     parts: list[Path],
     destination: str,
@@ -56,13 +71,15 @@ def write_batch(
     """Assemble staged parts into the sorted batch file with the streaming engine, atomically: its quality report and size in bytes."""
     # `sorter` is the run's ExternalSort if it already split some parts; `part_rows`, each part's
     # rows where known, so the sort need not open a part to count them.
-    report = quality_report(parts)
-    if report["rows"] != expected_rows:
-        raise StorageError(f"staged parts hold {report['rows']} rows, expected {expected_rows}")
-    if report["unique_user_ids"] != report["rows"]:
-        raise StorageError(f"login.uuid repeats across pages in {report['rows'] - report['unique_user_ids']} records")
-    sorter = sorter or sort.ExternalSort(sort_folder(parts[0].parent), report["rows"], run_rows)
+    report, dropped = quality_report(parts)
+    staged = report["rows"] + report["duplicate_users_dropped"]
+    if staged != expected_rows:
+        raise StorageError(f"staged parts hold {staged} rows, expected {expected_rows}")
+    sorter = sorter or sort.ExternalSort(sort_folder(parts[0].parent), staged, run_rows)
     ordered = sorter.ordered(parts, part_rows)
+    if dropped.height:  # a user served on several pages, identically, lands once: from the first of them
+        copies = dropped.select(pl.struct("user_id", "page")).to_series().implode()
+        ordered = ordered.filter(~pl.struct("user_id", "page").is_in(copies))
     batch = ordered.with_columns(ingested_at=pl.lit(ingested_at, UTC_INSTANT))
     sink = dict(
         compression="zstd",

@@ -774,6 +774,7 @@ class FakeRandomUser:
         """Configure; nothing listens until start() (or `with`)."""
         self.latency = latency  # seconds before every answer; benchmarks use 0.2
         self.rate_limit = rate_limit  # (users per client per window, window seconds), or no limit
+        self.picks: str | None = None  # the seed every request that sends none is given, where a test fixes it
         self._epoch = time.monotonic()  # the fake's clock: windows are counted from here
         self._window = -1  # the window the counts belong to
         self._taken: dict[str, int] = {}  # users served to each client in that window
@@ -914,6 +915,8 @@ class FakeRandomUser:
 
     def _page(self, params: dict[str, str]) -> bytes:
         """The normal body for these query parameters."""
+        if self.picks and not params.get("seed"):
+            params = {**params, "seed": self.picks}
         request = parse_params(params)
         return self._pages.get(request, request.body)
 
