@@ -14,8 +14,9 @@ from pathlib import Path
 import hypothesis
 import hypothesis.strategies as st
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
-from conftest import LOG_LINE, PAGED, PREFIX, ROOT, assert_one_error_line, clean_environ, fast_env, fixture_bytes, raw_users, run_cli
+from conftest import LOG_LINE, PAGED, PREFIX, ROOT, assert_one_error_line, assert_rows_are, clean_environ, fast_env, fixture_bytes, raw_users, run_cli
 from fake_api import body, normal, status
 
 import random_user_etl as etl
@@ -278,3 +279,22 @@ def test_the_cli_says_no_space_left_in_one_line(api, out, raw, cli, small_disk):
     result = run_paged(cli, api, small_disk / "out", raw)
     assert result.returncode == 1
     assert_one_error_line(result.stderr, r"^random_user_etl\.py: error: page \d+: cannot stage in .*: No space left on device$")
+
+
+# ---------------------------------------------------------------- an unlucky disk under the staged pages
+
+
+def test_a_staged_page_with_a_corrupt_page_under_a_whole_footer_is_fetched_again_not_trusted(api, settings, out):
+    run = settings(seed="paged", n=120, page_size=40, concurrency=1, retries=0)
+    api.script(normal(), normal(), status(404))
+    with pytest.raises(ServiceError):
+        etl.run(run)
+    part = out / ".staging" / "paged" / "part-00001.parquet"
+    whole = part.read_bytes()
+    ids = pq.ParquetFile(part).metadata.row_group(0).column(0)  # user_id: the quality report reads it
+    start = ids.data_page_offset
+    part.write_bytes(whole[:start] + b"\x00" * 64 + whole[start + 64 :])  # rotted where the footer does not look
+    before = len(api.requests)
+    etl.run(run)
+    assert sorted(r.params["page"] for r in api.requests[before:]) == ["1", "3"]
+    assert_rows_are(pl.read_parquet(out / "random_users_paged.parquet"), raw_users(*PAGED))
