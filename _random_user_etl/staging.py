@@ -51,7 +51,7 @@ def stage_part(folder: Path, frame: pl.DataFrame, identity: dict) -> Path:
         PART_METADATA_KEY: json.dumps(identity, sort_keys=True),
         PART_NULLS_KEY: json.dumps(frame.null_count().row(0, named=True)),
     }
-    write_atomically(path, lambda temp: frame.write_parquet(temp, metadata=metadata, **PART))
+    write_atomically(path, lambda file: frame.write_parquet(file, metadata=metadata, **PART))
     return path
 
 

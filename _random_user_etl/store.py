@@ -14,7 +14,7 @@ import random_user_config as config
 from random_user_config import is_remote, shorten
 from schemas import OUTPUT_SCHEMA, QUALITY_METADATA_KEY, UTC_INSTANT
 from _random_user_etl.errors import StorageError
-from _random_user_etl.folders import full_disk_said, temp_file, write_atomically
+from _random_user_etl.folders import temp_file, write_atomically, write_to
 from _random_user_etl import sort
 from _random_user_etl.sort import SORT_RUN_ROWS
 from _random_user_etl.staging import quality_report, sort_folder
@@ -63,13 +63,12 @@ def write_batch(
         # Polars completes an upload whose source failed, with the rows sent so far at the key (2.1):
         # the batch is written whole to a local file first, and only a finished file is uploaded.
         with temp_file(parts[0].parent, "batch.parquet") as temp:
-            with full_disk_said(temp.parent):
-                batch.sink_parquet(temp, **sink)  # read straight back: no need to wait for the disk
+            write_to(temp, lambda file: batch.sink_parquet(file, **sink))  # read straight back: not fsynced
             return report, upload(temp, destination, sink)
     final = Path(destination)
     final.parent.mkdir(parents=True, exist_ok=True)
-    write = lambda temp: batch.sink_parquet(temp, sync_on_close="all", **sink)
-    write_atomically(final, write, temp_dir=parts[0].parent, mode=0o666)  # analysts read the lake
+    write = lambda file: batch.sink_parquet(file, **sink)
+    write_atomically(final, write, temp_dir=parts[0].parent, mode=0o666, sync=True)  # analysts read the lake
     return report, final.stat().st_size
 
 
