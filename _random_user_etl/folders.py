@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import logging
 import os
 import secrets
@@ -92,18 +93,48 @@ def fresh_temp(folder: Path, name: str, mode: int) -> Path:
     raise FileExistsError(errno.EEXIST, "no unused temp file name", str(folder))
 
 
+class KeepingFile(io.FileIO):
+    """A file opened for writing that writes each piece whole and keeps the OSError a write raised, which Polars' error for it can lose."""
+
+    error: OSError | None = None
+
+    def write(self, data) -> int:
+        """Write all of `data` (a nearly full disk takes part of it); an OSError is kept, then raised."""
+        view, done = memoryview(data).cast("B"), 0
+        try:
+            while done < len(view):
+                done += super().write(view[done:])
+        except OSError as exc:
+            self.error = exc
+            raise
+        return done
+
+
 @contextlib.contextmanager
-def full_disk_said(folder: Path):
-    """A Polars write in `folder` that fails once its filesystem is full raises OSError ENOSPC: Polars' own words vary."""
-    # A full disk reaches Polars' writer as ENOSPC, but what it says depends on where the write
-    # stopped ("Invalid thrift: transport error" in the footer): the filesystem itself is asked,
-    # while what the failed write left is still on it.
+def full_disk_said(folder: Path, written: KeepingFile | None = None):
+    """A Polars write in `folder` that fails raises the OSError its file's write raised (if `written`), else ENOSPC once its filesystem is full."""
+    # Polars' words for a refused write vary by where it stopped, and can lose the errno ("Invalid
+    # thrift: transport error" in the footer): a file Polars writes through is asked first, as it
+    # knows what was refused (a quota or file size limit leaves the disk with room, and room freed
+    # since changes nothing). A write Polars makes itself leaves the filesystem to be asked, while
+    # what the failed write left is still on it.
     try:
         yield
     except pl.exceptions.PolarsError as exc:
+        if written is not None and written.error is not None:
+            raise written.error from exc
         if no_space_left(folder):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder)) from exc
         raise
+
+
+def write_to(temp: Path, write, sync: bool = False) -> None:
+    """Call write(file) on the existing file `temp` opened for writing (never through a link), then fsync it if `sync`."""
+    # Unbuffered: Polars writes to a buffered file's descriptor itself, and that loses the errno again.
+    with KeepingFile(os.open(temp, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "w") as file, full_disk_said(temp.parent, file):
+        write(file)
+        if sync:
+            os.fsync(file.fileno())
 
 
 def no_space_left(folder: Path) -> bool:
@@ -125,13 +156,12 @@ def temp_file(folder: Path, name: str, mode: int = 0o600):
         temp.unlink(missing_ok=True)
 
 
-def write_atomically(path: Path, write, temp_dir: Path | None = None, mode: int = 0o600) -> None:
-    """Call write(temp_path) on a fresh temp file, then move the finished file into place in one step."""
+def write_atomically(path: Path, write, temp_dir: Path | None = None, mode: int = 0o600, sync: bool = False) -> None:
+    """Call write(file) on a fresh temp file (write_to; fsynced if `sync`), then move the finished file into place in one step."""
     # `mode` (less the umask) is the file's: 0600 for the job's own files, 0666 for what others read.
     # temp_dir must be on the same filesystem; a killed run's temp file is swept from there.
     with temp_file(temp_dir or path.parent, path.name, mode) as temp:
-        with full_disk_said(temp.parent):
-            write(temp)
+        write_to(temp, write, sync)
         os.replace(temp, path)
 
 

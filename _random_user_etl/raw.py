@@ -28,7 +28,7 @@ def save_raw(folder: Path | None, page: int, answer: Answer) -> Path | None:
         own_folder(folder)  # made (or found ours) as a page is kept: a run that keeps none leaves no folder
         # The service's own gzip bytes when it sent them: the same body, and no CPU spent again.
         packed = answer.wire if answer.gzipped else gzip.compress(answer.wire, compresslevel=1, mtime=0)
-        write_atomically(path, lambda temp: temp.write_bytes(packed))  # 0600: it holds the credentials sent
+        write_atomically(path, lambda file: file.write(packed))  # 0600: it holds the credentials sent
     except OSError as exc:
         raise StorageError(write_error(exc), path=exc.filename or folder, doing="cannot keep the raw answer in") from exc
     return path

@@ -1,4 +1,4 @@
-"""The external sort: the only module on Polars' unstable plugin API (register_io_source, PartitionBy)."""
+"""The external sort, on Polars' unstable plugin API (register_io_source, PartitionBy; store reads the lake through the first too)."""
 
 from __future__ import annotations
 

@@ -60,7 +60,7 @@ def stage_part(folder: Path, frame: pl.DataFrame, identity: dict) -> Path:
         PART_METADATA_KEY: json.dumps(identity, sort_keys=True),
         PART_NULLS_KEY: json.dumps(frame.null_count().row(0, named=True)),
     }
-    write_atomically(path, lambda temp: frame.write_parquet(temp, metadata=metadata, **PART))
+    write_atomically(path, lambda file: frame.write_parquet(file, metadata=metadata, **PART))
     return path
 
 
@@ -69,8 +69,10 @@ def trusted_part(path: Path, identity: dict) -> bool:
     try:
         metadata = pl.read_parquet_metadata(path)
         found = json.loads(metadata.get(PART_METADATA_KEY, "null"))
-        rows = pl.scan_parquet(path, glob=False).select(pl.len()).collect().item()
-    except Exception:  # a torn or foreign file is simply not trusted
+        # Read whole (one page's rows): a whole footer says nothing of a rotted page under it, which
+        # would fail every later run as it lands. A page Polars cannot decode can make it panic.
+        rows = pl.read_parquet(path, glob=False).height
+    except (Exception, pl.exceptions.PanicException):  # a torn, rotted or foreign file is simply not trusted
         return False
     # A part staged by an older version carries no null counts: staging is scratch, so it is fetched again.
     return found == identity and rows == identity["rows"] and PART_NULLS_KEY in metadata

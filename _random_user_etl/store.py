@@ -10,11 +10,12 @@ import os
 import threading
 from pathlib import Path
 import polars as pl
+from polars.io.plugins import register_io_source
 import random_user_config as config
 from random_user_config import is_remote, shorten
 from schemas import OUTPUT_SCHEMA, QUALITY_METADATA_KEY, UTC_INSTANT
 from _random_user_etl.errors import StorageError, write_error
-from _random_user_etl.folders import fresh_temp, full_disk_said, write_atomically
+from _random_user_etl.folders import fresh_temp, write_atomically, write_to
 from _random_user_etl import sort
 from _random_user_etl.sort import SORT_RUN_ROWS
 from _random_user_etl.staging import quality_report, sort_folder
@@ -95,16 +96,15 @@ def write_batch(
         # the batch is written whole to a local file first, and only a finished file is uploaded.
         temp = fresh_temp(parts[0].parent, "batch.parquet", 0o600)
         try:
-            with full_disk_said(temp.parent):
-                batch.sink_parquet(temp, **sink)  # read straight back: no need to wait for the disk
+            write_to(temp, lambda file: batch.sink_parquet(file, **sink))  # read straight back: not fsynced
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
         return report, upload(temp, destination, sink, storage_options or {})
     final = Path(destination)
     final.parent.mkdir(parents=True, exist_ok=True)
-    write = lambda temp: batch.sink_parquet(temp, sync_on_close="all", **sink)
-    write_atomically(final, write, temp_dir=parts[0].parent, mode=0o666)  # analysts read the lake
+    write = lambda file: batch.sink_parquet(file, **sink)
+    write_atomically(final, write, temp_dir=parts[0].parent, mode=0o666, sync=True)  # analysts read the lake
     return report, final.stat().st_size
 
 
@@ -212,6 +212,51 @@ def check_batch(path: str) -> None:
     for name, dtype in schema.items():
         if name in OUTPUT_SCHEMA and dtype != OUTPUT_SCHEMA[name]:
             raise StorageError(f"column {name} is {dtype}, not {OUTPUT_SCHEMA[name]} as in a batch; move it out of the lake", path=path)
+
+
+# How every batch is read: a column added to the contract later reads as null in older batches.
+LAKE_SCAN = dict(schema=OUTPUT_SCHEMA, missing_columns="insert", extra_columns="ignore")
+
+
+def scan_batches(batches: list[str]) -> pl.LazyFrame:
+    """A local lake's checked batches as one lazy frame; a file that fails as it is read raises naming it (read_failure)."""
+    # A footer read whole says nothing of the pages under it: a rotted one fails only at collect,
+    # where Polars names no file, or panics (PanicException, not an Exception). The rows are still
+    # one scan of every file, the query's columns, filter and limit pushed into it.
+
+    def rows(with_columns, predicate, n_rows, batch_size):
+        """The batches' rows as the query asks for them (Polars' io-source protocol)."""
+        try:
+            yield from lake_query(batches, with_columns, predicate, n_rows).collect_batches(chunk_size=batch_size)
+        except (pl.exceptions.PolarsError, pl.exceptions.PanicException) as exc:
+            unreadable = first_unreadable(batches, with_columns, predicate)
+            if unreadable is None:
+                raise
+            raise StorageError("a page of it cannot be read (the file is corrupt); move it out of the lake", path=unreadable) from exc
+
+    return register_io_source(rows, schema=OUTPUT_SCHEMA)
+
+
+def lake_query(batches: list[str], with_columns, predicate, n_rows) -> pl.LazyFrame:
+    """The scan of `batches` with a query's columns, filter and row limit."""
+    frame = pl.scan_parquet(batches, glob=False, **LAKE_SCAN)
+    if predicate is not None:
+        frame = frame.filter(predicate)
+    if with_columns is not None:
+        frame = frame.select(with_columns)
+    return frame.head(n_rows) if n_rows is not None else frame
+
+
+def first_unreadable(batches: list[str], with_columns, predicate) -> str | None:
+    """The first batch that fails the query read alone; None if none does."""
+    # Only after a failure: each file is read again alone, with the query's columns, to find it.
+    for batch in batches:
+        try:
+            for _ in lake_query([batch], with_columns, predicate, None).collect_batches():
+                pass
+        except (pl.exceptions.PolarsError, pl.exceptions.PanicException):
+            return batch
+    return None
 
 
 def lake_folder(output_dir: str) -> Path:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import itertools
 import os
 import re
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -14,12 +18,14 @@ from pathlib import Path
 import hypothesis
 import hypothesis.strategies as st
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
-from conftest import LOG_LINE, PAGED, PREFIX, ROOT, assert_one_error_line, clean_environ, fast_env, fixture_bytes, raw_users, run_cli
+from conftest import LOG_LINE, PAGED, PREFIX, ROOT, assert_one_error_line, assert_rows_are, clean_environ, fast_env, fixture_bytes, raw_users, run_cli
 from fake_api import body, normal, status
 
 import random_user_etl as etl
 from _random_user_etl.errors import AnswerError, ServiceError, StorageError, on_page, write_error
+from _random_user_etl.folders import write_atomically
 from random_user_config import shorten
 
 # Page 2 of seed "paged" cut off after its first user's password: malformed JSON that holds a person.
@@ -298,3 +304,70 @@ def test_the_cli_says_no_space_left_in_one_line(api, out, raw, cli, small_disk):
     result = run_paged(cli, api, small_disk / "out", raw)
     assert result.returncode == 1
     assert_one_error_line(result.stderr, r"^random_user_etl\.py: error: page \d+: cannot stage in .*: No space left on device$")
+
+
+# ---------------------------------------------------------------- an unlucky disk under the staged pages
+
+
+def test_a_staged_page_with_a_corrupt_page_under_a_whole_footer_is_fetched_again_not_trusted(api, settings, out):
+    run = settings(seed="paged", n=120, page_size=40, concurrency=1, retries=0)
+    api.script(normal(), normal(), status(404))
+    with pytest.raises(ServiceError):
+        etl.run(run)
+    part = out / ".staging" / "paged" / "part-00001.parquet"
+    whole = part.read_bytes()
+    ids = pq.ParquetFile(part).metadata.row_group(0).column(0)  # user_id: the quality report reads it
+    start = ids.data_page_offset
+    part.write_bytes(whole[:start] + b"\x00" * 64 + whole[start + 64 :])  # rotted where the footer does not look
+    before = len(api.requests)
+    etl.run(run)
+    assert sorted(r.params["page"] for r in api.requests[before:]) == ["1", "3"]
+    assert_rows_are(pl.read_parquet(out / "random_users_paged.parquet"), raw_users(*PAGED))
+
+
+# ---------------------------------------------------------------- a write refused says why, whatever the disk says after
+
+
+@contextlib.contextmanager
+def file_size_limit(most: int):
+    """Files this process writes may grow to `most` bytes (ulimit -f): past it a write fails EFBIG though the disk has room, as under a quota."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process instead of failing the write
+    resource.setrlimit(resource.RLIMIT_FSIZE, (most, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+def test_a_write_refused_with_room_on_the_disk_says_why_wherever_the_run_was_writing(api, settings, tmp_path):
+    doing = set()
+    for most in itertools.count(2048, 2048):
+        run = settings(seed="paged", n=120, page_size=40, concurrency=1, output_dir=str(tmp_path / f"out-{most}"), raw_dir=None)
+        try:
+            with file_size_limit(most):
+                etl.fetch_and_land(run, run_rows=17, group_rows=40)
+            break
+        except StorageError as exc:
+            # Polars said "Invalid thrift: transport error", or its own words around the errno, by where the write stopped.
+            assert str(exc).endswith(": File too large"), (most, str(exc))
+            doing.add(exc.doing)
+    assert {"cannot stage in", "cannot write"} <= doing, doing
+
+
+def test_a_full_disk_says_so_though_another_process_frees_room_as_the_write_fails(small_disk):
+    fill(small_disk, 0)
+    frame = pl.DataFrame({"text": [f"{i:08d}" * 8 for i in range(50_000)]})
+
+    def write(target):
+        """A Polars write into the full disk; as it fails, room is freed (a neighbour's file removed)."""
+        try:
+            frame.write_parquet(target)
+        finally:
+            (small_disk / "filler").unlink()
+
+    with pytest.raises(OSError) as caught:
+        write_atomically(small_disk / "frame.parquet", write)
+    assert caught.value.errno == errno.ENOSPC and not isinstance(caught.value, pl.exceptions.PolarsError)
+    assert sorted(path.name for path in small_disk.iterdir()) == []  # the temp file is gone too

@@ -283,7 +283,9 @@ def test_a_persistent_fault_fails_with_one_line_and_changes_nothing(case, tmp_pa
     assert digests(outcome.after) == digests(outcome.before)  # every earlier file byte for byte, and no new file at all
     assert outcome.errors == []
     if case.startswith("every-retry-used-up"):  # exactly the budget: 1 try + 3 retries, one line each
-        assert outcome.requests == 4
+        # A try cut at a 0.1 s deadline on a loaded machine may end before its request reached the fake:
+        # it is still a try, so the retry lines are the budget, and the fake saw at most that many.
+        assert outcome.requests == 4 if not case.endswith("timeout") else 1 <= outcome.requests <= 4
         assert len(RETRY_LINE.findall(result.stderr)) == 3, result.stderr
 
 

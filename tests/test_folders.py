@@ -563,10 +563,11 @@ def test_a_temp_file_is_never_written_through_a_link_planted_at_its_name(tmp_pat
 def test_a_temp_file_is_created_exclusively_private_and_at_an_unpredictable_name(tmp_path):
     seen = []
 
-    def write(temp: Path):
+    def write(file):
+        temp = Path(os.readlink(f"/proc/self/fd/{file.fileno()}"))  # the file the writer was given
         info = os.lstat(temp)  # made before the writer is called: nobody else's file can be there
         seen.append((temp.name, stat.S_ISREG(info.st_mode), stat.S_IMODE(info.st_mode), info.st_size))
-        temp.write_bytes(b"done")
+        file.write(b"done")
 
     for _ in range(2):
         folders.write_atomically(tmp_path / "part-00001.parquet", write)
