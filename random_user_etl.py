@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime as dt
 import difflib
 import functools
 import logging
@@ -61,7 +60,6 @@ def run(settings: Settings | None = None, **overrides) -> Batch:
 def fetch_and_land(settings: Settings, run_rows: int = SORT_RUN_ROWS, group_rows: int = SCATTER_ROWS) -> Batch:
     """One run of the job; `run_rows` and `group_rows` size the external sort (ExternalSort)."""
     started = time.monotonic()
-    ingested_at = dt.datetime.now(dt.timezone.utc)
     sizes = page_sizes(settings.n, settings.page_size)
     gate = RateGate()
     STOP.clear()  # a new run starts unstopped, even in a session where an earlier one was interrupted
@@ -81,14 +79,13 @@ def fetch_and_land(settings: Settings, run_rows: int = SORT_RUN_ROWS, group_rows
                 clear_stale_raw(kept, todo)
             sorter = sort.ExternalSort(sort_folder(folder), settings.n, run_rows, group_rows)
             fetch_and_stage(session, settings, gate, seed, sizes, todo, folder, sorter, kept, first_answer)
-            return land(folder, settings, seed, sizes, destination, ingested_at, started, len(todo), sorter, kept)
+            return land(folder, settings, seed, sizes, destination, started, len(todo), sorter, kept)
 
 
 def replay(source: str | Path, settings: Settings | None = None, **overrides) -> Batch:
     """Rebuild a seed's batch from its kept raw answers alone, with no network at all."""
     settings = dataclasses.replace(settings or Settings(), **overrides)
     started = time.monotonic()
-    ingested_at = dt.datetime.now(dt.timezone.utc)
     STOP.clear()  # as a run: an earlier failed run set it, and a stop signal would be taken for a second one
     check_not_staging(Path(source), settings.output_dir)
     check_writable(settings.output_dir, store_options(settings))
@@ -107,7 +104,7 @@ def replay(source: str | Path, settings: Settings | None = None, **overrides) ->
             shutil.rmtree(folder, ignore_errors=True)
             raise StorageError(f"the kept pages hold {sizes} users, not one run's pages", path=source, doing="cannot replay")
         log.info("replayed %d kept pages of seed %s", len(pages), seed)
-        return land(folder, settings, seed, sizes, destination, ingested_at, started, 0)
+        return land(folder, settings, seed, sizes, destination, started, 0)
 
 
 # ---------------------------------------------------------------- read

@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures as futures
 import contextlib
 import dataclasses
+import datetime as dt
 import functools
 import itertools
 import logging
@@ -184,11 +185,12 @@ def check_picked_seed(seed: str, destination: str, settings: Settings) -> None:
         )
 
 
-def land(folder, settings, seed, sizes, destination, ingested_at, started, fetched, sorter=None, kept=None) -> Batch:
+def land(folder, settings, seed, sizes, destination, started, fetched, sorter=None, kept=None) -> Batch:
     """Write the batch from its staged parts, keep its raw answers (if `kept`), clear the staging, say what landed."""
     parts = [part_path(folder, page) for page in range(1, len(sizes) + 1)]
     try:
         # Each part holds its page's size: staged from an answer checked to hold it, or trusted for it.
+        ingested_at = dt.datetime.now(dt.timezone.utc)  # when the batch lands: every row of it, the same instant
         report, size = write_batch(parts, destination, ingested_at, sum(sizes), sorter=sorter, part_rows=sizes, storage_options=store_options(settings))
     except RefusedPages as exc:
         for page in exc.pages:  # reused as they are, they would be refused again by every rerun

@@ -205,3 +205,20 @@ def test_landing_many_tiny_pages_takes_no_more_memory_than_their_rows_need(api, 
     assert api.requests == [], "every page was staged: the run only lands"
     assert_rows_are(pl.read_parquet(out / "random_users_many.parquet"), served)
     assert peak_mb < 200, f"peak RSS {peak_mb:.0f} MB"
+
+
+# ------------------------------------------------------------------ when a batch landed
+
+
+def test_ingested_at_is_when_the_batch_landed_not_when_the_run_started(settings):
+    import datetime as dt
+    import time
+
+    with FakeRandomUser(latency=0.2) as slow:  # each page takes a while, as under the service's rate limit
+        wall_minus_monotonic = time.time() - time.monotonic()
+        batch = etl.run(settings(api_url=slow.url, seed="pura", n=3, page_size=1, concurrency=1))
+        last_asked = max(r.at for r in slow.requests) + wall_minus_monotonic
+    stamps = pl.read_parquet(batch.path)["ingested_at"].unique().to_list()
+    assert len(stamps) == 1, "one batch, one landing time"
+    # Causal, not a timing bound: the batch cannot have landed before its last page was asked for.
+    assert stamps[0] >= dt.datetime.fromtimestamp(last_asked, dt.timezone.utc), (stamps[0], last_asked)
