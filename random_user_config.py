@@ -601,7 +601,7 @@ def load_settings(flags: dict | None = None, environ=None, today: dt.date | None
             values[setting.name] = setting.parse(text)
         except ValueError as exc:
             raise SettingsError(f"{source} {exc}, got '{shorten(text)}'") from exc
-    today = today or dt.datetime.now(dt.timezone.utc).date()
+    today = today or dt.datetime.now(dt.UTC).date()
     if "seed" in values:
         values["seed"] = expand_seed(values["seed"], today)
     return Settings(**values)

@@ -105,7 +105,7 @@ def transform(body: bytes, expect: PageRequest | None = None, ingested_at: dt.da
     problems = contract_violations(flat, typed)
     if problems:
         raise contract_failure(problems)
-    ingested_at = ingested_at or dt.datetime.now(dt.timezone.utc)
+    ingested_at = ingested_at or dt.datetime.now(dt.UTC)
     page = info.get("page") or (expect.page if expect else None)
     return (
         typed.with_columns(

@@ -190,7 +190,7 @@ def land(folder, settings, seed, sizes, destination, started, fetched, sorter=No
     parts = [part_path(folder, page) for page in range(1, len(sizes) + 1)]
     try:
         # Each part holds its page's size: staged from an answer checked to hold it, or trusted for it.
-        ingested_at = dt.datetime.now(dt.timezone.utc)  # when the batch lands: every row of it, the same instant
+        ingested_at = dt.datetime.now(dt.UTC)  # when the batch lands: every row of it, the same instant
         report, size = write_batch(parts, destination, ingested_at, sum(sizes), sorter=sorter, part_rows=sizes, storage_options=store_options(settings))
     except RefusedPages as exc:
         for page in exc.pages:  # reused as they are, they would be refused again by every rerun

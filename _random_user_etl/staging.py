@@ -116,7 +116,7 @@ def quality_report(parts: list[Path]) -> tuple[dict, pl.DataFrame]:
         "unique_user_ids": rows - dropped.height,
         "duplicate_users_dropped": dropped.height,
         "nulls": nulls,
-        "checked_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "checked_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     return report, dropped
 

@@ -168,7 +168,7 @@ def check_writable(output_dir: str, storage_options: dict) -> None:
         return
     key = f"{output_dir.rstrip('/')}/{WRITE_CHECK}"
     # Through Polars' own cloud writer, as the batch goes: the same credentials, region and endpoint.
-    check = pl.LazyFrame({"checked_at": [dt.datetime.now(dt.timezone.utc)]})
+    check = pl.LazyFrame({"checked_at": [dt.datetime.now(dt.UTC)]})
     try:
         to_store(lambda: check.sink_parquet(key, storage_options=storage_options), storage_options)
     except (OSError, pl.exceptions.PolarsError) as exc:

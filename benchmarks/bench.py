@@ -642,7 +642,7 @@ def check_landed(result: dict, n: int, expected_order: list[str] | None) -> list
     return problems
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def page_keys(page: int) -> tuple:
     """The sort keys (nationality, last, first, id) of one page's raw users, read by the oracle, once per run."""
     from fake_api import page_body

@@ -50,7 +50,8 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
+from collections.abc import Callable, Iterable
 from urllib.parse import parse_qs, urlsplit
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -110,13 +111,13 @@ def _dumps(value: Any) -> str:
 # --------------------------------------------------------------------------- users
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _recorded() -> dict[tuple[str, int], list[dict]]:
     """Parse the recorded pages once; callers must not mutate the result."""
     return {key: users for key, (nats, users) in _recorded_with_nat().items()}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _recorded_with_nat() -> dict[tuple[str, int], tuple[tuple[str, ...], list[dict]]]:
     """Each recorded (seed, page): the nationalities it was asked for (see nationalities) and its users."""
     pages = {}
@@ -131,7 +132,7 @@ def recorded_pages() -> dict[tuple[str, int], list[dict]]:
     return copy.deepcopy(_recorded())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _recorded_by_generator_seed() -> dict[str, tuple[tuple[str, ...], list[dict]]]:
     """The recorded pages (nationalities asked for, users) by the seed the generator seeds itself with (see generator_seed)."""
     return {generator_seed(seed, page): recorded for (seed, page), recorded in _recorded_with_nat().items()}
@@ -168,7 +169,7 @@ def generator_seed(seed: str, page: int) -> str:
     return seed if page == 1 else f"{seed}{page}"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _templates(nats: tuple[str, ...] = ()) -> tuple[dict, ...]:
     """Every recorded user carrying all fields (of these nationalities, if any), in a fixed order, as synthetic templates."""
     users = []

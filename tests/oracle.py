@@ -230,7 +230,7 @@ def utc_instant(text: str) -> dt.datetime:
     offset = dt.timedelta(0) if zone == "Z" else int(zone[0] + "1") * dt.timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6]))
     try:
         local = dt.datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), int((fraction or "0")[:6].ljust(6, "0")))
-        return (local.replace(tzinfo=dt.timezone.utc) - offset).astimezone(dt.timezone.utc)
+        return (local.replace(tzinfo=dt.UTC) - offset).astimezone(dt.UTC)
     except (ValueError, OverflowError):
         raise Refused("not a real instant") from None
 

@@ -290,9 +290,9 @@ def test_the_scheduled_run_from_the_image_files_and_configmap_lands_one_object_p
     s3.client.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": data["AWS_REGION"]})
     # The ConfigMap as it is, the AWS_* of the loopback store, and only the API pointed at the fake.
     env = image_environ(temp, **data, RANDOM_USER_API_URL=api.url)
-    before = dt.datetime.now(dt.timezone.utc).date()
+    before = dt.datetime.now(dt.UTC).date()
     runs = [subprocess.run([sys.executable, "-c", BOOT], cwd=app, env=env, capture_output=True, text=True, timeout=120) for _ in range(2)]
-    after = dt.datetime.now(dt.timezone.utc).date()
+    after = dt.datetime.now(dt.UTC).date()
     if before != after:
         pytest.skip("the two runs straddled midnight UTC, so they rightly used two seeds")
     for result in runs:

@@ -25,7 +25,7 @@ from conftest import GBONLY, PURA, assert_rows_are, fixture_json, nationality_co
 import random_user_etl as etl
 from schemas import OUTPUT_SCHEMA
 
-EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 def micros(moment: dt.datetime) -> int:

@@ -32,7 +32,7 @@ settings.register_profile("ci", max_examples=300, deadline=None, database=None, 
 settings.register_profile("long", max_examples=20_000, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-INGESTED = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+INGESTED = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
 SOURCES = [
     "noseed_results-5.json",
     "noinfo_seed-noinfo_results-5.json",

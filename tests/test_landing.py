@@ -221,4 +221,4 @@ def test_ingested_at_is_when_the_batch_landed_not_when_the_run_started(settings)
     stamps = pl.read_parquet(batch.path)["ingested_at"].unique().to_list()
     assert len(stamps) == 1, "one batch, one landing time"
     # Causal, not a timing bound: the batch cannot have landed before its last page was asked for.
-    assert stamps[0] >= dt.datetime.fromtimestamp(last_asked, dt.timezone.utc), (stamps[0], last_asked)
+    assert stamps[0] >= dt.datetime.fromtimestamp(last_asked, dt.UTC), (stamps[0], last_asked)

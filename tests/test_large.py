@@ -36,7 +36,7 @@ def test_the_batch_is_sorted_as_one_sort_of_the_raw_users(tmp_path, monkeypatch,
     users = raw_users(*PAGED)
     parts = stage_recorded_pages(tmp_path / "stage")
     sorts = record_sorts(monkeypatch)
-    when = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    when = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
     report, _ = store.write_batch(parts, str(tmp_path / "batch.parquet"), when, 120, run_rows=run_rows)
     assert sorts[0].runs == -(-120 // run_rows), "the batch was sorted in this many key ranges"
     batch = pl.read_parquet(tmp_path / "batch.parquet")
@@ -206,7 +206,7 @@ def test_a_batch_is_refused_when_the_key_ranges_lose_a_piece(tmp_path):
     for part in parts:
         sorter.add(part, 40)
     next((tmp_path / "stage" / "sort").glob("group-*/__run=*/*.parquet")).unlink()
-    when = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    when = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
     with pytest.raises(etl.EtlError, match=r"the sort's key ranges hold \d+ rows, expected 120"):
         store.write_batch(parts, str(tmp_path / "batch.parquet"), when, 120, run_rows=17, sorter=sorter)
     assert not (tmp_path / "batch.parquet").exists()

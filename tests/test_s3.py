@@ -337,10 +337,10 @@ def test_a_write_that_fails_midway_leaves_the_earlier_object_as_it_was(fault, s3
     # stop, which Polars does not complete an upload after, checks the stop ends the write unlanded.
     stage = tmp_path / "stage"
     parts, key = staged_paged(stage), f"{s3.url()}/random_users_paged.parquet"
-    store.write_batch(parts, key, dt.datetime.now(dt.timezone.utc), 120, run_rows=17)
+    store.write_batch(parts, key, dt.datetime.now(dt.UTC), 120, run_rows=17)
     earlier = s3.client.get_object(Bucket=s3.name, Key=key.split("/", 3)[3])["Body"].read()
     with fault(stage) if fault is scratch_lost_midway else fault():
-        store.write_batch(parts, key, dt.datetime.now(dt.timezone.utc), 120, run_rows=17)
+        store.write_batch(parts, key, dt.datetime.now(dt.UTC), 120, run_rows=17)
     assert s3.client.get_object(Bucket=s3.name, Key=key.split("/", 3)[3])["Body"].read() == earlier
 
 

@@ -91,7 +91,7 @@ def test_unique_users_breaks_a_tie_in_ingested_at_by_seed_then_page(api, setting
     land_repeated_batch(settings)
     # The same instant on both batches, and demo2's file read first (the lake is read in name
     # order, which alone would let demo's rows win): the larger seed wins.
-    when = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    when = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
     for name, renamed in (("random_users_demo.parquet", None), ("random_users_demo2.parquet", "random_users_0.parquet")):
         path = out / name
         pl.read_parquet(path).with_columns(ingested_at=pl.lit(when, OUTPUT_SCHEMA["ingested_at"])).write_parquet(out / (renamed or name))

@@ -23,7 +23,7 @@ RECORDED = [
     "noinfo_seed-noinfo_results-5.json",
 ]
 CREDENTIALS = ("password", "salt", "md5", "sha1", "sha256")
-INGESTED = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+INGESTED = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
 
 
 def assert_every_column_is_raw(frame: pl.DataFrame, body: bytes) -> None:
