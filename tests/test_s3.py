@@ -187,9 +187,9 @@ class HeldStore(http.server.ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, upstream: str, holds: str):
+    def __init__(self, upstream: str, holds: str, once: bool = False):
         super().__init__(("127.0.0.1", 0), HeldStoreHandler)
-        self.holds = holds
+        self.holds, self.once = holds, once  # once: only the first such request is held, later tries pass
         self.upstream = urllib.parse.urlsplit(upstream)
         self.held, self.release = threading.Event(), threading.Event()
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
@@ -200,7 +200,7 @@ class HeldStoreHandler(http.server.BaseHTTPRequestHandler):
 
     def relay(self):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        if self.server.holds in self.path:  # accepted, read, and never answered
+        if self.server.holds in self.path and not (self.server.once and self.server.held.is_set()):  # accepted, read, and never answered
             self.server.held.set()
             self.server.release.wait(60)
             self.close_connection = True
@@ -225,9 +225,9 @@ class HeldStoreHandler(http.server.BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def held_store(upstream: str, holds: str = "/random_users_"):
+def held_store(upstream: str, holds: str = "/random_users_", once: bool = False):
     """A HeldStore serving on a thread of its own while held; by default it holds a batch's upload."""
-    server = HeldStore(upstream, holds)
+    server = HeldStore(upstream, holds, once)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -287,6 +287,50 @@ def test_sigterm_during_an_upload_the_store_never_answers_ends_the_job_promptly_
     assert_stopped(code, err.read_text(), seconds, signal.SIGTERM)
     assert staged_parts(s3) == ["part-00001.parquet", "part-00002.parquet", "part-00003.parquet"]
     assert s3.keys() == []
+
+
+@contextlib.contextmanager
+def stopped_once(held: threading.Event):
+    """A SIGTERM to this process once `held` is set, raising Stopped (as the CLI's handler does) where the caller waits; raised out of the block."""
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: (_ for _ in ()).throw(Stopped(signum)))
+    try:
+        threading.Thread(target=lambda: held.wait(HELD) and os.kill(os.getpid(), signal.SIGTERM), daemon=True).start()
+        with pytest.raises(Stopped):
+            yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    # Whatever of the stopped call still talks to the store, done (a join the stop cut short says so too early).
+    wait_until(lambda: not any(thread.name == "object-store" for thread in threading.enumerate()), HELD, "the stopped calls ended")
+
+
+def test_a_run_stopped_during_its_upload_lands_nothing_after_the_stop_and_a_rerun_lands_it(api, settings, s3, s3_endpoint, monkeypatch):
+    # A Python caller's run stopped while the store holds the batch's first try: a call left going on
+    # would try again once --timeout passed, and land the batch behind the stopped run's back.
+    with held_store(s3_endpoint, once=True) as held:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", held.url)  # before the bucket's first call: Polars keeps its client
+        with stopped_once(held.held):
+            etl.run(settings(output_dir=s3.url(), seed="paged", n=100, page_size=40, timeout=0.5, retries=1))
+        assert s3.keys() == [], "the stopped run's batch landed after the stop"
+        assert staged_parts(s3) == ["part-00001.parquet", "part-00002.parquet", "part-00003.parquet"]
+        batch = etl.run(settings(output_dir=s3.url(), seed="paged", n=100, page_size=40))
+        assert (batch.pages_fetched, batch.pages_reused) == (0, 3)
+        assert_rows_are(etl.read_processed(s3.url()).collect(), raw_users(*PAGED, limits={PAGED[2]: 20}))
+    assert list(Path(tempfile.gettempdir()).rglob("*.tmp")) == []
+
+
+def test_a_multipart_upload_stopped_midway_is_never_completed_and_the_earlier_object_stays(s3, s3_endpoint, tmp_path, monkeypatch):
+    # Parts of 5 MiB (S3's least), so a 12 MB batch goes up in three; the store holds part 2's first try.
+    monkeypatch.setenv("POLARS_UPLOAD_CHUNK_SIZE", str(5 << 20))
+    key, large = "lake/random_users_large.parquet", tmp_path / "large.parquet"
+    s3.client.put_object(Bucket=s3.name, Key=key, Body=b"the earlier batch")
+    options = store.store_options(etl.Settings(timeout=0.5, retries=1))
+    with held_store(s3_endpoint, holds="partNumber=2&", once=True) as held:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", held.url)
+        pl.DataFrame({"x": range(1_500_000)}).with_columns(pl.col("x").hash()).write_parquet(large, compression="uncompressed")
+        with stopped_once(held.held):
+            store.upload(large, f"s3://{s3.name}/{key}", {}, options)
+        assert s3.client.get_object(Bucket=s3.name, Key=key)["Body"].read() == b"the earlier batch"
+    assert not large.exists()
 
 
 def test_a_batch_sorted_in_several_key_ranges_lands_in_s3_in_order(settings, s3, monkeypatch):
