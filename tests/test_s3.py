@@ -437,3 +437,35 @@ def test_read_processed_of_an_s3_prefix_polars_cannot_list_literally_raises_inst
     etl.run(settings(output_dir=s3.url("lake1"), seed="pura"))
     with pytest.raises(SettingsError, match="cannot be read back"):
         etl.read_processed(s3.url(prefix))
+
+
+# ---------------------------------------------------------------- one lake, one spelling
+
+
+def test_read_processed_reads_an_upper_case_scheme_as_the_lake_it_names(api, settings, s3):
+    etl.run(settings(output_dir=s3.url(), seed="pura"))
+    assert_rows_are(etl.read_processed(s3.url().replace("s3://", "S3://")).collect(), raw_users(PURA))
+
+
+def test_a_run_stopped_under_one_spelling_of_a_prefix_resumes_under_another(api, settings, s3, monkeypatch):
+    # "lake/", "lake//" and "lake" are one prefix: one staging folder, one seed lock, one resume.
+    def upload_fails(*args, **kwargs):
+        raise StorageError("the store went away")
+
+    with pytest.MonkeyPatch.context() as patch:  # the precondition only: a failed upload, as a store that went away gives
+        patch.setattr(store, "upload", upload_fails)
+        with pytest.raises(etl.EtlError, match="the store went away"):
+            etl.run(settings(output_dir=s3.url("lake//"), seed="paged", n=100, page_size=40))
+    batch = etl.run(settings(output_dir=s3.url("lake/"), seed="paged", n=100, page_size=40))
+    assert (batch.pages_fetched, batch.pages_reused) == (0, 3) and len(api.requests) == 3
+    assert batch.path == f"{s3.url()}/random_users_paged.parquet"
+    assert_rows_are(etl.read_processed(s3.url("lake/")).collect(), raw_users(*PAGED, limits={PAGED[2]: 20}))
+
+
+def test_a_prefix_too_long_for_a_batch_key_is_refused_before_any_request(api, out, raw, cli, s3):
+    # S3 takes keys of at most 1024 bytes: the write check's key fits here, a batch's of a long seed does not.
+    url, seed = s3.url("a" * 990), "s" * 60
+    result = cli("--seed", seed, env=fast_env(api.url, out, raw, RANDOM_USER_OUTPUT_DIR=url))
+    assert result.returncode == 2, result.stderr
+    assert_one_error_line(result.stderr, r"--output-dir \(RANDOM_USER_OUTPUT_DIR\) has a prefix of 990 bytes: .*limit of 1024 bytes.*use at most 902$")
+    assert api.requests == [] and s3.all_keys() == []
