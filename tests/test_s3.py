@@ -469,3 +469,12 @@ def test_a_prefix_too_long_for_a_batch_key_is_refused_before_any_request(api, ou
     assert result.returncode == 2, result.stderr
     assert_one_error_line(result.stderr, r"--output-dir \(RANDOM_USER_OUTPUT_DIR\) has a prefix of 990 bytes: .*limit of 1024 bytes.*use at most 902$")
     assert api.requests == [] and s3.all_keys() == []
+
+
+def test_an_empty_aws_secret_fails_in_one_line_of_storage_before_any_request(api, out, raw, s3, monkeypatch):
+    # Polars' credential provider (boto3's, where installed) raises an error of its own, no OSError.
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "")
+    result = run_cli(env=fast_env(api.url, out, raw, RANDOM_USER_OUTPUT_DIR=s3.url(), RANDOM_USER_SEED="pura"))
+    assert result.returncode == 1
+    assert_one_error_line(result.stderr, rf"^{PREFIX}cannot write to {s3.url()}: .*AWS_SECRET_ACCESS_KEY")
+    assert api.requests == [] and s3.all_keys() == []
