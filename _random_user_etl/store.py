@@ -17,7 +17,7 @@ from random_user_config import is_remote, shorten
 from schemas import OUTPUT_SCHEMA, QUALITY_METADATA_KEY, UTC_INSTANT
 from _random_user_etl.errors import StorageError, write_error
 from _random_user_etl.folders import fresh_temp, full_disk_said, write_atomically
-from _random_user_etl import sort
+from _random_user_etl import sort, upload as uploader
 from _random_user_etl.sort import SORT_RUN_ROWS
 from _random_user_etl.staging import quality_report, sort_folder
 
@@ -114,12 +114,12 @@ def upload(path: Path, destination: str, sink: dict, storage_options: dict) -> i
 
 
 def in_own_process(job: dict) -> dict:
-    """Run the upload job in a child process (_random_user_etl.upload) and give its outcome; a stop kills it first."""
+    """Run the upload job in a child process (the uploader module) and give its outcome; a stop kills it first."""
     root = str(Path(__file__).resolve().parent.parent)  # where _random_user_etl is, installed or not
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     # -P: no module of the working folder is imported in place of Polars' or the job's.
     child = subprocess.Popen(
-        [sys.executable, "-P", "-m", "_random_user_etl.upload"],
+        [sys.executable, "-P", "-m", uploader.__name__],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
     )
     try:

@@ -305,11 +305,12 @@ def stopped_once(held: threading.Event):
 
 def test_a_run_stopped_during_its_upload_lands_nothing_after_the_stop_and_a_rerun_lands_it(api, settings, s3, s3_endpoint, monkeypatch):
     # A Python caller's run stopped while the store holds the batch's first try: a call left going on
-    # would try again once --timeout passed, and land the batch behind the stopped run's back.
+    # would try again once --timeout passed, and land the batch behind the stopped run's back. The
+    # timeout is long enough that the stop always comes first, however loaded the machine.
     with held_store(s3_endpoint, once=True) as held:
         monkeypatch.setenv("AWS_ENDPOINT_URL", held.url)  # before the bucket's first call: Polars keeps its client
         with stopped_once(held.held):
-            etl.run(settings(output_dir=s3.url(), seed="paged", n=100, page_size=40, timeout=0.5, retries=1))
+            etl.run(settings(output_dir=s3.url(), seed="paged", n=100, page_size=40, timeout=5, retries=1))
         assert s3.keys() == [], "the stopped run's batch landed after the stop"
         assert staged_parts(s3) == ["part-00001.parquet", "part-00002.parquet", "part-00003.parquet"]
         batch = etl.run(settings(output_dir=s3.url(), seed="paged", n=100, page_size=40))
@@ -323,7 +324,7 @@ def test_a_multipart_upload_stopped_midway_is_never_completed_and_the_earlier_ob
     monkeypatch.setenv("POLARS_UPLOAD_CHUNK_SIZE", str(5 << 20))
     key, large = "lake/random_users_large.parquet", tmp_path / "large.parquet"
     s3.client.put_object(Bucket=s3.name, Key=key, Body=b"the earlier batch")
-    options = store.store_options(etl.Settings(timeout=0.5, retries=1))
+    options = store.store_options(etl.Settings(timeout=5, retries=1))
     with held_store(s3_endpoint, holds="partNumber=2&", once=True) as held:
         monkeypatch.setenv("AWS_ENDPOINT_URL", held.url)
         pl.DataFrame({"x": range(1_500_000)}).with_columns(pl.col("x").hash()).write_parquet(large, compression="uncompressed")
