@@ -29,7 +29,8 @@ NATIONALITIES = frozenset(
 
 # A seed names a file, so it must be a plain file-name fragment: no separators, no
 # dots to climb with, no control characters, bounded length.
-SEED_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
+LONGEST_SEED = 100
+SEED_PATTERN = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_-]{{0,{LONGEST_SEED - 1}}}")
 
 # The generator reads a seed of exactly this length as a nationality code: it ignores --nat and
 # answers another seed (two characters longer) that does not give the same users, or no answer at all.
@@ -350,8 +351,8 @@ class Settings:
         check("raw_dir", self.raw_dir != "", f"must not be empty; use None or {OFF!r} to keep no raw answers")
         if isinstance(self.raw_dir, str) and self.raw_dir.lower() == OFF:
             object.__setattr__(self, "raw_dir", None)
-        if isinstance(self.output_dir, str) and self.output_dir[: len(S3)].lower() == S3:
-            object.__setattr__(self, "output_dir", S3 + self.output_dir[len(S3) :])  # Polars reads S3:// as a local path
+        if isinstance(self.output_dir, str):
+            object.__setattr__(self, "output_dir", lake_address(self.output_dir))
         check("n", self.n >= 1, "must be at least 1")
         check("page_size", 1 <= self.page_size <= MAX_PAGE_SIZE, f"must be between 1 and {MAX_PAGE_SIZE}")
         most = self.page_size * MAX_PAGES
@@ -413,13 +414,16 @@ def describe(name: str) -> str:
 
 
 def check_path_text(label: str, text: str | None, show=shorten) -> None:
-    """Refuse a path or URL with whitespace at either end or a control character anywhere; `show` puts it in the line."""
+    """Refuse a path or URL with whitespace at either end, or a control or invisible character anywhere; `show` puts it in the line."""
     if text is None:
         return
     if text != text.strip():
         raise SettingsError(f"{label} has whitespace at its start or end, got '{show(text)}'")
     if CONTROL_CHARACTER.search(text):
         raise SettingsError(f"{label} holds a control character, got '{show(text)}'")
+    # A BOM an editor left, a zero-width space, a bidi mark: "\ufeffoff" looks like off and names a folder.
+    if not all(char.isprintable() for char in text):
+        raise SettingsError(f"{label} holds an invisible character, got '{show(text)}'")
 
 
 def seed_rule() -> str:
@@ -483,6 +487,23 @@ def is_remote(location: str) -> bool:
     return re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", location) is not None
 
 
+def lake_address(location: str) -> str:
+    """An s3:// lake spelled one way: the scheme in lower case (Polars reads S3:// as a local path), no trailing '/'; any other location as given."""
+    # "lake", "lake/" and "lake//" are one prefix: one staging folder and seed lock, so a run resumes under any of them.
+    if location[: len(S3)].lower() != S3:
+        return location
+    address = S3 + location[len(S3) :].rstrip("/")
+    return address if address != S3 else location  # nothing but slashes: refused as naming no bucket
+
+
+# The longest name of a batch in a lake: random_users_<seed>.parquet, with the longest seed.
+LONGEST_BATCH_NAME = len("random_users_.parquet") + LONGEST_SEED
+
+
+# S3 takes a key of at most this many bytes (UTF-8).
+LONGEST_KEY = 1024
+
+
 def check_folder_addresses(output_dir: str, raw_dir: str | None) -> None:
     """Refuse an output address other than a plain path or s3://bucket/prefix, and any URL as the raw folder."""
     # A file:// address would pass for object storage: staged in the temp folder, and compared with
@@ -505,7 +526,7 @@ def check_listable(label: str, location: str) -> None:
 
 
 def check_s3_address(address: str) -> None:
-    """Refuse any scheme but s3://, a bucket name S3 would refuse, and a prefix with an empty, '.' or '..' part or a character Polars lists otherwise."""
+    """Refuse any scheme but s3://, a bucket name S3 would refuse, and a prefix with an empty, '.' or '..' part, a character Polars lists otherwise, or too long for S3's keys."""
     scheme, _, rest = address.partition("://")
     label, got = describe("output_dir"), f"got '{shorten(shown_url(address))}'"  # a user or password in it is never echoed
     if scheme.lower() != S3[:-3]:
@@ -520,6 +541,12 @@ def check_s3_address(address: str) -> None:
     if any(part in ("", ".", "..") for part in parts):
         raise SettingsError(f"{label} has a prefix with an empty, '.' or '..' part, {got}")
     check_listable(label, address)
+    size, most = len(prefix.rstrip("/").encode()), LONGEST_KEY - LONGEST_BATCH_NAME - 1
+    if size > most:
+        raise SettingsError(
+            f"{label} has a prefix of {size} bytes: with a batch's name (up to {LONGEST_BATCH_NAME} bytes) its keys could pass "
+            f"S3's limit of {LONGEST_KEY} bytes, and the upload fail after every page was fetched; use at most {most}"
+        )
 
 
 def staging_root(output_dir: str) -> Path:

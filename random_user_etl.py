@@ -112,7 +112,7 @@ def replay(source: str | Path, settings: Settings | None = None, **overrides) ->
 
 def read_processed(output_dir: str | None = None, storage_options: dict | None = None, unique_users: bool = False) -> pl.LazyFrame:
     """Every batch ever landed, as one lazy frame with the output schema (empty if the folder holds none); with unique_users, each user once."""
-    output_dir = output_dir or config.environ_value("output_dir") or config.default_output_dir()
+    output_dir = config.lake_address(output_dir or config.environ_value("output_dir") or config.default_output_dir())
     if is_remote(output_dir):
         config.check_listable("the lake", output_dir)
         # Given the schema, Polars reads a glob that matches no object as an empty frame, so an

@@ -7,6 +7,8 @@ import errno
 import fnmatch
 import json
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 import polars as pl
@@ -16,7 +18,7 @@ from random_user_config import is_remote, shorten
 from schemas import OUTPUT_SCHEMA, QUALITY_METADATA_KEY, UTC_INSTANT
 from _random_user_etl.errors import StorageError, write_error
 from _random_user_etl.folders import fresh_temp, write_atomically, write_to
-from _random_user_etl import sort
+from _random_user_etl import sort, upload as uploader
 from _random_user_etl.sort import SORT_RUN_ROWS
 from _random_user_etl.staging import quality_report, sort_folder
 
@@ -109,23 +111,44 @@ def write_batch(
 
 
 def upload(path: Path, destination: str, sink: dict, storage_options: dict) -> int:
-    """Stream a finished batch file to an object key through Polars' cloud writer, then remove the file; the object's size in bytes."""
+    """Stream a finished batch file to an object key through Polars' cloud writer, in a process of its own, then remove the file; the object's size in bytes."""
     # Polars takes credentials, region and endpoint from the standard
     # AWS_* variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION,
     # AWS_ENDPOINT_URL). A PUT, or a multipart upload that is only completed after its last part,
     # replaces the key in one step: readers see the old batch or the new one, never part of one.
-    sinked = []
-    sink = {**sink, "storage_options": storage_options}
+    # Polars cannot cancel an upload, and on a thread of this process one a stop left behind would go on
+    # trying (--retries), and landing the batch, after the run said it stopped: a killed process cannot.
+    job = {"path": str(path), "destination": destination, "sink": {**sink, "storage_options": storage_options}}
+    try:
+        answer = in_own_process(job)
+    finally:
+        path.unlink(missing_ok=True)
+    if "bytes" in answer:
+        return answer["bytes"]
+    if answer["timeout"]:
+        raise timed_out(storage_options)
+    raise OSError(errno.EIO, answer["said"])
 
-    def send() -> None:
-        """The upload; the file is removed by its thread, which a stopped run leaves reading it."""
-        try:
-            pl.scan_parquet(path, glob=False).sink_parquet(destination, sinked_paths_callback=sinked.append, **sink)
-        finally:
-            path.unlink(missing_ok=True)
 
-    to_store(send, storage_options)
-    return sum(path.num_bytes for args in sinked for path in args.paths)
+def in_own_process(job: dict) -> dict:
+    """Run the upload job in a child process (the uploader module) and give its outcome; a stop kills it first."""
+    root = str(Path(__file__).resolve().parent.parent)  # where _random_user_etl is, installed or not
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    # -P: no module of the working folder is imported in place of Polars' or the job's.
+    child = subprocess.Popen(
+        [sys.executable, "-P", "-m", uploader.__name__],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
+    )
+    try:
+        said, _ = child.communicate(json.dumps(job).encode())  # a stop signal's handler raises Stopped here
+    finally:
+        if child.poll() is None:
+            child.kill()  # stopped: the upload ends now, and no try of it reaches the store after
+        child.wait()
+    lines = said.decode(errors="replace").strip().splitlines()
+    if child.returncode != 0 or not lines:
+        return {"timeout": False, "said": f"the upload's process ended with status {child.returncode} and no answer"}
+    return json.loads(lines[-1])
 
 
 def store_options(settings: config.Settings) -> dict:
@@ -139,8 +162,8 @@ def to_store(call, storage_options: dict):
     """call(), one Polars call to object storage, on a thread of its own; its result; a timeout said in words."""
     # Polars holds its calling thread until the store answers, and Python runs a signal's handler only
     # on the main thread, between bytecodes: waiting here instead, a stop leaves at once. The call left
-    # behind ends with the process; an upload is completed only after its last byte, so the key keeps
-    # its earlier object.
+    # behind goes on until it ends or the process does: only the write check is made so, whose object
+    # each run overwrites and no reader reads (the batch's upload is a process a stop kills: upload).
     outcome = {}
 
     def work() -> None:
@@ -155,11 +178,16 @@ def to_store(call, storage_options: dict):
     worker.join()  # a stop signal's handler raises Stopped here
     error = outcome.get("error")
     if isinstance(error, TimeoutError) and "timeout" in storage_options:
-        seconds = int(storage_options["timeout"].removesuffix("ms")) / 1000
-        raise TimeoutError(errno.ETIMEDOUT, f"no answer from the object store within {seconds:g}s (--timeout)") from error
+        raise timed_out(storage_options) from error
     if error is not None:
         raise error
     return outcome["value"]
+
+
+def timed_out(storage_options: dict) -> TimeoutError:
+    """A store's silence past --timeout, in words."""
+    seconds = int(storage_options["timeout"].removesuffix("ms")) / 1000
+    return TimeoutError(errno.ETIMEDOUT, f"no answer from the object store within {seconds:g}s (--timeout)")
 
 
 def check_writable(output_dir: str, storage_options: dict) -> None:
@@ -171,7 +199,7 @@ def check_writable(output_dir: str, storage_options: dict) -> None:
     check = pl.LazyFrame({"checked_at": [dt.datetime.now(dt.UTC)]})
     try:
         to_store(lambda: check.sink_parquet(key, storage_options=storage_options), storage_options)
-    except (OSError, pl.exceptions.PolarsError) as exc:
+    except Exception as exc:  # Polars' credential provider (boto3's, where installed) raises errors of its own too
         raise StorageError(store_refusal(exc), path=output_dir, doing="cannot write to") from exc
 
 

@@ -371,3 +371,21 @@ def test_read_processed_refuses_an_empty_output_variable_rather_than_reading_the
     monkeypatch.setenv("RANDOM_USER_OUTPUT_DIR", "")
     with pytest.raises(SettingsError, match=r"^RANDOM_USER_OUTPUT_DIR is set but empty"):
         etl.read_processed()
+
+
+@pytest.mark.parametrize(
+    "setting, value",
+    [
+        ("RANDOM_USER_RAW_DIR", "\ufeffoff"),  # a BOM an editor left before the word: it once kept answers in a folder of that name
+        ("RANDOM_USER_RAW_DIR", "off\u200b"),
+        ("RANDOM_USER_OUTPUT_DIR", "\ufeff"),
+        ("RANDOM_USER_OUTPUT_DIR", "lake\u202e"),
+    ],
+    ids=["bom-off", "zero-width-off", "only-a-bom", "bidi"],
+)
+def test_an_invisible_character_in_a_folder_setting_stops_the_cli_with_one_line_before_any_request(setting, value, nowhere, out, raw, cli, tmp_path):
+    result = cli(env={**fast_env(nowhere, out, raw), setting: value}, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert re.fullmatch(rf"random_user_etl\.py: error: --\S+ \({setting}\) holds an invisible character, got '[^']*\\u[0-9a-f]{{4}}[^']*'", line), line
+    assert list(tmp_path.iterdir()) == [] and not out.exists() and not raw.exists()

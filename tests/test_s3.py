@@ -187,9 +187,9 @@ class HeldStore(http.server.ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, upstream: str, holds: str):
+    def __init__(self, upstream: str, holds: str, once: bool = False):
         super().__init__(("127.0.0.1", 0), HeldStoreHandler)
-        self.holds = holds
+        self.holds, self.once = holds, once  # once: only the first such request is held, later tries pass
         self.upstream = urllib.parse.urlsplit(upstream)
         self.held, self.release = threading.Event(), threading.Event()
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
@@ -200,7 +200,7 @@ class HeldStoreHandler(http.server.BaseHTTPRequestHandler):
 
     def relay(self):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        if self.server.holds in self.path:  # accepted, read, and never answered
+        if self.server.holds in self.path and not (self.server.once and self.server.held.is_set()):  # accepted, read, and never answered
             self.server.held.set()
             self.server.release.wait(60)
             self.close_connection = True
@@ -225,9 +225,9 @@ class HeldStoreHandler(http.server.BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def held_store(upstream: str, holds: str = "/random_users_"):
+def held_store(upstream: str, holds: str = "/random_users_", once: bool = False):
     """A HeldStore serving on a thread of its own while held; by default it holds a batch's upload."""
-    server = HeldStore(upstream, holds)
+    server = HeldStore(upstream, holds, once)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -287,6 +287,51 @@ def test_sigterm_during_an_upload_the_store_never_answers_ends_the_job_promptly_
     assert_stopped(code, err.read_text(), seconds, signal.SIGTERM)
     assert staged_parts(s3) == ["part-00001.parquet", "part-00002.parquet", "part-00003.parquet"]
     assert s3.keys() == []
+
+
+@contextlib.contextmanager
+def stopped_once(held: threading.Event):
+    """A SIGTERM to this process once `held` is set, raising Stopped (as the CLI's handler does) where the caller waits; raised out of the block."""
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: (_ for _ in ()).throw(Stopped(signum)))
+    try:
+        threading.Thread(target=lambda: held.wait(HELD) and os.kill(os.getpid(), signal.SIGTERM), daemon=True).start()
+        with pytest.raises(Stopped):
+            yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    # Whatever of the stopped call still talks to the store, done (a join the stop cut short says so too early).
+    wait_until(lambda: not any(thread.name == "object-store" for thread in threading.enumerate()), HELD, "the stopped calls ended")
+
+
+def test_a_run_stopped_during_its_upload_lands_nothing_after_the_stop_and_a_rerun_lands_it(api, settings, s3, s3_endpoint, monkeypatch):
+    # A Python caller's run stopped while the store holds the batch's first try: a call left going on
+    # would try again once --timeout passed, and land the batch behind the stopped run's back. The
+    # timeout is long enough that the stop always comes first, however loaded the machine.
+    with held_store(s3_endpoint, once=True) as held:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", held.url)  # before the bucket's first call: Polars keeps its client
+        with stopped_once(held.held):
+            etl.run(settings(output_dir=s3.url(), seed="paged", n=100, page_size=40, timeout=5, retries=1))
+        assert s3.keys() == [], "the stopped run's batch landed after the stop"
+        assert staged_parts(s3) == ["part-00001.parquet", "part-00002.parquet", "part-00003.parquet"]
+        batch = etl.run(settings(output_dir=s3.url(), seed="paged", n=100, page_size=40))
+        assert (batch.pages_fetched, batch.pages_reused) == (0, 3)
+        assert_rows_are(etl.read_processed(s3.url()).collect(), raw_users(*PAGED, limits={PAGED[2]: 20}))
+    assert list(Path(tempfile.gettempdir()).rglob("*.tmp")) == []
+
+
+def test_a_multipart_upload_stopped_midway_is_never_completed_and_the_earlier_object_stays(s3, s3_endpoint, tmp_path, monkeypatch):
+    # Parts of 5 MiB (S3's least), so a 12 MB batch goes up in three; the store holds part 2's first try.
+    monkeypatch.setenv("POLARS_UPLOAD_CHUNK_SIZE", str(5 << 20))
+    key, large = "lake/random_users_large.parquet", tmp_path / "large.parquet"
+    s3.client.put_object(Bucket=s3.name, Key=key, Body=b"the earlier batch")
+    options = store.store_options(etl.Settings(timeout=5, retries=1))
+    with held_store(s3_endpoint, holds="partNumber=2&", once=True) as held:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", held.url)
+        pl.DataFrame({"x": range(1_500_000)}).with_columns(pl.col("x").hash()).write_parquet(large, compression="uncompressed")
+        with stopped_once(held.held):
+            store.upload(large, f"s3://{s3.name}/{key}", {}, options)
+        assert s3.client.get_object(Bucket=s3.name, Key=key)["Body"].read() == b"the earlier batch"
+    assert not large.exists()
 
 
 def test_a_batch_sorted_in_several_key_ranges_lands_in_s3_in_order(settings, s3, monkeypatch):
@@ -393,3 +438,44 @@ def test_read_processed_of_an_s3_prefix_polars_cannot_list_literally_raises_inst
     etl.run(settings(output_dir=s3.url("lake1"), seed="pura"))
     with pytest.raises(SettingsError, match="cannot be read back"):
         etl.read_processed(s3.url(prefix))
+
+
+# ---------------------------------------------------------------- one lake, one spelling
+
+
+def test_read_processed_reads_an_upper_case_scheme_as_the_lake_it_names(api, settings, s3):
+    etl.run(settings(output_dir=s3.url(), seed="pura"))
+    assert_rows_are(etl.read_processed(s3.url().replace("s3://", "S3://")).collect(), raw_users(PURA))
+
+
+def test_a_run_stopped_under_one_spelling_of_a_prefix_resumes_under_another(api, settings, s3, monkeypatch):
+    # "lake/", "lake//" and "lake" are one prefix: one staging folder, one seed lock, one resume.
+    def upload_fails(*args, **kwargs):
+        raise StorageError("the store went away")
+
+    with pytest.MonkeyPatch.context() as patch:  # the precondition only: a failed upload, as a store that went away gives
+        patch.setattr(store, "upload", upload_fails)
+        with pytest.raises(etl.EtlError, match="the store went away"):
+            etl.run(settings(output_dir=s3.url("lake//"), seed="paged", n=100, page_size=40))
+    batch = etl.run(settings(output_dir=s3.url("lake/"), seed="paged", n=100, page_size=40))
+    assert (batch.pages_fetched, batch.pages_reused) == (0, 3) and len(api.requests) == 3
+    assert batch.path == f"{s3.url()}/random_users_paged.parquet"
+    assert_rows_are(etl.read_processed(s3.url("lake/")).collect(), raw_users(*PAGED, limits={PAGED[2]: 20}))
+
+
+def test_a_prefix_too_long_for_a_batch_key_is_refused_before_any_request(api, out, raw, cli, s3):
+    # S3 takes keys of at most 1024 bytes: the write check's key fits here, a batch's of a long seed does not.
+    url, seed = s3.url("a" * 990), "s" * 60
+    result = cli("--seed", seed, env=fast_env(api.url, out, raw, RANDOM_USER_OUTPUT_DIR=url))
+    assert result.returncode == 2, result.stderr
+    assert_one_error_line(result.stderr, r"--output-dir \(RANDOM_USER_OUTPUT_DIR\) has a prefix of 990 bytes: .*limit of 1024 bytes.*use at most 902$")
+    assert api.requests == [] and s3.all_keys() == []
+
+
+def test_an_empty_aws_secret_fails_in_one_line_of_storage_before_any_request(api, out, raw, s3, monkeypatch):
+    # Polars' credential provider (boto3's, where installed) raises an error of its own, no OSError.
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "")
+    result = run_cli(env=fast_env(api.url, out, raw, RANDOM_USER_OUTPUT_DIR=s3.url(), RANDOM_USER_SEED="pura"))
+    assert result.returncode == 1
+    assert_one_error_line(result.stderr, rf"^{PREFIX}cannot write to {s3.url()}: .*AWS_SECRET_ACCESS_KEY")
+    assert api.requests == [] and s3.all_keys() == []

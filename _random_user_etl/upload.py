@@ -1,0 +1,22 @@
+"""The batch's upload, run as a process of its own (python -m _random_user_etl.upload): a job on stdin, its outcome on stdout."""
+
+from __future__ import annotations
+
+import json
+import sys
+import polars as pl
+from _random_user_etl.errors import write_error
+
+
+def send(job: dict) -> dict:
+    """Upload the finished batch file `job["path"]` to `job["destination"]`: the object's size in bytes, or why not."""
+    sinked = []
+    try:
+        pl.scan_parquet(job["path"], glob=False).sink_parquet(job["destination"], sinked_paths_callback=sinked.append, **job["sink"])
+    except BaseException as exc:  # a panic inside Polars too: the run that started this says it in its one line
+        return {"timeout": isinstance(exc, TimeoutError), "said": write_error(exc)}
+    return {"bytes": sum(path.num_bytes for args in sinked for path in args.paths)}
+
+
+if __name__ == "__main__":
+    print(json.dumps(send(json.load(sys.stdin))))
