@@ -139,11 +139,17 @@ def in_own_process(job: dict) -> dict:
         [sys.executable, "-P", "-m", uploader.__name__],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
     )
+    said = None
     try:
-        said, _ = child.communicate(json.dumps(job).encode())  # a stop signal's handler raises Stopped here
+        # The job goes as one line and stdin stays open: the child leaves at once when it closes, so
+        # a job killed by SIGKILL, which runs no handler, takes its upload with it.
+        child.stdin.write(json.dumps(job).encode() + b"\n")
+        child.stdin.flush()
+        said = child.stdout.read()  # a stop signal's handler raises Stopped here
     finally:
-        if child.poll() is None:
+        if said is None:
             child.kill()  # stopped: the upload ends now, and no try of it reaches the store after
+        child.stdin.close()
         child.wait()
     lines = said.decode(errors="replace").strip().splitlines()
     if child.returncode != 0 or not lines:

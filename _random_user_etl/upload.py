@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import threading
 import polars as pl
 from _random_user_etl.errors import write_error
 
@@ -18,5 +20,13 @@ def send(job: dict) -> dict:
     return {"bytes": sum(path.num_bytes for args in sinked for path in args.paths)}
 
 
+def leave_when_orphaned() -> None:
+    """Leave at once when stdin closes: the job that started this upload is gone, stopped or killed."""
+    sys.stdin.read()
+    os._exit(1)  # no try of the upload may reach the store once its run has ended
+
+
 if __name__ == "__main__":
-    print(json.dumps(send(json.load(sys.stdin))))
+    work = json.loads(sys.stdin.readline())
+    threading.Thread(target=leave_when_orphaned, daemon=True).start()
+    print(json.dumps(send(work)), flush=True)

@@ -479,3 +479,27 @@ def test_an_empty_aws_secret_fails_in_one_line_of_storage_before_any_request(api
     assert result.returncode == 1
     assert_one_error_line(result.stderr, rf"^{PREFIX}cannot write to {s3.url()}: .*AWS_SECRET_ACCESS_KEY")
     assert api.requests == [] and s3.all_keys() == []
+
+
+def test_a_job_killed_during_its_upload_takes_the_upload_with_it(api, out, raw, s3, s3_endpoint):
+    # kill -9 runs no handler: the upload's process must see its parent gone by itself, or it would try
+    # again once --timeout passed and land a batch whose run never finished (its staging, its raw pages).
+    import psutil
+
+    with held_store(s3_endpoint, once=True) as held:
+        env = fast_env(api.url, out, raw, RANDOM_USER_OUTPUT_DIR=s3.url(), RANDOM_USER_SEED="paged", RANDOM_USER_N=100,
+                       RANDOM_USER_PAGE_SIZE=40, RANDOM_USER_TIMEOUT=5, RANDOM_USER_RETRIES=1, AWS_ENDPOINT_URL=held.url)
+        job = subprocess.Popen([sys.executable, "-m", "random_user_etl"], env=clean_environ(**env), stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            assert held.held.wait(60), "the upload never reached the store"
+            uploads = psutil.Process(job.pid).children(recursive=True)
+            assert uploads, "the upload runs in a process of its own"
+        finally:
+            job.kill()
+            job.wait()
+        gone, alive = psutil.wait_procs(uploads, timeout=20)
+        for process in alive:
+            process.kill()
+        assert not alive, "the upload outlived the job"
+        assert s3.keys() == [], "a killed job's batch landed after it died"
