@@ -65,8 +65,8 @@ CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 LISTABLE_CHARACTER = re.compile(r"[A-Za-z0-9/!_.'()+,;=@&$: -]")
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "off"})
-# The one word, in any case, that turns a folder setting off. These others once did too: a folder
-# named after one of them is refused, not made, so an old setting never silently starts keeping answers.
+# The one word, in any case, that turns a folder setting off. A folder named like another word for
+# off is refused, not made: a setting meant as off never silently starts keeping answers.
 OFF = "off"
 OFF_LOOKALIKES = frozenset({"none", "no", "false", "0"})
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import polars as pl
 
 import random_user_config as config
-from random_user_config import LINE_LIMIT, Settings, SettingsError, is_remote, shorten
+from random_user_config import LINE_LIMIT, Settings, SettingsError, is_remote, shorten, shown_urls_in
 from schemas import OUTPUT_SCHEMA
 from _random_user_etl.answer import PageRequest
 from _random_user_etl.client import RateGate, page_sizes
@@ -63,7 +63,7 @@ def fetch_and_land(settings: Settings, run_rows: int = SORT_RUN_ROWS, group_rows
     sizes = page_sizes(settings.n, settings.page_size)
     gate = RateGate()
     STOP.clear()  # a new run starts unstopped, even in a session where an earlier one was interrupted
-    # Before the first request: a missing bucket or credentials once failed a run only after every page was fetched.
+    # Before the first request: a missing bucket or credentials must not wait until every page is fetched.
     check_writable(settings.output_dir, store_options(settings))
     with make_session(settings) as session:
         seed, first_answer = settings.seed, None
@@ -112,9 +112,11 @@ def replay(source: str | Path, settings: Settings | None = None, **overrides) ->
 
 def read_processed(output_dir: str | None = None, storage_options: dict | None = None, unique_users: bool = False) -> pl.LazyFrame:
     """Every batch ever landed, as one lazy frame with the output schema (empty if the folder holds none); with unique_users, each user once."""
+    if output_dir == "":
+        raise SettingsError("read_processed's output_dir is empty; leave it out for the default lake")
     output_dir = config.lake_address(output_dir or config.environ_value("output_dir") or config.default_output_dir())
     if is_remote(output_dir):
-        config.check_listable("the lake", output_dir)
+        config.check_s3_address(output_dir)  # the addresses a run lands in, and no other: a gs:// would ask a metadata service
         # Given the schema, Polars reads a glob that matches no object as an empty frame, so an
         # empty prefix is an empty lake without listing the bucket here: nothing is read until collect.
         source = f"{output_dir.rstrip('/')}/{BATCH_GLOB}"
@@ -176,8 +178,8 @@ class OneLineParser(argparse.ArgumentParser):
         return ""
 
     def error(self, message):
-        """Say what is wrong in one line and exit 2."""
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        """Say what is wrong in one line and exit 2: what was typed shown escaped, any address in it without its secrets."""
+        self.exit(2, f"{self.prog}: error: {shorten(shown_urls_in(message), LINE_LIMIT)} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,7 +23,7 @@ SCATTER_ROWS = 20_000  # rows of staged parts split into key ranges together: fe
 
 
 # Staged parts read together at most: Polars holds some 40 kB for each file one read opens, whatever
-# its rows, so 10,000 pages of 2 users read at once took 400 MB.
+# its rows: memory would follow the number of pages, not the rows (benchmarks/README.md).
 GROUP_FILES = 200
 
 

@@ -286,7 +286,7 @@ class UnredirectedSession(requests.Session):
     """requests' session that never works out where a redirect leads: the job follows none (status_error reads it)."""
 
     def resolve_redirects(self, *args, **kwargs):
-        """No redirect to follow, nor to offer as response.next: a Location that does not parse ("http://[::1") raised ValueError."""
+        """No redirect to follow, nor to offer as response.next: requests would parse a Location that may not parse ("http://[::1")."""
         return iter(())
 
 

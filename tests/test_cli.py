@@ -389,3 +389,29 @@ def test_an_invisible_character_in_a_folder_setting_stops_the_cli_with_one_line_
     (line,) = result.stderr.strip().splitlines()
     assert re.fullmatch(rf"random_user_etl\.py: error: --\S+ \({setting}\) holds an invisible character, got '[^']*\\u[0-9a-f]{{4}}[^']*'", line), line
     assert list(tmp_path.iterdir()) == [] and not out.exists() and not raw.exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--api-urll", "https://user:hunter2secret@example.com/api/?token=abcd1234efgh"],  # a misspelt flag, its value a secret
+        ["--api-urll=https://user:hunter2secret@example.com/api/?token=abcd1234efgh"],
+        ["--fo\x1b[31mo", "\x07bell"],  # control characters typed, or pasted, on the command line
+    ],
+)
+def test_a_bad_flag_is_echoed_escaped_and_without_its_secrets(args, nowhere, out, raw, cli):
+    result = cli(*args, env=fast_env(nowhere, out, raw))
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "hunter2secret" not in line and "abcd1234efgh" not in line, line
+    assert line.isprintable(), repr(line)
+
+
+@pytest.mark.parametrize("lake", ["gs://lake-bucket/x", "http://127.0.0.1:9/lake", "memory://lake/x", ""])
+def test_read_processed_takes_the_destinations_a_run_takes_and_no_other(lake, monkeypatch):
+    from random_user_config import SettingsError
+
+    # Were one let through, its store and credentials would be asked on loopback, where nothing answers.
+    monkeypatch.setenv("AWS_METADATA_ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(SettingsError):
+        etl.read_processed(lake).collect()
