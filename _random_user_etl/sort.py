@@ -102,7 +102,7 @@ class ExternalSort:
         """All of `parts` in key order, each key range sorted alone (a stop signal ends it early); `rows`, each part's rows if known."""
         if self.runs <= 1:
             return read_parts(parts).lazy().sort(sort_key())  # at most run_rows rows
-        for part, known in zip(parts, rows or [None] * len(parts)):
+        for part, known in zip(parts, rows or [None] * len(parts), strict=True):
             if part not in self.taken:  # a part the run did not add: one resumed, or staged by replay
                 self.add(part, pl.scan_parquet(part, glob=False).select(pl.len()).collect().item() if known is None else known)
         with self.lock:

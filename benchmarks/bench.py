@@ -61,7 +61,7 @@ class Report:
     def table(self, header: list[str], rows: list[list[str]]) -> None:
         """A plain aligned table: first column left, the others right."""
         widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-        fmt = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        fmt = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=False)))
         self("  " + fmt(header))
         self("  " + "  ".join("-" * w for w in widths))
         for row in rows:

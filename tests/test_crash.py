@@ -126,7 +126,7 @@ def test_kill_9_mid_write_never_shows_a_torn_batch_and_the_next_run_cleans_up(ap
     hits = []
     for attempt, delay in enumerate((0.0, 0.003, 0.008, 0.02)):
         proc = spawn(*args, env=env, stderr=tmp_path / f"killed-{attempt}.txt")
-        seen = wait_until(lambda: writing() or proc.poll() is not None, timeout=30, step=0.0005) and writing()
+        seen = wait_until(lambda proc=proc: writing() or proc.poll() is not None, timeout=30, step=0.0005) and writing()
         time.sleep(delay)
         code = kill9(proc)
         hits.append(seen and code == -signal.SIGKILL)

@@ -273,7 +273,7 @@ def test_full_pages_with_every_text_field_at_the_bound_land_within_the_pods_memo
     frame = pl.read_parquet(out / "random_users_wide.parquet").sort("user_id")
     for path, column in TEXT_FIELDS.items():
         expected = {user["login"]["uuid"]: holder(user, path)[path[-1]] for user in sent}
-        assert dict(zip(frame["user_id"], frame[column])) == expected, column
+        assert dict(zip(frame["user_id"], frame[column], strict=True)) == expected, column
 
 
 # ------------------------------------------------------------------ memory: answers made of tiny values

@@ -88,7 +88,7 @@ def test_one_request_probes_the_limit_while_every_worker_waits(limited, out, raw
         previous = request.answer
     assert len(stretches) >= 2, "the pull met the limit more than once"
     probes = [[t for t in stretch if t > stretch[0] + 0.1] for stretch in stretches]
-    gaps = [b - a for stretch in probes for a, b in zip(stretch, stretch[1:])]
+    gaps = [b - a for stretch in probes for a, b in zip(stretch, stretch[1:], strict=False)]
     assert gaps and min(gaps) >= PROBE * 0.8, [round(g, 3) for g in gaps]
 
 
