@@ -23,9 +23,7 @@ MAX_PAGE_SIZE = 5000
 MAX_PAGES = 10_000
 
 # The nationalities randomuser.me 1.4 serves.
-NATIONALITIES = frozenset(
-    "au br ca ch de dk es fi fr gb ie in ir mx nl no nz rs tr ua us".split()
-)
+NATIONALITIES = frozenset("au br ca ch de dk es fi fr gb ie in ir mx nl no nz rs tr ua us".split())
 
 # A seed names a file, so it must be a plain file-name fragment: no separators, no
 # dots to climb with, no control characters, bounded length.
@@ -273,7 +271,14 @@ SETTINGS = (
         takes("DIR"),
         instead_of_empty=f"{OFF!r} to keep no raw answers",
     ),
-    Setting("timeout", "--timeout", "RANDOM_USER_TIMEOUT", "seconds for one whole answer, from connect to its last byte, and for each request to object storage", parse_float, takes("S")),
+    Setting(
+        "timeout",
+        "--timeout",
+        "RANDOM_USER_TIMEOUT",
+        "seconds for one whole answer, from connect to its last byte, and for each request to object storage",
+        parse_float,
+        takes("S"),
+    ),
     Setting("retries", "--retries", "RANDOM_USER_RETRIES", "retries per request on transient faults, the service's or object storage's", parse_int, takes("K")),
     Setting("backoff", "--backoff", "RANDOM_USER_BACKOFF", "base of the exponential backoff between retries, seconds", parse_float, takes("S")),
     Setting(
@@ -289,8 +294,7 @@ SETTINGS = (
         "max_wait",
         "--max-wait",
         "RANDOM_USER_MAX_WAIT",
-        "the longest the run waits on the service at one stretch, seconds: no backoff or rate-limit pause "
-        "is longer, and a Retry-After beyond it ends the run",
+        "the longest the run waits on the service at one stretch, seconds: no backoff or rate-limit pause is longer, and a Retry-After beyond it ends the run",
         parse_float,
         takes("S"),
     ),
@@ -459,10 +463,7 @@ def check_api_url(url: str, allow_http: bool) -> None:
     if scheme not in ("https", "http") or not host:
         raise SettingsError(f"{describe('api_url')} must be an https:// address, got '{shown_url(url)}'")
     if scheme == "http" and not allow_http and not is_loopback(host):
-        raise SettingsError(
-            f"{describe('api_url')} is plain http:// to {shorten(host)}; use https, "
-            f"or allow it with {describe('allow_http')}"
-        )
+        raise SettingsError(f"{describe('api_url')} is plain http:// to {shorten(host)}; use https, or allow it with {describe('allow_http')}")
     if not sendable(url, host):
         raise SettingsError(f"{describe('api_url')} has a host name no request can be sent to, got '{shown_url(url)}'")
 
@@ -534,8 +535,7 @@ def check_s3_address(address: str) -> None:
     bucket, _, prefix = rest.partition("/")
     if not BUCKET.fullmatch(bucket):
         raise SettingsError(
-            f"{label} names no valid bucket, {got}: a bucket is 3 to 63 lowercase letters, digits, '.' or '-', "
-            "starting and ending with a letter or digit"
+            f"{label} names no valid bucket, {got}: a bucket is 3 to 63 lowercase letters, digits, '.' or '-', starting and ending with a letter or digit"
         )
     parts = prefix.rstrip("/").split("/") if prefix.rstrip("/") else []
     if any(part in ("", ".", "..") for part in parts):
@@ -639,4 +639,3 @@ def empty_value(setting: Setting, source: str) -> str:
     said, how = ("is empty", "leave it out") if source == setting.flag else ("is set but empty", "unset it")
     instead = f", or {setting.instead_of_empty}" if setting.instead_of_empty else ""
     return f"{source} {said}; {how} for the default{instead}"
-

@@ -132,7 +132,6 @@ def latest_per_user(lake: pl.LazyFrame) -> pl.LazyFrame:
     return lake.sort("ingested_at", "seed", "page").unique("user_id", keep="last", maintain_order=True)
 
 
-
 # ---------------------------------------------------------------- CLI
 
 

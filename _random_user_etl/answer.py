@@ -229,4 +229,3 @@ def check_expected(info: dict, got: int, expect: PageRequest) -> None:
 def contract_failure(problems: list[str]) -> AnswerError:
     """The error for an answer that breaks the contract, every problem named."""
     return AnswerError(f"{len(problems)} contract check(s) failed: " + "; ".join(problems))
-

@@ -67,8 +67,7 @@ class RateGate:
             waited = now - self.limited_since
             if waited >= settings.max_wait:
                 self.gave_up = ServiceError(
-                    f"HTTP 429, rate limited for {seconds_text(waited)}, longer than --max-wait "
-                    f"{settings.max_wait:g}s; staged pages are kept for a rerun",
+                    f"HTTP 429, rate limited for {seconds_text(waited)}, longer than --max-wait {settings.max_wait:g}s; staged pages are kept for a rerun",
                     page=page,
                 )
                 raise self.gave_up
@@ -250,9 +249,7 @@ def status_wait(response: requests.Response, asked: float | None, settings: Sett
     """Why a status is retried, and how long to wait first (`asked`: its Retry-After, if any)."""
     why = f"HTTP {response.status_code}"
     if asked and asked > settings.max_wait:
-        raise ServiceError(
-            f"{why}, the service asks to wait {asked:.0f}s (Retry-After), longer than --max-wait {settings.max_wait:g}s", page=page
-        )
+        raise ServiceError(f"{why}, the service asks to wait {asked:.0f}s (Retry-After), longer than --max-wait {settings.max_wait:g}s", page=page)
     if asked:
         return f"{why}, waiting {asked:g}s as the service asks (Retry-After)", asked
     return why, backoff_time(settings, retry)
@@ -293,4 +290,3 @@ def service_says(answer: Answer, limit: int) -> str:
     except (EtlError, ValueError, AttributeError, RecursionError):
         return ""
     return f": the service says '{shorten(message, 200)}'" if message else ""
-

@@ -72,7 +72,13 @@ class Progress:
             rate = self.fresh / elapsed
             log.info(
                 "page %d done: %d/%d users (%.0f%%), %.0f users/s, about %s left%s",
-                page, self.done, self.total, 100 * self.done / self.total, rate, self.left(rate), limit_note(self.gate),
+                page,
+                self.done,
+                self.total,
+                100 * self.done / self.total,
+                rate,
+                self.left(rate),
+                limit_note(self.gate),
             )
 
     def left(self, rate: float) -> str:
@@ -210,8 +216,18 @@ def land(folder, settings, seed, sizes, destination, started, fetched, sorter=No
     return Batch(destination, seed, report["rows"], size, seconds, fetched, len(sizes) - fetched, report)
 
 
-
-def fetch_and_stage(session, settings: Settings, gate: RateGate, seed: str, sizes: list[int], todo: list[int], folder: Path, sorter: ExternalSort, kept: Path | None = None, first_answer: Answer | None = None) -> None:
+def fetch_and_stage(
+    session,
+    settings: Settings,
+    gate: RateGate,
+    seed: str,
+    sizes: list[int],
+    todo: list[int],
+    folder: Path,
+    sorter: ExternalSort,
+    kept: Path | None = None,
+    first_answer: Answer | None = None,
+) -> None:
     """Fetch, check and stage every page in `todo` (page 1 from `first_answer` if the service picked the seed), keeping raw answers in `kept`."""
     if len(todo) < len(sizes):
         log.info("resuming seed %s: %d of %d pages already staged", seed, len(sizes) - len(todo), len(sizes))

@@ -114,7 +114,7 @@ class ExternalSort:
         for piece in sorted(self.work.glob("group-*/__run=*/*.parquet")):  # one walk, not one per range
             by_folder.get(piece.parent.name, []).append(piece)  # anything else is not a range's piece
         pieces = [piece for run in ranges for piece in run]
-        held = (pl.scan_parquet(pieces, hive_partitioning=False, glob=False).select(pl.len()).collect().item() if pieces else 0)
+        held = pl.scan_parquet(pieces, hive_partitioning=False, glob=False).select(pl.len()).collect().item() if pieces else 0
         held += last.height if last is not None else 0
         if held != self.rows:  # the batch is built from these pieces, so they must hold every row, once
             raise StorageError(f"the sort's key ranges hold {held} rows, expected {self.rows}")
@@ -142,4 +142,3 @@ class ExternalSort:
         # (register_io_source and PartitionBy are marked unstable in Polars 2; requirements pin
         # polars <3 and test_large.py checks the order they give against the raw JSON.)
         return register_io_source(ranges_in_order, schema=pl.scan_parquet(parts[0], glob=False).collect_schema())  # read_parquet_schema globs
-

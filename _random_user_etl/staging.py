@@ -38,8 +38,14 @@ def part_identity(settings: Settings, seed: str, page: int, rows: int, replayed:
     # The address (its path holds the API version) only as a hash: it may carry credentials.
     api = hashlib.sha256(settings.api_url.encode()).hexdigest()
     return {
-        "seed": seed, "page": page, "rows": rows, "page_size": settings.page_size, "nat": ",".join(settings.nat),
-        "from": origin, "api": api, "format": PART_FORMAT,
+        "seed": seed,
+        "page": page,
+        "rows": rows,
+        "page_size": settings.page_size,
+        "nat": ",".join(settings.nat),
+        "from": origin,
+        "api": api,
+        "format": PART_FORMAT,
     }
 
 
@@ -176,4 +182,3 @@ def staging_for(settings: Settings, seed: str):
                     folder.rmdir()  # only when empty: a run that staged nothing leaves no folder behind
     except OSError as exc:
         raise StorageError(write_error(exc), path=exc.filename or settings.output_dir, doing="cannot write to") from exc
-

@@ -34,8 +34,11 @@ WRITE_CHECK = ".random_user_etl-write-check"
 
 # Set when some way of signing in is: without one, Polars asks the instance's metadata service.
 CREDENTIAL_VARIABLES = (
-    "AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE",
-    "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_PROFILE",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
 )
 
 
@@ -137,7 +140,10 @@ def in_own_process(job: dict) -> dict:
     # -P: no module of the working folder is imported in place of Polars' or the job's.
     child = subprocess.Popen(
         [sys.executable, "-P", "-m", uploader.__name__],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
     )
     try:
         said, _ = child.communicate(json.dumps(job).encode())  # a stop signal's handler raises Stopped here
@@ -295,4 +301,3 @@ def lake_folder(output_dir: str) -> Path:
             raise NotADirectoryError(errno.ENOTDIR, "not a folder of batches", output_dir)
         raise FileNotFoundError(errno.ENOENT, "no such folder of batches (a typo, or no batch has landed there yet?)", output_dir)
     return folder
-

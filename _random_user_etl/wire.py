@@ -463,4 +463,3 @@ def unpack(answer: Answer, limit: int) -> bytes:
     if not stream.eof or stream.unused_data:
         raise AnswerError("the answer's gzip stream is cut short or followed by other data")
     return body
-

@@ -26,8 +26,23 @@ from pathlib import Path
 import polars as pl
 import pytest
 from conftest import (
-    GBONLY, PAGED, PREFIX, PURA, ROOT, assert_one_error_line, assert_rows_are, clean_environ, fast_env, fixture_bytes, on_log,
-    nationality_counts, raw_key, raw_users, record_sorts, run_cli, served_users,
+    GBONLY,
+    PAGED,
+    PREFIX,
+    PURA,
+    ROOT,
+    assert_one_error_line,
+    assert_rows_are,
+    clean_environ,
+    fast_env,
+    fixture_bytes,
+    on_log,
+    nationality_counts,
+    raw_key,
+    raw_users,
+    record_sorts,
+    run_cli,
+    served_users,
 )
 from fake_api import mutate, status
 from test_signals import HELD, assert_stopped, signalled_exit, wait_until
@@ -351,7 +366,9 @@ def staged_paged(folder: Path) -> list[Path]:
     """The three recorded pages of seed paged, staged as a run stages them."""
     folder.mkdir()
     return [
-        staging.stage_part(folder, etl.transform(fixture_bytes(name), etl.PageRequest("paged", page, 40)), staging.part_identity(etl.Settings(), "paged", page, 40))
+        staging.stage_part(
+            folder, etl.transform(fixture_bytes(name), etl.PageRequest("paged", page, 40)), staging.part_identity(etl.Settings(), "paged", page, 40)
+        )
         for page, name in enumerate(PAGED, start=1)
     ]
 
