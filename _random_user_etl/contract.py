@@ -34,7 +34,7 @@ def field(path: str) -> pl.Expr:
 
 def typed_columns() -> dict[str, pl.Expr]:
     """Each contract column of a user, typed, from the flat text columns named as the contract."""
-    typed = {}
+    typed: dict[str, pl.Expr] = {}
     for name in SOURCE_FIELDS:
         dtype = OUTPUT_SCHEMA[name]
         col = pl.col(name)

@@ -8,6 +8,7 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 import polars as pl
 from random_user_config import Settings
 from schemas import OUTPUT_SCHEMA
@@ -24,7 +25,7 @@ PART_NULLS_KEY = "random_user_etl.nulls"  # a staged page's nulls per column, co
 # Staged parts wait on disk for a rerun, so they are compressed, at zstd's fastest level (faster than
 # the default level and no larger: see benchmarks/README.md); nothing reads them by predicate, so
 # their statistics would go unused.
-PART = dict(compression="zstd", compression_level=1, statistics=False)
+PART: dict[str, Any] = dict(compression="zstd", compression_level=1, statistics=False)
 
 
 PART_FORMAT = 2  # the job's own version of a part: a part of another format is fetched again

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 import polars as pl
 from polars.io.plugins import register_io_source
 import random_user_config as config
@@ -87,7 +88,7 @@ def write_batch(
         copies = dropped.select(pl.struct("user_id", "page")).to_series().implode()
         ordered = ordered.filter(~pl.struct("user_id", "page").is_in(copies))
     batch = ordered.with_columns(ingested_at=pl.lit(ingested_at, UTC_INSTANT))
-    sink = dict(
+    sink: dict[str, Any] = dict(
         compression="zstd",
         compression_level=1,  # faster than the default level, and no larger (benchmarks/README.md)
         metadata={QUALITY_METADATA_KEY: json.dumps(report)},
@@ -249,7 +250,7 @@ def check_batch(path: str) -> None:
 
 
 # How every batch is read: a column added to the contract later reads as null in older batches.
-LAKE_SCAN = dict(schema=OUTPUT_SCHEMA, missing_columns="insert", extra_columns="ignore")
+LAKE_SCAN: dict[str, Any] = dict(schema=OUTPUT_SCHEMA, missing_columns="insert", extra_columns="ignore")
 
 
 def scan_batches(batches: list[str]) -> pl.LazyFrame:
