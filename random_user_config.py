@@ -15,7 +15,9 @@ import ipaddress
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 # The service caps a page at 5000 users and only pages 1..10000 exist.
@@ -82,7 +84,8 @@ def shorten(text, limit: int = 60) -> str:
     # Unprintable: C0 and C1 controls, DEL, line and paragraph separators, bidi and other format
     # characters, lone surrogates. Each is shown as Python writes it (\x1b, \n, \u202e), so a value can
     # neither forge a second line, nor move the cursor, colour the terminal or reorder the line.
-    shown, size = [], 0
+    shown: list[str] = []
+    size = 0
     for char in str(text):
         piece = char if char.isprintable() else repr(char)[1:-1]
         if size + len(piece) > limit:
@@ -117,6 +120,7 @@ def shown_url(url, path_only: bool = False) -> str:
     if at:
         rest = after
     parts = re.fullmatch(r"([^/?#]*)([^?#]*)(\?[^#]*)?(#.*)?", rest, re.S) if slashes else re.fullmatch(r"()([^?#]*)(\?[^#]*)?(#.*)?", rest, re.S)
+    assert parts is not None  # every group but the path is optional and the path takes any text: both patterns match anything
     authority, path, query, fragment = parts.groups(default="")
     shown = shown_path(path) + (shown_query(query[1:]) if query else "") + ("#***" if fragment else "")
     if not path_only:
@@ -181,7 +185,7 @@ class Setting:
     flag: str
     env: str
     help: str  # what it does; help_text() adds the default, read from Settings
-    parse: object  # str -> value; raises ValueError with a short reason
+    parse: Callable[[str], Any]  # str -> value; raises ValueError with a short reason
     flag_options: dict  # argparse's keywords for the flag: the metavar of its value, or a switch's action
     unset: str = ""  # what a default of no value (None, an empty list) means, in words
     instead_of_empty: str = ""  # what to write, beyond leaving the setting out, where an empty value was given
@@ -455,6 +459,7 @@ def is_loopback(host: str) -> bool:
 
 def check_api_url(url: str, allow_http: bool) -> None:
     """Refuse an API address that is not http(s), plain http to a remote host unless allowed, or one no request can be sent to."""
+    scheme: str | None
     try:
         parts = urlsplit(url)
         scheme, host, _ = parts.scheme, parts.hostname, parts.port  # an odd "[::1" or port raises here, not in a request
