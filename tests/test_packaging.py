@@ -27,7 +27,19 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text()) if (ROOT / "pyp
 MODULES = {"random_user_etl.py", "random_user_config.py", "schemas.py"} | {f"_random_user_etl/{p.name}" for p in (ROOT / "_random_user_etl").glob("*.py")}
 # Left out of the copy a build runs on: what a run, a test run or a venv leaves in a checkout.
 LEFTOVERS = shutil.ignore_patterns(
-    ".git", ".venv", "processed_data", "raw_data", ".staging", "__pycache__", "build", "*.egg-info", ".hypothesis", ".pytest_cache", "results"
+    ".git",
+    ".venv",
+    "processed_data",
+    "raw_data",
+    ".staging",
+    "__pycache__",
+    "build",
+    "*.egg-info",
+    ".hypothesis",
+    ".pytest_cache",
+    "results",
+    ".ruff_cache",
+    ".mypy_cache",
 )
 
 
