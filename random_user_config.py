@@ -15,7 +15,9 @@ import ipaddress
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 # The service caps a page at 5000 users and only pages 1..10000 exist.
@@ -23,9 +25,7 @@ MAX_PAGE_SIZE = 5000
 MAX_PAGES = 10_000
 
 # The nationalities randomuser.me 1.4 serves.
-NATIONALITIES = frozenset(
-    "au br ca ch de dk es fi fr gb ie in ir mx nl no nz rs tr ua us".split()
-)
+NATIONALITIES = frozenset("au br ca ch de dk es fi fr gb ie in ir mx nl no nz rs tr ua us".split())
 
 # A seed names a file, so it must be a plain file-name fragment: no separators, no
 # dots to climb with, no control characters, bounded length.
@@ -84,7 +84,8 @@ def shorten(text, limit: int = 60) -> str:
     # Unprintable: C0 and C1 controls, DEL, line and paragraph separators, bidi and other format
     # characters, lone surrogates. Each is shown as Python writes it (\x1b, \n, \u202e), so a value can
     # neither forge a second line, nor move the cursor, colour the terminal or reorder the line.
-    shown, size = [], 0
+    shown: list[str] = []
+    size = 0
     for char in str(text):
         piece = char if char.isprintable() else repr(char)[1:-1]
         if size + len(piece) > limit:
@@ -119,6 +120,7 @@ def shown_url(url, path_only: bool = False) -> str:
     if at:
         rest = after
     parts = re.fullmatch(r"([^/?#]*)([^?#]*)(\?[^#]*)?(#.*)?", rest, re.S) if slashes else re.fullmatch(r"()([^?#]*)(\?[^#]*)?(#.*)?", rest, re.S)
+    assert parts is not None  # every group but the path is optional and the path takes any text: both patterns match anything
     authority, path, query, fragment = parts.groups(default="")
     shown = shown_path(path) + (shown_query(query[1:]) if query else "") + ("#***" if fragment else "")
     if not path_only:
@@ -183,7 +185,7 @@ class Setting:
     flag: str
     env: str
     help: str  # what it does; help_text() adds the default, read from Settings
-    parse: object  # str -> value; raises ValueError with a short reason
+    parse: Callable[[str], Any]  # str -> value; raises ValueError with a short reason
     flag_options: dict  # argparse's keywords for the flag: the metavar of its value, or a switch's action
     unset: str = ""  # what a default of no value (None, an empty list) means, in words
     instead_of_empty: str = ""  # what to write, beyond leaving the setting out, where an empty value was given
@@ -273,7 +275,14 @@ SETTINGS = (
         takes("DIR"),
         instead_of_empty=f"{OFF!r} to keep no raw answers",
     ),
-    Setting("timeout", "--timeout", "RANDOM_USER_TIMEOUT", "seconds for one whole answer, from connect to its last byte, and for each request to object storage", parse_float, takes("S")),
+    Setting(
+        "timeout",
+        "--timeout",
+        "RANDOM_USER_TIMEOUT",
+        "seconds for one whole answer, from connect to its last byte, and for each request to object storage",
+        parse_float,
+        takes("S"),
+    ),
     Setting("retries", "--retries", "RANDOM_USER_RETRIES", "retries per request on transient faults, the service's or object storage's", parse_int, takes("K")),
     Setting("backoff", "--backoff", "RANDOM_USER_BACKOFF", "base of the exponential backoff between retries, seconds", parse_float, takes("S")),
     Setting(
@@ -289,8 +298,7 @@ SETTINGS = (
         "max_wait",
         "--max-wait",
         "RANDOM_USER_MAX_WAIT",
-        "the longest the run waits on the service at one stretch, seconds: no backoff or rate-limit pause "
-        "is longer, and a Retry-After beyond it ends the run",
+        "the longest the run waits on the service at one stretch, seconds: no backoff or rate-limit pause is longer, and a Retry-After beyond it ends the run",
         parse_float,
         takes("S"),
     ),
@@ -451,6 +459,7 @@ def is_loopback(host: str) -> bool:
 
 def check_api_url(url: str, allow_http: bool) -> None:
     """Refuse an API address that is not http(s), plain http to a remote host unless allowed, or one no request can be sent to."""
+    scheme: str | None
     try:
         parts = urlsplit(url)
         scheme, host, _ = parts.scheme, parts.hostname, parts.port  # an odd "[::1" or port raises here, not in a request
@@ -459,10 +468,7 @@ def check_api_url(url: str, allow_http: bool) -> None:
     if scheme not in ("https", "http") or not host:
         raise SettingsError(f"{describe('api_url')} must be an https:// address, got '{shown_url(url)}'")
     if scheme == "http" and not allow_http and not is_loopback(host):
-        raise SettingsError(
-            f"{describe('api_url')} is plain http:// to {shorten(host)}; use https, "
-            f"or allow it with {describe('allow_http')}"
-        )
+        raise SettingsError(f"{describe('api_url')} is plain http:// to {shorten(host)}; use https, or allow it with {describe('allow_http')}")
     if not sendable(url, host):
         raise SettingsError(f"{describe('api_url')} has a host name no request can be sent to, got '{shown_url(url)}'")
 
@@ -534,8 +540,7 @@ def check_s3_address(address: str) -> None:
     bucket, _, prefix = rest.partition("/")
     if not BUCKET.fullmatch(bucket):
         raise SettingsError(
-            f"{label} names no valid bucket, {got}: a bucket is 3 to 63 lowercase letters, digits, '.' or '-', "
-            "starting and ending with a letter or digit"
+            f"{label} names no valid bucket, {got}: a bucket is 3 to 63 lowercase letters, digits, '.' or '-', starting and ending with a letter or digit"
         )
     parts = prefix.rstrip("/").split("/") if prefix.rstrip("/") else []
     if any(part in ("", ".", "..") for part in parts):
@@ -639,4 +644,3 @@ def empty_value(setting: Setting, source: str) -> str:
     said, how = ("is empty", "leave it out") if source == setting.flag else ("is set but empty", "unset it")
     instead = f", or {setting.instead_of_empty}" if setting.instead_of_empty else ""
     return f"{source} {said}; {how} for the default{instead}"
-

@@ -134,7 +134,6 @@ def latest_per_user(lake: pl.LazyFrame) -> pl.LazyFrame:
     return lake.sort("ingested_at", "seed", "page").unique("user_id", keep="last", maintain_order=True)
 
 
-
 # ---------------------------------------------------------------- CLI
 
 

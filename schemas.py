@@ -10,6 +10,11 @@ declared, so they are never even parsed.
 """
 
 import polars as pl
+from polars.datatypes import DataTypeClass
+
+# A column's type as written here: a dtype (pl.List(...), UTC_INSTANT) or a dtype class (pl.String).
+# Named so that a dict mixing the two types as Polars takes it, not as a dict of `object`.
+Dtype = pl.DataType | DataTypeClass
 
 S = pl.String
 
@@ -45,7 +50,8 @@ RAW_USER = pl.Struct(
 
 RAW_INFO = pl.Struct({"seed": S, "results": S, "page": S, "version": S})
 
-RAW_RESPONSE = pl.Schema({"results": pl.List(RAW_USER), "info": RAW_INFO, "error": S})
+RAW_RESPONSE_FIELDS: dict[str, Dtype] = {"results": pl.List(RAW_USER), "info": RAW_INFO, "error": S}
+RAW_RESPONSE = pl.Schema(RAW_RESPONSE_FIELDS)
 
 # The top-level user fields the contract needs: asked for with `inc=` to keep answers lean.
 INCLUDED_FIELDS = tuple(RAW_USER.to_schema())
@@ -53,42 +59,41 @@ INCLUDED_FIELDS = tuple(RAW_USER.to_schema())
 UTC_INSTANT = pl.Datetime("us", "UTC")
 
 # The output contract: names, order and types of every landed column.
-OUTPUT_SCHEMA = pl.Schema(
-    {
-        "user_id": S,
-        "gender": S,
-        "title": S,
-        "first_name": S,
-        "last_name": S,
-        "full_name": S,
-        "email": S,
-        "username": S,
-        "phone": S,
-        "cell": S,
-        "date_of_birth": UTC_INSTANT,
-        "age": pl.Int32,
-        "registered_at": UTC_INSTANT,
-        "street_number": pl.Int32,
-        "street_name": S,
-        "street_address": S,
-        "city": S,
-        "state": S,
-        "country": S,
-        "postcode": S,
-        "latitude": pl.Float64,
-        "longitude": pl.Float64,
-        "timezone_offset": S,
-        "timezone_description": S,
-        "national_id_type": S,
-        "national_id": S,
-        "nationality": S,
-        "picture_url": S,
-        "seed": S,
-        "page": pl.Int32,
-        "api_version": S,
-        "ingested_at": UTC_INSTANT,
-    }
-)
+OUTPUT_COLUMNS: dict[str, Dtype] = {
+    "user_id": S,
+    "gender": S,
+    "title": S,
+    "first_name": S,
+    "last_name": S,
+    "full_name": S,
+    "email": S,
+    "username": S,
+    "phone": S,
+    "cell": S,
+    "date_of_birth": UTC_INSTANT,
+    "age": pl.Int32,
+    "registered_at": UTC_INSTANT,
+    "street_number": pl.Int32,
+    "street_name": S,
+    "street_address": S,
+    "city": S,
+    "state": S,
+    "country": S,
+    "postcode": S,
+    "latitude": pl.Float64,
+    "longitude": pl.Float64,
+    "timezone_offset": S,
+    "timezone_description": S,
+    "national_id_type": S,
+    "national_id": S,
+    "nationality": S,
+    "picture_url": S,
+    "seed": S,
+    "page": pl.Int32,
+    "api_version": S,
+    "ingested_at": UTC_INSTANT,
+}
+OUTPUT_SCHEMA = pl.Schema(OUTPUT_COLUMNS)
 
 # Where each user column comes from in the raw answer, for error messages that name it.
 SOURCE_FIELDS = {

@@ -9,7 +9,7 @@ import json
 import re
 import polars as pl
 from random_user_config import MAX_PAGE_SIZE, shorten
-from schemas import RAW_INFO, RAW_RESPONSE, SOURCE_FIELDS
+from schemas import RAW_INFO, RAW_RESPONSE, SOURCE_FIELDS, Dtype
 from _random_user_etl.errors import AnswerError
 
 
@@ -186,7 +186,8 @@ def service_error(message: str) -> AnswerError:
 
 def answer_info(body: bytes) -> dict:
     """An answer's info alone, from a parse of only info and error (half a full parse); an error body refused."""
-    row = parse_body(body, pl.Schema({"info": RAW_INFO, "error": pl.String})).row(0, named=True)
+    info_and_error: dict[str, Dtype] = {"info": RAW_INFO, "error": pl.String}
+    row = parse_body(body, pl.Schema(info_and_error)).row(0, named=True)
     if row["error"] is not None:
         raise service_error(row["error"])
     info = row["info"] or {}
@@ -229,4 +230,3 @@ def check_expected(info: dict, got: int, expect: PageRequest) -> None:
 def contract_failure(problems: list[str]) -> AnswerError:
     """The error for an answer that breaks the contract, every problem named."""
     return AnswerError(f"{len(problems)} contract check(s) failed: " + "; ".join(problems))
-

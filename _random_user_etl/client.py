@@ -11,6 +11,7 @@ import random
 import re
 import threading
 import time
+from collections.abc import Callable
 from urllib.parse import urlsplit
 import requests
 from random_user_config import Settings, shorten, shown_url
@@ -34,15 +35,15 @@ class RateGate:
 
     # A bare 429 says nothing of when the limit lifts, so after one every worker waits here while a
     # single request asks again every --rate-limit-wait; refused requests cost the service nothing.
-    def __init__(self):
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._resume_at = 0.0  # when the next probe may go
-        self._prober = None  # the token of the one request probing now
+        self._prober: object | None = None  # the token of the one request probing now
         self.limited_since: float | None = None  # the first refusal of the stretch under way
         self.gave_up: ServiceError | None = None  # what ended the run, raised again in every worker
         self.fetched = 0  # users served so far
         self.resets: list[tuple[float, int]] = []  # each reset seen: when, and the users served before it
-        self.watch = None  # called with the seconds rate limited on each refusal, None when the gate opens
+        self.watch: Callable[[float | None], None] | None = None  # called with the seconds rate limited on each refusal, None when the gate opens
 
     def enter(self) -> object | None:
         """Wait until a request may go: a token if it is the probe of a shut gate, else None."""
@@ -58,7 +59,7 @@ class RateGate:
                     return self._prober
             hold(left if left > 0 else PROBE_POLL)  # the probe's answer decides: look again soon
 
-    def refused(self, settings: Settings, page: int, token: object | None) -> tuple[float, float]:
+    def refused(self, settings: Settings, page: int | None, token: object | None) -> tuple[float, float]:
         """Count a bare 429: shut the gate, and say how long it has been shut and when to ask again."""
         with self._lock:
             now = time.monotonic()
@@ -67,8 +68,7 @@ class RateGate:
             waited = now - self.limited_since
             if waited >= settings.max_wait:
                 self.gave_up = ServiceError(
-                    f"HTTP 429, rate limited for {seconds_text(waited)}, longer than --max-wait "
-                    f"{settings.max_wait:g}s; staged pages are kept for a rerun",
+                    f"HTTP 429, rate limited for {seconds_text(waited)}, longer than --max-wait {settings.max_wait:g}s; staged pages are kept for a rerun",
                     page=page,
                 )
                 raise self.gave_up
@@ -184,6 +184,7 @@ def fetch_page(session: requests.Session, settings: Settings, request: PageReque
             raise
         else:
             if response.status_code == 200:
+                assert answer is not None  # ask() reads the body of every 200
                 gate.served(request.results or 0, token)
                 return answer
             if rate_limit_refusal(response):
@@ -229,11 +230,11 @@ def retries_made(count: int, verb: str = "after") -> str:
     return f", {verb} {count} {'retry' if count == 1 else 'retries'}" if count else ""
 
 
-def status_error(response: requests.Response, answer: Answer | None, settings: Settings, page: int, retries: int) -> ServiceError:
+def status_error(response: requests.Response, answer: Answer | None, settings: Settings, page: int | None, retries: int) -> ServiceError:
     """The error that ends the run on an answer that is not 200: a redirect, or an error status with the service's word."""
     if response.is_redirect:
         return ServiceError(f"HTTP {response.status_code} redirect to {redirect_host(response)}, not followed", page=page)
-    says = service_says(answer, settings.max_response_bytes)
+    says = service_says(answer, settings.max_response_bytes) if answer is not None else ""
     return ServiceError(f"HTTP {response.status_code}{says}{retries_made(retries)}", page=page)
 
 
@@ -246,13 +247,11 @@ def redirect_host(response: requests.Response) -> str:
     return shorten(host) if host else "elsewhere"
 
 
-def status_wait(response: requests.Response, asked: float | None, settings: Settings, retry: int, page: int) -> tuple[str, float]:
+def status_wait(response: requests.Response, asked: float | None, settings: Settings, retry: int, page: int | None) -> tuple[str, float]:
     """Why a status is retried, and how long to wait first (`asked`: its Retry-After, if any)."""
     why = f"HTTP {response.status_code}"
     if asked and asked > settings.max_wait:
-        raise ServiceError(
-            f"{why}, the service asks to wait {asked:.0f}s (Retry-After), longer than --max-wait {settings.max_wait:g}s", page=page
-        )
+        raise ServiceError(f"{why}, the service asks to wait {asked:.0f}s (Retry-After), longer than --max-wait {settings.max_wait:g}s", page=page)
     if asked:
         return f"{why}, waiting {asked:g}s as the service asks (Retry-After)", asked
     return why, backoff_time(settings, retry)
@@ -293,4 +292,3 @@ def service_says(answer: Answer, limit: int) -> str:
     except (EtlError, ValueError, AttributeError, RecursionError):
         return ""
     return f": the service says '{shorten(message, 200)}'" if message else ""
-

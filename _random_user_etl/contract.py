@@ -34,7 +34,7 @@ def field(path: str) -> pl.Expr:
 
 def typed_columns() -> dict[str, pl.Expr]:
     """Each contract column of a user, typed, from the flat text columns named as the contract."""
-    typed = {}
+    typed: dict[str, pl.Expr] = {}
     for name in SOURCE_FIELDS:
         dtype = OUTPUT_SCHEMA[name]
         col = pl.col(name)
@@ -84,9 +84,7 @@ def contract_violations(flat: pl.DataFrame, typed: pl.DataFrame) -> list[str]:
 def check_field_lengths(flat: pl.DataFrame) -> None:
     """Refuse records with a text field longer than MAX_FIELD_BYTES, before anything copies it."""
     counts = flat.select((pl.all().str.len_bytes() > MAX_FIELD_BYTES).sum()).row(0, named=True)
-    problems = [
-        f"{SOURCE_FIELDS[name]} is longer than {MAX_FIELD_BYTES:,} bytes in {count} records" for name, count in counts.items() if count
-    ]
+    problems = [f"{SOURCE_FIELDS[name]} is longer than {MAX_FIELD_BYTES:,} bytes in {count} records" for name, count in counts.items() if count]
     if problems:
         raise contract_failure(problems)
 
@@ -115,7 +113,5 @@ def transform(body: bytes, expect: PageRequest | None = None, ingested_at: dt.da
             page=pl.lit(int(page) if page is not None else None, pl.Int32),
             api_version=pl.lit(info.get("version"), pl.String),
             ingested_at=pl.lit(ingested_at, UTC_INSTANT),
-        )
-        .select(OUTPUT_SCHEMA.names())  # not sorted: the batch is, as it lands (write_batch)
+        ).select(OUTPUT_SCHEMA.names())  # not sorted: the batch is, as it lands (write_batch)
     )
-

@@ -71,4 +71,3 @@ def write_error(exc: BaseException) -> str:
         return type(exc).__name__
     cause = re.sub(r"^\d+:\s*", "", lines[-1]) if len(lines) > 1 and "Caused by:" in text else ""
     return shorten(lines[0], 200) + (f" ({shorten(cause, 80)})" if cause else "")
-

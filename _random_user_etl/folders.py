@@ -194,4 +194,3 @@ def seed_lock(root: Path, seed: str):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-

@@ -72,7 +72,13 @@ class Progress:
             rate = self.fresh / elapsed
             log.info(
                 "page %d done: %d/%d users (%.0f%%), %.0f users/s, about %s left%s",
-                page, self.done, self.total, 100 * self.done / self.total, rate, self.left(rate), limit_note(self.gate),
+                page,
+                self.done,
+                self.total,
+                100 * self.done / self.total,
+                rate,
+                self.left(rate),
+                limit_note(self.gate),
             )
 
     def left(self, rate: float) -> str:
@@ -85,7 +91,8 @@ class Progress:
 
     def limited(self, waited: float | None) -> None:
         """Show on the bar how long the rate limit has held, or clear it once lifted."""
-        self.bar.set_postfix_str("" if waited is None else f"rate limited {seconds_text(waited)}")
+        if self.bar is not None:  # the gate calls this only while the bar is open
+            self.bar.set_postfix_str("" if waited is None else f"rate limited {seconds_text(waited)}")
 
     def close(self) -> None:
         """Close the bar if there is one."""
@@ -126,12 +133,14 @@ def in_parallel(work, items, concurrency: int):
 
 def fetch_and_keep(session, settings: Settings, request: PageRequest, gate: RateGate, kept: Path | None) -> tuple[PageRequest, Answer, Path | None]:
     """Fetch one page and keep its raw answer in `kept`: the part of a page's work that waits on the network."""
+    assert request.page is not None  # every page fetched to stage is asked for by number
     answer = fetch_page(session, settings, request, gate)
     return request, answer, save_raw(kept, request.page, answer)
 
 
 def stage_body(answer: Answer, request: PageRequest, settings: Settings, folder: Path, raw_path: Path | None = None, replayed: bool = False) -> tuple[int, int]:
     """Unpack, transform and stage one answer (a kept one, if `replayed`), and name its kept raw file after the verdict."""
+    assert request.seed is not None and request.page is not None  # a staged page is always asked for by seed and number
     try:
         frame = transform(unpack(answer, settings.max_response_bytes), request)
     except EtlError as exc:
@@ -210,8 +219,18 @@ def land(folder, settings, seed, sizes, destination, started, fetched, sorter=No
     return Batch(destination, seed, report["rows"], size, seconds, fetched, len(sizes) - fetched, report)
 
 
-
-def fetch_and_stage(session, settings: Settings, gate: RateGate, seed: str, sizes: list[int], todo: list[int], folder: Path, sorter: ExternalSort, kept: Path | None = None, first_answer: Answer | None = None) -> None:
+def fetch_and_stage(
+    session,
+    settings: Settings,
+    gate: RateGate,
+    seed: str,
+    sizes: list[int],
+    todo: list[int],
+    folder: Path,
+    sorter: ExternalSort,
+    kept: Path | None = None,
+    first_answer: Answer | None = None,
+) -> None:
     """Fetch, check and stage every page in `todo` (page 1 from `first_answer` if the service picked the seed), keeping raw answers in `kept`."""
     if len(todo) < len(sizes):
         log.info("resuming seed %s: %d of %d pages already staged", seed, len(sizes) - len(todo), len(sizes))

@@ -141,9 +141,7 @@ def check_not_staging(source: Path, output_dir: str) -> None:
     """Refuse a replay source in the output's staging folder: replay clears the seed's staging folder first."""
     if lies_in(source, staging_root(output_dir)):
         raise StorageError(
-            f"it lies in the staging folder {staging_root(output_dir)} of the output, "
-            "which a run clears; copy the kept answers elsewhere and replay the copy",
+            f"it lies in the staging folder {staging_root(output_dir)} of the output, which a run clears; copy the kept answers elsewhere and replay the copy",
             path=source,
             doing="cannot replay",
         )
-

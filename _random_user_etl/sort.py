@@ -7,6 +7,7 @@ import math
 import shutil
 import threading
 from pathlib import Path
+from typing import Any
 import polars as pl
 from polars.io.plugins import register_io_source
 from schemas import SORT_KEY
@@ -29,7 +30,7 @@ GROUP_FILES = 200
 
 # Scratch files of the external sort are read once, soon after: uncompressed parquet is the
 # cheapest to write and read back (Arrow IPC and zstd were slower: see benchmarks/README.md).
-SCRATCH = dict(compression="uncompressed", statistics=False)
+SCRATCH: dict[str, Any] = dict(compression="uncompressed", statistics=False)
 
 
 def sort_key() -> pl.Expr:
@@ -102,19 +103,20 @@ class ExternalSort:
         """All of `parts` in key order, each key range sorted alone (a stop signal ends it early); `rows`, each part's rows if known."""
         if self.runs <= 1:
             return read_parts(parts).lazy().sort(sort_key())  # at most run_rows rows
-        for part, known in zip(parts, rows or [None] * len(parts)):
+        known_rows: list[int | None] = list(rows) if rows else [None] * len(parts)
+        for part, known in zip(parts, known_rows, strict=True):
             if part not in self.taken:  # a part the run did not add: one resumed, or staged by replay
                 self.add(part, pl.scan_parquet(part, glob=False).select(pl.len()).collect().item() if known is None else known)
         with self.lock:
             # The last group (at most about two groups' rows) is split here, in memory.
             last = self._keyed(self.waiting).collect() if self.waiting else None
             self.waiting, self.waiting_rows = [], 0
-        ranges = [[] for _ in range(self.runs)]
+        ranges: list[list[Path]] = [[] for _ in range(self.runs)]
         by_folder = {f"__run={run}": pieces for run, pieces in enumerate(ranges)}
         for piece in sorted(self.work.glob("group-*/__run=*/*.parquet")):  # one walk, not one per range
             by_folder.get(piece.parent.name, []).append(piece)  # anything else is not a range's piece
         pieces = [piece for run in ranges for piece in run]
-        held = (pl.scan_parquet(pieces, hive_partitioning=False, glob=False).select(pl.len()).collect().item() if pieces else 0)
+        held = pl.scan_parquet(pieces, hive_partitioning=False, glob=False).select(pl.len()).collect().item() if pieces else 0
         held += last.height if last is not None else 0
         if held != self.rows:  # the batch is built from these pieces, so they must hold every row, once
             raise StorageError(f"the sort's key ranges hold {held} rows, expected {self.rows}")
@@ -142,4 +144,3 @@ class ExternalSort:
         # (register_io_source and PartitionBy are marked unstable in Polars 2; requirements pin
         # polars <3 and test_large.py checks the order they give against the raw JSON.)
         return register_io_source(ranges_in_order, schema=pl.scan_parquet(parts[0], glob=False).collect_schema())  # read_parquet_schema globs
-

@@ -8,6 +8,7 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 import polars as pl
 from random_user_config import Settings
 from schemas import OUTPUT_SCHEMA
@@ -24,7 +25,7 @@ PART_NULLS_KEY = "random_user_etl.nulls"  # a staged page's nulls per column, co
 # Staged parts wait on disk for a rerun, so they are compressed, at zstd's fastest level (faster than
 # the default level and no larger: see benchmarks/README.md); nothing reads them by predicate, so
 # their statistics would go unused.
-PART = dict(compression="zstd", compression_level=1, statistics=False)
+PART: dict[str, Any] = dict(compression="zstd", compression_level=1, statistics=False)
 
 
 PART_FORMAT = 2  # the job's own version of a part: a part of another format is fetched again
@@ -38,8 +39,14 @@ def part_identity(settings: Settings, seed: str, page: int, rows: int, replayed:
     # The address (its path holds the API version) only as a hash: it may carry credentials.
     api = hashlib.sha256(settings.api_url.encode()).hexdigest()
     return {
-        "seed": seed, "page": page, "rows": rows, "page_size": settings.page_size, "nat": ",".join(settings.nat),
-        "from": origin, "api": api, "format": PART_FORMAT,
+        "seed": seed,
+        "page": page,
+        "rows": rows,
+        "page_size": settings.page_size,
+        "nat": ",".join(settings.nat),
+        "from": origin,
+        "api": api,
+        "format": PART_FORMAT,
     }
 
 
@@ -176,4 +183,3 @@ def staging_for(settings: Settings, seed: str):
                     folder.rmdir()  # only when empty: a run that staged nothing leaves no folder behind
     except OSError as exc:
         raise StorageError(write_error(exc), path=exc.filename or settings.output_dir, doing="cannot write to") from exc
-

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 import polars as pl
 from polars.io.plugins import register_io_source
 import random_user_config as config
@@ -34,8 +35,11 @@ WRITE_CHECK = ".random_user_etl-write-check"
 
 # Set when some way of signing in is: without one, Polars asks the instance's metadata service.
 CREDENTIAL_VARIABLES = (
-    "AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE",
-    "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_PROFILE",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
 )
 
 
@@ -84,7 +88,7 @@ def write_batch(
         copies = dropped.select(pl.struct("user_id", "page")).to_series().implode()
         ordered = ordered.filter(~pl.struct("user_id", "page").is_in(copies))
     batch = ordered.with_columns(ingested_at=pl.lit(ingested_at, UTC_INSTANT))
-    sink = dict(
+    sink: dict[str, Any] = dict(
         compression="zstd",
         compression_level=1,  # faster than the default level, and no larger (benchmarks/README.md)
         metadata={QUALITY_METADATA_KEY: json.dumps(report)},
@@ -137,19 +141,24 @@ def in_own_process(job: dict) -> dict:
     # -P: no module of the working folder is imported in place of Polars' or the job's.
     child = subprocess.Popen(
         [sys.executable, "-P", "-m", uploader.__name__],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
     )
+    stdin, stdout = child.stdin, child.stdout
+    assert stdin is not None and stdout is not None  # both asked for as pipes
     said = None
     try:
         # The job goes as one line and stdin stays open: the child leaves at once when it closes, so
         # a job killed by SIGKILL, which runs no handler, takes its upload with it.
-        child.stdin.write(json.dumps(job).encode() + b"\n")
-        child.stdin.flush()
-        said = child.stdout.read()  # a stop signal's handler raises Stopped here
+        stdin.write(json.dumps(job).encode() + b"\n")
+        stdin.flush()
+        said = stdout.read()  # a stop signal's handler raises Stopped here
     finally:
         if said is None:
             child.kill()  # stopped: the upload ends now, and no try of it reaches the store after
-        child.stdin.close()
+        stdin.close()
         child.wait()
     lines = said.decode(errors="replace").strip().splitlines()
     if child.returncode != 0 or not lines:
@@ -249,7 +258,7 @@ def check_batch(path: str) -> None:
 
 
 # How every batch is read: a column added to the contract later reads as null in older batches.
-LAKE_SCAN = dict(schema=OUTPUT_SCHEMA, missing_columns="insert", extra_columns="ignore")
+LAKE_SCAN: dict[str, Any] = dict(schema=OUTPUT_SCHEMA, missing_columns="insert", extra_columns="ignore")
 
 
 def scan_batches(batches: list[str]) -> pl.LazyFrame:
@@ -301,4 +310,3 @@ def lake_folder(output_dir: str) -> Path:
             raise NotADirectoryError(errno.ENOTDIR, "not a folder of batches", output_dir)
         raise FileNotFoundError(errno.ENOENT, "no such folder of batches (a typo, or no batch has landed there yet?)", output_dir)
     return folder
-

@@ -6,13 +6,17 @@ import json
 import os
 import sys
 import threading
+from typing import TYPE_CHECKING
 import polars as pl
 from _random_user_etl.errors import write_error
+
+if TYPE_CHECKING:
+    from polars.io.partition import SinkedPathsCallbackArgs
 
 
 def send(job: dict) -> dict:
     """Upload the finished batch file `job["path"]` to `job["destination"]`: the object's size in bytes, or why not."""
-    sinked = []
+    sinked: list[SinkedPathsCallbackArgs] = []
     try:
         pl.scan_parquet(job["path"], glob=False).sink_parquet(job["destination"], sinked_paths_callback=sinked.append, **job["sink"])
     except BaseException as exc:  # a panic inside Polars too: the run that started this says it in its one line

@@ -157,10 +157,11 @@ class Metered:
 
     def _most(self, asked: int | None) -> int | None:
         """What a read may ask for: `asked`, but never past one byte beyond the bound, and never "all there is"."""
-        bound = self._attempt.bound if self._attempt is not None else None
-        if bound is None:
+        attempt = self._attempt
+        bound = attempt.bound if attempt is not None else None
+        if attempt is None or bound is None:
             return asked
-        left = max(bound - self._attempt.read, 0) + 1  # one past: a read that reaches it is over the bound
+        left = max(bound - attempt.read, 0) + 1  # one past: a read that reaches it is over the bound
         return left if asked is None or asked < 0 else min(asked, left)
 
     def _count(self, size: int) -> None:
@@ -257,7 +258,7 @@ class _Watched:
             attempt.attach(self)
 
 
-def watched(pool_class: type) -> type:
+def watched(pool_class: type[urllib3.HTTPConnectionPool]) -> type:
     """A urllib3 pool class whose connections are tied to the try under way."""
     connection = type(f"Watched{pool_class.ConnectionCls.__name__}", (_Watched, pool_class.ConnectionCls), {})
     return type(f"Watched{pool_class.__name__}", (pool_class,), {"ConnectionCls": connection})
@@ -352,7 +353,8 @@ class Fault(Exception):
 
 def causes(exc: BaseException) -> list[BaseException]:
     """An exception and every exception it wraps (in its args, reason, cause or context), outermost first."""
-    chain, todo = [], [exc]
+    chain: list[BaseException] = []
+    todo: list[object] = [exc]
     while todo:
         item = todo.pop(0)
         if isinstance(item, BaseException) and not any(item is seen for seen in chain):
@@ -463,4 +465,3 @@ def unpack(answer: Answer, limit: int) -> bytes:
     if not stream.eof or stream.unused_data:
         raise AnswerError("the answer's gzip stream is cut short or followed by other data")
     return body
-

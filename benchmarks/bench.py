@@ -61,7 +61,7 @@ class Report:
     def table(self, header: list[str], rows: list[list[str]]) -> None:
         """A plain aligned table: first column left, the others right."""
         widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-        fmt = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        fmt = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=False)))
         self("  " + fmt(header))
         self("  " + "  ".join("-" * w for w in widths))
         for row in rows:
@@ -205,17 +205,14 @@ def naive_polars_transform(body: bytes):
         national_id_type=pl.when(pl.col("national_id_type") != "").then(pl.col("national_id_type")),
         national_id=pl.when(pl.col("national_id") != "").then(pl.col("national_id")),
     )
-    return (
-        frame.with_columns(
-            full_name=pl.concat_str("first_name", "last_name", separator=" "),
-            street_address=pl.concat_str(pl.col("street_number").cast(pl.String), "street_name", separator=" "),
-            seed=pl.lit(info.get("seed"), pl.String),
-            page=pl.lit(info.get("page"), pl.Int32),
-            api_version=pl.lit(info.get("version"), pl.String),
-            ingested_at=pl.lit(dt.datetime.now(dt.UTC), utc),
-        )
-        .select(OUTPUT_SCHEMA.names())
-    )
+    return frame.with_columns(
+        full_name=pl.concat_str("first_name", "last_name", separator=" "),
+        street_address=pl.concat_str(pl.col("street_number").cast(pl.String), "street_name", separator=" "),
+        seed=pl.lit(info.get("seed"), pl.String),
+        page=pl.lit(info.get("page"), pl.Int32),
+        api_version=pl.lit(info.get("version"), pl.String),
+        ingested_at=pl.lit(dt.datetime.now(dt.UTC), utc),
+    ).select(OUTPUT_SCHEMA.names())
 
 
 class OverAll:
@@ -350,10 +347,7 @@ def bench_transform(report: Report, pages: int, repeats: int) -> dict:
     built = time.perf_counter() - started
     ref = Reference(bodies)
     mb = sum(map(len, bodies)) / 1e6
-    report(
-        f"  bodies: {mb:.1f} MB of JSON from tests/fake_api.page_body (recorded users, distinct ids), "
-        f"built in {built:.1f}s"
-    )
+    report(f"  bodies: {mb:.1f} MB of JSON from tests/fake_api.page_body (recorded users, distinct ids), built in {built:.1f}s")
     report(
         f"  polars {pl.__version__} ({pl.thread_pool_size()} threads), pandas {pd.__version__}, python {sys.version.split()[0]}, "
         f"{CORES} cores; {repeats} timed pass(es) each after a warm-up, interleaved, gc paused while timing; median reported"
@@ -507,9 +501,22 @@ def run_job(url: str, n: int, concurrency: int, raw: bool = False) -> dict:
     """Run the job's CLI in a fresh process; its wall times, peak RSS (VmHWM) and output folder."""
     out = tempfile.mkdtemp(prefix="bench-out-")
     args = [
-        "--n", str(n), "--seed", SEED, "--api-url", url, "--output-dir", out,
-        "--raw-dir", str(Path(out) / "raw") if raw else "off",
-        "--concurrency", str(concurrency), "--retries", "0", "--timeout", "60",
+        "--n",
+        str(n),
+        "--seed",
+        SEED,
+        "--api-url",
+        url,
+        "--output-dir",
+        out,
+        "--raw-dir",
+        str(Path(out) / "raw") if raw else "off",
+        "--concurrency",
+        str(concurrency),
+        "--retries",
+        "0",
+        "--timeout",
+        "60",
     ]
     result = {"out": out, **run_helper("--_child", args, "job", clean_env())}
     result["rss_mb"] = result["hwm_kb"] * 1024 / 1e6 if result.get("hwm_kb") else math.nan
@@ -630,7 +637,8 @@ def check_landed(result: dict, n: int, expected_order: list[str] | None) -> list
         landed = ids.to_list()
         if expected_order is not None and landed != expected_order:
             problems.append(
-                "landed ids differ from the ids in the raw JSON served" if set(landed) != set(expected_order)
+                "landed ids differ from the ids in the raw JSON served"
+                if set(landed) != set(expected_order)
                 else "landed rows are not in the raw users' key order (nationality, last, first, id)"
             )
         raw = Path(result["out"]) / "raw"
@@ -675,7 +683,9 @@ def bench_end_to_end(report: Report, n: int, repeats: int, ids: list[str], with_
     )
     report("  floor = ceil(pages / concurrency) x latency; 'run' = the job's main(); 'process' adds interpreter start and imports")
     report(f"  'CPU s' = CPU time the run used (all threads); no schedule on {CORES} cores can beat 'CPU s / cores', whatever the floor says")
-    report("  'bare client' = the least any job must do, same server and concurrency: fetch, gunzip and parse (pl.read_json) every page; nothing typed or written")
+    report(
+        "  'bare client' = the least any job must do, same server and concurrency: fetch, gunzip and parse (pl.read_json) every page; nothing typed or written"
+    )
     failures, rows, spent_rows, targets = [], [], [], []
     configs = [(1, False), (4, False)] + ([(4, True)] if with_raw else [])
     with FakeServer(LATENCY, pages) as server:
@@ -706,7 +716,21 @@ def bench_end_to_end(report: Report, n: int, repeats: int, ids: list[str], with_
             verdict_text = "(info)" if raw else verdict(over <= 15)
             cpu = middle.get("cpu_s", float("nan"))
             bare_cells = [f"{bare_s:.2f}", f"{(bare_s / floor - 1) * 100:+.0f}%"] if timed else ["-", "-"]
-            rows.append([label, f"{floor:.2f}", *bare_cells, f"{run_s:.2f}", f"{over:+.0f}%", f"{cpu:.2f}", f"{cpu / CORES:.2f}", f"{proc_s:.2f}", rate(n, run_s), f"{rss:.0f}", verdict_text])
+            rows.append(
+                [
+                    label,
+                    f"{floor:.2f}",
+                    *bare_cells,
+                    f"{run_s:.2f}",
+                    f"{over:+.0f}%",
+                    f"{cpu:.2f}",
+                    f"{cpu / CORES:.2f}",
+                    f"{proc_s:.2f}",
+                    rate(n, run_s),
+                    f"{rss:.0f}",
+                    verdict_text,
+                ]
+            )
             spent = middle.get("spent", {})
             cells = [f"{spent[name]:.2f}" if name in spent else "-" for name in STEPS]
             land = spent.get("land")
@@ -715,7 +739,20 @@ def bench_end_to_end(report: Report, n: int, repeats: int, ids: list[str], with_
                 reachable = bare_s / floor - 1 <= 0.15
                 why = "" if reachable or over <= 15 else f"; the bare client alone is {(bare_s / floor - 1) * 100:+.0f}% here"
                 targets.append((f"end to end c={concurrency}: within 15% of the floor ({over:+.0f}%{why})", over <= 15))
-    header = ["configuration", "floor s", "bare client s", "bare overhead", "run s", "overhead", "CPU s", "CPU s / cores", "process s", "users/s", "peak RSS MB", "<=15%"]
+    header = [
+        "configuration",
+        "floor s",
+        "bare client s",
+        "bare overhead",
+        "run s",
+        "overhead",
+        "CPU s",
+        "CPU s / cores",
+        "process s",
+        "users/s",
+        "peak RSS MB",
+        "<=15%",
+    ]
     report.table(header, rows)
     report()
     report("  Where the time goes (the median run; seconds summed over threads, so fetches overlap at concurrency > 1):")
@@ -774,7 +811,6 @@ def wait_quiet(limit: float, busy_below: float = 15.0, quiet_for: int = 5) -> No
     print("quiet" if quiet >= quiet_for else "still busy: going ahead (see the 'other processes' lines)", flush=True)
 
 
-
 # ---------------------------------------------------------------- pace: a long pull under the rate limit
 
 # The service's limit, scaled down: 20,000 users per 300 s window becomes PACE_USERS per PACE_WINDOW,
@@ -790,9 +826,28 @@ SCALE = PACE_WINDOW / 300
 def pace_job_args(url: str, out: str) -> list[str]:
     """The job's CLI for the pace pull: its default waits and retries, scaled like the window."""
     return [
-        "--n", str(PACE_USERS * PACE_WINDOWS), "--seed", SEED, "--api-url", url, "--output-dir", out, "--raw-dir", "off",
-        "--page-size", str(PACE_PAGE), "--concurrency", "4", "--timeout", "60",
-        "--rate-limit-wait", f"{10 * SCALE:.6f}", "--max-wait", f"{900 * SCALE:.6f}", "--backoff", f"{1 * SCALE:.6f}",
+        "--n",
+        str(PACE_USERS * PACE_WINDOWS),
+        "--seed",
+        SEED,
+        "--api-url",
+        url,
+        "--output-dir",
+        out,
+        "--raw-dir",
+        "off",
+        "--page-size",
+        str(PACE_PAGE),
+        "--concurrency",
+        "4",
+        "--timeout",
+        "60",
+        "--rate-limit-wait",
+        f"{10 * SCALE:.6f}",
+        "--max-wait",
+        f"{900 * SCALE:.6f}",
+        "--backoff",
+        f"{1 * SCALE:.6f}",
     ]
 
 
@@ -810,16 +865,20 @@ def dlt_client(args: list[str]) -> None:
         RUNTIME__REQUEST_MAX_RETRY_DELAY=f"{300 * SCALE:.6f}",
     )
     folder = tempfile.mkdtemp(prefix="bench-dlt-")
-    source = rest_api_source({
-        "client": {
-            "base_url": url,
-            "paginator": PageNumberPaginator(base_page=1, page=1, total_path=None, maximum_page=pages + 1),
-        },
-        "resources": [{
-            "name": "users",
-            "endpoint": {"path": "", "params": {"results": PACE_PAGE, "seed": SEED}, "data_selector": "results"},
-        }],
-    })
+    source = rest_api_source(
+        {
+            "client": {
+                "base_url": url,
+                "paginator": PageNumberPaginator(base_page=1, page=1, total_path=None, maximum_page=pages + 1),
+            },
+            "resources": [
+                {
+                    "name": "users",
+                    "endpoint": {"path": "", "params": {"results": PACE_PAGE, "seed": SEED}, "data_selector": "results"},
+                }
+            ],
+        }
+    )
     pipeline = dlt.pipeline("pace", destination=dlt.destinations.duckdb(str(Path(folder) / "pace.duckdb")), pipelines_dir=folder)
     started = time.perf_counter()
     result = {"ok": True}
@@ -865,10 +924,16 @@ def bench_pace(report: Report) -> dict:
             failures.append(f"pace: the job did not land {n} distinct users: {result.get('error', result)}")
         if not finished:
             ended.append(f"{name}: {result.get('error') or 'landed ' + str(result.get('rows')) + ' rows'}")
-        rows.append([
-            name, f"{result.get('run_s', math.nan):.2f}", f"{windows:.1f}", str(len(asked)), str(refused),
-            "yes" if finished else "NO (below)",
-        ])
+        rows.append(
+            [
+                name,
+                f"{result.get('run_s', math.nan):.2f}",
+                f"{windows:.1f}",
+                str(len(asked)),
+                str(refused),
+                "yes" if finished else "NO (below)",
+            ]
+        )
     report.table(["client", "run s", "windows", "requests", "refused (429)", "finished"], rows)
     floor = (PACE_WINDOWS - 1) * PACE_WINDOW
     for line in ended:
@@ -899,7 +964,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=["transform", "e2e", "memory", "pace"], action="append", help="run only this section (repeatable)")
     parser.add_argument("--raw", action="store_true", help="also time the end-to-end run with raw answers kept (the job's default)")
     parser.add_argument(
-        "--wait-quiet", type=float, default=0, metavar="S",
+        "--wait-quiet",
+        type=float,
+        default=0,
+        metavar="S",
         help="first wait up to S seconds for other processes to leave the CPUs idle (a shared machine)",
     )
     parser.add_argument("--output", default=str(HERE / "results" / "latest.txt"), help="where to save the full output")

@@ -65,10 +65,7 @@ def accepts(setting, defaults) -> str:
     """The values a setting takes, in the words of the check that refuses the others."""
     value = getattr(defaults, setting.name)
     if setting.name == "seed":
-        return (
-            f"{config.seed_rule().removeprefix('must be ')}; not exactly {config.NAT_CODE_SEED_LENGTH} characters "
-            "once `{date}` is filled in"
-        )
+        return f"{config.seed_rule().removeprefix('must be ')}; not exactly {config.NAT_CODE_SEED_LENGTH} characters once `{{date}}` is filled in"
     if setting.name == "nat":
         return "any of " + ", ".join(sorted(config.NATIONALITIES))
     if setting.flag_options == config.SWITCH:

@@ -64,8 +64,18 @@ MAX_PAGE = 10000
 
 # The service's top-level user fields, in the order it emits them.
 USER_FIELDS = (
-    "gender", "name", "location", "email", "login", "dob",
-    "registered", "phone", "cell", "id", "picture", "nat",
+    "gender",
+    "name",
+    "location",
+    "email",
+    "login",
+    "dob",
+    "registered",
+    "phone",
+    "cell",
+    "id",
+    "picture",
+    "nat",
 )
 
 # (seed, page) pairs recorded from the real service, with the nationalities they were asked for
@@ -703,9 +713,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
 
-    def _send(
-        self, code: int, payload: bytes, content_type: str = JSON_TYPE, headers: dict[str, str] | None = None
-    ) -> None:
+    def _send(self, code: int, payload: bytes, content_type: str = JSON_TYPE, headers: dict[str, str] | None = None) -> None:
         """Send a complete response, logging 200 bodies in fake.sent unless the write fails."""
         # A scripted Content-Encoding means the test sends the bytes as they are (a fake gzip, say).
         wire, gzipped = (payload, False) if "Content-Encoding" in (headers or {}) else self._encode(payload)

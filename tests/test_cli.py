@@ -86,7 +86,11 @@ def another_page(doc):
     return doc
 
 
-@pytest.mark.parametrize("change, says", [(users(duplicate_first_id), r"login\.uuid repeats in 1 records"), (another_page, "the answer is for page 2")], ids=["contract", "another-page"])
+@pytest.mark.parametrize(
+    "change, says",
+    [(users(duplicate_first_id), r"login\.uuid repeats in 1 records"), (another_page, "the answer is for page 2")],
+    ids=["contract", "another-page"],
+)
 def test_a_first_page_that_fails_its_check_when_the_service_picks_the_seed_is_kept_as_rejected_under_that_seed(change, says, api, out, raw, settings):
     api.script(mutate(change))
     with pytest.raises(etl.EtlError, match=f"^page 1: .*{says}"):
@@ -333,8 +337,20 @@ def test_a_run_told_raw_dir_off_from_python_keeps_no_raw_answers_and_makes_no_fo
 # Every scheme but s3:// (any case) is refused before any request: http:// would send the batch's
 # personal data in clear to that host; the others failed only after the whole fetch, some asking
 # cloud metadata addresses for credentials on the way.
-OTHER_SCHEMES = ["http://127.0.0.1:9/lake", "https://lake.invalid/lake", "ftp://lake.invalid/lake", "memory://lake/x", "gs://lake/x", "gcs://lake/x",
-                 "az://lake/x", "abfss://lake@acct/x", "hf://datasets/lake", "file:///tmp/lake", "s3a://lake-bucket/x", "r2://lake/x"]
+OTHER_SCHEMES = [
+    "http://127.0.0.1:9/lake",
+    "https://lake.invalid/lake",
+    "ftp://lake.invalid/lake",
+    "memory://lake/x",
+    "gs://lake/x",
+    "gcs://lake/x",
+    "az://lake/x",
+    "abfss://lake@acct/x",
+    "hf://datasets/lake",
+    "file:///tmp/lake",
+    "s3a://lake-bucket/x",
+    "r2://lake/x",
+]
 BAD_BUCKETS = ["s3://", "s3:///lake", "s3://ab/lake", "s3://Lake_Bucket/x", "s3://192.168.1.1/x", "s3://a..b/x", "s3://user:secret@lake-bucket/x"]
 OTHER_SCHEMES.append("http://user:secret@127.0.0.1:9/lake")
 BAD_PREFIXES = ["s3://lake-bucket//x", "s3://lake-bucket/./x", "s3://lake-bucket/x/../y", "s3://lake-bucket/x?y=1", "s3://lake-bucket/x*"]
@@ -347,7 +363,10 @@ def test_an_output_address_other_than_a_folder_or_s3_bucket_prefix_is_refused_be
     result = cli("--seed", "pura", "--output-dir", address, env=fast_env(api.url, tmp_path / "unused", raw, **store), cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     (line,) = result.stderr.strip().splitlines()
-    assert re.match(r"random_user_etl.py: error: --output-dir \(RANDOM_USER_OUTPUT_DIR\) (is an? [^ ]+:// address, got .*; use a plain path for a local folder, or s3://bucket/prefix$|names no valid bucket|has a prefix|'[^']*' holds)", line), line
+    assert re.match(
+        r"random_user_etl.py: error: --output-dir \(RANDOM_USER_OUTPUT_DIR\) (is an? [^ ]+:// address, got .*; use a plain path for a local folder, or s3://bucket/prefix$|names no valid bucket|has a prefix|'[^']*' holds)",
+        line,
+    ), line
     assert "secret" not in line
     assert api.requests == []
     assert sorted(p.name for p in tmp_path.iterdir()) == []

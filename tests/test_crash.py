@@ -41,7 +41,10 @@ def spawn(*args, env: dict, stderr: Path) -> subprocess.Popen:
     with open(stderr, "w") as handle:
         return subprocess.Popen(
             [sys.executable, str(ROOT / "random_user_etl.py"), *map(str, args)],
-            env=clean_environ(**env), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=handle,
+            env=clean_environ(**env),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=handle,
         )
 
 
@@ -126,7 +129,7 @@ def test_kill_9_mid_write_never_shows_a_torn_batch_and_the_next_run_cleans_up(ap
     hits = []
     for attempt, delay in enumerate((0.0, 0.003, 0.008, 0.02)):
         proc = spawn(*args, env=env, stderr=tmp_path / f"killed-{attempt}.txt")
-        seen = wait_until(lambda: writing() or proc.poll() is not None, timeout=30, step=0.0005) and writing()
+        seen = wait_until(lambda proc=proc: writing() or proc.poll() is not None, timeout=30, step=0.0005) and writing()
         time.sleep(delay)
         code = kill9(proc)
         hits.append(seen and code == -signal.SIGKILL)
@@ -205,8 +208,7 @@ def run_unwritable(name: str, folder: Path, cli) -> SimpleNamespace:
             (out / "random_users_pura.parquet" / "keep.txt").write_text("mine\n")
         before = landed(folder)
         result = cli("--seed", "pura", env=env)
-        return SimpleNamespace(result=result, before=digests(before), after=digests(landed(folder)),
-                               requests=len(api.requests), leftovers=leftovers(folder))
+        return SimpleNamespace(result=result, before=digests(before), after=digests(landed(folder)), requests=len(api.requests), leftovers=leftovers(folder))
 
 
 def run_case(case: str, folder: Path) -> SimpleNamespace:
@@ -226,15 +228,27 @@ def run_case(case: str, folder: Path) -> SimpleNamespace:
         args = ["--seed", seed, "--n", n, "--page-size", page_size]
         result = subprocess.run(
             [sys.executable, "-c", LIMITED, str(limit), str(ROOT / "random_user_etl.py"), *map(str, args)],
-            env=clean_environ(**env), capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+            env=clean_environ(**env),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
         )
         after, raw_after, stray = visible(), digests(landed(raw)), leftovers(out, raw)
         staged = sorted((out / ".staging").rglob("part-*.parquet"))
         staged_whole = all(pl.scan_parquet(p).select(pl.len()).collect().item() > 0 for p in staged)
         rerun = etl.run(Settings(**values))  # the disk has room again: the next run lands the right data
         rerun_ids = sorted(pl.read_parquet(rerun.path)["user_id"])
-        return SimpleNamespace(result=result, before=before, after=after, raw_before=raw_before, raw_after=raw_after,
-                               leftovers=stray, staged_whole=staged_whole, rerun_ok=rerun_ids == expected_ids(seed, n, page_size))
+        return SimpleNamespace(
+            result=result,
+            before=before,
+            after=after,
+            raw_before=raw_before,
+            raw_after=raw_after,
+            leftovers=stray,
+            staged_whole=staged_whole,
+            rerun_ok=rerun_ids == expected_ids(seed, n, page_size),
+        )
 
 
 @pytest.fixture(scope="module")

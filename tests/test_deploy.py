@@ -267,8 +267,7 @@ def test_the_image_and_the_pod_bound_every_wait_and_stop_promptly():
 
 BOOT = (
     # The image installs requirements.txt only: no boto3, so Polars reads the AWS_* variables itself.
-    "import runpy, sys; sys.modules['boto3'] = None; sys.argv = ['random_user_etl.py']; "
-    "runpy.run_path('random_user_etl.py', run_name='__main__')"
+    "import runpy, sys; sys.modules['boto3'] = None; sys.argv = ['random_user_etl.py']; runpy.run_path('random_user_etl.py', run_name='__main__')"
 )
 
 

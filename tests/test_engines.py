@@ -62,10 +62,7 @@ def test_duckdb_reads_the_folder_and_agrees_with_polars_and_the_raw_json(lake):
         assert types[name] == "TIMESTAMP WITH TIME ZONE"
     assert {types[name] for name in ("user_id", "postcode", "national_id", "nationality")} == {"VARCHAR"}
     assert (types["age"], types["street_number"], types["latitude"]) == ("INTEGER", "INTEGER", "DOUBLE")
-    rows = con.sql(
-        f"SELECT user_id, email, postcode, latitude, epoch_us(date_of_birth), epoch_us(registered_at) "
-        f"FROM '{lake}/*.parquet'"
-    ).fetchall()
+    rows = con.sql(f"SELECT user_id, email, postcode, latitude, epoch_us(date_of_birth), epoch_us(registered_at) FROM '{lake}/*.parquet'").fetchall()
     expected = {
         uid: (row["email"], row["postcode"], row["latitude"], micros(row["date_of_birth"]), micros(row["registered_at"]))
         for uid, row in user_rows(USERS).items()
@@ -89,7 +86,11 @@ def test_pandas_reads_the_folder_with_utc_instants_and_string_columns(lake):
     for row in frame[["user_id", "email", "postcode", "latitude", "age", "date_of_birth", "nationality"]].itertuples(index=False):
         want = expected[row.user_id]
         assert (row.email, row.postcode, row.latitude, row.age, row.nationality) == (
-            want["email"], want["postcode"], want["latitude"], want["age"], want["nationality"],
+            want["email"],
+            want["postcode"],
+            want["latitude"],
+            want["age"],
+            want["nationality"],
         )
         assert row.date_of_birth == pd.Timestamp(want["date_of_birth"])
     # One schema across batches: every file carries the same Arrow schema.
@@ -180,12 +181,14 @@ def test_spark_reads_the_folder_with_timestamps_as_instants(lake, spark):
     counts = {row["nationality"]: row["count"] for row in frame.groupBy("nationality").count().collect()}
     assert counts == polars_counts(lake) == nationality_counts(USERS)
     rows = frame.select(
-        "user_id", "email", "postcode", "age", F.unix_micros("date_of_birth").alias("dob_us"), F.date_format("date_of_birth", "yyyy-MM-dd'T'HH:mm:ss.SSSX").alias("dob_text")
+        "user_id",
+        "email",
+        "postcode",
+        "age",
+        F.unix_micros("date_of_birth").alias("dob_us"),
+        F.date_format("date_of_birth", "yyyy-MM-dd'T'HH:mm:ss.SSSX").alias("dob_text"),
     ).collect()
     # dob_text: Spark's own rendering of the instant, against the raw JSON's text as sent.
     sent = {u["login"]["uuid"]: u["dob"]["date"] for u in USERS}
-    expected = {
-        uid: (row["email"], row["postcode"], row["age"], micros(row["date_of_birth"]), sent[uid])
-        for uid, row in user_rows(USERS).items()
-    }
+    expected = {uid: (row["email"], row["postcode"], row["age"], micros(row["date_of_birth"]), sent[uid]) for uid, row in user_rows(USERS).items()}
     assert {r["user_id"]: (r["email"], r["postcode"], r["age"], r["dob_us"], r["dob_text"]) for r in rows} == expected

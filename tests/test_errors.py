@@ -20,7 +20,7 @@ import hypothesis.strategies as st
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
-from conftest import LOG_LINE, PAGED, PREFIX, ROOT, assert_one_error_line, assert_rows_are, clean_environ, fast_env, fixture_bytes, raw_users, run_cli
+from conftest import LOG_LINE, PAGED, PREFIX, assert_one_error_line, assert_rows_are, clean_environ, fast_env, fixture_bytes, raw_users, run_cli
 from fake_api import body, normal, status
 
 import random_user_etl as etl
@@ -180,14 +180,13 @@ def test_shorten_shows_what_it_escaped():
 # The job's CLI in a process of its own, with a warning issued as a library issues one, once a run starts.
 WARNING_LAUNCHER = """
 import sys, warnings
-sys.path.insert(0, sys.argv[1])
 import random_user_etl
 real_run = random_user_etl.run
 def run(*args, **kwargs):
     warnings.warn("a library's notice", UserWarning)
     return real_run(*args, **kwargs)
 random_user_etl.run = run
-sys.exit(random_user_etl.main(sys.argv[2:]))
+sys.exit(random_user_etl.main(sys.argv[1:]))
 """
 
 
@@ -195,7 +194,7 @@ sys.exit(random_user_etl.main(sys.argv[2:]))
 def test_a_library_warning_is_a_log_line_only_with_verbose(verbose, api, out, raw):
     # In a process of its own: pytest takes this process's warnings for itself.
     env = clean_environ(**fast_env(api.url, out, raw))
-    command = [sys.executable, "-c", WARNING_LAUNCHER, str(ROOT), "--seed", "pura", *verbose]
+    command = [sys.executable, "-c", WARNING_LAUNCHER, "--seed", "pura", *verbose]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr
     lines = result.stderr.rstrip("\n").split("\n")

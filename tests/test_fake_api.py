@@ -453,7 +453,9 @@ def test_the_fake_started_by_hand_on_a_busy_port_says_so_in_one_line():
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        result = subprocess.run([sys.executable, str(TESTS / "fake_api.py"), "--port", str(port)], capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+        result = subprocess.run(
+            [sys.executable, str(TESTS / "fake_api.py"), "--port", str(port)], capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL
+        )
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.splitlines() == [f"fake_api.py: error: cannot listen on 127.0.0.1:{port}: address already in use"], result.stderr
 

@@ -136,9 +136,7 @@ TRANSIENT = {
 
 
 @pytest.mark.parametrize("script, changes, retries, reason, least", TRANSIENT.values(), ids=TRANSIENT.keys())
-def test_a_transient_fault_is_retried_and_the_run_lands_the_right_data(
-    api, out, settings, caplog, script, changes, retries, reason, least
-):
+def test_a_transient_fault_is_retried_and_the_run_lands_the_right_data(api, out, settings, caplog, script, changes, retries, reason, least):
     caplog.set_level(logging.INFO, logger="random_user_etl")
     api.script(*script)
     started = time.monotonic()
@@ -299,7 +297,10 @@ def test_the_cli_logs_one_line_per_retry_and_no_traceback(api, out, raw, cli):
     warnings = [line for line in lines if " WARNING " in line]
     assert len(warnings) == 4 and all(RETRY_LINE.search(line) for line in warnings), result.stderr
     assert [re.search(r": (HTTP \d+|\w+)", w.split("seed=pura", 1)[1])[1] for w in warnings] == [
-        "HTTP 503", "ProtocolError", "ProtocolError", "HTTP 429",
+        "HTTP 503",
+        "ProtocolError",
+        "ProtocolError",
+        "HTTP 429",
     ]
     assert "Traceback" not in result.stderr and "landed 100 rows" in lines[-1]
 

@@ -297,8 +297,16 @@ def overlaps(tmp_path: Path) -> dict[str, tuple[str, str]]:
     }
 
 
-OVERLAPS = ["same", "raw-is-staging", "raw-inside-output", "raw-holds-output", "same-through-a-link",
-            "staging-through-a-link", "same-spelled-relative", "same-with-dot-dot"]
+OVERLAPS = [
+    "same",
+    "raw-is-staging",
+    "raw-inside-output",
+    "raw-holds-output",
+    "same-through-a-link",
+    "staging-through-a-link",
+    "same-spelled-relative",
+    "same-with-dot-dot",
+]
 
 
 @pytest.mark.parametrize("case", OVERLAPS)
@@ -445,7 +453,6 @@ def test_read_processed_with_no_folder_named_and_no_default_folder_yet_names_the
         etl.read_processed()
     default.mkdir()
     assert etl.read_processed().collect().height == 0
-
 
 
 # ---------------------------------------------------------------- folders someone else owns or may write in

@@ -19,7 +19,23 @@ from types import SimpleNamespace
 
 import pytest
 import polars as pl
-from conftest import LOG_LINE, PAGED, PREFIX, PURA, ROOT, assert_one_error_line, assert_rows_are, batch_files, clean_environ, duplicate_first_id, fast_env, info, landed, raw_users, users
+from conftest import (
+    LOG_LINE,
+    PAGED,
+    PREFIX,
+    PURA,
+    ROOT,
+    assert_one_error_line,
+    assert_rows_are,
+    batch_files,
+    clean_environ,
+    duplicate_first_id,
+    fast_env,
+    info,
+    landed,
+    raw_users,
+    users,
+)
 from fake_api import FakeRandomUser, chunk_framing, chunked, huge, mutate, page_body, rate_limited, status, unframed
 from fake_api import raw as raw_bytes
 
@@ -86,8 +102,6 @@ def wrong_type_name(doc):
     return doc
 
 
-
-
 # ------------------------------------------------------------------ the CLI cases
 
 
@@ -130,8 +144,12 @@ def run_case(case: str, folder: Path, cli, nowhere: str) -> SimpleNamespace:
             api.script(*script)
         result = cli(*args, env=env, cwd=cwd)
         return SimpleNamespace(
-            result=result, files=files_under(folder), out=out, raw=raw,
-            requests=len(api.requests) if api else None, errors=api.errors if api else [],
+            result=result,
+            files=files_under(folder),
+            out=out,
+            raw=raw,
+            requests=len(api.requests) if api else None,
+            errors=api.errors if api else [],
         )
 
 
@@ -436,13 +454,16 @@ def test_credentials_in_the_api_address_reach_no_final_line(verbose, out, raw, c
     no_secret(result.stderr)
 
 
-@pytest.mark.parametrize("url", [
-    f"ftp://someone:{SECRET}@example.com/api/?token={TOKEN}",
-    f"https://someone:{SECRET}@/api/?token={TOKEN}",  # no host
-    f" https://someone:{SECRET}@example.com/api/?token={TOKEN}",
-    f"https://someone:{SECRET}@example.com/api/?token={TOKEN}\x1b[31m",
-    f"http://someone:{SECRET}@example.com/api/?token={TOKEN}",  # plain http to a remote host
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"ftp://someone:{SECRET}@example.com/api/?token={TOKEN}",
+        f"https://someone:{SECRET}@/api/?token={TOKEN}",  # no host
+        f" https://someone:{SECRET}@example.com/api/?token={TOKEN}",
+        f"https://someone:{SECRET}@example.com/api/?token={TOKEN}\x1b[31m",
+        f"http://someone:{SECRET}@example.com/api/?token={TOKEN}",  # plain http to a remote host
+    ],
+)
 @pytest.mark.parametrize("verbose", [[], ["-v"]], ids=["quiet", "verbose"])
 def test_credentials_in_a_refused_api_address_reach_no_line(url, verbose, out, raw, cli, nowhere):
     result = cli(*verbose, "--api-url", url, env=fast_env(nowhere, out, raw))
@@ -458,7 +479,9 @@ def test_a_secret_of_the_api_address_the_service_echoes_reaches_no_line(verbose,
     api.script(status(503, echo), status(401, echo))
     result = cli("--seed", "pura", *verbose, env=fast_env(with_credentials(api.url), out, raw))
     assert result.returncode == 1, result.stderr
-    assert_one_error_line(result.stderr, r"page 1: HTTP 401: the service says 'invalid key \*\*\* for someone:\*\*\*, session \*\*\*x, no route /api/1.4/', after 1 retry")
+    assert_one_error_line(
+        result.stderr, r"page 1: HTTP 401: the service says 'invalid key \*\*\* for someone:\*\*\*, session \*\*\*x, no route /api/1.4/', after 1 retry"
+    )
     no_secret(result.stderr)
 
 
@@ -514,8 +537,17 @@ def credentials_in(nowhere: str, form: str) -> str:
 
 
 CREDENTIAL_FORMS = [
-    "fragment", "path-parameter", "bare-path-parameter", "user-only", "percent-encoded-at", "uppercase-scheme",
-    "ipv6-host", "at-and-colon-in-password", "question-mark-in-password", "hash-in-password", "token-with-an-at",
+    "fragment",
+    "path-parameter",
+    "bare-path-parameter",
+    "user-only",
+    "percent-encoded-at",
+    "uppercase-scheme",
+    "ipv6-host",
+    "at-and-colon-in-password",
+    "question-mark-in-password",
+    "hash-in-password",
+    "token-with-an-at",
 ]
 
 

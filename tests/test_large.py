@@ -12,7 +12,22 @@ import threading
 
 import polars as pl
 import pytest
-from conftest import PAGED, ROOT, assert_null_counts, assert_rows_are, batch_files, clean_environ, duplicate_first_id, fast_env, fixture_bytes, raw_key, raw_users, record_sorts, served_users, users
+from conftest import (
+    PAGED,
+    ROOT,
+    assert_null_counts,
+    assert_rows_are,
+    batch_files,
+    clean_environ,
+    duplicate_first_id,
+    fast_env,
+    fixture_bytes,
+    raw_key,
+    raw_users,
+    record_sorts,
+    served_users,
+    users,
+)
 from fake_api import mutate, normal, rate_limited
 
 import random_user_etl as etl
@@ -77,8 +92,7 @@ def test_the_sort_key_orders_as_the_columns_do_even_with_nul_characters(tmp_path
     folder = tmp_path / "stage"
     folder.mkdir()
     half = len(rows) // 2
-    parts = [frame[:half].write_parquet(folder / "a.parquet") or folder / "a.parquet",
-             frame[half:].write_parquet(folder / "b.parquet") or folder / "b.parquet"]
+    parts = [frame[:half].write_parquet(folder / "a.parquet") or folder / "a.parquet", frame[half:].write_parquet(folder / "b.parquet") or folder / "b.parquet"]
     ordered = sort.ExternalSort(tmp_path / "sort", rows=len(rows), run_rows=25, group_rows=25).ordered(parts)
     assert ordered.collect().rows() == sorted(rows)
 
@@ -149,7 +163,10 @@ def test_progress_is_a_bar_on_a_terminal(api, out, raw):
     job = subprocess.run(
         [sys.executable, str(ROOT / "random_user_etl.py"), "--n", "30", "--seed", "paged", "--page-size", "10"],
         env=clean_environ(**fast_env(api.url, out, raw)),
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=follower, timeout=60,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=follower,
+        timeout=60,
     )
     os.close(follower)
     shown = b""

@@ -198,12 +198,25 @@ def test_a_replay_path_with_a_trailing_newline_is_refused(api, out, raw, setting
 # ------------------------------------------------------------------ memory
 
 TEXT_FIELDS = {  # every text field of the contract: where it is in a raw user, and its column
-    ("gender",): "gender", ("name", "title"): "title", ("name", "first"): "first_name", ("name", "last"): "last_name",
-    ("email",): "email", ("login", "username"): "username", ("phone",): "phone", ("cell",): "cell",
-    ("location", "street", "name"): "street_name", ("location", "city"): "city", ("location", "state"): "state",
-    ("location", "country"): "country", ("location", "postcode"): "postcode", ("location", "timezone", "offset"): "timezone_offset",
-    ("location", "timezone", "description"): "timezone_description", ("id", "name"): "national_id_type",
-    ("id", "value"): "national_id", ("nat",): "nationality", ("picture", "large"): "picture_url",
+    ("gender",): "gender",
+    ("name", "title"): "title",
+    ("name", "first"): "first_name",
+    ("name", "last"): "last_name",
+    ("email",): "email",
+    ("login", "username"): "username",
+    ("phone",): "phone",
+    ("cell",): "cell",
+    ("location", "street", "name"): "street_name",
+    ("location", "city"): "city",
+    ("location", "state"): "state",
+    ("location", "country"): "country",
+    ("location", "postcode"): "postcode",
+    ("location", "timezone", "offset"): "timezone_offset",
+    ("location", "timezone", "description"): "timezone_description",
+    ("id", "name"): "national_id_type",
+    ("id", "value"): "national_id",
+    ("nat",): "nationality",
+    ("picture", "large"): "picture_url",
 }
 
 
@@ -273,10 +286,11 @@ def test_full_pages_with_every_text_field_at_the_bound_land_within_the_pods_memo
     frame = pl.read_parquet(out / "random_users_wide.parquet").sort("user_id")
     for path, column in TEXT_FIELDS.items():
         expected = {user["login"]["uuid"]: holder(user, path)[path[-1]] for user in sent}
-        assert dict(zip(frame["user_id"], frame[column])) == expected, column
+        assert dict(zip(frame["user_id"], frame[column], strict=True)) == expected, column
 
 
 # ------------------------------------------------------------------ memory: answers made of tiny values
+
 
 def tiny_values_answer(total_bytes: int) -> bytes:
     """The recorded pura answer with an unknown key holding empty arrays up to `total_bytes`: valid JSON, all of it nodes."""
@@ -300,7 +314,10 @@ def minimal_users_answer(total_bytes: int) -> bytes:
 @pytest.mark.parametrize(
     "answer, says",
     [
-        (lambda: tiny_values_answer(60_000_000), r"not in the service's compact layout of at most 100 users .*, and is larger than 2,000,000 bytes: refused unread"),
+        (
+            lambda: tiny_values_answer(60_000_000),
+            r"not in the service's compact layout of at most 100 users .*, and is larger than 2,000,000 bytes: refused unread",
+        ),
         (lambda: minimal_users_answer(60_000_000), r"not in the service's compact layout of at most 100 users"),
     ],
     ids=["60-mb-of-empty-arrays", "60-mb-of-empty-users"],

@@ -30,8 +30,15 @@ def limited():
 def limited_settings(fake, out, raw, **changes) -> config.Settings:
     """Settings pointing at a rate-limited fake, probing every PROBE seconds, with one retry."""
     values = dict(
-        api_url=fake.url, output_dir=str(out), raw_dir=str(raw), timeout=5.0, retries=1, backoff=0.01,
-        rate_limit_wait=PROBE, page_size=PAGE, concurrency=4,
+        api_url=fake.url,
+        output_dir=str(out),
+        raw_dir=str(raw),
+        timeout=5.0,
+        retries=1,
+        backoff=0.01,
+        rate_limit_wait=PROBE,
+        page_size=PAGE,
+        concurrency=4,
     )
     values.update(changes)
     return config.Settings(**values)
@@ -59,14 +66,19 @@ def test_rate_limited_past_max_wait_exits_1_saying_how_long_and_keeps_staged_pag
     api.script(normal(), *[rate_limited()] * 200)
     started = time.monotonic()
     result = cli(
-        "--n", 30, "--seed", "paged", "--page-size", 10, "--concurrency", 1,
+        "--n",
+        30,
+        "--seed",
+        "paged",
+        "--page-size",
+        10,
+        "--concurrency",
+        1,
         env=fast_env(api.url, out, raw, RANDOM_USER_RETRIES=1, RANDOM_USER_MAX_WAIT=0.4),
     )
     elapsed = time.monotonic() - started
     assert result.returncode == 1, result.stderr
-    line = assert_one_error_line(
-        result.stderr, r"page 2: HTTP 429, rate limited for 0\.\ds, longer than --max-wait 0\.4s; staged pages are kept for a rerun$"
-    )
+    line = assert_one_error_line(result.stderr, r"page 2: HTTP 429, rate limited for 0\.\ds, longer than --max-wait 0\.4s; staged pages are kept for a rerun$")
     assert float(re.search(r"for (\S+)s,", line)[1]) >= 0.4
     assert elapsed < 0.4 + 10  # a wait past --max-wait, then out: not 200 refusals' worth
     refused = [r for r in api.requests if r.answer == "status"]
@@ -88,7 +100,7 @@ def test_one_request_probes_the_limit_while_every_worker_waits(limited, out, raw
         previous = request.answer
     assert len(stretches) >= 2, "the pull met the limit more than once"
     probes = [[t for t in stretch if t > stretch[0] + 0.1] for stretch in stretches]
-    gaps = [b - a for stretch in probes for a, b in zip(stretch, stretch[1:])]
+    gaps = [b - a for stretch in probes for a, b in zip(stretch, stretch[1:], strict=False)]
     assert gaps and min(gaps) >= PROBE * 0.8, [round(g, 3) for g in gaps]
 
 

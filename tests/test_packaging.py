@@ -26,7 +26,21 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text()) if (ROOT / "pyp
 # What the image and `pip install .` must carry: the job's three modules and its private package.
 MODULES = {"random_user_etl.py", "random_user_config.py", "schemas.py"} | {f"_random_user_etl/{p.name}" for p in (ROOT / "_random_user_etl").glob("*.py")}
 # Left out of the copy a build runs on: what a run, a test run or a venv leaves in a checkout.
-LEFTOVERS = shutil.ignore_patterns(".git", ".venv", "processed_data", "raw_data", ".staging", "__pycache__", "build", "*.egg-info", ".hypothesis", ".pytest_cache", "results")
+LEFTOVERS = shutil.ignore_patterns(
+    ".git",
+    ".venv",
+    "processed_data",
+    "raw_data",
+    ".staging",
+    "__pycache__",
+    "build",
+    "*.egg-info",
+    ".hypothesis",
+    ".pytest_cache",
+    "results",
+    ".ruff_cache",
+    ".mypy_cache",
+)
 
 
 def requirement_lines(path: Path) -> list[str]:
@@ -63,7 +77,13 @@ def source(tmp_path_factory) -> Path:
 
 def pip(python: str | Path, *args, cwd: Path) -> None:
     """Run pip offline under `python`, failing the test with pip's own output."""
-    result = subprocess.run([str(python), "-m", "pip", "--disable-pip-version-check", "--no-input", *args, "--no-index", "--no-deps", "--no-build-isolation"], cwd=cwd, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [str(python), "-m", "pip", "--disable-pip-version-check", "--no-input", *args, "--no-index", "--no-deps", "--no-build-isolation"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -99,7 +119,9 @@ def sharing_venv(folder: Path) -> Path:
     """A venv with no packages of its own that sees this test run's installed packages (not its editable project); its python."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True, timeout=120)
     python = folder / "bin" / "python"
-    own = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], capture_output=True, text=True, check=True).stdout.strip()
+    own = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     # A path listed in a .pth file is searched, but the .pth files inside it are not run: the
     # editable install's finder stays off, so the project is found only where this venv installs it.
     shared = [path for path in sys.path if Path(path).name in ("site-packages", "dist-packages") and Path(path).is_dir()]

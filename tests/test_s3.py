@@ -26,8 +26,23 @@ from pathlib import Path
 import polars as pl
 import pytest
 from conftest import (
-    GBONLY, PAGED, PREFIX, PURA, ROOT, assert_one_error_line, assert_rows_are, clean_environ, fast_env, fixture_bytes, on_log,
-    nationality_counts, raw_key, raw_users, record_sorts, run_cli, served_users,
+    GBONLY,
+    PAGED,
+    PREFIX,
+    PURA,
+    ROOT,
+    assert_one_error_line,
+    assert_rows_are,
+    clean_environ,
+    fast_env,
+    fixture_bytes,
+    on_log,
+    nationality_counts,
+    raw_key,
+    raw_users,
+    record_sorts,
+    run_cli,
+    served_users,
 )
 from fake_api import mutate, status
 from test_signals import HELD, assert_stopped, signalled_exit, wait_until
@@ -351,7 +366,9 @@ def staged_paged(folder: Path) -> list[Path]:
     """The three recorded pages of seed paged, staged as a run stages them."""
     folder.mkdir()
     return [
-        staging.stage_part(folder, etl.transform(fixture_bytes(name), etl.PageRequest("paged", page, 40)), staging.part_identity(etl.Settings(), "paged", page, 40))
+        staging.stage_part(
+            folder, etl.transform(fixture_bytes(name), etl.PageRequest("paged", page, 40)), staging.part_identity(etl.Settings(), "paged", page, 40)
+        )
         for page, name in enumerate(PAGED, start=1)
     ]
 
@@ -487,10 +504,21 @@ def test_a_job_killed_during_its_upload_takes_the_upload_with_it(api, out, raw, 
     import psutil
 
     with held_store(s3_endpoint, once=True) as held:
-        env = fast_env(api.url, out, raw, RANDOM_USER_OUTPUT_DIR=s3.url(), RANDOM_USER_SEED="paged", RANDOM_USER_N=100,
-                       RANDOM_USER_PAGE_SIZE=40, RANDOM_USER_TIMEOUT=5, RANDOM_USER_RETRIES=1, AWS_ENDPOINT_URL=held.url)
-        job = subprocess.Popen([sys.executable, "-m", "random_user_etl"], env=clean_environ(**env), stdin=subprocess.DEVNULL,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env = fast_env(
+            api.url,
+            out,
+            raw,
+            RANDOM_USER_OUTPUT_DIR=s3.url(),
+            RANDOM_USER_SEED="paged",
+            RANDOM_USER_N=100,
+            RANDOM_USER_PAGE_SIZE=40,
+            RANDOM_USER_TIMEOUT=5,
+            RANDOM_USER_RETRIES=1,
+            AWS_ENDPOINT_URL=held.url,
+        )
+        job = subprocess.Popen(
+            [sys.executable, "-m", "random_user_etl"], env=clean_environ(**env), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         try:
             assert held.held.wait(60), "the upload never reached the store"
             uploads = psutil.Process(job.pid).children(recursive=True)

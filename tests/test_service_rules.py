@@ -40,7 +40,7 @@ def test_seeds_of_other_lengths_are_kept(seed):
 def test_a_dated_seed_is_refused_when_the_date_makes_it_18_characters():
     # 'daily-etl-{date}' is 16 characters as typed and 18 once the date is in: refused every day.
     for today in (dt.date(2026, 11, 30), dt.date(2027, 1, 1)):
-        with pytest.raises(SettingsError, match=r"--seed .*daily-etl-%s" % today.strftime("%Y%m%d")):
+        with pytest.raises(SettingsError, match=rf"--seed .*daily-etl-{today:%Y%m%d}"):
             load_settings({"seed": "daily-etl-{date}"}, environ={}, today=today)
     assert load_settings({"seed": "daily-{date}"}, environ={}, today=dt.date(2026, 11, 30)).seed == "daily-20261130"
 

@@ -31,7 +31,7 @@ def assert_every_column_is_raw(frame: pl.DataFrame, body: bytes) -> None:
     assert frame.schema == CONTRACT
     expected = reference_rows(body, INGESTED)
     assert frame["user_id"].to_list() == [row["user_id"] for row in expected]
-    for row, want in zip(frame.to_dicts(), expected):
+    for row, want in zip(frame.to_dicts(), expected, strict=True):
         for name in CONTRACT:
             assert row[name] == want[name], (row["user_id"], name)
 

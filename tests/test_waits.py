@@ -191,9 +191,7 @@ def test_a_body_shorter_than_its_content_length_says_it_was_cut_off(api, setting
     assert [m[4] for m in retry_lines(caplog.records)] == ["ProtocolError (connection broken, answer cut off)"] * retries
 
 
-@pytest.mark.parametrize(
-    "cut", [b"HTTP/1.1 200", b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"], ids=["in-the-status-line", "in-the-headers"]
-)
+@pytest.mark.parametrize("cut", [b"HTTP/1.1 200", b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"], ids=["in-the-status-line", "in-the-headers"])
 def test_a_connection_closed_inside_the_headers_says_the_answer_was_cut_off(api, settings, caplog, cut):
     # http.client takes the close for the end of the headers: the answer looks like an empty body.
     caplog.set_level(logging.INFO, logger="random_user_etl")
