@@ -141,6 +141,15 @@ class Overrun(Exception):
     """More bytes came than the try's bound allows (read_body says it as the size error)."""
 
 
+# Informational answers read past before the real one, and the header bytes each may carry: a real
+# service sends one or two, with a line or two of hints.
+MOST_INTERIM, INTERIM_BYTES = 8, 16 * 1024
+
+
+class EndlessInterim(http.client.HTTPException):
+    """More informational answers, or longer ones, than any service sends before its real answer."""
+
+
 class BrokenFraming(http.client.HTTPException):
     """A chunk-size line that is not hex digits (a sign, a negative size, no end), or chunk data not ended by CRLF: the framing is not HTTP's."""
 
@@ -209,13 +218,25 @@ class StrictResponse(http.client.HTTPResponse):
         self.fp = Metered(self.fp, getattr(_attempt, "current", None))
 
     def _read_status(self):
-        """The final answer's status line: an informational one before it (102 Processing, 103 Early Hints) is read past."""
-        while True:
+        """The final answer's status line: a few informational ones before it (102 Processing, 103 Early Hints) are read past."""
+        for _ in range(MOST_INTERIM + 1):
             version, status, reason = super()._read_status()
             # 101 ends HTTP on the connection: no upgrade is asked for, so it stays a final (refused) status.
             if not 100 <= status < 200 or status == 101:
                 return version, status, reason
-            http.client.parse_headers(self.fp)  # its headers, as bounded as the final answer's, are dropped
+            self._skip_interim_headers()
+        raise EndlessInterim()  # read on, they would hold the try until --timeout
+
+    def _skip_interim_headers(self) -> None:
+        """Read past an informational answer's headers, at most INTERIM_BYTES of them: they count against no other bound."""
+        left = INTERIM_BYTES
+        while True:
+            line = self.fp.readline(left + 1)
+            left -= len(line)
+            if left < 0 or not line:
+                raise EndlessInterim()
+            if line in (b"\r\n", b"\n"):
+                return
 
     def _get_chunk_left(self):
         """The bytes left of the chunk under way (the next size line read if none); its data must end with CRLF."""

@@ -438,9 +438,9 @@ def chunk_framing(lead: bytes, filler: bytes, total_bytes: int) -> Answer:
     return Answer("framing", body=lead, total_bytes=total_bytes, fn=lambda: filler)
 
 
-def interim(*codes: int) -> Answer:
-    """Informational answers (103 Early Hints, 102 Processing, ...) before the normal one, each with a header of its own."""
-    return Answer("interim", headers={str(code): "" for code in codes})
+def interim(*codes: int, times: int = 1) -> Answer:
+    """Informational answers (103 Early Hints, 102 Processing, ...) before the normal one, each with a header of its own, each sent `times` times."""
+    return Answer("interim", headers={str(code): str(times) for code in codes})
 
 
 # --------------------------------------------------------------------------- server
@@ -631,9 +631,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _answer_interim(self, answer: Answer, path: str, params: dict[str, str]) -> None:
         """Send each informational answer in turn, then the normal one."""
         reasons = {100: "Continue", 102: "Processing", 103: "Early Hints"}
-        for code in map(int, answer.headers):
+        for code, times in ((int(code), int(times or 1)) for code, times in answer.headers.items()):
             hint = f"Link: </api/1.4/?hint={code}>; rel=preload\r\n" if code == 103 else ""
-            self.wfile.write(f"HTTP/1.1 {code} {reasons.get(code, 'Informational')}\r\n{hint}\r\n".encode())
+            self.wfile.write(f"HTTP/1.1 {code} {reasons.get(code, 'Informational')}\r\n{hint}\r\n".encode() * times)
         self._answer_normal(answer, path, params)
 
     def _answer_trickle(self, answer: Answer, path: str, params: dict[str, str]) -> None:

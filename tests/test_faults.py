@@ -363,6 +363,13 @@ def test_an_error_answer_of_nested_or_tiny_values_is_not_read_for_its_message(ap
 # ------------------------------------------------------------------ informational answers
 
 
+def test_endless_informational_answers_are_a_transport_fault_not_read_on_and_on(api, settings):
+    # Each is small, but a service sending them without end would be read past for as long as --timeout lets it.
+    api.script(interim(103, times=10_000), interim(103, times=10_000))
+    with pytest.raises(etl.EtlError, match=r"^page 1: bad answer from .*: .*\(not an HTTP answer\), gave up after 1 retry$"):
+        etl.run(settings(seed="pura", retries=1))
+
+
 @pytest.mark.parametrize("codes", [(103,), (102, 103), (100, 103, 102)], ids=["103", "102-103", "100-103-102"])
 def test_informational_answers_before_the_real_one_are_skipped(codes, api, out, settings, caplog):
     api.script(interim(*codes))
