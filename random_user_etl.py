@@ -181,10 +181,10 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {shorten(shown_urls_in(message), LINE_LIMIT)} (see --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "random_user_etl.py") -> argparse.ArgumentParser:
     """Flags for every setting, read from the settings table in random_user_config."""
     parser = OneLineParser(
-        prog="random_user_etl.py",
+        prog=prog,
         description="Fetch fake people from randomuser.me and land them as one parquet file per seed.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,  # the epilog's examples and statuses keep their lines
@@ -300,9 +300,9 @@ def log_causes(exc: BaseException) -> None:
         cause = cause.__cause__
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the job from the command line; return the exit status."""
-    parser = build_parser()
+def main(argv: list[str] | None = None, prog: str = "random_user_etl.py") -> int:
+    """Run the job from the command line, its lines said as `prog`'s; return the exit status."""
+    parser = build_parser(prog)
     args = vars(parser.parse_args(argv))
     verbose, source = args.pop("verbose"), args.pop("replay")
     formatter = configure_logging(verbose)
@@ -346,9 +346,9 @@ def exit_now(status: int) -> None:
 
 
 def cli() -> None:
-    """The `random-user-etl` command: the same as `python random_user_etl.py`."""
-    exit_now(main())
+    """The `random-user-etl` command: the same as `python random_user_etl.py`, its lines said by that name."""
+    exit_now(main(prog="random-user-etl"))
 
 
 if __name__ == "__main__":
-    cli()
+    exit_now(main())

@@ -144,5 +144,5 @@ def test_pip_install_dot_in_a_fresh_venv_gives_the_module_and_the_command_outsid
     version = subprocess.run([str(command), "--version"], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=60)
     assert (version.returncode, version.stdout) == (0, f"random-user-etl {__version__}\n"), version.stderr
     refused = subprocess.run([str(command), "--n", "0"], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=60)
-    assert refused.returncode == 2 and refused.stderr.endswith("--n (RANDOM_USER_N) must be at least 1\n"), refused.stderr
+    assert refused.returncode == 2 and refused.stderr == "random-user-etl: error: --n (RANDOM_USER_N) must be at least 1\n", refused.stderr
     assert os.listdir(elsewhere) == []  # refused before anything is made
