@@ -1,4 +1,4 @@
-"""Benchmark of issue 4: the job's transform against the alternatives, the job end to end, memory.
+"""The benchmark: the job's transform against the alternatives, the job end to end, memory.
 
     python benchmarks/bench.py            # the full benchmark (about 2.5 minutes on 2 cores)
     python benchmarks/bench.py --quick    # smaller sizes, one repeat: a smoke run of well under a minute
@@ -958,7 +958,7 @@ def run_pace_job(url: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Benchmark of the Random User ETL (issue 4). Offline; see benchmarks/README.md.")
+    parser = argparse.ArgumentParser(description="Benchmark of the Random User ETL. Offline; see benchmarks/README.md.")
     parser.add_argument("--quick", action="store_true", help="smaller sizes and one repeat: a smoke run (targets indicative only)")
     parser.add_argument("--repeats", type=int, help="timed passes per measurement (default: 5 transform, 3 end to end; quick 1)")
     parser.add_argument("--only", choices=["transform", "e2e", "memory", "pace"], action="append", help="run only this section (repeatable)")
@@ -1004,7 +1004,7 @@ def main(argv: list[str] | None = None) -> int:
     report = Report()
     started = time.perf_counter()
     stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    report(f"Random User ETL benchmark (issue 4), {stamp}{'  [--quick: reduced sizes, targets indicative only]' if args.quick else ''}")
+    report(f"Random User ETL benchmark, {stamp}{'  [--quick: reduced sizes, targets indicative only]' if args.quick else ''}")
     report()
     failures, findings, targets = [], [], []
     if "transform" in sections:

@@ -1,4 +1,4 @@
-"""Crash safety of issue 3: kill -9 mid-fetch and mid-write, two runs of one seed at once, an
+"""Crash safety: kill -9 mid-fetch and mid-write, two runs of one seed at once, an
 output folder that cannot be written, a full disk.
 
 The invariant everywhere: every visible random_users_*.parquet opens and is whole, and the next

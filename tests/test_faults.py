@@ -1,4 +1,4 @@
-"""The fault matrix of issue 3: transient faults are retried and the run lands the right data;
+"""The fault matrix: transient faults are retried and the run lands the right data;
 persistent faults and contract breaks end the run with exit 1, one clear line, nothing written.
 
 Every case drives the real job against the loopback fake (`fake_api.py`), scripted per request.

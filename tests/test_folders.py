@@ -1,4 +1,4 @@
-"""Files of issue 11: never lose what we kept, never touch what is not ours.
+"""The job's files and folders: never lose what we kept, never touch what is not ours.
 
 A link planted where the job keeps its own folders is refused, and its target (the "bait") is
 left byte for byte as it was; object-storage runs stage in a private folder; a run that does not

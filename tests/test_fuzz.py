@@ -1,4 +1,4 @@
-"""Fuzzing the transform with Hypothesis over mutated real answers (issue 11).
+"""Fuzzing the transform with Hypothesis over mutated real answers.
 
 Property: `transform(body)` raises EtlError or returns exactly the rows conftest.reference_rows
 works out from Python's json; never another exception, never a different value. And the reverse:

@@ -1,4 +1,4 @@
-"""Hostile input of issue 3: seeds that try to leave the output folder, a huge answer, plain http,
+"""Hostile input: seeds that try to leave the output folder, a huge answer, plain http,
 and no PII in the logs.
 
 The CLI cases run main(argv) in-process (conftest's `cli`), each in its own folder: the exit status

@@ -1,4 +1,4 @@
-"""Issue 11, memory and settings: every number has a range, every path is clean text, memory is bounded.
+"""Memory and settings: every number has a range, every path is clean text, memory is bounded.
 
 Ranges and texts are checked in-process through load_settings and Settings (Python callers get the
 same refusals), and once per kind of refusal through the CLI. Peak memory is measured on the job in

@@ -1,4 +1,4 @@
-"""The service's remaining rules (issue 13): 18-character seeds, one person in two batches, names
+"""The service's own rules: 18-character seeds, one person in two batches, names
 that do not resolve, and the gender filter the job never sends.
 
 Every case drives the real job against the loopback fake (`fake_api.py`), which models the

@@ -1,4 +1,4 @@
-"""Stopping (issue 11): SIGTERM is handled like Ctrl-C, also when the job is PID 1 of its container,
+"""Stopping: SIGTERM is handled like Ctrl-C, also when the job is PID 1 of its container,
 and a stop is prompt whatever the job waits on: a request in flight, a backoff, the rate-limit pause.
 
 Each case runs the CLI in a subprocess against a fake that holds it in one kind of wait far longer
@@ -28,7 +28,7 @@ from _random_user_etl import store
 from schemas import SORT_KEY
 
 HELD = 30  # seconds the fake (or a wait the job is told to make) holds the job: far past the bound
-PROMPT = 3.0  # the issue's "within 2 seconds", with room for a loaded machine
+PROMPT = 3.0  # "within 2 seconds", with room for a loaded machine
 UNSHARE = ["unshare", "--pid", "--fork", "--mount-proc"]  # the job as PID 1 of a new PID namespace, as in a pod
 STOP_LINE = {
     signal.SIGINT: "random_user_etl.py: stopped by SIGINT; staged pages are kept and the next run resumes",

@@ -162,7 +162,7 @@ def test_an_info_that_contradicts_the_answer_is_refused(change, says):
         etl.transform(json.dumps(body).encode())
 
 
-# ---------------------------------------------------------------- hostile data (issue 11): what json reads, or a refusal
+# ---------------------------------------------------------------- hostile data: what json reads, or a refusal
 
 NOSEED = "noseed_results-5.json"
 

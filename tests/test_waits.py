@@ -1,4 +1,4 @@
-"""Every wait is bounded (issue 11): --timeout bounds a whole answer, --max-wait bounds any wait on
+"""Every wait is bounded: --timeout bounds a whole answer, --max-wait bounds any wait on
 the service, and the lines a fault leaves say what happened and never carry personal data.
 
 Every case runs in-process, each on a helper thread with a bound, so a job that would hang fails
