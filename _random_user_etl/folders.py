@@ -165,12 +165,55 @@ def write_atomically(path: Path, write, temp_dir: Path | None = None, mode: int 
         os.replace(temp, path)
 
 
+# How often a run takes the seed's lock again after the run before it removed the lock as it finished.
+LOCK_TRIES = 20
+
+
 @contextlib.contextmanager
-def seed_lock(root: Path, seed: str):
-    """Hold the seed's lock, so two runs of one seed take turns instead of mixing parts."""
+def seed_lock(make_root, seed: str):
+    """Hold the seed's lock in the folder make_root() gives, so two runs of one seed take turns; yields a forget() that removes it."""
     import fcntl  # POSIX only, and only a run takes the lock: importing the job and read_processed work on Windows too
 
-    path = root / f"{seed}.lock"
+    for _ in range(LOCK_TRIES):
+        path = make_root() / f"{seed}.lock"
+        try:
+            handle = open_lock(path)
+        except StorageError as exc:
+            if isinstance(exc.__cause__, FileNotFoundError):
+                continue  # its folder removed by a run that just finished, after make_root() made it: made again
+            raise
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("another run of seed %s is under way: waiting for it", seed)
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            if same_file(path, handle):
+                break
+        except BaseException:
+            handle.close()
+            raise
+        handle.close()  # removed by the run before, as it finished: the lock is the file now at the name
+    else:
+        raise StorageError("the seed lock was removed under this run again and again", path=path, doing="cannot hold")
+    with handle:
+        try:
+            yield lambda: path.unlink(missing_ok=True)  # while held: a run waiting on it finds it gone and takes it anew
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def same_file(path: Path, handle) -> bool:
+    """True while `path` still names the file `handle` holds open."""
+    try:
+        named, held = os.lstat(path), os.fstat(handle.fileno())
+    except FileNotFoundError:
+        return False
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+
+
+def open_lock(path: Path):
+    """The seed's lock file, opened (made 0600 if new) and checked ours; never through a link or a FIFO."""
     try:
         # Never through a link, and never blocking on a FIFO planted under the lock's name. 0600:
         # flock needs only a file one can open, so a lock others can read is one they can hold forever.
@@ -179,18 +222,14 @@ def seed_lock(root: Path, seed: str):
         with contextlib.suppress(OSError):  # a link, a folder, a socket: named as what it is
             check_own(path, os.lstat(path), "file")
         raise StorageError(write_error(exc), path=path, doing="cannot open the seed lock") from exc
-    with open(fd, "rb") as handle:
+    handle = open(fd, "rb")
+    try:
         info = os.fstat(fd)
         check_own(path, info, "file")
         check_ours(path, info, closed=0)
         if stat.S_IMODE(info.st_mode) & 0o077:
             os.fchmod(fd, 0o600)  # ours, left readable by an older version of the job
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("another run of seed %s is under way: waiting for it", seed)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    except BaseException:
+        handle.close()
+        raise
+    return handle

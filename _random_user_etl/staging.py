@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 import polars as pl
-from random_user_config import Settings
+from random_user_config import Settings, is_remote, staging_root
 from schemas import OUTPUT_SCHEMA
 from _random_user_etl.errors import RefusedPages, StorageError, write_error
 from _random_user_etl.folders import found_own_folder, is_plain_file, own_folder, own_staging_root, seed_lock, write_atomically
@@ -165,14 +165,15 @@ def page_list(pages: list[int], most: int = 8) -> str:
 @contextlib.contextmanager
 def staging_for(settings: Settings, seed: str):
     """Hold the seed's lock and give its staging folder, refusing an output folder we cannot write."""
+    landed = False
     try:
-        root = own_staging_root(settings.output_dir)
-        with seed_lock(root, seed):
-            folder = own_folder(root / seed)
+        with seed_lock(lambda: own_staging_root(settings.output_dir), seed) as forget:
+            folder = own_folder(staging_root(settings.output_dir).absolute() / seed)
             found_own_folder(sort_folder(folder))  # cleared below: refused now if it is a link or another's
             stopped = False
             try:
                 yield folder
+                landed = True
             except KeyboardInterrupt:  # a stop (Stopped) leaves the sort's scratch for the next run to clear:
                 stopped = True  # a large batch's is many thousand files, longer to delete than the CronJob's grace
                 raise
@@ -181,5 +182,18 @@ def staging_for(settings: Settings, seed: str):
                     shutil.rmtree(sort_folder(folder), ignore_errors=True)  # derived scratch; the parts stay for a rerun
                 with contextlib.suppress(OSError):
                     folder.rmdir()  # only when empty: a run that staged nothing leaves no folder behind
+                if landed and is_remote(settings.output_dir):
+                    forget()  # object storage stages in the shared temp folder: a run that landed leaves nothing there
+        if landed and is_remote(settings.output_dir):
+            tidy_private_staging(staging_root(settings.output_dir).absolute())
     except OSError as exc:
         raise StorageError(write_error(exc), path=exc.filename or settings.output_dir, doing="cannot write to") from exc
+
+
+def tidy_private_staging(root: Path) -> None:
+    """Remove object storage's private staging folders if nothing is left in them (a run of another seed may be)."""
+    for folder in (root, root.parent):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty, or already gone: another run's, or made again by one starting now
+            return

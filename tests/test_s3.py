@@ -531,3 +531,22 @@ def test_a_job_killed_during_its_upload_takes_the_upload_with_it(api, out, raw, 
             process.kill()
         assert not alive, "the upload outlived the job"
         assert s3.keys() == [], "a killed job's batch landed after it died"
+
+
+def test_a_run_that_lands_leaves_nothing_in_the_temp_folder_and_a_second_run_of_the_seed_too(api, settings, s3):
+    temp = Path(tempfile.gettempdir())
+    for _ in range(2):  # the second run finds no folder and no lock of the first
+        batch = etl.run(settings(output_dir=s3.url(), seed="pura"))
+        assert_rows_are(pl.read_parquet(batch.path), raw_users(PURA))
+        assert sorted(temp.rglob("*")) == [], "the run's private staging, lock and temp files are gone once it landed"
+
+
+def test_runs_of_one_seed_into_object_storage_at_once_take_turns_while_each_tidies_up(api, settings, s3):
+    # Each run that lands removes its lock and folders: one starting then must neither fail nor share a lock.
+    import concurrent.futures as futures
+
+    with futures.ThreadPoolExecutor(4) as pool:
+        batches = list(pool.map(lambda _: etl.run(settings(output_dir=s3.url(), seed="pura", concurrency=1)), range(6)))
+    assert {batch.rows for batch in batches} == {100}
+    assert_rows_are(etl.read_processed(s3.url()).collect(), raw_users(PURA))
+    assert sorted(Path(tempfile.gettempdir()).rglob("*")) == []
