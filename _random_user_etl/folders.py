@@ -137,13 +137,18 @@ def write_to(temp: Path, write, sync: bool = False) -> None:
             os.fsync(file.fileno())
 
 
+# A write that failed with less room than this left on its filesystem ran out of it: Polars may have
+# removed what it wrote before the filesystem is asked, giving some of the room back.
+NEARLY_FULL = 1 << 20
+
+
 def no_space_left(folder: Path) -> bool:
-    """True when the filesystem holding `folder` has no block left for this user."""
+    """True when the filesystem holding `folder` has next to no room left for this user (NEARLY_FULL)."""
     try:
         info = os.statvfs(folder)
     except (OSError, AttributeError):  # gone, or no statvfs (Windows): not known to be full
         return False
-    return info.f_bavail == 0
+    return info.f_bavail * info.f_frsize < NEARLY_FULL
 
 
 @contextlib.contextmanager
