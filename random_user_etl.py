@@ -103,7 +103,7 @@ def replay(source: str | Path, settings: Settings | None = None, **overrides) ->
         if not sum(sizes) or any(size != sizes[0] for size in sizes[:-1]) or sizes[-1] > sizes[0]:
             shutil.rmtree(folder, ignore_errors=True)
             raise StorageError(f"the kept pages hold {sizes} users, not one run's pages", path=source, doing="cannot replay")
-        log.info("replayed %d kept pages of seed %s", len(pages), seed)
+        log.info("replayed %d kept page%s of seed %s", len(pages), "" if len(pages) == 1 else "s", seed)
         return land(folder, settings, seed, sizes, destination, started, 0)
 
 

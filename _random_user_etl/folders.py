@@ -35,7 +35,7 @@ def check_ours(path: Path, info: os.stat_result, closed: int = 0o022) -> None:
         mode, most = stat.S_IMODE(info.st_mode), 0o777 & ~closed
         raise StorageError(
             f"open to other users (mode {mode:04o}, at most {most:04o} expected); it was left as it is "
-            f"(if it is yours from an earlier version, `chmod {most:o} {path}`)",
+            f"(if it is yours and meant to be the job's, `chmod {most:o} {path}`)",
             path=path,
             doing="refusing",
         )
@@ -233,7 +233,7 @@ def open_lock(path: Path):
         check_own(path, info, "file")
         check_ours(path, info, closed=0)
         if stat.S_IMODE(info.st_mode) & 0o077:
-            os.fchmod(fd, 0o600)  # ours, left readable by an older version of the job
+            os.fchmod(fd, 0o600)  # ours, but readable by others: closed now
     except BaseException:
         handle.close()
         raise

@@ -81,7 +81,7 @@ def trusted_part(path: Path, identity: dict) -> bool:
         rows = pl.read_parquet(path, glob=False).height
     except (Exception, pl.exceptions.PanicException):  # a torn, rotted or foreign file is simply not trusted
         return False
-    # A part staged by an older version carries no null counts: staging is scratch, so it is fetched again.
+    # A part without null counts is not one this job stages: staging is scratch, so it is fetched again.
     return found == identity and rows == identity["rows"] and PART_NULLS_KEY in metadata
 
 

@@ -14,8 +14,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # the settings of this checkout, not of an installed copy
-config = importlib.import_module("random_user_config")
+config = importlib.import_module("random_user_config")  # the installed project: pip install -e . for this checkout's
 
 README = ROOT / "README.md"
 BEGIN = "<!-- settings table: made by `python docs/settings_table.py --write`; tests/test_docs.py checks it -->"

@@ -37,3 +37,11 @@ def test_the_readmes_analyst_snippets_run_as_printed_from_another_folder(tmp_pat
     etl.replay(ROOT / "tests" / "fixtures" / "default_seed-pura_results-100.json", raw_dir="off")
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {})  # raises if a snippet does not run as printed
+
+
+def test_ci_runs_exactly_the_readmes_test_command():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    commands = [line for line in readme.split("## Two commands", 1)[1].split("\n## ", 1)[0].splitlines() if line.startswith("python3 -m venv")]
+    assert len(commands) == 2, "one command sets up and runs the job, one the tests"
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").strip().splitlines()[-1]
+    assert ci == commands[1]

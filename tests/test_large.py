@@ -62,7 +62,7 @@ def test_the_batch_is_sorted_as_one_sort_of_the_raw_users(tmp_path, monkeypatch,
 
 def test_a_part_staged_before_nulls_were_counted_is_fetched_again(tmp_path):
     parts = stage_recorded_pages(tmp_path / "stage")
-    # Page 2 as an older version staged it: its identity, and no null counts. Staging is scratch.
+    # Page 2 staged with its identity but no null counts: not trusted. Staging is scratch.
     identity = staging.part_identity(Settings(), "paged", 2, 40)
     pl.read_parquet(parts[1]).write_parquet(parts[1], metadata={staging.PART_METADATA_KEY: json.dumps(identity, sort_keys=True)})
     assert not staging.trusted_part(parts[1], identity), "a part with no null counts is not trusted: it is fetched again"
