@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 import polars as pl
-from random_user_config import Settings, is_remote, staging_root
+from random_user_config import Settings, is_remote, shorten, staging_root
 from schemas import OUTPUT_SCHEMA
 from _random_user_etl.errors import RefusedPages, StorageError, write_error
 from _random_user_etl.folders import found_own_folder, is_plain_file, own_folder, own_staging_root, seed_lock, write_atomically
@@ -112,6 +112,7 @@ def quality_report(parts: list[Path]) -> tuple[dict, pl.DataFrame]:
     for part in parts:
         for name, count in json.loads(pl.read_parquet_metadata(part)[PART_NULLS_KEY]).items():
             nulls[name] += count
+    check_one_version(parts)
     ids = pl.scan_parquet(parts, glob=False).select("user_id")
     # 8-byte hashes keep the distinct count small in memory; only a suspected repeat is read again.
     rows, unique = ids.select(pl.len(), pl.col("user_id").hash().n_unique()).collect(engine="streaming").row(0)
@@ -126,6 +127,24 @@ def quality_report(parts: list[Path]) -> tuple[dict, pl.DataFrame]:
         "checked_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     return report, dropped
+
+
+def check_one_version(parts: list[Path]) -> None:
+    """RefusedPages for the pages served by another API version than most of the batch's: one batch, one contract."""
+    # An address without a version is answered by whatever version the service runs that moment.
+    served = pl.scan_parquet(parts, glob=False).select("page", "api_version").unique().collect(engine="streaming")
+    counts = served.group_by("api_version").len().sort("len", "api_version", descending=True)
+    if counts.height <= 1:
+        return
+    usual = counts["api_version"][0]
+    odd = served.filter(pl.col("api_version").ne_missing(usual))
+    pages, versions = odd["page"].unique().sort().to_list(), sorted({shorten(v) for v in odd["api_version"].to_list()})
+    said = f"page {pages[0]} was" if len(pages) == 1 else f"pages {page_list(pages)} were"
+    raise RefusedPages(
+        f"{said} served by API version {', '.join(versions)}, the others by {shorten(usual)}; "
+        f"{'it is' if len(pages) == 1 else 'they are'} dropped from staging, so the next run fetches {'it' if len(pages) == 1 else 'them'} again",
+        pages,
+    )
 
 
 def served_twice(parts: list[Path]) -> pl.DataFrame:

@@ -105,6 +105,22 @@ def test_a_refused_batch_drops_the_pages_involved_and_the_next_run_fetches_them_
     assert_rows_are(pl.read_parquet(out / "random_users_paged.parquet"), served_users("paged", 30, 10))
 
 
+def test_pages_served_by_another_api_version_are_refused_and_fetched_again(api, out, raw, cli):
+    # An address without a version (/api/) is answered by whatever version the service runs: a batch
+    # that met a new one halfway would mix two contracts under one seed.
+    args = ("--seed", "paged", "--n", 30, "--page-size", 10, "--concurrency", 1)
+    api.script(normal(), mutate(lambda doc: {**doc, "info": {**doc["info"], "version": "1.5"}}))
+    first = cli(*args, env=fast_env(api.url, out, raw))
+    assert first.returncode == 1
+    assert_one_error_line(first.stderr, r"page 2 was served by API version 1\.5, the others by 1\.4; it is dropped from staging")
+    assert batch_files(out) == []
+    api.clear()
+    again = cli(*args, env=fast_env(api.url, out, raw))
+    assert again.returncode == 0, again.stderr
+    assert [int(r.params["page"]) for r in api.requests] == [2]
+    assert_rows_are(pl.read_parquet(out / "random_users_paged.parquet"), served_users("paged", 30, 10))
+
+
 @pytest.mark.parametrize("count", [10, 4], ids=["whole-page", "part-of-a-page"])
 def test_a_user_served_twice_identically_lands_once_from_the_first_page(api, settings, count):
     api.script(normal(), mutate(page_1s_users(count)))  # page 2 holds `count` of page 1's people, as served
