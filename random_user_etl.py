@@ -41,7 +41,7 @@ from _random_user_etl.raw import check_not_staging, clear_stale_raw, kept_folder
 from _random_user_etl import __version__, sort
 from _random_user_etl.sort import SCATTER_ROWS, SORT_RUN_ROWS
 from _random_user_etl.staging import pending_pages, sort_folder, staging_for
-from _random_user_etl.store import BATCH_GLOB, LAKE_SCAN, batch_path, check_writable, lake_batches, lake_folder, scan_batches, store_options
+from _random_user_etl.store import BATCH_GLOB, batch_path, check_writable, lake_batches, lake_folder, scan_batches, store_options
 from _random_user_etl.wire import STOP, Fault, make_session, signals_noted, stop_requests
 
 __all__ = ["Batch", "EtlError", "PageRequest", "main", "read_processed", "replay", "run", "transform"]
@@ -120,7 +120,7 @@ def read_processed(output_dir: str | None = None, storage_options: dict | None =
         # Given the schema, Polars reads a glob that matches no object as an empty frame, so an
         # empty prefix is an empty lake without listing the bucket here: nothing is read until collect.
         source = f"{output_dir.rstrip('/')}/{BATCH_GLOB}"
-        lake = pl.scan_parquet(source, glob=True, storage_options=storage_options, **LAKE_SCAN)
+        lake = scan_batches(source, storage_options)
     else:
         batches = lake_batches(lake_folder(output_dir))  # each file read as named, its footer checked
         lake = scan_batches(batches) if batches else OUTPUT_SCHEMA.to_frame().lazy()

@@ -261,8 +261,8 @@ def check_batch(path: str) -> None:
 LAKE_SCAN: dict[str, Any] = dict(schema=OUTPUT_SCHEMA, missing_columns="insert", extra_columns="ignore")
 
 
-def scan_batches(batches: list[str]) -> pl.LazyFrame:
-    """A local lake's checked batches as one lazy frame; a file that fails as it is read raises naming it (read_failure)."""
+def scan_batches(batches: list[str] | str, storage_options: dict | None = None) -> pl.LazyFrame:
+    """A lake's batches (a local lake's checked files, or an object lake's pattern) as one lazy frame; one that fails as it is read raises naming it."""
     # A footer read whole says nothing of the pages under it: a rotted one fails only at collect,
     # where Polars names no file, or panics (PanicException, not an Exception). The rows are still
     # one scan of every file, the query's columns, filter and limit pushed into it.
@@ -270,19 +270,19 @@ def scan_batches(batches: list[str]) -> pl.LazyFrame:
     def rows(with_columns, predicate, n_rows, batch_size):
         """The batches' rows as the query asks for them (Polars' io-source protocol)."""
         try:
-            yield from lake_query(batches, with_columns, predicate, n_rows).collect_batches(chunk_size=batch_size)
+            yield from lake_query(batches, storage_options, with_columns, predicate, n_rows).collect_batches(chunk_size=batch_size)
         except (pl.exceptions.PolarsError, pl.exceptions.PanicException) as exc:
-            unreadable = first_unreadable(batches, with_columns, predicate)
+            unreadable = first_unreadable(listed(batches, storage_options), storage_options, with_columns, predicate)
             if unreadable is None:
                 raise
-            raise StorageError("a page of it cannot be read (the file is corrupt); move it out of the lake", path=unreadable) from exc
+            raise StorageError("it cannot be read whole (torn, corrupt, or not a batch); move it out of the lake", path=unreadable) from exc
 
     return register_io_source(rows, schema=OUTPUT_SCHEMA)
 
 
-def lake_query(batches: list[str], with_columns, predicate, n_rows) -> pl.LazyFrame:
-    """The scan of `batches` with a query's columns, filter and row limit."""
-    frame = pl.scan_parquet(batches, glob=False, **LAKE_SCAN)
+def lake_query(batches: list[str] | str, storage_options: dict | None, with_columns, predicate, n_rows) -> pl.LazyFrame:
+    """The scan of `batches` (files as named, or an object lake's pattern) with a query's columns, filter and row limit."""
+    frame = pl.scan_parquet(batches, glob=isinstance(batches, str), storage_options=storage_options, **LAKE_SCAN)
     if predicate is not None:
         frame = frame.filter(predicate)
     if with_columns is not None:
@@ -290,12 +290,26 @@ def lake_query(batches: list[str], with_columns, predicate, n_rows) -> pl.LazyFr
     return frame.head(n_rows) if n_rows is not None else frame
 
 
-def first_unreadable(batches: list[str], with_columns, predicate) -> str | None:
+def listed(batches: list[str] | str, storage_options: dict | None) -> list[str]:
+    """The objects an object lake's pattern names, for a failure to name the one at fault ([] if they cannot be listed)."""
+    if not isinstance(batches, str):
+        return batches
+    try:
+        # Polars lists the pattern as its scan does; only its private module offers the listing alone,
+        # so it is used only to name a batch that failed, and a Polars without it names none.
+        from polars.io._expand_paths import _expand_paths
+
+        return _expand_paths(batches, storage_options=storage_options).collect()["path"].to_list()
+    except Exception:
+        return []
+
+
+def first_unreadable(batches: list[str], storage_options: dict | None, with_columns, predicate) -> str | None:
     """The first batch that fails the query read alone; None if none does."""
     # Only after a failure: each file is read again alone, with the query's columns, to find it.
     for batch in batches:
         try:
-            for _ in lake_query([batch], with_columns, predicate, None).collect_batches():
+            for _ in lake_query([batch], storage_options, with_columns, predicate, None).collect_batches():
                 pass
         except (pl.exceptions.PolarsError, pl.exceptions.PanicException):
             return batch

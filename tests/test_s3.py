@@ -550,3 +550,13 @@ def test_runs_of_one_seed_into_object_storage_at_once_take_turns_while_each_tidi
     assert {batch.rows for batch in batches} == {100}
     assert_rows_are(etl.read_processed(s3.url()).collect(), raw_users(PURA))
     assert sorted(Path(tempfile.gettempdir()).rglob("*")) == []
+
+
+@pytest.mark.parametrize("body", [b"torn", fixture_bytes(PURA)], ids=["torn", "not-parquet"])
+def test_a_torn_or_foreign_object_in_the_lake_is_named_when_the_lake_is_collected(api, settings, s3, body):
+    etl.run(settings(output_dir=s3.url(), seed="pura"))
+    s3.client.put_object(Bucket=s3.name, Key="lake/random_users_torn.parquet", Body=body)
+    with pytest.raises(StorageError) as refused:
+        etl.read_processed(s3.url()).collect()
+    assert f"s3://{s3.name}/lake/random_users_torn.parquet" in str(refused.value)
+    assert "Person" not in str(refused.value) and "{" not in str(refused.value)  # the object's bytes are never echoed
