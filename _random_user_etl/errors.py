@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import signal
 from random_user_config import LINE_LIMIT, shorten, shown_urls_in
@@ -71,3 +73,23 @@ def write_error(exc: BaseException) -> str:
         return type(exc).__name__
     cause = re.sub(r"^\d+:\s*", "", lines[-1]) if len(lines) > 1 and "Caused by:" in text else ""
     return shorten(lines[0], 200) + (f" ({shorten(cause, 80)})" if cause else "")
+
+
+@contextlib.contextmanager
+def panic_text_silenced():
+    """While held, what the process writes to its stderr goes nowhere: for a Polars read whose panic the job catches and says itself."""
+    # Polars' Rust panic hook writes "thread ... panicked at ..." (and a backtrace) straight to file
+    # descriptor 2 before the PanicException reaches Python: only a read that may panic is wrapped,
+    # a moment long, where no other line of the job is due.
+    try:
+        saved, nowhere = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    except OSError:  # no stderr to silence
+        yield
+        return
+    try:
+        os.dup2(nowhere, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(nowhere)

@@ -12,7 +12,7 @@ from typing import Any
 import polars as pl
 from random_user_config import Settings, is_remote, shorten, staging_root
 from schemas import OUTPUT_SCHEMA
-from _random_user_etl.errors import RefusedPages, StorageError, write_error
+from _random_user_etl.errors import RefusedPages, StorageError, panic_text_silenced, write_error
 from _random_user_etl.folders import found_own_folder, is_plain_file, own_folder, own_staging_root, seed_lock, write_atomically
 
 
@@ -78,7 +78,8 @@ def trusted_part(path: Path, identity: dict) -> bool:
         found = json.loads(metadata.get(PART_METADATA_KEY, "null"))
         # Read whole (one page's rows): a whole footer says nothing of a rotted page under it, which
         # would fail every later run as it lands. A page Polars cannot decode can make it panic.
-        rows = pl.read_parquet(path, glob=False).height
+        with panic_text_silenced():
+            rows = pl.read_parquet(path, glob=False).height
     except (Exception, pl.exceptions.PanicException):  # a torn, rotted or foreign file is simply not trusted
         return False
     # A part without null counts is not one this job stages: staging is scratch, so it is fetched again.

@@ -17,7 +17,7 @@ from polars.io.plugins import register_io_source
 import random_user_config as config
 from random_user_config import is_remote, shorten
 from schemas import OUTPUT_SCHEMA, QUALITY_METADATA_KEY, UTC_INSTANT
-from _random_user_etl.errors import StorageError, write_error
+from _random_user_etl.errors import StorageError, panic_text_silenced, write_error
 from _random_user_etl.folders import fresh_temp, write_atomically, write_to
 from _random_user_etl import sort, upload as uploader
 from _random_user_etl.sort import SORT_RUN_ROWS
@@ -309,8 +309,9 @@ def first_unreadable(batches: list[str], storage_options: dict | None, with_colu
     # Only after a failure: each file is read again alone, with the query's columns, to find it.
     for batch in batches:
         try:
-            for _ in lake_query([batch], storage_options, with_columns, predicate, None).collect_batches():
-                pass
+            with panic_text_silenced():  # a batch that fails here is named in the error instead
+                for _ in lake_query([batch], storage_options, with_columns, predicate, None).collect_batches():
+                    pass
         except (pl.exceptions.PolarsError, pl.exceptions.PanicException):
             return batch
     return None
