@@ -308,12 +308,17 @@ def test_the_cli_says_no_space_left_in_one_line(api, out, raw, cli, small_disk):
 # ---------------------------------------------------------------- an unlucky disk under the staged pages
 
 
-def test_a_staged_page_with_a_corrupt_page_under_a_whole_footer_is_fetched_again_not_trusted(api, settings, out):
+def staged_page_1(api, settings, out):
+    """A run of seed paged stopped by a 404 at page 3, its pages 1 and 2 staged: the run's settings and page 1's part."""
     run = settings(seed="paged", n=120, page_size=40, concurrency=1, retries=0)
     api.script(normal(), normal(), status(404))
     with pytest.raises(ServiceError):
         etl.run(run)
-    part = out / ".staging" / "paged" / "part-00001.parquet"
+    return run, out / ".staging" / "paged" / "part-00001.parquet"
+
+
+def test_a_staged_page_with_a_corrupt_page_under_a_whole_footer_is_fetched_again_not_trusted(api, settings, out):
+    run, part = staged_page_1(api, settings, out)
     whole = part.read_bytes()
     ids = pq.ParquetFile(part).metadata.row_group(0).column(0)  # user_id: the quality report reads it
     start = ids.data_page_offset
@@ -375,11 +380,7 @@ def test_a_full_disk_says_so_though_another_process_frees_room_as_the_write_fail
 def test_a_staged_page_that_makes_polars_panic_is_fetched_again_with_no_panic_text_on_stderr(api, settings, out, capfd):
     # Polars' Rust panic hook writes "thread ... panicked at ..." to the process's stderr before the
     # PanicException reaches Python: the job catches the exception, and no such text may reach the terminal.
-    run = settings(seed="paged", n=120, page_size=40, concurrency=1, retries=0)
-    api.script(normal(), normal(), status(404))
-    with pytest.raises(ServiceError):
-        etl.run(run)
-    part = out / ".staging" / "paged" / "part-00001.parquet"
+    run, part = staged_page_1(api, settings, out)
     whole = part.read_bytes()
     for offset in range(4, len(whole) - 8):  # the first byte whose loss makes Polars panic reading the part
         rotted = whole[:offset] + b"\x00" + whole[offset + 1 :]
