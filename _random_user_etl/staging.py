@@ -113,10 +113,12 @@ def quality_report(parts: list[Path]) -> tuple[dict, pl.DataFrame]:
     for part in parts:
         for name, count in json.loads(pl.read_parquet_metadata(part)[PART_NULLS_KEY]).items():
             nulls[name] += count
-    check_one_version(parts)
-    ids = pl.scan_parquet(parts, glob=False).select("user_id")
-    # 8-byte hashes keep the distinct count small in memory; only a suspected repeat is read again.
-    rows, unique = ids.select(pl.len(), pl.col("user_id").hash().n_unique()).collect(engine="streaming").row(0)
+    # One pass: 8-byte hashes keep the distinct count small in memory, and only a suspected repeat, or a
+    # second API version, is read again.
+    counted = pl.scan_parquet(parts, glob=False).select(pl.len(), pl.col("user_id").hash().n_unique(), pl.col("api_version").n_unique())
+    rows, unique, versions = counted.collect(engine="streaming").row(0)
+    if versions > 1:
+        refuse_other_versions(parts)
     dropped = served_twice(parts) if unique < rows else pl.DataFrame(schema={"user_id": pl.String, "page": pl.Int32})
     for name, count in dropped.null_count().row(0, named=True).items():
         nulls[name] -= count  # counted when its page was staged, but it does not land
@@ -130,7 +132,7 @@ def quality_report(parts: list[Path]) -> tuple[dict, pl.DataFrame]:
     return report, dropped
 
 
-def check_one_version(parts: list[Path]) -> None:
+def refuse_other_versions(parts: list[Path]) -> None:
     """RefusedPages for the pages served by another API version than most of the batch's: one batch, one contract."""
     # An address without a version is answered by whatever version the service runs that moment.
     served = pl.scan_parquet(parts, glob=False).select("page", "api_version").unique().collect(engine="streaming")
