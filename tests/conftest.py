@@ -27,7 +27,9 @@ from fake_api import FIXTURES, FakeRandomUser
 from oracle import COLUMNS, LONE_SURROGATE, USER_COLUMNS, Refused, raw_key, reference_rows, user_rows  # noqa: F401  (the one oracle)
 
 import random_user_etl as etl
-from _random_user_etl import sort, store, wire
+from _random_user_etl import sort, store
+from _random_user_etl.run import Run, SortSizes
+from _random_user_etl.sources import ServicePages
 from random_user_config import Settings, staging_root
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,6 +107,11 @@ def record_sorts(monkeypatch) -> list:
 
     monkeypatch.setattr(sort, "ExternalSort", Recorded)
     return made
+
+
+def land_sorted(settings: Settings, run_rows: int, group_rows: int):
+    """A run whose external sort takes these sizes: small ones make a few pages into many key ranges."""
+    return Run(settings, ServicePages(), sort_sizes=SortSizes(run_rows, group_rows)).land()
 
 
 def nationality_counts(users: list[dict]) -> dict[str, int]:
@@ -223,7 +230,6 @@ def main_in_process(argv: list[str]) -> int:
         root.setLevel(level)
         urllib3_log.setLevel(urllib3_level)
         logging.captureWarnings(False)  # main routes warnings into the log: this process's go back to pytest
-        wire.STOP.clear()  # a stopped run leaves the event set: the next test starts unstopped
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
 
@@ -408,14 +414,6 @@ def info(**fields):
 
 def duplicate_first_id(results):
     results[1]["login"]["uuid"] = results[0]["login"]["uuid"]
-
-
-@pytest.fixture(autouse=True)
-def unstopped():
-    """Every test starts, and leaves the process, with the job's stop event clear (a stopped run sets it)."""
-    wire.STOP.clear()
-    yield
-    wire.STOP.clear()
 
 
 @contextlib.contextmanager

@@ -31,7 +31,21 @@ import pytest
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
-from conftest import PAGED, ROOT, assert_one_error_line, assert_rows_are, batch_files, fast_env, landed, raw_key, raw_users, record_sorts, run_cli, served_users
+from conftest import (
+    land_sorted,
+    PAGED,
+    ROOT,
+    assert_one_error_line,
+    assert_rows_are,
+    batch_files,
+    fast_env,
+    landed,
+    raw_key,
+    raw_users,
+    record_sorts,
+    run_cli,
+    served_users,
+)
 from fake_api import mutate, normal, status
 
 import random_user_config as config
@@ -545,7 +559,7 @@ def test_the_sort_folder_is_made_private(api, out, raw, settings, monkeypatch):
 
     monkeypatch.setattr(sort.ExternalSort, "_split", spy)
     # Several key ranges: the sort writes its scratch files.
-    etl.fetch_and_land(settings(seed="paged", n=120, page_size=40, concurrency=1), run_rows=40, group_rows=40)
+    land_sorted(settings(seed="paged", n=120, page_size=40, concurrency=1), 40, 40)
     assert seen and set(seen) == {0o700}
 
 
@@ -828,7 +842,7 @@ def test_a_run_sorted_in_many_key_ranges_in_a_folder_named_like_a_pattern(api, s
     decoy_staging(tmp_path / "lake1", "paged", settings)
     sorts = record_sorts(monkeypatch)
     lake = tmp_path / name
-    batch = etl.fetch_and_land(settings(output_dir=str(lake), seed="paged", n=120, page_size=40, concurrency=2), run_rows=17, group_rows=40)
+    batch = land_sorted(settings(output_dir=str(lake), seed="paged", n=120, page_size=40, concurrency=2), 17, 40)
     assert sorts[-1].runs == 8 and sorts[-1].groups >= 1, "split into key ranges while the run went on"
     frame, users = read_batch(batch.path), served_users("paged", 120, 40)
     assert_rows_are(frame, users)
