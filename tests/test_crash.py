@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import polars as pl
 import pytest
-from conftest import FAST, ROOT, CasePool, assert_one_error_line, batch_files, clean_environ, digests, fast_env, landed, served_users
+from support import FAST, ROOT, CasePool, assert_one_error_line, batch_files, clean_environ, digests, fast_env, landed, served_users
 from fake_api import FakeRandomUser, hang, mutate, normal
 
 import random_user_etl as etl

@@ -20,7 +20,7 @@ import hypothesis.strategies as st
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
-from conftest import LOG_LINE, PAGED, PREFIX, assert_one_error_line, assert_rows_are, clean_environ, fast_env, fixture_bytes, raw_users, run_cli
+from support import LOG_LINE, PAGED, PREFIX, assert_one_error_line, assert_rows_are, clean_environ, fast_env, fixture_bytes, raw_users, run_cli
 from fake_api import body, normal, status
 
 import random_user_etl as etl
@@ -45,7 +45,7 @@ def causes(exc: BaseException) -> list[BaseException]:
 
 
 def run_paged(cli, api, out, raw, *args):
-    """The CLI (conftest's cli) on two pages of seed "paged", one at a time, so the script's second answer is page 2."""
+    """The CLI (the `cli` fixture) on two pages of seed "paged", one at a time, so the script's second answer is page 2."""
     return cli("--seed", "paged", "--n", "80", "--page-size", "40", "--concurrency", "1", *args, env=fast_env(api.url, out, raw))
 
 

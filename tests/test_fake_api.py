@@ -421,7 +421,7 @@ def test_the_fake_started_by_hand_serves_the_job_and_stops_on_ctrl_c(tmp_path):
     import sys
 
     import polars as pl
-    from conftest import FAST, PURA, TESTS, assert_rows_are, raw_users
+    from support import FAST, PURA, TESTS, assert_rows_are, raw_users
 
     import random_user_etl as etl
     from random_user_config import Settings
@@ -447,7 +447,7 @@ def test_the_fake_started_by_hand_on_a_busy_port_says_so_in_one_line():
     import subprocess
     import sys
 
-    from conftest import TESTS
+    from support import TESTS
 
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -481,7 +481,7 @@ def test_the_fake_started_by_hand_stops_on_a_signal_even_when_its_shell_ignores_
     import subprocess
     import sys
 
-    from conftest import TESTS
+    from support import TESTS
     from fake_api import free_port
 
     port = free_port()

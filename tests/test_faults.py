@@ -17,7 +17,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import (
+from support import (
     FAST,
     LOG_LINE,
     PURA,
@@ -248,7 +248,7 @@ PERSISTENT = {
 class Outcome:
     """What one CLI run against a scripted fake left behind."""
 
-    result: object  # conftest.Ran
+    result: object  # support.Ran
     before: dict[str, bytes]
     after: dict[str, bytes]
     batches: list[str]

@@ -31,7 +31,7 @@ import pytest
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
-from conftest import PAGED, ROOT, assert_one_error_line, assert_rows_are, batch_files, fast_env, landed, raw_key, raw_users, record_sorts, run_cli, served_users
+from support import PAGED, ROOT, assert_one_error_line, assert_rows_are, batch_files, fast_env, landed, raw_key, raw_users, record_sorts, run_cli, served_users
 from fake_api import mutate, normal, status
 
 import random_user_config as config

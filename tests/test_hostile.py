@@ -1,7 +1,7 @@
 """Hostile input: seeds that try to leave the output folder, a huge answer, plain http,
 and no PII in the logs.
 
-The CLI cases run main(argv) in-process (conftest's `cli`), each in its own folder: the exit status
+The CLI cases run main(argv) in-process (the `cli` fixture), each in its own folder: the exit status
 and the one error line are checked as the command gives them; bad settings start no server.
 """
 
@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 import polars as pl
-from conftest import (
+from support import (
     LOG_LINE,
     PAGED,
     PREFIX,

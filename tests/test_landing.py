@@ -9,7 +9,7 @@ import uuid
 
 import polars as pl
 import pytest
-from conftest import assert_null_counts, assert_one_error_line, assert_rows_are, batch_files, digests, fast_env, landed, served_users, users
+from support import assert_null_counts, assert_one_error_line, assert_rows_are, batch_files, digests, fast_env, landed, served_users, users
 from fake_api import PICKED_SEED, FakeRandomUser, mutate, normal, page_body, rate_limited
 
 import random_user_etl as etl

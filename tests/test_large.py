@@ -12,7 +12,7 @@ import threading
 
 import polars as pl
 import pytest
-from conftest import (
+from support import (
     PAGED,
     ROOT,
     assert_null_counts,

@@ -13,7 +13,7 @@ import tracemalloc
 
 import polars as pl
 import pytest
-from conftest import PREFIX, PURA, assert_one_error_line, assert_rows_are, batch_files, fast_env, fixture_json
+from support import PREFIX, PURA, assert_one_error_line, assert_rows_are, batch_files, fast_env, fixture_json
 from fake_api import body, mutate, page_body, status
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import (
+from support import (
     GBONLY,
     PAGED,
     PREFIX,

@@ -20,7 +20,7 @@ from pathlib import Path
 import polars as pl
 import psutil
 import pytest
-from conftest import LOG_LINE, ROOT, clean_environ, digests, fast_env, landed, raw_key, served_users
+from support import LOG_LINE, ROOT, clean_environ, digests, fast_env, landed, raw_key, served_users
 from fake_api import hang, normal, rate_limited, status
 
 import random_user_etl as etl

@@ -14,7 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import (
+from support import (
     PAGED,
     PREFIX,
     assert_one_error_line,
