@@ -413,3 +413,87 @@ def wait_until(condition: Callable[[], object], timeout: float = 20.0, what: str
         if time.monotonic() > deadline:
             pytest.fail(f"not so within {timeout} s: {what or condition}")
         time.sleep(step)
+
+
+# ---------------------------------------------------------------- what the job logs
+
+RETRY_LINE = re.compile(r"retry (\d+) of (\d+) for (\S+): (.+)")
+
+
+def assert_pura_landed(path) -> None:
+    """The landed batch holds exactly the recorded users of seed pura, value for value."""
+    frame = pl.read_parquet(path)
+    assert_rows_are(frame, raw_users(PURA))
+    assert frame.select("seed", "page").unique().rows() == [("pura", 1)]
+
+
+def retry_lines(records) -> list[re.Match]:
+    """The 'retry k of n for URL: reason' lines of the job's log."""
+    return [m for r in records if (m := RETRY_LINE.fullmatch(r.getMessage()))]
+
+
+def pii_of(users_: list[dict]) -> list[tuple[str, str]]:
+    """(kind, value) of every personal value of these users: names, emails, ids, usernames, phones."""
+    values = []
+    for user in users_:
+        first, last = user["name"]["first"], user["name"]["last"]
+        values += [("first name", first), ("last name", last), ("full name", f"{first} {last}")]
+        values += [("email", user["email"]), ("user id", user["login"]["uuid"]), ("username", user["login"]["username"])]
+        values += [("phone", user["phone"]), ("cell", user["cell"])]
+        if user["id"]["value"]:
+            values.append(("national id", user["id"]["value"]))
+    return values
+
+
+def leaked(text: str, values: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The personal values that appear in text (names as whole words, the rest as substrings)."""
+    found = []
+    for kind, value in values:
+        if "name" in kind and " " not in value:
+            hit = re.search(rf"(?<!\w){re.escape(value)}(?!\w)", text)
+        else:
+            hit = value in text
+        if hit:
+            found.append((kind, value))
+    return found
+
+
+# ---------------------------------------------------------------- a job stopped by a signal
+
+HELD = 30  # seconds the fake (or a wait the job is told to make) holds the job: far past the bound
+PROMPT = 3.0  # "within 2 seconds", with room for a loaded machine
+STOP_LINE = {
+    signal.SIGINT: "random_user_etl.py: stopped by SIGINT; staged pages are kept and the next run resumes",
+    signal.SIGTERM: "random_user_etl.py: stopped by SIGTERM; staged pages are kept and the next run resumes",
+}
+
+
+def assert_stopped(code: int, stderr: str, seconds: float, signum: int) -> None:
+    """Exit 128 + the signal, promptly, with one stop line last; every other line a log line; no retry after it."""
+    assert code == 128 + signum, stderr
+    assert seconds < PROMPT, f"exited {seconds:.2f}s after the signal"
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
+    lines = stderr.rstrip("\n").splitlines()
+    assert lines[-1] == STOP_LINE[signum], stderr
+    assert all(LOG_LINE.match(line) for line in lines[:-1]), stderr
+    assert "retry 2 of" not in stderr, stderr  # nothing was retried once it was told to stop
+
+
+def signalled_exit(proc: subprocess.Popen, signum: int, then=None) -> tuple[int, float]:
+    """Signal the process, call then() if given, wait for it to end: its status and seconds from the signal; fail past HELD."""
+    proc.send_signal(signum)
+    signalled = time.monotonic()
+    if then is not None:
+        then()
+    try:
+        code = proc.wait(timeout=HELD)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still running {HELD}s after {signal.Signals(signum).name}")
+    return code, time.monotonic() - signalled
+
+
+def delivered(pid: int, signum: int) -> bool:
+    """True once a signal sent to a process is no longer pending: its C-level handler has taken it."""
+    status_ = Path(f"/proc/{pid}/status").read_text()
+    pending = [int(re.search(rf"^{field}:\s+(\w+)$", status_, re.M)[1], 16) for field in ("ShdPnd", "SigPnd")]
+    return not any(mask & (1 << (signum - 1)) for mask in pending)
