@@ -7,11 +7,13 @@ import collections
 import concurrent.futures as futures
 import contextlib
 import dataclasses
+import gzip
 import hashlib
 import json
 import logging
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -497,3 +499,97 @@ def delivered(pid: int, signum: int) -> bool:
     status_ = Path(f"/proc/{pid}/status").read_text()
     pending = [int(re.search(rf"^{field}:\s+(\w+)$", status_, re.M)[1], 16) for field in ("ShdPnd", "SigPnd")]
     return not any(mask & (1 << (signum - 1)) for mask in pending)
+
+
+# ---------------------------------------------------------------- files planted where the job works
+
+PURA_ANSWER = TESTS / "fixtures" / PURA
+PAGE_2_ANSWER = TESTS / "fixtures" / PAGED[1]
+
+
+def make_bait(tmp_path: Path) -> Path:
+    """A folder that is not the job's, holding a file and a kept-answer look-alike, for a link to point at."""
+    bait = tmp_path / "bait"
+    bait.mkdir()
+    (bait / "precious.txt").write_bytes(b"not the job's to touch\n")
+    (bait / "page-00009.json.gz").write_bytes(gzip.compress(b"{}"))
+    (bait / "unchecked-page-00001.json.gz").write_bytes(b"looks like a kept answer")
+    return bait
+
+
+def refused_untouched(run, bait: Path, says: str) -> None:
+    """run() fails with EtlError matching `says`, and the bait holds the same files with the same bytes."""
+    before = landed(bait)
+    with pytest.raises(etl.EtlError, match=says) as caught:
+        run()
+    assert "\n" not in str(caught.value)
+    assert landed(bait) == before and sorted(os.listdir(bait)) == sorted(before)
+
+
+OWN_FOLDERS = {  # the folders the job makes its own, and where each lies
+    "staging": lambda out, raw: out / ".staging",
+    "seed-staging": lambda out, raw: out / ".staging" / "pura",
+    "sort": lambda out, raw: out / ".staging" / "pura" / "sort",
+    "raw-seed": lambda out, raw: raw / "pura",
+}
+
+
+def linked(where: str):
+    """A planting that makes the job's own folder `where` (OWN_FOLDERS) a link to the bait."""
+
+    def plant(out, raw, bait):
+        path = OWN_FOLDERS[where](out, raw)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.symlink_to(bait, target_is_directory=True)
+        return path
+
+    plant.__name__ = "link_" + where.replace("-", "_")
+    return plant
+
+
+OTHER_UID = 1001  # no such user is needed: os.chown takes any number
+
+
+def plant_folder(path: Path, uid: int, mode: int) -> Path:
+    """A folder at `path`, holding a file of its owner's, with this owner and mode (os.chmod: no umask)."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "theirs.txt").write_bytes(b"left alone")
+    os.chmod(path, mode)
+    os.chown(path, uid, -1)
+    return path
+
+
+def as_nobody(folder: Path, call) -> str:
+    """What call() raised ("Type: text"), or "returned", in a forked child that entered `folder`, then became uid 65534.
+
+    Forked, not started: the interpreter lives under /root, which uid 65534 cannot enter. The
+    child only lists a folder before answering, so no lock another thread held is ever needed.
+    """
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read)
+            os.chdir(folder)  # entered as root: the child needs no way in through /tmp's pytest folders
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                call()
+                outcome = "returned"
+            except BaseException as exc:
+                outcome = f"{type(exc).__name__}: {exc}"
+            os.write(write, outcome.encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        ready, _, _ = select.select([read], [], [], 30)
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+            pytest.fail("the child as uid 65534 did not answer within 30 s")
+        with open(read, "rb", closefd=False) as pipe:
+            return pipe.read().decode()
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
