@@ -1,4 +1,5 @@
-"""The error chain: a page's error names its page, a storage error its path, each keeps its cause, -v shows the chain."""
+"""The error chain: a page's error names its page, a storage error its path, each keeps its cause, -v shows the chain;
+a library's warning, a corrupt staged page, a write refused or a full disk, each said by its reason."""
 
 from __future__ import annotations
 

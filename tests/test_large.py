@@ -1,4 +1,4 @@
-"""Large pulls: external sort, concurrency, resume after a kill or the rate limit, progress."""
+"""Large pulls: the external sort, output independent of concurrency, resume after the rate limit, progress on a terminal."""
 
 from __future__ import annotations
 

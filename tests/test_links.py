@@ -120,7 +120,7 @@ def test_a_temp_file_is_never_written_through_a_link_planted_at_its_name(tmp_pat
     folder.mkdir(mode=0o700)
     bait = make_bait(tmp_path)
     before = landed(bait)
-    # The name the old job wrote its temp file at, predictable from the process and thread ids.
+    # A name anyone could predict from the process and thread ids.
     planted = folder / f".part-00001.parquet.{os.getpid()}.{threading.get_ident()}.tmp"
     planted.symlink_to(bait / "precious.txt")
     settings = Settings(output_dir=str(tmp_path / "out"), raw_dir=None)
@@ -143,7 +143,7 @@ def test_a_temp_file_is_created_exclusively_private_and_at_an_unpredictable_name
         folders.write_atomically(tmp_path / "part-00001.parquet", write)
     assert [found[1:] for found in seen] == [(True, 0o600, 0)] * 2
     names = [found[0] for found in seen]
-    old_name = f".part-00001.parquet.{os.getpid()}.{threading.get_ident()}.tmp"  # predictable: anyone could plant it
-    assert names[0] != names[1] and old_name not in names
+    predictable = f".part-00001.parquet.{os.getpid()}.{threading.get_ident()}.tmp"  # predictable: anyone could plant it
+    assert names[0] != names[1] and predictable not in names
     assert (tmp_path / "part-00001.parquet").read_bytes() == b"done"
     assert sorted(os.listdir(tmp_path)) == ["part-00001.parquet"]

@@ -1,5 +1,6 @@
 """Stopping: SIGTERM is handled like Ctrl-C, also when the job is PID 1 of its container,
-and a stop is prompt whatever the job waits on: a request in flight, a backoff, the rate-limit pause.
+and a stop is prompt whatever the job waits on: a request in flight, a backoff, the rate-limit pause,
+a connection being opened; a stop while the batch is written lands nothing.
 
 Each case runs the CLI in a subprocess against a fake that holds it in one kind of wait far longer
 than the bound (30 s), signals it once it is there, and times the exit from the signal.
