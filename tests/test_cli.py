@@ -7,7 +7,7 @@ import re
 
 import polars as pl
 import pytest
-from conftest import FAST, GBONLY, PURA, assert_rows_are, batch_files, duplicate_first_id, fast_env, landed, raw_users, run_cli, served_users, user_rows, users
+from support import FAST, GBONLY, PURA, assert_rows_are, batch_files, duplicate_first_id, fast_env, landed, raw_users, run_cli, served_users, user_rows, users
 from fake_api import free_port, mutate, recorded_pages
 
 import random_user_etl as etl

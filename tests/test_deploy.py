@@ -23,7 +23,7 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import ROOT
+from support import ROOT
 from fake_api import synthetic_users
 
 import random_user_config as config
