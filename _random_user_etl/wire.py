@@ -18,7 +18,8 @@ import urllib3
 from urllib3.exceptions import InvalidChunkLength, MaxRetryError, NameResolutionError, NewConnectionError, ProtocolError
 from urllib3.poolmanager import pool_classes_by_scheme
 from urllib.parse import urlsplit
-from random_user_config import MOST_RETRIES, Settings, shorten, shown_url
+from _random_user_etl.shown import shorten, shown_url
+from random_user_config import MOST_RETRIES, Settings
 from _random_user_etl.errors import AnswerError, Stopped
 
 

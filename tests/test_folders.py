@@ -34,9 +34,8 @@ from hypothesis import strategies as st
 from conftest import PAGED, ROOT, assert_one_error_line, assert_rows_are, batch_files, fast_env, landed, raw_key, raw_users, record_sorts, run_cli, served_users
 from fake_api import mutate, normal, status
 
-import random_user_config as config
 import random_user_etl as etl
-from _random_user_etl import folders, sort, staging
+from _random_user_etl import folders, places, sort, staging
 from random_user_config import Settings, SettingsError
 from schemas import OUTPUT_SCHEMA, SORT_KEY
 
@@ -327,8 +326,8 @@ def test_neighbouring_folders_do_not_overlap(tmp_path):
 def test_a_raw_folder_in_the_staging_folder_of_object_storage_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     url = "s3://bucket/lake"
-    private = config.staging_root(url).parent
-    for raw_dir in (private, config.staging_root(url), config.staging_root(url) / "x", tmp_path):
+    private = places.staging_root(url).parent
+    for raw_dir in (private, places.staging_root(url), places.staging_root(url) / "x", tmp_path):
         with pytest.raises(SettingsError, match="--raw-dir .*--output-dir"):
             Settings(output_dir=url, raw_dir=str(raw_dir))
     Settings(output_dir=url, raw_dir=str(tmp_path.parent / "raw"))
@@ -346,7 +345,7 @@ def test_object_storage_settings_are_made_where_there_is_no_uid(login, tmp_path,
         monkeypatch.setenv("USERNAME", login)
     url = "s3://bucket/lake"
     assert Settings(output_dir=url).output_dir == url
-    private = config.staging_root(url).parent
+    private = places.staging_root(url).parent
     assert private.parent == tmp_path and private.name.startswith("random_user_etl-")
     if login == "ana":
         assert private.name == "random_user_etl-ana"
@@ -448,7 +447,7 @@ def test_an_analyst_without_fcntl_imports_the_job_and_reads_the_lake(settings, o
 def test_read_processed_with_no_folder_named_and_no_default_folder_yet_names_the_default(tmp_path, monkeypatch):
     monkeypatch.delenv("RANDOM_USER_OUTPUT_DIR", raising=False)
     default = tmp_path / "processed_data"
-    monkeypatch.setattr(config, "default_output_dir", lambda: str(default))
+    monkeypatch.chdir(tmp_path)  # the default lake is processed_data in the working folder
     with pytest.raises(FileNotFoundError, match=str(default)):
         etl.read_processed()
     default.mkdir()
