@@ -326,8 +326,9 @@ def make_session(settings: Settings) -> requests.Session:
 
 
 # What a transport fault is: the innermost exception of its chain of causes that a row names decides,
-# by the row whose class is nearest its own (fault_words); the rows' order means nothing. Only the class name and these fixed words are ever logged: a fault's own text can carry the
-# answer's bytes (a status line or a chunk length that is really JSON, a header that is a person).
+# by the row whose class is nearest its own (fault_words); the rows' order means nothing. Only the
+# class name and these fixed words are ever logged: a fault's own text can carry the answer's bytes
+# (a status line or a chunk length that is really JSON, a header that is a person).
 TIMED_OUT = "timed out: no whole answer within {timeout:g}s (--timeout)"
 
 
@@ -412,7 +413,7 @@ def fault_words(chain: list[BaseException], reading: bool, timed_out: bool) -> t
 
 
 def nearest_row(kind: type) -> tuple[str, str] | None:
-    """The words and line of the FAULTS row naming the class nearest `kind` in its MRO (a tie to the words first in order), or None."""
+    """The words and line of the FAULTS row naming the class nearest `kind` in its MRO (a tie to the words that sort first), or None."""
     # Nearest, not first: IncompleteRead is an HTTPException and NewConnectionError a TimeoutError,
     # yet each has a row of its own that must win over its base's.
     mro = kind.__mro__
