@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 import polars as pl
 import random_user_config as config
-from random_user_config import Settings, shorten
+from _random_user_etl.shown import shorten
+from random_user_config import Settings
 from _random_user_etl.answer import PageRequest, answer_info
 from _random_user_etl.client import RateGate, fetch_page, seconds_text
 from _random_user_etl.contract import transform

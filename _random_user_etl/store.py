@@ -15,7 +15,8 @@ from typing import Any
 import polars as pl
 from polars.io.plugins import register_io_source
 import random_user_config as config
-from random_user_config import is_remote, shorten
+from _random_user_etl.places import is_remote
+from _random_user_etl.shown import shorten
 from schemas import OUTPUT_SCHEMA, QUALITY_METADATA_KEY, UTC_INSTANT
 from _random_user_etl.errors import StorageError, panic_text_silenced, write_error
 from _random_user_etl.folders import fresh_temp, write_atomically, write_to

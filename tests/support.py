@@ -31,7 +31,7 @@ from oracle import COLUMNS, LONE_SURROGATE, USER_COLUMNS, Refused, raw_key, refe
 
 import random_user_etl as etl
 from _random_user_etl import sort, store, wire
-from random_user_config import staging_root
+from _random_user_etl.places import staging_root
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -26,7 +26,7 @@ from fake_api import body, normal, status
 import random_user_etl as etl
 from _random_user_etl.errors import AnswerError, ServiceError, StorageError, on_page, write_error
 from _random_user_etl.folders import write_atomically
-from random_user_config import shorten
+from _random_user_etl.shown import shorten
 
 # Page 2 of seed "paged" cut off after its first user's password: malformed JSON that holds a person.
 CUT_PAGE = fixture_bytes(PAGED[1])[:600] + b"}"

@@ -16,7 +16,6 @@ import polars as pl
 import pytest
 from support import PAGED, PURA_ANSWER, ROOT, as_nobody, assert_rows_are, raw_users
 
-import random_user_config as config
 import random_user_etl as etl
 from schemas import OUTPUT_SCHEMA
 
@@ -61,7 +60,7 @@ def test_an_analyst_without_fcntl_imports_the_job_and_reads_the_lake(settings, o
 def test_read_processed_with_no_folder_named_and_no_default_folder_yet_names_the_default(tmp_path, monkeypatch):
     monkeypatch.delenv("RANDOM_USER_OUTPUT_DIR", raising=False)
     default = tmp_path / "processed_data"
-    monkeypatch.setattr(config, "default_output_dir", lambda: str(default))
+    monkeypatch.chdir(tmp_path)  # the default lake is processed_data in the working folder
     with pytest.raises(FileNotFoundError, match=str(default)):
         etl.read_processed()
     default.mkdir()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from support import assert_one_error_line, fast_env, landed
 
-import random_user_config as config
+from _random_user_etl import places
 import random_user_etl as etl
 from random_user_config import Settings, SettingsError
 
@@ -60,8 +60,8 @@ def test_neighbouring_folders_do_not_overlap(tmp_path):
 def test_a_raw_folder_in_the_staging_folder_of_object_storage_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     url = "s3://bucket/lake"
-    private = config.staging_root(url).parent
-    for raw_dir in (private, config.staging_root(url), config.staging_root(url) / "x", tmp_path):
+    private = places.staging_root(url).parent
+    for raw_dir in (private, places.staging_root(url), places.staging_root(url) / "x", tmp_path):
         with pytest.raises(SettingsError, match="--raw-dir .*--output-dir"):
             Settings(output_dir=url, raw_dir=str(raw_dir))
     Settings(output_dir=url, raw_dir=str(tmp_path.parent / "raw"))

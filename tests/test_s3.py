@@ -50,7 +50,8 @@ from fake_api import mutate, status
 import random_user_etl as etl
 from _random_user_etl import staging, store, wire
 from _random_user_etl.errors import StorageError, Stopped
-from random_user_config import SettingsError, staging_root
+from _random_user_etl.places import staging_root
+from random_user_config import SettingsError
 from schemas import OUTPUT_SCHEMA, QUALITY_METADATA_KEY, SORT_KEY
 
 
@@ -422,7 +423,7 @@ def test_a_temp_folder_named_like_a_pattern_stages_and_sorts_this_runs_pages_not
         patch.setattr(store, "upload", upload_fails)
         with pytest.raises(etl.EtlError, match="the store went away"):
             etl.run(settings(output_dir=url, seed="decoy", n=100, page_size=40))
-    staged = etl.config.staging_root(url)
+    staged = staging_root(url)
     (staged / "decoy").rename(staged / "paged")
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp[1]"))
     monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp[1]"))

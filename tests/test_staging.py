@@ -12,7 +12,7 @@ import pytest
 from support import PAGED, assert_rows_are, landed, make_bait, raw_users, refused_untouched
 from fake_api import normal, status
 
-import random_user_config as config
+from _random_user_etl import places
 import random_user_etl as etl
 from random_user_config import Settings, SettingsError
 
@@ -75,7 +75,7 @@ def test_object_storage_settings_are_made_where_there_is_no_uid(login, tmp_path,
         monkeypatch.setenv("USERNAME", login)
     url = "s3://bucket/lake"
     assert Settings(output_dir=url).output_dir == url
-    private = config.staging_root(url).parent
+    private = places.staging_root(url).parent
     assert private.parent == tmp_path and private.name.startswith("random_user_etl-")
     if login == "ana":
         assert private.name == "random_user_etl-ana"
