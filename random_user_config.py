@@ -1,24 +1,27 @@
-"""Every setting of the Random User ETL: its default, its environment variable, its flag.
+"""Every setting of the Random User ETL, each declared once on its field of `Settings`.
 
-A flag beats the environment variable, which beats the default. `Settings` validates
-itself, so a bad value is refused the same way whether it came from a flag, a
-variable or Python code.
+A field's declaration (a `Setting`) gives its help, how its text is read, how its flag is taken,
+its one spelling and its own checks; its type and default are the field's, and its flag
+(--name) and variable (RANDOM_USER_NAME) come from its name. The checks that involve several
+settings are named functions run after those of each setting (ACROSS). A flag beats the
+environment variable, which beats the default. `Settings` validates itself, so a bad value is
+refused the same way whether it came from a flag, a variable or Python code.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import getpass
-import hashlib
 import ipaddress
 import os
 import re
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
+
+from _random_user_etl.places import is_remote, lies_in, staging_root
+from _random_user_etl.shown import shorten, shown_url
 
 # The service caps a page at 5000 users and only pages 1..10000 exist.
 MAX_PAGE_SIZE = 5000
@@ -35,8 +38,6 @@ SEED_PATTERN = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_-]{{0,{LONGEST_SEED - 1}}}")
 # The generator reads a seed of exactly this length as a nationality code: it ignores --nat and
 # answers another seed (two characters longer) that does not give the same users, or no answer at all.
 NAT_CODE_SEED_LENGTH = 18
-
-STAGING = ".staging"  # the folder of a run's staged pages, inside a local output folder
 
 # Ranges of the numeric settings. A wait (timeout, rate-limit pause) is at most an hour: longer reads
 # as a hung job, and past about 1e9 s the sockets' and sleeps' clocks overflow.
@@ -79,116 +80,46 @@ S3 = "s3://"
 BUCKET = re.compile(r"(?!\d+\.\d+\.\d+\.\d+$)(?!.*\.\.)[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
-def shorten(text, limit: int = 60) -> str:
-    """Any value as one short line fit for a terminal: every unprintable character escaped, at most `limit` characters, then '...'."""
-    # Unprintable: C0 and C1 controls, DEL, line and paragraph separators, bidi and other format
-    # characters, lone surrogates. Each is shown as Python writes it (\x1b, \n, \u202e), so a value can
-    # neither forge a second line, nor move the cursor, colour the terminal or reorder the line.
-    shown: list[str] = []
-    size = 0
-    for char in str(text):
-        piece = char if char.isprintable() else repr(char)[1:-1]
-        if size + len(piece) > limit:
-            return "".join(shown) + "..."
-        shown.append(piece)
-        size += len(piece)
-    return "".join(shown)
-
-
-# The query parameters the job itself sends (client.page_params): their values hold no secret, and
-# say which page a line is about. Any other parameter of --api-url may be a token.
-SHOWN_PARAMETERS = frozenset({"results", "page", "inc", "seed", "nat"})
-
-
-LINE_LIMIT = 1000  # the most characters of one line the job prints, its values escaped (shorten)
-
-
-SHOWN_URL_LIMIT = 300  # an address in a line: the job's own query is about 150 characters
-
-
-def shown_url(url, path_only: bool = False) -> str:
-    """An address as a line may show it: no user or password, no fragment, no value of a parameter not the job's own, escaped and bounded."""
-    text = str(url)
-    scheme, slashes, rest = text.partition("://")
-    if not slashes:
-        scheme, rest = "", text
-    userinfo, at, after = rest.rpartition("@")  # a user and password end at the last "@", whatever the password holds
-    if at and re.search(r"[?#]", userinfo):
-        # That "@" is in a query or fragment, or a "?" or "#" is in a password: either way what
-        # follows it may be the rest of a secret, and what comes before it certainly may.
-        return shorten(f"{scheme}{slashes}***" if not path_only else "/***", SHOWN_URL_LIMIT)
-    if at:
-        rest = after
-    parts = re.fullmatch(r"([^/?#]*)([^?#]*)(\?[^#]*)?(#.*)?", rest, re.S) if slashes else re.fullmatch(r"()([^?#]*)(\?[^#]*)?(#.*)?", rest, re.S)
-    assert parts is not None  # every group but the path is optional and the path takes any text: both patterns match anything
-    authority, path, query, fragment = parts.groups(default="")
-    shown = shown_path(path) + (shown_query(query[1:]) if query else "") + ("#***" if fragment else "")
-    if not path_only:
-        shown = (f"{scheme}{slashes}" + ("***@" if at else "") + authority if slashes else ("***@" if at else "")) + shown
-    elif slashes and not shown.startswith("/"):
-        shown = "/" + shown
-    return shorten(shown, SHOWN_URL_LIMIT)
-
-
-ADDRESS_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+")  # an address inside a library's words, to the next space
-
-
-def shown_urls_in(text) -> str:
-    """Text with every address in it as shown_url shows it: a library's words name the address it was given, password and all."""
-    return ADDRESS_IN_TEXT.sub(lambda address: shown_url(address[0]), str(text))
-
-
-# A shorter piece of an address is not hidden in other text: a user name "user" would make every
-# "120 users" of a line "120 ***s". A key or password worth hiding is longer.
-SHORTEST_SECRET = 8
-
-
-def address_secrets(url: str) -> tuple[str, ...]:
-    """What shown_url hides of a (valid) address, as typed and percent-decoded, longest first: text no line may hold."""
-    # For text that repeats them outside an address: a service's error message echoes the key it was given.
-    parts = urlsplit(url)
-    params = [pair.partition("=") for pair in parts.query.split("&")] if parts.query else []
-    pieces = [parts.username, parts.password, parts.fragment]
-    pieces += [value if eq else name for name, eq, value in params if name not in SHOWN_PARAMETERS]
-    pieces += [value or name for name, _, value in re.findall(r";([^;/=]*)(=?)([^;/]*)", parts.path)]
-    found = {form for piece in pieces if piece for form in (piece, unquote(piece)) if len(form) >= SHORTEST_SECRET}
-    return tuple(sorted(found, key=len, reverse=True))
-
-
-def without_secrets(text: str, secrets: tuple[str, ...]) -> str:
-    """Text with each of `secrets` (address_secrets) shown as ***."""
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return text
-
-
-def shown_path(path: str) -> str:
-    """A path with the value of each ;parameter hidden (a session id rides there): a bare one is hidden whole."""
-    return re.sub(r";([^;/=]*)(=?)[^;/]*", lambda m: ";" + (m[1] + "=***" if m[2] else "***"), path)
-
-
-def shown_query(query: str) -> str:
-    """'?' and a query with the value of each parameter not the job's own hidden; a bare name (?abcd1234) may be the token itself."""
-    pairs = [pair.partition("=") for pair in query.split("&")]
-    return "?" + "&".join(name + eq + value if name in SHOWN_PARAMETERS else name + "=***" if eq else "***" for name, eq, value in pairs)
-
-
 class SettingsError(ValueError):
     """A setting with a value the job cannot use (exit status 2)."""
 
 
+# A check of one setting's own value: check(label, value) raises SettingsError, its line starting with `label`.
+Check = Callable[[str, Any], None]
+
+
 @dataclasses.dataclass(frozen=True)
 class Setting:
-    """One setting: its flag, variable, how its text is read and how argparse takes its flag; its default is Settings'."""
+    """One setting as its field of Settings declares it: what it does, how its text is read and its flag taken, its spelling and checks."""
 
-    name: str
-    flag: str
-    env: str
     help: str  # what it does; help_text() adds the default, read from Settings
     parse: Callable[[str], Any]  # str -> value; raises ValueError with a short reason
     flag_options: dict  # argparse's keywords for the flag: the metavar of its value, or a switch's action
+    checks: tuple[Check, ...] = ()  # run in order on a value other than None, once tidied
+    tidy: Callable[[Any], Any] | None = None  # the one spelling of a value, before its checks
     unset: str = ""  # what a default of no value (None, an empty list) means, in words
     instead_of_empty: str = ""  # what to write, beyond leaving the setting out, where an empty value was given
+    name: str = ""  # its field's name: SETTINGS fills it in from Settings
+
+    @property
+    def flag(self) -> str:
+        """Its flag: -- and its name, '-' for '_'."""
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        """Its environment variable: RANDOM_USER_ and its name in capitals."""
+        return "RANDOM_USER_" + self.name.upper()
+
+
+DECLARATION = "setting"  # the key of a Settings field's metadata that holds its Setting
+
+
+def declare(setting: Setting, default: Any = None, factory: Callable[[], Any] | None = None) -> Any:
+    """A field of Settings: its default (or what makes it) and its setting."""
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata={DECLARATION: setting})
+    return dataclasses.field(default=default, metadata={DECLARATION: setting})
 
 
 def takes(metavar: str) -> dict:
@@ -252,77 +183,6 @@ def parse_nat(text: str) -> tuple[str, ...]:
     return codes
 
 
-SETTINGS = (
-    Setting("n", "--n", "RANDOM_USER_N", "how many users to fetch", parse_int, takes("N")),
-    Setting(
-        "seed",
-        "--seed",
-        "RANDOM_USER_SEED",
-        "API seed; same seed, same users. {date} becomes the run's UTC date (YYYYMMDD)",
-        str,
-        takes("SEED"),
-        unset="the service picks one",
-    ),
-    Setting("nat", "--nat", "RANDOM_USER_NAT", "nationalities, a comma list such as us,gb", parse_nat, takes("CODES"), unset="all"),
-    Setting("api_url", "--api-url", "RANDOM_USER_API_URL", "API address", str, takes("URL")),
-    Setting("output_dir", "--output-dir", "RANDOM_USER_OUTPUT_DIR", "where batches land: a folder or s3://bucket/prefix", str, takes("DIR")),
-    Setting(
-        "raw_dir",
-        "--raw-dir",
-        "RANDOM_USER_RAW_DIR",
-        "where raw answers are kept, gzip-compressed; 'off' keeps none",
-        parse_optional_path,
-        takes("DIR"),
-        instead_of_empty=f"{OFF!r} to keep no raw answers",
-    ),
-    Setting(
-        "timeout",
-        "--timeout",
-        "RANDOM_USER_TIMEOUT",
-        "seconds for one whole answer, from connect to its last byte, and for each request to object storage",
-        parse_float,
-        takes("S"),
-    ),
-    Setting("retries", "--retries", "RANDOM_USER_RETRIES", "retries per request on transient faults, the service's or object storage's", parse_int, takes("K")),
-    Setting("backoff", "--backoff", "RANDOM_USER_BACKOFF", "base of the exponential backoff between retries, seconds", parse_float, takes("S")),
-    Setting(
-        "rate_limit_wait",
-        "--rate-limit-wait",
-        "RANDOM_USER_RATE_LIMIT_WAIT",
-        "while the service's rate limit (HTTP 429 without Retry-After) holds, seconds between requests asking "
-        "whether it has lifted, one at a time; waiting on it draws nothing on --retries",
-        parse_float,
-        takes("S"),
-    ),
-    Setting(
-        "max_wait",
-        "--max-wait",
-        "RANDOM_USER_MAX_WAIT",
-        "the longest the run waits on the service at one stretch, seconds: no backoff or rate-limit pause is longer, and a Retry-After beyond it ends the run",
-        parse_float,
-        takes("S"),
-    ),
-    Setting("concurrency", "--concurrency", "RANDOM_USER_CONCURRENCY", "pages fetched at once", parse_int, takes("K")),
-    Setting(
-        "page_size",
-        "--page-size",
-        "RANDOM_USER_PAGE_SIZE",
-        f"users per request, at most {MAX_PAGE_SIZE}; the users of a seed depend on it, so keep it fixed",
-        parse_int,
-        takes("K"),
-    ),
-    Setting(
-        "max_response_mb",
-        "--max-response-mb",
-        "RANDOM_USER_MAX_RESPONSE_MB",
-        "largest answer accepted, in MB; a larger one fails the run",
-        parse_float,
-        takes("MB"),
-    ),
-    Setting("allow_http", "--allow-http", "RANDOM_USER_ALLOW_HTTP", "allow plain http:// to a host other than loopback", parse_bool, SWITCH),
-)
-
-
 def default_output_dir() -> str:
     """processed_data in the working folder, as an absolute path."""
     return str(Path.cwd() / "processed_data")
@@ -333,63 +193,52 @@ def default_raw_dir() -> str:
     return str(Path.cwd() / "raw_data")
 
 
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """The validated settings of one run."""
+def between(low: float, high: float) -> Check:
+    """A check refusing a number outside low..high."""
 
-    n: int = 100
-    seed: str | None = None
-    nat: tuple[str, ...] = ()
-    api_url: str = "https://randomuser.me/api/1.4/"
-    output_dir: str = dataclasses.field(default_factory=default_output_dir)
-    raw_dir: str | None = dataclasses.field(default_factory=default_raw_dir)
-    timeout: float = 30.0
-    retries: int = 5
-    backoff: float = 1.0
-    rate_limit_wait: float = 10.0  # a refused request costs the service nothing: resume about 5 s after a reset
-    max_wait: float = 900.0
-    concurrency: int = 4
-    page_size: int = MAX_PAGE_SIZE
-    max_response_mb: float = 64.0
-    allow_http: bool = False
+    def check(label: str, value: float) -> None:
+        """Refuse a value outside the range, naming the setting."""
+        if not low <= value <= high:
+            raise SettingsError(f"{label} must be between {low} and {high}")
 
-    def __post_init__(self):
-        """Refuse any value the job cannot use, with a reason that names the setting; spell 'off' and s3:// one way."""
-        check = _checker()
-        check("raw_dir", self.raw_dir != "", f"must not be empty; use None or {OFF!r} to keep no raw answers")
-        if isinstance(self.raw_dir, str) and self.raw_dir.lower() == OFF:
-            object.__setattr__(self, "raw_dir", None)
-        if isinstance(self.output_dir, str):
-            object.__setattr__(self, "output_dir", lake_address(self.output_dir))
-        check("n", self.n >= 1, "must be at least 1")
-        check("page_size", 1 <= self.page_size <= MAX_PAGE_SIZE, f"must be between 1 and {MAX_PAGE_SIZE}")
-        most = self.page_size * MAX_PAGES
-        check("n", self.n <= most, f"must be at most {most:,} ({MAX_PAGES:,} pages of {self.page_size})")
-        if self.seed is not None:
-            check("seed", SEED_PATTERN.fullmatch(self.seed) is not None, seed_rule())
-            check("seed", len(self.seed) != NAT_CODE_SEED_LENGTH, nat_code_seed(self.seed))
-        unknown = [code for code in self.nat if code not in NATIONALITIES]
-        check("nat", not unknown, f"unknown nationality '{shorten(','.join(unknown))}'; known: {','.join(sorted(NATIONALITIES))}")
-        check("timeout", SHORTEST_WAIT <= self.timeout <= LONGEST_WAIT, f"must be between {SHORTEST_WAIT} and {LONGEST_WAIT}")
-        check("retries", 0 <= self.retries <= MOST_RETRIES, f"must be between 0 and {MOST_RETRIES}")
-        check("backoff", 0 <= self.backoff <= MOST_BACKOFF, f"must be between 0 and {MOST_BACKOFF}")
-        # At least a moment: 0 would re-ask the service in a tight loop for as long as its limit holds.
-        check("rate_limit_wait", SHORTEST_WAIT <= self.rate_limit_wait <= LONGEST_WAIT, f"must be between {SHORTEST_WAIT} and {LONGEST_WAIT}")
-        check("max_wait", SHORTEST_WAIT <= self.max_wait <= LONGEST_MAX_WAIT, f"must be between {SHORTEST_WAIT} and {LONGEST_MAX_WAIT}")
-        check("concurrency", 1 <= self.concurrency <= MOST_CONCURRENCY, f"must be between 1 and {MOST_CONCURRENCY}")
-        check("max_response_mb", LEAST_RESPONSE_MB <= self.max_response_mb <= MOST_RESPONSE_MB, f"must be between {LEAST_RESPONSE_MB} and {MOST_RESPONSE_MB}")
-        check("output_dir", bool(self.output_dir), "must not be empty")
-        check_path_text(describe("api_url"), self.api_url, shown_url)
-        for name in ("output_dir", "raw_dir"):
-            check_path_text(describe(name), getattr(self, name))
-        check_folder_addresses(self.output_dir, self.raw_dir)
-        check_folders_apart(self.output_dir, self.raw_dir)
-        check_api_url(self.api_url, self.allow_http)
+    return check
 
-    @property
-    def max_response_bytes(self) -> int:
-        """The answer size bound in bytes."""
-        return int(self.max_response_mb * 1_000_000)
+
+def at_least(low: int) -> Check:
+    """A check refusing a number below low."""
+
+    def check(label: str, value: int) -> None:
+        """Refuse a value below the least, naming the setting."""
+        if value < low:
+            raise SettingsError(f"{label} must be at least {low}")
+
+    return check
+
+
+def filled(advice: str = "") -> Check:
+    """A check refusing an empty text, saying what to write instead."""
+
+    def check(label: str, text: str) -> None:
+        """Refuse an empty text, naming the setting."""
+        if text == "":
+            raise SettingsError(f"{label} must not be empty" + (f"; {advice}" if advice else ""))
+
+    return check
+
+
+def off_as_none(folder: Any) -> Any:
+    """A folder setting's 'off' (any case) as None, any other value as given."""
+    return None if isinstance(folder, str) and folder.lower() == OFF else folder
+
+
+def one_lake_spelling(location: Any) -> Any:
+    """An output location as lake_address spells it; any other value as given."""
+    return lake_address(location) if isinstance(location, str) else location
+
+
+def ranged(help: str, parse: Callable[[str], float], metavar: str, low: float, high: float) -> Setting:
+    """A number setting that takes low..high, its value after the flag shown as `metavar`."""
+    return Setting(help, parse, takes(metavar), checks=(between(low, high),))
 
 
 def help_text(setting: Setting, defaults: Settings) -> str:
@@ -404,20 +253,9 @@ def help_text(setting: Setting, defaults: Settings) -> str:
     return f"{setting.help} ({default}) [{setting.env}]"
 
 
-def _checker():
-    """A check(name, ok, reason) that raises SettingsError naming the setting."""
-
-    def check(name, ok, reason):
-        """Raise SettingsError naming the setting unless ok."""
-        if not ok:
-            raise SettingsError(f"{describe(name)} {reason}")
-
-    return check
-
-
 def describe(name: str) -> str:
     """How a setting is named in errors: its flag and its variable."""
-    setting = next(s for s in SETTINGS if s.name == name)
+    setting = BY_NAME[name]
     return f"{setting.flag} ({setting.env})"
 
 
@@ -457,8 +295,8 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_api_url(url: str, allow_http: bool) -> None:
-    """Refuse an API address that is not http(s), plain http to a remote host unless allowed, or one no request can be sent to."""
+def check_api_address(label: str, url: str) -> None:
+    """Refuse an API address that is not http(s), or one no request can be sent to."""
     scheme: str | None
     try:
         parts = urlsplit(url)
@@ -466,11 +304,14 @@ def check_api_url(url: str, allow_http: bool) -> None:
     except ValueError:
         scheme = host = None
     if scheme not in ("https", "http") or not host:
-        raise SettingsError(f"{describe('api_url')} must be an https:// address, got '{shown_url(url)}'")
-    if scheme == "http" and not allow_http and not is_loopback(host):
-        raise SettingsError(f"{describe('api_url')} is plain http:// to {shorten(host)}; use https, or allow it with {describe('allow_http')}")
+        raise SettingsError(f"{label} must be an https:// address, got '{shown_url(url)}'")
     if not sendable(url, host):
-        raise SettingsError(f"{describe('api_url')} has a host name no request can be sent to, got '{shown_url(url)}'")
+        raise SettingsError(f"{label} has a host name no request can be sent to, got '{shown_url(url)}'")
+
+
+def check_url_text(label: str, url: str) -> None:
+    """Refuse an address with whitespace at either end or an unprintable character, shown without its secrets."""
+    check_path_text(label, url, shown_url)
 
 
 def sendable(url: str, host: str) -> bool:
@@ -486,11 +327,6 @@ def sendable(url: str, host: str) -> bool:
     except (requests.RequestException, UnicodeError, ValueError):
         return False
     return True
-
-
-def is_remote(location: str) -> bool:
-    """True for an object-storage address such as s3://bucket/prefix: a URL scheme, then ://."""
-    return re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", location) is not None
 
 
 def lake_address(location: str) -> str:
@@ -510,15 +346,33 @@ LONGEST_BATCH_NAME = len("random_users_.parquet") + LONGEST_SEED
 LONGEST_KEY = 1024
 
 
-def check_folder_addresses(output_dir: str, raw_dir: str | None) -> None:
-    """Refuse an output address other than a plain path or s3://bucket/prefix, and any URL as the raw folder."""
+def check_output_address(label: str, output_dir: str) -> None:
+    """Refuse an output address other than a plain path or s3://bucket/prefix."""
     # A file:// address would pass for object storage: staged in the temp folder, and compared with
     # the raw folder as a URL, never as the folder it names.
     if is_remote(output_dir):
-        check_s3_address(output_dir)
-    if raw_dir is not None and is_remote(raw_dir):
-        scheme = urlsplit(raw_dir).scheme
-        raise SettingsError(f"{describe('raw_dir')} is a local folder, not a {scheme}:// address, got '{shorten(raw_dir)}'; use a plain path")
+        check_s3_address(output_dir, label)
+
+
+def check_raw_address(label: str, raw_dir: str) -> None:
+    """Refuse any URL as the raw folder: it is a local folder."""
+    if is_remote(raw_dir):
+        raise SettingsError(f"{label} is a local folder, not a {urlsplit(raw_dir).scheme}:// address, got '{shorten(raw_dir)}'; use a plain path")
+
+
+def check_seed(label: str, seed: str) -> None:
+    """Refuse a seed that is no plain file-name fragment, or of the length the service reads as a nationality code."""
+    if SEED_PATTERN.fullmatch(seed) is None:
+        raise SettingsError(f"{label} {seed_rule()}")
+    if len(seed) == NAT_CODE_SEED_LENGTH:
+        raise SettingsError(f"{label} {nat_code_seed(seed)}")
+
+
+def check_nat(label: str, codes: tuple[str, ...]) -> None:
+    """Refuse a nationality the service does not serve."""
+    unknown = [code for code in codes if code not in NATIONALITIES]
+    if unknown:
+        raise SettingsError(f"{label} unknown nationality '{shorten(','.join(unknown))}'; known: {','.join(sorted(NATIONALITIES))}")
 
 
 def check_listable(label: str, location: str) -> None:
@@ -531,10 +385,10 @@ def check_listable(label: str, location: str) -> None:
         )
 
 
-def check_s3_address(address: str) -> None:
+def check_s3_address(address: str, label: str = "") -> None:
     """Refuse any scheme but s3://, a bucket name S3 would refuse, and a prefix with an empty, '.' or '..' part, a character Polars lists otherwise, or too long for S3's keys."""
     scheme, _, rest = address.partition("://")
-    label, got = describe("output_dir"), f"got '{shorten(shown_url(address))}'"  # a user or password in it is never echoed
+    label, got = label or describe("output_dir"), f"got '{shorten(shown_url(address))}'"  # a user or password in it is never echoed
     if scheme.lower() != S3[:-3]:
         raise SettingsError(f"{label} is a {shorten(scheme, 20)}:// address, {got}; use a plain path for a local folder, or s3://bucket/prefix")
     bucket, _, prefix = rest.partition("/")
@@ -554,35 +408,19 @@ def check_s3_address(address: str) -> None:
         )
 
 
-def staging_root(output_dir: str) -> Path:
-    """The local folder for a run's part files: inside the output folder, or in this user's private temp folder."""
-    if is_remote(output_dir):
-        # Per user, and made 0700 by the run (or refused): a shared, predictable temp path could
-        # be pre-created by another local user as a link to a folder of theirs or of ours.
-        digest = hashlib.sha256(output_dir.encode()).hexdigest()[:16]
-        return Path(tempfile.gettempdir()) / f"random_user_etl-{user_tag()}" / digest
-    return Path(output_dir) / STAGING
+# ---------------------------------------------------------------- the checks across settings, run after each setting's own
 
 
-def user_tag() -> str:
-    """This user in a folder name: the uid, or where there is none (Windows) the login name, as one plain name."""
-    if hasattr(os, "getuid"):
-        return str(os.getuid())
-    try:
-        name = getpass.getuser()
-    except Exception:  # no login variable set, and no pwd module: ImportError, OSError or KeyError by version
-        return "user"
-    return re.sub(r"[^A-Za-z0-9_-]", "_", name)  # one plain name: a slash, a backslash or ".." must not leave the temp folder
+def check_pages_hold_n(settings: Settings) -> None:
+    """Refuse more users than the service's pages of the page size hold."""
+    most = settings.page_size * MAX_PAGES
+    if settings.n > most:
+        raise SettingsError(f"{describe('n')} must be at most {most:,} ({MAX_PAGES:,} pages of {settings.page_size})")
 
 
-def lies_in(path, folder) -> bool:
-    """True when `path` is `folder` or lies inside it, both resolved: a relative path, "..", or a link hides nothing."""
-    path, folder = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
-    return path == folder or folder in path.parents
-
-
-def check_folders_apart(output_dir: str, raw_dir: str | None) -> None:
+def check_folders_apart(settings: Settings) -> None:
     """Refuse a raw folder that is, lies inside, or holds the output folder (or object storage's private staging)."""
+    output_dir, raw_dir = settings.output_dir, settings.raw_dir
     if raw_dir is None:
         return
     # Staged pages are swept and batches are read by folder: a raw folder among them would be
@@ -594,6 +432,138 @@ def check_folders_apart(output_dir: str, raw_dir: str | None) -> None:
             f"{describe('raw_dir')} '{shorten(raw_dir, 120)}' overlaps{where} {describe('output_dir')} "
             f"'{shorten(output_dir, 120)}': keep them apart, neither inside the other"
         )
+
+
+def check_plain_http_allowed(settings: Settings) -> None:
+    """Refuse plain http:// to a host other than loopback unless --allow-http allows it."""
+    parts = urlsplit(settings.api_url)
+    host = parts.hostname or ""
+    if parts.scheme == "http" and not settings.allow_http and not is_loopback(host):
+        raise SettingsError(f"{describe('api_url')} is plain http:// to {shorten(host)}; use https, or allow it with {describe('allow_http')}")
+
+
+ACROSS = (check_pages_hold_n, check_folders_apart, check_plain_http_allowed)
+
+
+# ---------------------------------------------------------------- the settings
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The validated settings of one run; each field declares its setting (declare, Setting)."""
+
+    n: int = declare(Setting("how many users to fetch", parse_int, takes("N"), checks=(at_least(1),)), 100)
+    seed: str | None = declare(
+        Setting(
+            "API seed; same seed, same users. {date} becomes the run's UTC date (YYYYMMDD)",
+            str,
+            takes("SEED"),
+            checks=(check_seed,),
+            unset="the service picks one",
+        )
+    )
+    nat: tuple[str, ...] = declare(Setting("nationalities, a comma list such as us,gb", parse_nat, takes("CODES"), checks=(check_nat,), unset="all"), ())
+    api_url: str = declare(Setting("API address", str, takes("URL"), checks=(check_url_text, check_api_address)), "https://randomuser.me/api/1.4/")
+    output_dir: str = declare(
+        Setting(
+            "where batches land: a folder or s3://bucket/prefix",
+            str,
+            takes("DIR"),
+            checks=(filled(), check_path_text, check_output_address),
+            tidy=one_lake_spelling,
+        ),
+        factory=default_output_dir,
+    )
+    raw_dir: str | None = declare(
+        Setting(
+            "where raw answers are kept, gzip-compressed; 'off' keeps none",
+            parse_optional_path,
+            takes("DIR"),
+            checks=(filled(f"use None or {OFF!r} to keep no raw answers"), check_path_text, check_raw_address),
+            tidy=off_as_none,
+            instead_of_empty=f"{OFF!r} to keep no raw answers",
+        ),
+        factory=default_raw_dir,
+    )
+    timeout: float = declare(
+        ranged(
+            "seconds for one whole answer, from connect to its last byte, and for each request to object storage",
+            parse_float,
+            "S",
+            SHORTEST_WAIT,
+            LONGEST_WAIT,
+        ),
+        30.0,
+    )
+    retries: int = declare(
+        ranged("retries per request on transient faults, the service's or object storage's", parse_int, "K", 0, MOST_RETRIES),
+        5,
+    )
+    backoff: float = declare(
+        ranged("base of the exponential backoff between retries, seconds", parse_float, "S", 0, MOST_BACKOFF),
+        1.0,
+    )
+    # At least a moment: 0 would re-ask the service in a tight loop for as long as its limit holds.
+    # The default: a refused request costs the service nothing, so resume about 5 s after a reset.
+    rate_limit_wait: float = declare(
+        ranged(
+            "while the service's rate limit (HTTP 429 without Retry-After) holds, seconds between requests asking "
+            "whether it has lifted, one at a time; waiting on it draws nothing on --retries",
+            parse_float,
+            "S",
+            SHORTEST_WAIT,
+            LONGEST_WAIT,
+        ),
+        10.0,
+    )
+    max_wait: float = declare(
+        ranged(
+            "the longest the run waits on the service at one stretch, seconds: no backoff or rate-limit pause is longer, "
+            "and a Retry-After beyond it ends the run",
+            parse_float,
+            "S",
+            SHORTEST_WAIT,
+            LONGEST_MAX_WAIT,
+        ),
+        900.0,
+    )
+    concurrency: int = declare(ranged("pages fetched at once", parse_int, "K", 1, MOST_CONCURRENCY), 4)
+    page_size: int = declare(
+        ranged(f"users per request, at most {MAX_PAGE_SIZE}; the users of a seed depend on it, so keep it fixed", parse_int, "K", 1, MAX_PAGE_SIZE),
+        MAX_PAGE_SIZE,
+    )
+    max_response_mb: float = declare(
+        ranged("largest answer accepted, in MB; a larger one fails the run", parse_float, "MB", LEAST_RESPONSE_MB, MOST_RESPONSE_MB),
+        64.0,
+    )
+    allow_http: bool = declare(Setting("allow plain http:// to a host other than loopback", parse_bool, SWITCH), False)
+
+    def __post_init__(self):
+        """Spell and check each setting on its own, in field order; then the checks across settings (ACROSS)."""
+        for setting in SETTINGS:
+            object.__setattr__(self, setting.name, checked(setting, getattr(self, setting.name)))
+        for check in ACROSS:
+            check(self)
+
+    @property
+    def max_response_bytes(self) -> int:
+        """The answer size bound in bytes."""
+        return int(self.max_response_mb * 1_000_000)
+
+
+# Each setting with its name, in the order of Settings' fields: --help and the README's table list them so.
+SETTINGS = tuple(dataclasses.replace(field.metadata[DECLARATION], name=field.name) for field in dataclasses.fields(Settings))
+BY_NAME = {setting.name: setting for setting in SETTINGS}
+
+
+def checked(setting: Setting, value: Any) -> Any:
+    """A value of one setting in its one spelling, refused with a SettingsError naming the setting unless each of its own checks passes."""
+    if setting.tidy is not None:
+        value = setting.tidy(value)
+    if value is not None:
+        for check in setting.checks:
+            check(describe(setting.name), value)
+    return value
 
 
 def expand_seed(seed: str | None, today: dt.date) -> str | None:
@@ -613,9 +583,27 @@ def setting_text(setting: Setting, flags: dict, environ) -> tuple[str | None, st
     return text, source
 
 
-def environ_value(name: str) -> str | None:
-    """A setting's environment variable as set, or None when unset; refused when set but empty or blank."""
-    return setting_text(next(s for s in SETTINGS if s.name == name), {}, os.environ)[0]
+def setting_value(name: str, environ=None) -> Any:
+    """One setting as a run takes it from its variable (or its default), spelt and checked on its own; refused as a run refuses it."""
+    setting = BY_NAME[name]
+    text, source = setting_text(setting, {}, os.environ if environ is None else environ)
+    return checked(setting, default_value(name) if text is None else read_text(setting, text, source))
+
+
+def default_value(name: str) -> Any:
+    """A setting's default, as its field of Settings gives it."""
+    field = next(field for field in dataclasses.fields(Settings) if field.name == name)
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
+
+
+def read_text(setting: Setting, text: str, source: str) -> Any:
+    """A setting's text read by its parser; refused naming `source` when it does not parse."""
+    try:
+        return setting.parse(text)
+    except ValueError as exc:
+        raise SettingsError(f"{source} {exc}, got '{shorten(text)}'") from exc
 
 
 def load_settings(flags: dict | None = None, environ=None, today: dt.date | None = None) -> Settings:
@@ -627,12 +615,8 @@ def load_settings(flags: dict | None = None, environ=None, today: dt.date | None
         text, source = setting_text(setting, flags, environ)
         if source == setting.flag:
             source = describe(setting.name)  # a flag's bad value names its variable too
-        if text is None:
-            continue
-        try:
-            values[setting.name] = setting.parse(text)
-        except ValueError as exc:
-            raise SettingsError(f"{source} {exc}, got '{shorten(text)}'") from exc
+        if text is not None:
+            values[setting.name] = read_text(setting, text, source)
     today = today or dt.datetime.now(dt.UTC).date()
     if "seed" in values:
         values["seed"] = expand_seed(values["seed"], today)

@@ -30,7 +30,9 @@ from pathlib import Path
 import polars as pl
 
 import random_user_config as config
-from random_user_config import LINE_LIMIT, Settings, SettingsError, is_remote, shorten, shown_urls_in
+from _random_user_etl.places import is_remote
+from _random_user_etl.shown import LINE_LIMIT, address_secrets, shorten, shown_url, shown_urls_in, without_secrets
+from random_user_config import Settings, SettingsError
 from schemas import OUTPUT_SCHEMA
 from _random_user_etl.answer import PageRequest
 from _random_user_etl.contract import transform  # one answer body in, the contract frame out
@@ -69,7 +71,7 @@ def read_processed(output_dir: str | None = None, storage_options: dict | None =
     """Every batch ever landed, as one lazy frame with the output schema (empty if the folder holds none); with unique_users, each user once."""
     if output_dir == "":
         raise SettingsError("read_processed's output_dir is empty; leave it out for the default lake")
-    output_dir = config.lake_address(output_dir or config.environ_value("output_dir") or config.default_output_dir())
+    output_dir = config.lake_address(output_dir) if output_dir else config.setting_value("output_dir")
     if is_remote(output_dir):
         config.check_s3_address(output_dir)  # the addresses a run lands in, and no other: a gs:// would ask a metadata service
         # Given the schema, Polars reads a glob that matches no object as an empty frame, so an
@@ -181,7 +183,7 @@ class OneLineFormatter(logging.Formatter):
 
     def line(self, text: str) -> str:
         """One line of output: the address's secrets hidden, then escaped and bounded."""
-        return shorten(config.without_secrets(text, self.secrets), LINE_LIMIT)
+        return shorten(without_secrets(text, self.secrets), LINE_LIMIT)
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         """The record's line: a newline or an escape code in a value cannot make another line or reach the terminal."""
@@ -212,7 +214,7 @@ def job_record(record: logging.LogRecord, verbose: bool) -> bool:
     if record.exc_info or any(isinstance(arg, BaseException) for arg in args):
         return False
     if record.name.startswith("urllib3"):  # it logs each request's path and query: a token in --api-url's query is in it
-        record.args = tuple(config.shown_url(arg) if isinstance(arg, str) and ADDRESS.match(arg) else arg for arg in args)
+        record.args = tuple(shown_url(arg) if isinstance(arg, str) and ADDRESS.match(arg) else arg for arg in args)
     return True
 
 
@@ -268,7 +270,7 @@ def main(argv: list[str] | None = None, prog: str = "random_user_etl.py") -> int
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
     # A service's error message, or a library's words, can repeat a key of the address it was given.
-    formatter.secrets = config.address_secrets(settings.api_url)
+    formatter.secrets = address_secrets(settings.api_url)
     stop = Stop()
     with stop_on_signals(stop):  # held while the last line is printed: a second signal cannot cut it
         try:

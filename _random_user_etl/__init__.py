@@ -1,6 +1,6 @@
 """The Random User ETL's machinery, one module per part; random_user_etl.py composes it and is the public API.
 
-Modules import only those below them: errors; wire; answer; client; contract; folders; staging;
+Modules import only those below them: shown; places; errors; wire; answer; client; contract; folders; staging;
 sort; raw; store; pipeline. Nothing here is a stable interface.
 """
 

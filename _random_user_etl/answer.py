@@ -8,7 +8,8 @@ import functools
 import json
 import re
 import polars as pl
-from random_user_config import MAX_PAGE_SIZE, shorten
+from _random_user_etl.shown import shorten
+from random_user_config import MAX_PAGE_SIZE
 from schemas import RAW_INFO, RAW_RESPONSE, SOURCE_FIELDS, Dtype
 from _random_user_etl.errors import AnswerError
 

@@ -15,7 +15,8 @@ import time
 from collections.abc import Callable
 from urllib.parse import urlsplit
 import requests
-from random_user_config import Settings, shorten, shown_url
+from _random_user_etl.shown import shorten, shown_url
+from random_user_config import Settings
 from schemas import INCLUDED_FIELDS
 from _random_user_etl.answer import PageRequest
 from _random_user_etl.errors import EtlError, ServiceError, on_page

@@ -7,7 +7,7 @@ import os
 import re
 import signal
 import threading
-from random_user_config import LINE_LIMIT, shorten, shown_urls_in
+from _random_user_etl.shown import LINE_LIMIT, shorten, shown_urls_in
 
 
 class EtlError(Exception):

@@ -11,7 +11,7 @@ import secrets
 import stat
 from pathlib import Path
 import polars as pl
-from random_user_config import is_remote, staging_root
+from _random_user_etl.places import is_remote, staging_root
 from _random_user_etl.errors import StorageError, write_error
 
 log = logging.getLogger("random_user_etl")  # one logger for the job: the CLI lets only its records carry text

@@ -7,7 +7,8 @@ import os
 import re
 import stat
 from pathlib import Path
-from random_user_config import lies_in, shorten, staging_root
+from _random_user_etl.places import lies_in, staging_root
+from _random_user_etl.shown import shorten
 from _random_user_etl.answer import answer_info
 from _random_user_etl.errors import EtlError, StorageError, failing_as
 from _random_user_etl.folders import found_own_folder, own_folder, write_atomically

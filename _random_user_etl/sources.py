@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+from collections.abc import Generator
 from pathlib import Path
 import random_user_config as config
-from random_user_config import shorten
+from _random_user_etl.shown import shorten
 from _random_user_etl.answer import PageRequest, answer_info
 from _random_user_etl.client import Service, page_sizes
 from _random_user_etl.errors import AnswerError, EtlError, StorageError, failing_as, on_page

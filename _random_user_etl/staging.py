@@ -10,7 +10,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 import polars as pl
-from random_user_config import Settings, is_remote, shorten, staging_root
+from _random_user_etl.places import is_remote, staging_root
+from _random_user_etl.shown import shorten
+from random_user_config import Settings
 from schemas import OUTPUT_SCHEMA
 from _random_user_etl.errors import RefusedPages, failing_as, panic_text_silenced
 from _random_user_etl.folders import found_own_folder, is_plain_file, own_folder, own_staging_root, seed_lock, write_atomically

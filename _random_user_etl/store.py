@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any, Protocol
 import polars as pl
 import random_user_config as config
-from random_user_config import Settings, is_remote, shorten
+from _random_user_etl.places import is_remote
+from _random_user_etl.shown import shorten
+from random_user_config import Settings
 from schemas import QUALITY_METADATA_KEY
 from _random_user_etl.errors import StorageError
 from _random_user_etl.folders import fresh_temp, write_atomically, write_to

@@ -18,7 +18,8 @@ import urllib3
 from urllib3.exceptions import InvalidChunkLength, MaxRetryError, NameResolutionError, NewConnectionError, ProtocolError
 from urllib3.poolmanager import pool_classes_by_scheme
 from urllib.parse import urlsplit
-from random_user_config import MOST_RETRIES, Settings, shorten, shown_url
+from _random_user_etl.shown import shorten, shown_url
+from random_user_config import MOST_RETRIES, Settings
 from _random_user_etl.errors import AnswerError
 from _random_user_etl.stop import Stop
 
@@ -270,9 +271,10 @@ def make_session(settings: Settings, tries: Tries | None = None) -> requests.Ses
     return session
 
 
-# What a transport fault is, by the first row that any exception in its chain of causes matches.
-# Only the class name and these fixed words are ever logged: a fault's own text can carry the
-# answer's bytes (a status line or a chunk length that is really JSON, a header that is a person).
+# What a transport fault is: the innermost exception of its chain of causes that a row names decides,
+# by the row whose class is nearest its own (fault_words); the rows' order means nothing. Only the
+# class name and these fixed words are ever logged: a fault's own text can carry the answer's bytes
+# (a status line or a chunk length that is really JSON, a header that is a person).
 TIMED_OUT = "timed out: no whole answer within {timeout:g}s (--timeout)"
 
 
@@ -289,11 +291,11 @@ FAULTS = (
     ((http.client.RemoteDisconnected,), "closed without an answer", REACH),
     ((ConnectionRefusedError,), "connection refused", REACH),
     ((socket.gaierror, NameResolutionError), "host name does not resolve", RESOLVE),
-    ((NewConnectionError,), "cannot connect", REACH),  # before the timeouts: urllib3 derives it from one
+    ((NewConnectionError,), "cannot connect", REACH),
     ((TimeoutError, urllib3.exceptions.TimeoutError, requests.exceptions.Timeout), "timed out", TIMED_OUT),
     ((ConnectionResetError, ConnectionAbortedError, BrokenPipeError), "connection reset by peer", REACH),
     ((ssl.SSLError, urllib3.exceptions.SSLError, requests.exceptions.SSLError), "TLS failed", REACH),
-    ((InvalidChunkLength, BrokenFraming), "broken chunked framing", BAD),  # before IncompleteRead, which one derives from
+    ((InvalidChunkLength, BrokenFraming), "broken chunked framing", BAD),
     ((http.client.IncompleteRead,), "connection broken, answer cut off", CUT),
     ((http.client.HTTPException,), "not an HTTP answer", BAD),
     # urllib3's own check of the headers (Content-Length: 5, 6), raised before requests has a response.
@@ -348,10 +350,21 @@ def fault_words(chain: list[BaseException], reading: bool, timed_out: bool) -> t
     """The fixed words for a fault, and the template of the line that ends a run on it."""
     if timed_out:  # a socket shut at the deadline shows as whatever that did to the read
         return "timed out", TIMED_OUT
-    for classes, words, line in FAULTS:
-        if any(isinstance(e, classes) for e in chain):
-            return words, line
+    # The innermost cause says what broke (a refused connect); each wrapper around it says less (cannot connect).
+    for exc in reversed(chain):
+        row = nearest_row(type(exc))
+        if row is not None:
+            return row
     return ("connection broken, answer cut off", CUT) if reading else ("transport fault", REACH)
+
+
+def nearest_row(kind: type) -> tuple[str, str] | None:
+    """The words and line of the FAULTS row naming the class nearest `kind` in its MRO (a tie to the words that sort first), or None."""
+    # Nearest, not first: IncompleteRead is an HTTPException and NewConnectionError a TimeoutError,
+    # yet each has a row of its own that must win over its base's.
+    mro = kind.__mro__
+    found = [(min(mro.index(c) for c in classes if c in mro), words, line) for classes, words, line in FAULTS if any(c in mro for c in classes)]
+    return min(found)[1:] if found else None
 
 
 @dataclasses.dataclass(frozen=True)

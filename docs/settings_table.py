@@ -15,6 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 config = importlib.import_module("random_user_config")  # the installed project: pip install -e . for this checkout's
+places = importlib.import_module("_random_user_etl.places")
 
 README = ROOT / "README.md"
 BEGIN = "<!-- settings table: made by `python docs/settings_table.py --write`; tests/test_docs.py checks it -->"
@@ -52,7 +53,7 @@ def relative_folder(path: str) -> str:
     """A default folder as ./name: relative to the working folder, or to the job's own folder, whichever holds it."""
     if os.path.isabs(path):
         for base in (Path.cwd(), Path(str(config.__file__)).resolve().parent):
-            if config.lies_in(path, base):
+            if places.lies_in(path, base):
                 path = os.path.relpath(os.path.realpath(path), os.path.realpath(base))
                 break
         else:

@@ -7,7 +7,7 @@ import re
 
 import polars as pl
 import pytest
-from conftest import FAST, GBONLY, PURA, assert_rows_are, batch_files, duplicate_first_id, fast_env, landed, raw_users, run_cli, served_users, user_rows, users
+from support import FAST, GBONLY, PURA, assert_rows_are, batch_files, duplicate_first_id, fast_env, landed, raw_users, run_cli, served_users, user_rows, users
 from fake_api import free_port, mutate, recorded_pages
 
 import random_user_etl as etl
@@ -434,3 +434,36 @@ def test_read_processed_takes_the_destinations_a_run_takes_and_no_other(lake, mo
     monkeypatch.setenv("AWS_METADATA_ENDPOINT", "http://127.0.0.1:9")
     with pytest.raises(SettingsError):
         etl.read_processed(lake).collect()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [" lake", "lake\n", "lake\u200b", "\ufeffoff", "s3://Bad_Bucket/x", "gs://lake-bucket/x"],
+    ids=["leading-space", "trailing-newline", "zero-width", "bom", "bad-bucket", "other-scheme"],
+)
+def test_read_processed_refuses_an_output_variable_a_run_refuses_with_the_runs_line(value, monkeypatch, tmp_path):
+    from random_user_config import SettingsError, load_settings
+
+    monkeypatch.chdir(tmp_path)  # a folder named like the value, were it made, would be made here
+    with pytest.raises(SettingsError) as run_refused:
+        load_settings(environ={"RANDOM_USER_OUTPUT_DIR": value})
+    monkeypatch.setenv("RANDOM_USER_OUTPUT_DIR", value)
+    monkeypatch.setenv("AWS_METADATA_ENDPOINT", "http://127.0.0.1:9")  # nothing of a store may be asked
+    with pytest.raises(SettingsError) as read_refused:
+        etl.read_processed().collect()
+    assert str(read_refused.value) == str(run_refused.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_each_setting_is_declared_once_on_its_field_and_its_flag_and_variable_come_from_its_name():
+    import dataclasses
+
+    from random_user_config import SETTINGS, Settings
+
+    fields = dataclasses.fields(Settings)
+    assert [s.name for s in SETTINGS] == [f.name for f in fields]
+    for setting, field in zip(SETTINGS, fields, strict=True):
+        declared = field.metadata["setting"]  # the field's one declaration: its help, its parser, its range
+        assert (setting.help, setting.parse, setting.flag_options) == (declared.help, declared.parse, declared.flag_options)
+        assert setting.flag == "--" + field.name.replace("_", "-")
+        assert setting.env == "RANDOM_USER_" + field.name.upper()

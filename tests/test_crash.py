@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from types import SimpleNamespace
 
 import polars as pl
 import pytest
-from conftest import FAST, ROOT, CasePool, assert_one_error_line, batch_files, clean_environ, digests, fast_env, landed, served_users
+from support import FAST, SCRIPT, CasePool, assert_one_error_line, batch_files, digests, fast_env, landed, run_cli, served_users, start_cli, wait_until
 from fake_api import FakeRandomUser, hang, mutate, normal
 
 import random_user_etl as etl
@@ -34,28 +33,6 @@ PAGED = ["--seed", "paged", "--n", "200", "--page-size", "40"]
 def expected_ids(seed: str, n: int, page_size: int) -> list[str]:
     """The user ids the fake serves a run of (seed, n, page_size), sorted."""
     return sorted(u["login"]["uuid"] for u in served_users(seed, n, page_size))
-
-
-def spawn(*args, env: dict, stderr: Path) -> subprocess.Popen:
-    """Start the CLI in the background, its stderr to a file (a pipe nobody reads could block it)."""
-    with open(stderr, "w") as handle:
-        return subprocess.Popen(
-            [sys.executable, str(ROOT / "random_user_etl.py"), *map(str, args)],
-            env=clean_environ(**env),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=handle,
-        )
-
-
-def wait_until(predicate, timeout: float = 15, step: float = 0.005) -> bool:
-    """Poll until predicate() is true; False on timeout."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return False
 
 
 def kill9(proc: subprocess.Popen) -> int:
@@ -93,10 +70,14 @@ def test_kill_9_mid_fetch_shows_no_torn_batch_and_the_next_run_resumes(api, out,
     args = [*PAGED, "--concurrency", "1"]
     env = fast_env(api.url, out, raw)
 
-    proc = spawn(*args, env=env, stderr=tmp_path / "killed.txt")
+    proc = start_cli(*args, env=env, log=tmp_path / "killed.txt")
     staging = out / ".staging" / "paged"
     # Page 3 is asked for while page 2 is still being staged: wait for both.
-    assert wait_until(lambda: (len(api.requests) >= 3 and len(list(staging.glob("part-*.parquet"))) == 2) or proc.poll() is not None)
+    wait_until(
+        lambda: (len(api.requests) >= 3 and len(list(staging.glob("part-*.parquet"))) == 2) or proc.poll() is not None,
+        15,
+        "pages 1 and 2 staged, page 3 asked for",
+    )
     assert kill9(proc) == -signal.SIGKILL
 
     assert batch_files(out) == ["random_users_pura.parquet"]
@@ -128,8 +109,9 @@ def test_kill_9_mid_write_never_shows_a_torn_batch_and_the_next_run_cleans_up(ap
 
     hits = []
     for attempt, delay in enumerate((0.0, 0.003, 0.008, 0.02)):
-        proc = spawn(*args, env=env, stderr=tmp_path / f"killed-{attempt}.txt")
-        seen = wait_until(lambda proc=proc: writing() or proc.poll() is not None, timeout=30, step=0.0005) and writing()
+        proc = start_cli(*args, env=env, log=tmp_path / f"killed-{attempt}.txt")
+        wait_until(lambda proc=proc: writing() or proc.poll() is not None, 30, "the batch's write begun", step=0.0005)
+        seen = writing()
         time.sleep(delay)
         code = kill9(proc)
         hits.append(seen and code == -signal.SIGKILL)
@@ -159,14 +141,15 @@ def test_two_runs_of_one_seed_at_once_end_with_one_whole_copy(api, out, raw, tmp
     api.script(mutate(held))
     env = fast_env(api.url, out, raw)
     args = [*PAGED, "--concurrency", "2"]
-    first = spawn(*args, env=env, stderr=tmp_path / "a.txt")
-    assert wait_until(lambda: len(api.requests) >= 1)
-    second = spawn(*args, env=env, stderr=tmp_path / "b.txt")
-    b_waits = wait_until(lambda: "another run of seed paged is under way" in (tmp_path / "b.txt").read_text())
+    first = start_cli(*args, env=env, log=tmp_path / "a.txt")
+    wait_until(lambda: len(api.requests) >= 1, 15, "run A's first request")
+    second = start_cli(*args, env=env, log=tmp_path / "b.txt")
+    b_waits = "another run of seed paged is under way"
+    wait_until(lambda: b_waits in (tmp_path / "b.txt").read_text(), 15, f"run B saying {b_waits!r}")
     release.set()
     assert first.wait(30) == 0, (tmp_path / "a.txt").read_text()
     assert second.wait(30) == 0, (tmp_path / "b.txt").read_text()
-    assert b_waits, (tmp_path / "b.txt").read_text()
+    assert b_waits in (tmp_path / "b.txt").read_text()
 
     assert batch_files(out) == ["random_users_paged.parquet"]
     frame = pl.read_parquet(out / "random_users_paged.parquet")
@@ -226,14 +209,7 @@ def run_case(case: str, folder: Path) -> SimpleNamespace:
             env["RANDOM_USER_RAW_DIR"] = "off"
         api.clear()
         args = ["--seed", seed, "--n", n, "--page-size", page_size]
-        result = subprocess.run(
-            [sys.executable, "-c", LIMITED, str(limit), str(ROOT / "random_user_etl.py"), *map(str, args)],
-            env=clean_environ(**env),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            stdin=subprocess.DEVNULL,
-        )
+        result = run_cli(*args, env=env, via=(LIMITED, limit, SCRIPT))
         after, raw_after, stray = visible(), digests(landed(raw)), leftovers(out, raw)
         staged = sorted((out / ".staging").rglob("part-*.parquet"))
         staged_whole = all(pl.scan_parquet(p).select(pl.len()).collect().item() > 0 for p in staged)

@@ -23,12 +23,12 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import ROOT
+from support import ROOT
 from fake_api import synthetic_users
 
 import random_user_config as config
 import random_user_etl as etl
-from _random_user_etl import store
+from _random_user_etl import places, store
 
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
@@ -237,7 +237,7 @@ def test_settings_come_from_the_configmap_and_credentials_from_a_secret():
     # The settings load as the job loads them, and land in object storage under a daily seed.
     settings = config.load_settings(environ=data, today=dt.date(2026, 11, 24))
     assert data["RANDOM_USER_SEED"] == "daily-{date}" and settings.seed == "daily-20261124"
-    assert config.is_remote(settings.output_dir) and settings.output_dir.startswith("s3://")
+    assert places.is_remote(settings.output_dir) and settings.output_dir.startswith("s3://")
     assert settings.raw_dir is None
 
 

@@ -20,7 +20,7 @@ import pandas as pd
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
-from conftest import GBONLY, PURA, assert_rows_are, fixture_json, nationality_counts, raw_users, user_rows
+from support import GBONLY, PURA, assert_rows_are, fixture_json, nationality_counts, raw_users, user_rows
 
 import random_user_etl as etl
 from schemas import OUTPUT_SCHEMA

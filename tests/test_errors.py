@@ -1,4 +1,5 @@
-"""The error chain: a page's error names its page, a storage error its path, each keeps its cause, -v shows the chain."""
+"""The error chain: a page's error names its page, a storage error its path, each keeps its cause, -v shows the chain;
+a library's warning, a corrupt staged page, a write refused or a full disk, each said by its reason."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import resource
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -20,13 +20,13 @@ import hypothesis.strategies as st
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
-from conftest import land_sorted, LOG_LINE, PAGED, PREFIX, assert_one_error_line, assert_rows_are, clean_environ, fast_env, fixture_bytes, raw_users, run_cli
+from support import LOG_LINE, PAGED, PREFIX, assert_one_error_line, assert_rows_are, fast_env, fixture_bytes, land_sorted, raw_users, run_cli
 from fake_api import body, normal, status
 
 import random_user_etl as etl
 from _random_user_etl.errors import AnswerError, ServiceError, StorageError, on_page, write_error
 from _random_user_etl.folders import write_atomically
-from random_user_config import shorten
+from _random_user_etl.shown import shorten
 
 # Page 2 of seed "paged" cut off after its first user's password: malformed JSON that holds a person.
 CUT_PAGE = fixture_bytes(PAGED[1])[:600] + b"}"
@@ -45,7 +45,7 @@ def causes(exc: BaseException) -> list[BaseException]:
 
 
 def run_paged(cli, api, out, raw, *args):
-    """The CLI (conftest's cli) on two pages of seed "paged", one at a time, so the script's second answer is page 2."""
+    """The CLI (the `cli` fixture) on two pages of seed "paged", one at a time, so the script's second answer is page 2."""
     return cli("--seed", "paged", "--n", "80", "--page-size", "40", "--concurrency", "1", *args, env=fast_env(api.url, out, raw))
 
 
@@ -193,9 +193,7 @@ sys.exit(random_user_etl.main(sys.argv[1:]))
 @pytest.mark.parametrize("verbose", [[], ["-v"]], ids=["quiet", "verbose"])
 def test_a_library_warning_is_a_log_line_only_with_verbose(verbose, api, out, raw):
     # In a process of its own: pytest takes this process's warnings for itself.
-    env = clean_environ(**fast_env(api.url, out, raw))
-    command = [sys.executable, "-c", WARNING_LAUNCHER, "--seed", "pura", *verbose]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    result = run_cli("--seed", "pura", *verbose, env=fast_env(api.url, out, raw), via=(WARNING_LAUNCHER,))
     assert result.returncode == 0, result.stderr
     lines = result.stderr.rstrip("\n").split("\n")
     assert all(LOG_LINE.match(line) for line in lines), result.stderr

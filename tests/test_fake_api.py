@@ -10,6 +10,7 @@ import time
 import pytest
 import requests
 
+from support import wait_until
 from fake_api import (
     FIXTURES,
     PICKED_SEED,
@@ -307,11 +308,9 @@ def test_disconnects_print_nothing(fake, http, capfd):
     assert captured.err == "" and captured.out == ""
 
 
-def wait_until_idle(fake, timeout=2.0):
+def wait_until_idle(fake, timeout=10.0):
     """Wait until the fake has no open connection, so its handlers are done."""
-    deadline = time.monotonic() + timeout
-    while fake._server.connections and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: not fake._server.connections, timeout, "the fake's connections closed")
 
 
 # --------------------------------------------------------------------------- lifecycle
@@ -330,18 +329,19 @@ def test_latency_delays_every_answer_but_requests_run_in_parallel(http):
         assert len(fake.sent) == 5
 
 
+def answers(http, url: str) -> bool:
+    """True if the fake at url answers 200; False while it refuses connections."""
+    try:
+        return http.get(url, timeout=1).status_code == 200
+    except requests.ConnectionError:
+        return False
+
+
 def test_start_later_refuses_connections_first(http):
     with FakeRandomUser().start_later(0.2) as fake:
         with pytest.raises(requests.ConnectionError):
             http.get(fake.url, timeout=1)
-        deadline = time.monotonic() + 3
-        while True:
-            try:
-                assert http.get(fake.url, timeout=1).status_code == 200
-                break
-            except requests.ConnectionError:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+        wait_until(lambda: answers(http, fake.url), 3, "the fake answering once started", step=0.05)
 
 
 def test_stop_then_start_again_on_the_same_url(http):
@@ -421,7 +421,7 @@ def test_the_fake_started_by_hand_serves_the_job_and_stops_on_ctrl_c(tmp_path):
     import sys
 
     import polars as pl
-    from conftest import FAST, PURA, TESTS, assert_rows_are, raw_users
+    from support import FAST, PURA, TESTS, assert_rows_are, raw_users
 
     import random_user_etl as etl
     from random_user_config import Settings
@@ -447,7 +447,7 @@ def test_the_fake_started_by_hand_on_a_busy_port_says_so_in_one_line():
     import subprocess
     import sys
 
-    from conftest import TESTS
+    from support import TESTS
 
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -460,18 +460,13 @@ def test_the_fake_started_by_hand_on_a_busy_port_says_so_in_one_line():
     assert result.stderr.splitlines() == [f"fake_api.py: error: cannot listen on 127.0.0.1:{port}: address already in use"], result.stderr
 
 
-def serves_soon(port: int, seconds: float = 20.0) -> bool:
-    """True once something accepts a connection on the loopback port, False after `seconds`."""
+def accepts(port: int) -> bool:
+    """True if something accepts a connection on the loopback port."""
     import socket
 
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        with socket.socket() as probe:
-            probe.settimeout(1)
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return True
-        time.sleep(0.02)
-    return False
+    with socket.socket() as probe:
+        probe.settimeout(1)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
@@ -481,7 +476,7 @@ def test_the_fake_started_by_hand_stops_on_a_signal_even_when_its_shell_ignores_
     import subprocess
     import sys
 
-    from conftest import TESTS
+    from support import TESTS
     from fake_api import free_port
 
     port = free_port()
@@ -489,7 +484,7 @@ def test_the_fake_started_by_hand_stops_on_a_signal_even_when_its_shell_ignores_
     ignore_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)  # noqa: E731
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL, preexec_fn=ignore_sigint)
     try:
-        assert serves_soon(port), "the fake never listened"
+        wait_until(lambda: accepts(port), 20, "the fake listening", step=0.02)
         server.send_signal(getattr(signal, signame))
         try:
             code = server.wait(timeout=10)

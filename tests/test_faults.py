@@ -17,19 +17,19 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import (
+from support import (
     FAST,
     LOG_LINE,
-    PURA,
-    assert_rows_are,
+    RETRY_LINE,
     assert_one_error_line,
+    assert_pura_landed,
     batch_files,
     digests,
     duplicate_first_id,
     fast_env,
     info,
     landed,
-    raw_users,
+    retry_lines,
     users,
 )
 from fake_api import FakeRandomUser, body, hang, interim, mutate, page_body, rate_limited, reset, status, truncated
@@ -39,22 +39,8 @@ from _random_user_etl import client
 from random_user_config import Settings
 from schemas import OUTPUT_SCHEMA
 
-RETRY_LINE = re.compile(r"retry (\d+) of (\d+) for (\S+): (.+)")
-
 
 # ------------------------------------------------------------------ helpers
-
-
-def assert_pura_landed(path) -> None:
-    """The landed batch holds exactly the recorded users of seed pura, value for value."""
-    frame = pl.read_parquet(path)
-    assert_rows_are(frame, raw_users(PURA))
-    assert frame.select("seed", "page").unique().rows() == [("pura", 1)]
-
-
-def retry_lines(records) -> list[re.Match]:
-    """The 'retry k of n for URL: reason' lines of the job's log."""
-    return [m for r in records if (m := RETRY_LINE.fullmatch(r.getMessage()))]
 
 
 DROP = object()  # edit(..., DROP): delete the field
@@ -248,7 +234,7 @@ PERSISTENT = {
 class Outcome:
     """What one CLI run against a scripted fake left behind."""
 
-    result: object  # conftest.Ran
+    result: object  # support.Ran
     before: dict[str, bytes]
     after: dict[str, bytes]
     batches: list[str]

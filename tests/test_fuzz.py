@@ -1,6 +1,6 @@
 """Fuzzing the transform with Hypothesis over mutated real answers.
 
-Property: `transform(body)` raises EtlError or returns exactly the rows conftest.reference_rows
+Property: `transform(body)` raises EtlError or returns exactly the rows oracle.reference_rows
 works out from Python's json; never another exception, never a different value. And the reverse:
 an answer the reference accepts is not refused, save for a key written twice (refused on purpose)
 and, anywhere in the body, a number beyond a float's range or some lone surrogate escapes (Polars'
@@ -20,7 +20,7 @@ import math
 import os
 
 import pytest
-from conftest import LONE_SURROGATE, Refused, fixture_json, reference_rows
+from support import LONE_SURROGATE, Refused, fixture_json, reference_rows
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 

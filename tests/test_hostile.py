@@ -1,7 +1,7 @@
 """Hostile input: seeds that try to leave the output folder, a huge answer, plain http,
 and no PII in the logs.
 
-The CLI cases run main(argv) in-process (conftest's `cli`), each in its own folder: the exit status
+The CLI cases run main(argv) in-process (the `cli` fixture), each in its own folder: the exit status
 and the one error line are checked as the command gives them; bad settings start no server.
 """
 
@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import subprocess
-import sys
 import time
 import tracemalloc
 from pathlib import Path
@@ -19,21 +17,22 @@ from types import SimpleNamespace
 
 import pytest
 import polars as pl
-from conftest import (
+from support import (
     LOG_LINE,
     PAGED,
     PREFIX,
     PURA,
-    ROOT,
     assert_one_error_line,
     assert_rows_are,
     batch_files,
-    clean_environ,
     duplicate_first_id,
     fast_env,
     info,
     landed,
+    leaked,
+    pii_of,
     raw_users,
+    run_cli,
     users,
 )
 from fake_api import FakeRandomUser, chunk_framing, chunked, huge, mutate, page_body, rate_limited, status, unframed
@@ -67,32 +66,6 @@ def proxied_to(url: str) -> dict:
     """Proxy variables that send any plain-http request to a loopback address, never to the internet."""
     proxy = url.split("/api/")[0]
     return dict(HTTP_PROXY=proxy, http_proxy=proxy, HTTPS_PROXY=proxy, https_proxy=proxy, NO_PROXY="", no_proxy="")
-
-
-def pii_of(users_: list[dict]) -> list[tuple[str, str]]:
-    """(kind, value) of every personal value of these users: names, emails, ids, usernames, phones."""
-    values = []
-    for user in users_:
-        first, last = user["name"]["first"], user["name"]["last"]
-        values += [("first name", first), ("last name", last), ("full name", f"{first} {last}")]
-        values += [("email", user["email"]), ("user id", user["login"]["uuid"]), ("username", user["login"]["username"])]
-        values += [("phone", user["phone"]), ("cell", user["cell"])]
-        if user["id"]["value"]:
-            values.append(("national id", user["id"]["value"]))
-    return values
-
-
-def leaked(text: str, values: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The personal values that appear in text (names as whole words, the rest as substrings)."""
-    found = []
-    for kind, value in values:
-        if "name" in kind and " " not in value:
-            hit = re.search(rf"(?<!\w){re.escape(value)}(?!\w)", text)
-        else:
-            hit = value in text
-        if hit:
-            found.append((kind, value))
-    return found
 
 
 def wrong_type_name(doc):
@@ -197,34 +170,11 @@ def test_a_hostile_seed_is_refused_by_the_python_api_too(api, tmp_path, settings
 # ------------------------------------------------------------------ huge answers
 
 
-# Runs the job in-process and records its own high-water mark on exit. Not getrusage: on Linux
-# a child's ru_maxrss starts at its parent's RSS at fork, and pytest grows large over a session.
-PEAK_LAUNCHER = """
-import os, runpy, sys
-sys.argv = sys.argv[1:]
-try:
-    runpy.run_path(sys.argv[0], run_name="__main__")
-finally:
-    status = open("/proc/self/status").read()
-    peak = next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))
-    open(os.environ["PEAK_FILE"], "w").write(peak)
-"""
-
-
-def run_measured(api, out, raw, *args) -> tuple[subprocess.CompletedProcess, float, str]:
-    """Run the CLI against the fake with `args`; its result, its own peak RSS in MB, and its stderr."""
-    command = [sys.executable, "-c", PEAK_LAUNCHER, str(ROOT / "random_user_etl.py"), *args]
-    err, peak_file = out.parent / "stderr.txt", out.parent / "peak.txt"
-    env = clean_environ(**fast_env(api.url, out, raw), PEAK_FILE=peak_file)
-    with open(err, "w") as stderr:
-        proc = subprocess.run(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, timeout=60)
-    return proc, int(peak_file.read_text()) / 1024, err.read_text()  # VmHWM is in kB
-
-
 def test_a_huge_answer_fails_clearly_and_memory_stays_bounded(api, out, raw):
     api.script(huge(200_000_000))
     started = time.monotonic()
-    proc, peak_mb, stderr = run_measured(api, out, raw, "--seed", "pura", "--max-response-mb", "1")
+    proc = run_cli("--seed", "pura", "--max-response-mb", "1", env=fast_env(api.url, out, raw), measure=True)
+    peak_mb, stderr = proc.peak_mb, proc.stderr
     elapsed = time.monotonic() - started
     assert proc.returncode == 1
     assert_one_error_line(stderr, r"page 1: answer larger than the 1,000,000-byte limit \(--max-response-mb\)")
@@ -270,7 +220,8 @@ def test_an_answer_whose_content_length_is_past_the_bound_is_refused_unread(api,
 def test_a_huge_error_answer_that_is_retried_is_not_read_into_memory(api, out, raw):
     # urllib3 reads a retried answer's body to reuse the connection; this one never ends in time.
     api.script(huge(300_000_000, status=503))  # then normal answers
-    proc, peak_mb, stderr = run_measured(api, out, raw, "--seed", "pura", "--retries", "1")
+    proc = run_cli("--seed", "pura", "--retries", "1", env=fast_env(api.url, out, raw), measure=True)
+    peak_mb, stderr = proc.peak_mb, proc.stderr
     assert proc.returncode == 0, stderr
     assert "retry 1 of 1" in stderr and "HTTP 503" in stderr
     assert peak_mb < 200, f"peak RSS {peak_mb:.0f} MB: the 503 body was read"

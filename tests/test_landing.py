@@ -9,13 +9,12 @@ import uuid
 
 import polars as pl
 import pytest
-from conftest import assert_null_counts, assert_one_error_line, assert_rows_are, batch_files, digests, fast_env, landed, served_users, users
+from support import assert_null_counts, assert_one_error_line, assert_rows_are, batch_files, digests, fast_env, landed, run_cli, served_users, users
 from fake_api import PICKED_SEED, FakeRandomUser, mutate, normal, page_body, rate_limited
 
 import random_user_etl as etl
 from _random_user_etl import staging
 from random_user_config import Settings
-from test_hostile import run_measured
 
 PAGED = dict(seed="paged", n=30, page_size=10, concurrency=1)
 
@@ -216,7 +215,8 @@ def stage_tiny_pages(api, out, pages: int, size: int) -> list[dict]:
 def test_landing_many_tiny_pages_takes_no_more_memory_than_their_rows_need(api, out, raw, size):
     # 4,000 staged pages: each file Polars opens at once costs it some 40 kB, whatever its rows.
     served = stage_tiny_pages(api, out, 4000, size)
-    proc, peak_mb, stderr = run_measured(api, out, raw, "--seed", "many", "--n", str(4000 * size), "--page-size", str(size))
+    proc = run_cli("--seed", "many", "--n", str(4000 * size), "--page-size", str(size), env=fast_env(api.url, out, raw), measure=True)
+    peak_mb, stderr = proc.peak_mb, proc.stderr
     assert proc.returncode == 0, stderr
     assert api.requests == [], "every page was staged: the run only lands"
     assert_rows_are(pl.read_parquet(out / "random_users_many.parquet"), served)

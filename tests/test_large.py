@@ -1,4 +1,4 @@
-"""Large pulls: external sort, concurrency, resume after a kill or the rate limit, progress."""
+"""Large pulls: the external sort, output independent of concurrency, resume after the rate limit, progress on a terminal."""
 
 from __future__ import annotations
 
@@ -6,25 +6,23 @@ import itertools
 import json
 import os
 import subprocess
-import sys
 import threading
 
 import polars as pl
 import pytest
-from conftest import (
+from support import (
     land_sorted,
     PAGED,
-    ROOT,
     assert_null_counts,
     assert_rows_are,
     batch_files,
-    clean_environ,
     duplicate_first_id,
     fast_env,
     fixture_bytes,
     raw_key,
     raw_users,
     record_sorts,
+    run_cli,
     served_users,
     users,
 )
@@ -164,14 +162,7 @@ def test_progress_is_a_bar_on_a_terminal(api, out, raw):
     import termios
 
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a real terminal has a size
-    job = subprocess.run(
-        [sys.executable, str(ROOT / "random_user_etl.py"), "--n", "30", "--seed", "paged", "--page-size", "10"],
-        env=clean_environ(**fast_env(api.url, out, raw)),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=follower,
-        timeout=60,
-    )
+    job = run_cli("--n", "30", "--seed", "paged", "--page-size", "10", env=fast_env(api.url, out, raw), stdout=subprocess.DEVNULL, stderr=follower)
     os.close(follower)
     shown = b""
     while True:

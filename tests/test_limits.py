@@ -13,12 +13,11 @@ import tracemalloc
 
 import polars as pl
 import pytest
-from conftest import PREFIX, PURA, assert_one_error_line, assert_rows_are, batch_files, fast_env, fixture_json
+from support import PREFIX, PURA, assert_one_error_line, assert_rows_are, batch_files, fast_env, fixture_json, run_cli
 from fake_api import body, mutate, page_body, status
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
-from test_hostile import run_measured
 
 import random_user_etl as etl
 from _random_user_etl import client
@@ -239,7 +238,8 @@ def fat_first_name(doc):
 def test_four_answers_each_with_a_40_mb_name_stay_within_the_pods_memory(api, out, raw):
     # Four pages in flight at the default concurrency (4) and size bound (64 MB); the CronJob's limit is 1 GiB.
     api.script(*[mutate(fat_first_name)] * 4)
-    proc, peak_mb, stderr = run_measured(api, out, raw, "--seed", "fat", "--n", "40", "--page-size", "10", "--timeout", "30")
+    proc = run_cli("--seed", "fat", "--n", "40", "--page-size", "10", "--timeout", "30", env=fast_env(api.url, out, raw), measure=True)
+    peak_mb, stderr = proc.peak_mb, proc.stderr
     assert [r.answer for r in api.requests] == ["mutate"] * 4
     assert max(len(body) for body in api.sent) > FAT_BYTES  # the 40 MB names did cross the wire
     assert peak_mb < 1024, f"peak RSS {peak_mb:.0f} MB"
@@ -279,7 +279,8 @@ def widest(doc):
 def test_full_pages_with_every_text_field_at_the_bound_land_within_the_pods_memory(api, out, raw):
     # The widest rows the contract accepts, 20,000 of them: what sorting and landing hold is bounded by rows.
     api.script(*[mutate(widest)] * 4)
-    proc, peak_mb, stderr = run_measured(api, out, raw, "--seed", "wide", "--n", "20000", "--timeout", "60")
+    proc = run_cli("--seed", "wide", "--n", "20000", "--timeout", "60", env=fast_env(api.url, out, raw), measure=True)
+    peak_mb, stderr = proc.peak_mb, proc.stderr
     assert peak_mb < 1024, f"peak RSS {peak_mb:.0f} MB"
     assert proc.returncode == 0, stderr
     sent = [user for body in api.sent for user in json.loads(body)["results"]]
@@ -325,7 +326,8 @@ def minimal_users_answer(total_bytes: int) -> bytes:
 def test_an_answer_of_tiny_values_is_refused_unread_within_the_pods_memory(api, out, raw, answer, says):
     # A JSON reader builds a node per value: 60 MB of "[]," took Polars to a 2.2 GB peak, and the answer landed.
     api.script(body(answer()))
-    proc, peak_mb, stderr = run_measured(api, out, raw, "--seed", "pura", "--n", "100")
+    proc = run_cli("--seed", "pura", "--n", "100", env=fast_env(api.url, out, raw), measure=True)
+    peak_mb, stderr = proc.peak_mb, proc.stderr
     assert peak_mb < 1024, f"peak RSS {peak_mb:.0f} MB"
     assert proc.returncode == 1, stderr
     assert_one_error_line(stderr, rf"^{PREFIX}page 1: the answer is {says}")

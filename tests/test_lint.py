@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from support import ROOT
 
 CHECKS = {
     "ruff-check": ["ruff", "check", "--no-cache", "."],

@@ -8,7 +8,7 @@ import time
 import polars as pl
 import pytest
 
-from conftest import assert_one_error_line, assert_rows_are, batch_files, fast_env, served_users
+from support import assert_one_error_line, assert_rows_are, batch_files, fast_env, served_users
 from fake_api import FakeRandomUser, held, normal, rate_limited, status
 
 import random_user_etl as etl

@@ -17,7 +17,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, clean_environ
+from support import ROOT, clean_environ
 from packaging.requirements import Requirement
 
 from _random_user_etl import __version__

@@ -8,7 +8,7 @@ import re
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
-from conftest import PURA, assert_rows_are, raw_users
+from support import PURA, assert_rows_are, raw_users
 
 import random_user_etl as etl
 from schemas import OUTPUT_SCHEMA

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import PAGED, ROOT, assert_rows_are, batch_files, fast_env, fixture_json, landed, on_log, raw_users
+from support import PAGED, ROOT, assert_rows_are, batch_files, fast_env, fixture_json, landed, on_log, raw_users
 from fake_api import mutate, status
 
 import random_user_etl as etl

@@ -15,8 +15,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import urllib.parse
@@ -24,35 +22,38 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import (
+from support import (
     land_sorted,
     GBONLY,
+    HELD,
     PAGED,
     PREFIX,
     PURA,
-    ROOT,
     assert_one_error_line,
     assert_rows_are,
-    clean_environ,
+    assert_stopped,
     fast_env,
     fixture_bytes,
-    on_log,
     nationality_counts,
+    on_log,
     raw_key,
     raw_users,
     record_sorts,
     run_cli,
     served_users,
+    signalled_exit,
+    start_cli,
+    wait_until,
 )
 from fake_api import mutate, status
-from test_signals import HELD, assert_stopped, signalled_exit, wait_until
 
 import random_user_etl as etl
 from _random_user_etl import run, sort, staging, store
 from _random_user_etl.stop import Stop
 from _random_user_etl.store import ObjectStore
 from _random_user_etl.errors import StorageError, Stopped
-from random_user_config import SettingsError, staging_root
+from _random_user_etl.places import staging_root
+from random_user_config import SettingsError
 from schemas import OUTPUT_SCHEMA, QUALITY_METADATA_KEY, SORT_KEY
 
 
@@ -290,9 +291,8 @@ def test_an_upload_the_store_never_answers_ends_the_run_within_its_deadline_and_
 
 def test_sigterm_during_an_upload_the_store_never_answers_ends_the_job_promptly_and_keeps_the_staged_pages(api, out, raw, s3, s3_endpoint, tmp_path):
     err = tmp_path / "stderr.txt"
-    with held_store(s3_endpoint) as held, open(err, "w") as stderr:
-        env = clean_environ(**held_env(api, out, raw, s3, held.url, RANDOM_USER_TIMEOUT=HELD))
-        proc = subprocess.Popen([sys.executable, str(ROOT / "random_user_etl.py")], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+    with held_store(s3_endpoint) as held:
+        proc = start_cli(env=held_env(api, out, raw, s3, held.url, RANDOM_USER_TIMEOUT=HELD), log=err)
         try:
             wait_until(lambda: held.held.is_set() or proc.poll() is not None, what="the batch's upload held")
             assert proc.poll() is None, err.read_text()
@@ -431,7 +431,7 @@ def test_a_temp_folder_named_like_a_pattern_stages_and_sorts_this_runs_pages_not
         patch.setattr(store, "upload", upload_fails)
         with pytest.raises(etl.EtlError, match="the store went away"):
             etl.run(settings(output_dir=url, seed="decoy", n=100, page_size=40))
-    staged = etl.config.staging_root(url)
+    staged = staging_root(url)
     (staged / "decoy").rename(staged / "paged")
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp[1]"))
     monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp[1]"))
@@ -524,9 +524,7 @@ def test_a_job_killed_during_its_upload_takes_the_upload_with_it(api, out, raw, 
             RANDOM_USER_RETRIES=1,
             AWS_ENDPOINT_URL=held.url,
         )
-        job = subprocess.Popen(
-            [sys.executable, "-m", "random_user_etl"], env=clean_environ(**env), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+        job = start_cli(env=env)
         try:
             assert held.held.wait(60), "the upload never reached the store"
             uploads = psutil.Process(job.pid).children(recursive=True)

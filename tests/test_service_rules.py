@@ -13,7 +13,7 @@ import time
 
 import polars as pl
 import pytest
-from conftest import assert_one_error_line, batch_files, assert_rows_are, fast_env, served_users
+from support import assert_one_error_line, batch_files, assert_rows_are, fast_env, served_users
 
 import random_user_etl as etl
 from random_user_config import Settings, SettingsError, load_settings

@@ -1,5 +1,6 @@
 """Stopping: SIGTERM is handled like Ctrl-C, also when the job is PID 1 of its container,
-and a stop is prompt whatever the job waits on: a request in flight, a backoff, the rate-limit pause.
+and a stop is prompt whatever the job waits on: a request in flight, a backoff, the rate-limit pause,
+a connection being opened; a stop while the batch is written lands nothing.
 
 Each case runs the CLI in a subprocess against a fake that holds it in one kind of wait far longer
 than the bound (30 s), signals it once it is there, and times the exit from the signal.
@@ -13,27 +14,20 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import polars as pl
 import psutil
 import pytest
-from conftest import LOG_LINE, ROOT, clean_environ, digests, fast_env, landed, raw_key, served_users
+from support import HELD, assert_stopped, delivered, digests, fast_env, landed, raw_key, served_users, signalled_exit, start_cli, wait_until
 from fake_api import hang, normal, rate_limited, status
 
 import random_user_etl as etl
 from _random_user_etl import store
 from schemas import SORT_KEY
 
-HELD = 30  # seconds the fake (or a wait the job is told to make) holds the job: far past the bound
-PROMPT = 3.0  # "within 2 seconds", with room for a loaded machine
 UNSHARE = ["unshare", "--pid", "--fork", "--mount-proc"]  # the job as PID 1 of a new PID namespace, as in a pod
-STOP_LINE = {
-    signal.SIGINT: "random_user_etl.py: stopped by SIGINT; staged pages are kept and the next run resumes",
-    signal.SIGTERM: "random_user_etl.py: stopped by SIGTERM; staged pages are kept and the next run resumes",
-}
 PAGES = ["--seed", "paged", "--n", "40", "--page-size", "10", "--concurrency", "2"]
 
 # Where the job is held: (arguments, script, what shows it is there: requests seen, a stderr line, pages staged).
@@ -45,15 +39,6 @@ WAITS = {
     # served) or wait behind it for the probe, so only the refused one is sure to be seen.
     "rate-limit-pause": (PAGES + ["--rate-limit-wait", str(HELD)], [rate_limited()], (1, "pausing all requests", 0)),
 }
-
-
-def wait_until(check, seconds: float = 20.0, what: str = "") -> None:
-    """Poll check() until true; fail the test after `seconds`."""
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"never got there: {what}")
-        time.sleep(0.02)
 
 
 def staged(out: Path, seed: str = "paged") -> list[str]:
@@ -82,9 +67,7 @@ def stop_held_job(api, out, raw, tmp_path, wait: str, signum: int, in_namespace:
     args, script, (requests, line, parts) = WAITS[wait]
     api.script(*script)
     err = tmp_path / "stderr.txt"
-    command = [*(UNSHARE if in_namespace else []), sys.executable, str(ROOT / "random_user_etl.py"), *args]
-    with open(err, "w") as stderr:
-        proc = subprocess.Popen(command, env=clean_environ(**fast_env(api.url, out, raw)), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+    proc = start_cli(*args, env=fast_env(api.url, out, raw), log=err, prefix=UNSHARE if in_namespace else ())
     try:
         pid = job_pid(proc, in_namespace)
         wait_until(lambda: len(api.requests) >= requests, what=f"{requests} requests")
@@ -110,17 +93,6 @@ def stop_held_job(api, out, raw, tmp_path, wait: str, signum: int, in_namespace:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-
-
-def assert_stopped(code: int, stderr: str, seconds: float, signum: int) -> None:
-    """Exit 128 + the signal, promptly, with one stop line last; every other line a log line; no retry after it."""
-    assert code == 128 + signum, stderr
-    assert seconds < PROMPT, f"exited {seconds:.2f}s after the signal"
-    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
-    lines = stderr.rstrip("\n").splitlines()
-    assert lines[-1] == STOP_LINE[signum], stderr
-    assert all(LOG_LINE.match(line) for line in lines[:-1]), stderr
-    assert "retry 2 of" not in stderr, stderr  # nothing was retried once it was told to stop
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -181,9 +153,8 @@ def connects_that_hang():
 def test_a_stop_is_prompt_while_a_connection_is_being_opened(out, raw, tmp_path, signum):
     # No socket to shut yet: the deadline's timer cannot cut a connect, so the stop must not wait for it.
     err = tmp_path / "stderr.txt"
-    with connects_that_hang() as url, open(err, "w") as stderr:
-        env = clean_environ(**fast_env(url, out, raw, RANDOM_USER_TIMEOUT=str(2 * HELD), RANDOM_USER_SEED="pura"))
-        proc = subprocess.Popen([sys.executable, str(ROOT / "random_user_etl.py")], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+    with connects_that_hang() as url:
+        proc = start_cli(env=fast_env(url, out, raw, RANDOM_USER_TIMEOUT=str(2 * HELD), RANDOM_USER_SEED="pura"), log=err)
         try:
             wait_until(lambda: any(c.status == psutil.CONN_SYN_SENT for c in psutil.Process(proc.pid).net_connections()), what="a connect under way")
             time.sleep(0.1)
@@ -224,26 +195,6 @@ etl.exit_now(etl.main(sys.argv[2:]))
 LARGE = ["--seed", "held", "--n", "25000"]  # five pages of 5,000: three key ranges, one group split while fetching
 
 
-def signalled_exit(proc: subprocess.Popen, signum: int, then=None) -> tuple[int, float]:
-    """Signal the process, call then() if given, wait for it to end: its status and seconds from the signal; fail past HELD."""
-    proc.send_signal(signum)
-    signalled = time.monotonic()
-    if then is not None:
-        then()
-    try:
-        code = proc.wait(timeout=HELD)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"still running {HELD}s after {signal.Signals(signum).name}")
-    return code, time.monotonic() - signalled
-
-
-def delivered(pid: int, signum: int) -> bool:
-    """True once a signal sent to a process is no longer pending: its C-level handler has taken it."""
-    status_ = Path(f"/proc/{pid}/status").read_text()
-    pending = [int(re.search(rf"^{field}:\s+(\w+)$", status_, re.M)[1], 16) for field in ("ShdPnd", "SigPnd")]
-    return not any(mask & (1 << (signum - 1)) for mask in pending)
-
-
 def lake(files: dict[str, str]) -> dict[str, str]:
     """The files of an output folder that are not the job's staging."""
     return {name: digest for name, digest in files.items() if not name.startswith(".staging/")}
@@ -258,9 +209,7 @@ def test_a_stop_while_the_batch_is_written_lands_nothing_and_the_next_run_lands_
     assert earlier.select(SORT_KEY).rows() == sorted(map(raw_key, served))
 
     release, err = tmp_path / "release", tmp_path / "stderr.txt"
-    with open(err, "w") as stderr:
-        command = [sys.executable, "-c", HELD_IN_THE_SINK, str(release), "-v", *LARGE]
-        proc = subprocess.Popen(command, env=clean_environ(**env), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+    proc = start_cli("-v", *LARGE, env=env, log=err, via=(HELD_IN_THE_SINK, release))
     try:
         wait_until(lambda: Path(f"{release}.held").exists() or proc.poll() is not None, what="the batch's write under way")
         assert proc.poll() is None, err.read_text()

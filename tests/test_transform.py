@@ -7,7 +7,7 @@ import json
 
 import polars as pl
 import pytest
-from conftest import COLUMNS, fixture_bytes, fixture_json, reference_rows
+from support import COLUMNS, fixture_bytes, fixture_json, reference_rows
 from fake_api import _dumps, page_body
 
 import random_user_etl as etl

@@ -14,18 +14,21 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import (
+from support import (
     PAGED,
     PREFIX,
+    RETRY_LINE,
     assert_one_error_line,
+    assert_pura_landed,
     batch_files,
     fast_env,
     fixture_bytes,
+    leaked,
+    pii_of,
     raw_users,
+    retry_lines,
 )
 from fake_api import FakeRandomUser, rate_limited, raw, reset, status, trickle, truncated
-from test_faults import RETRY_LINE, assert_pura_landed, retry_lines
-from test_hostile import leaked, pii_of
 
 import random_user_etl as etl
 from _random_user_etl import client
