@@ -44,7 +44,7 @@ from _random_user_etl.stop import Stop
 from _random_user_etl.wire import Fault
 from _random_user_etl import __version__
 
-__all__ = ["Batch", "EtlError", "PageRequest", "Stop", "main", "read_processed", "replay", "run", "transform"]
+__all__ = ["Batch", "EtlError", "PageRequest", "Stop", "Stopped", "main", "read_processed", "replay", "run", "transform"]
 
 log = logging.getLogger("random_user_etl")
 

@@ -21,6 +21,7 @@ from _random_user_etl.contract import transform
 from _random_user_etl.errors import EtlError, RefusedPages, StorageError, failing_as, on_page
 from _random_user_etl.progress import Progress
 from _random_user_etl.raw import settle_raw
+from _random_user_etl import sort
 from _random_user_etl.sort import SCATTER_ROWS, SORT_RUN_ROWS, ExternalSort
 from _random_user_etl.staging import part_identity, part_path, quality_report, sort_folder, stage_part, staging_for
 from _random_user_etl.stop import Stop
@@ -133,7 +134,7 @@ class Run:
 
     def new_sorter(self, rows: int) -> ExternalSort:
         """The external sort of this run's `rows` rows, in the staging folder."""
-        return ExternalSort(sort_folder(self.folder), rows, self.sort_sizes.run_rows, self.sort_sizes.group_rows, self.stop)
+        return sort.ExternalSort(sort_folder(self.folder), rows, self.sort_sizes.run_rows, self.sort_sizes.group_rows, self.stop)
 
     def stage_all(self, todo: list[PageRequest]) -> None:
         """Stage every page in `todo`: at most STAGERS typed at once while the source fetches ahead."""
