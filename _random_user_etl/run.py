@@ -8,7 +8,6 @@ import dataclasses
 import datetime as dt
 import itertools
 import logging
-import shutil
 import time
 from collections.abc import Generator
 from pathlib import Path
@@ -64,6 +63,7 @@ class PageSource(Protocol):
     """Where a run's pages come from: the service (ServicePages) or kept raw answers (KeptPages)."""
 
     origin: str  # what a staged part says it came from: a part of another origin is never reused
+    resumable: bool  # whether parts an earlier run staged may stand in for pages (else the staging starts empty)
 
     def opened(self, run: Run) -> contextlib.AbstractContextManager:
         """While held, the source is ready and run.seed is set (and run.sizes, where known before staging)."""
@@ -111,7 +111,7 @@ class Run:
     def land(self) -> Batch:
         """Stage every page the source gives, then land them as one batch through the sink."""
         self.sink.check()  # before the first request: a missing bucket or credentials must not wait until every page is fetched
-        with self.source.opened(self), staging_for(self.settings, self.seed) as folder:
+        with self.source.opened(self), staging_for(self.settings, self.seed, self.source.resumable) as folder:
             self.folder = folder
             if self.sizes:  # known before staging: its key ranges are split while the run still waits on the network
                 self.sorter = self.new_sorter(sum(self.sizes))
@@ -180,7 +180,6 @@ class Run:
                 part_path(self.folder, page).unlink(missing_ok=True)
             raise
         self.source.landed(self)  # before the staging is cleared: a run killed in between lands (and keeps) again
-        shutil.rmtree(self.folder, ignore_errors=True)
         seconds = time.monotonic() - self.started
         rows = batch.report["rows"]
         log.info("landed %d rows, seed %s, file %s, %d bytes, %.2fs", rows, self.seed, destination, size, seconds)

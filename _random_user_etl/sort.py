@@ -1,4 +1,4 @@
-"""The external sort, on Polars' unstable plugin API (register_io_source, PartitionBy; store reads the lake through the first too)."""
+"""The external sort, on Polars' unstable plugin API (register_io_source, PartitionBy; lake reads the lake through the first too)."""
 
 from __future__ import annotations
 

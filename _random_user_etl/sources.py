@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 from collections.abc import Generator
 from pathlib import Path
 import random_user_config as config
@@ -25,6 +24,7 @@ class ServicePages:
     """The pages of a run asked of the service: resumed from trusted staged parts, fetched `concurrency` at once, raw answers kept."""
 
     origin = "service"
+    resumable = True
 
     def __init__(self, service: Service | None = None):
         self.service = service  # made from the run's settings and stop when opened, unless one is given (a test's transport)
@@ -115,6 +115,7 @@ class KeptPages:
     """The pages of a seed's kept raw folder (or one saved answer), read back and checked as a live run's, with no network."""
 
     origin = "replay"  # a replayed page says nothing of the nationalities or page size it was asked with
+    resumable = False  # a kept answer is read again whole: no part stands in for one
 
     def __init__(self, source: str | Path):
         self.source = Path(source)
@@ -128,9 +129,7 @@ class KeptPages:
         yield
 
     def pending(self, run: Run) -> list[PageRequest]:
-        """Every kept page, in a staging folder cleared first: no staged part stands in for a kept answer."""
-        shutil.rmtree(run.folder)
-        run.folder.mkdir(0o700)  # as own_folder makes it: a replay stopped here leaves no folder others may write in
+        """Every kept page."""
         return [PageRequest(run.seed, page, None) for page, _ in self.pages]
 
     def answers(self, run: Run, wanted: list[PageRequest]) -> Generator[Fetched]:
@@ -147,14 +146,12 @@ class KeptPages:
         """The users each page held, which must be one run's pages: every page but the last full, as a live run asked for them."""
         sizes = [run.staged_rows[page] for page, _ in self.pages]
         if not sum(sizes) or any(size != sizes[0] for size in sizes[:-1]) or sizes[-1] > sizes[0]:
-            shutil.rmtree(run.folder, ignore_errors=True)
             raise StorageError(f"the kept pages hold {sizes} users, not one run's pages", path=self.source, doing="cannot replay")
         run.sizes = sizes
         log.info("replayed %d kept page%s of seed %s", len(sizes), "" if len(sizes) == 1 else "s", run.seed)
 
     def failed(self, run: Run, exc: EtlError) -> EtlError:
-        """The failure said of the replayed source; the staged pages cleared, as no run reuses them."""
-        shutil.rmtree(run.folder, ignore_errors=True)
+        """The failure said of the replayed source."""
         return type(exc)(str(exc), path=self.source, doing="cannot replay")
 
     def landed(self, run: Run) -> None:

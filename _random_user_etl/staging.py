@@ -186,13 +186,18 @@ def page_list(pages: list[int], most: int = 8) -> str:
 
 
 @contextlib.contextmanager
-def staging_for(settings: Settings, seed: str):
-    """Hold the seed's lock and give its staging folder, refusing an output folder we cannot write."""
+def staging_for(settings: Settings, seed: str, resumable: bool = True):
+    """Hold the seed's lock and give its staging folder, refusing an output folder we cannot write; cleared once the batch lands."""
+    # Not `resumable` (a replay): no part staged before stands in for one, so the folder starts empty,
+    # and a failure clears what was staged; a stop leaves it as a live run's, for the next run to clear.
     landed = False
     with failing_as("cannot write to", settings.output_dir, by_filename=True):
         with seed_lock(lambda: own_staging_root(settings.output_dir), seed) as forget:
             folder = own_folder(staging_root(settings.output_dir).absolute() / seed)
             found_own_folder(sort_folder(folder))  # cleared below: refused now if it is a link or another's
+            if not resumable:
+                shutil.rmtree(folder)
+                folder.mkdir(0o700)  # as own_folder makes it: a replay stopped here leaves no folder others may write in
             stopped = False
             try:
                 yield folder
@@ -200,8 +205,14 @@ def staging_for(settings: Settings, seed: str):
             except KeyboardInterrupt:  # a stop (Stopped) leaves the sort's scratch for the next run to clear:
                 stopped = True  # a large batch's is many thousand files, longer to delete than the CronJob's grace
                 raise
+            except BaseException:
+                if not resumable:
+                    shutil.rmtree(folder, ignore_errors=True)
+                raise
             finally:
-                if not stopped:
+                if landed:
+                    shutil.rmtree(folder, ignore_errors=True)  # the batch is in place: its parts are done with
+                elif not stopped:
                     shutil.rmtree(sort_folder(folder), ignore_errors=True)  # derived scratch; the parts stay for a rerun
                 with contextlib.suppress(OSError):
                     folder.rmdir()  # only when empty: a run that staged nothing leaves no folder behind
