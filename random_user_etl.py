@@ -5,9 +5,11 @@
     >>> read_processed().filter(pl.col("nationality") == "GB").collect()
 
 This module is the job as it runs: settings, extract, transform, load, read, CLI. The machinery
-lives in the private package _random_user_etl, one module per part (client and wire: the HTTP;
-answer and contract: the transform; folders, staging, raw, sort, store: the load; pipeline: the
-pages of one run). Each step is a function of its arguments, so tests and analysts can call any one alone.
+lives in the private package _random_user_etl, one module per part: run (one run, from a page
+source to a sink), sources (the service, or kept raw answers), client and wire (the HTTP), answer
+and contract (the transform), staging, sort, folders and raw (what a run keeps on disk), store and
+objects (where a batch lands), lake (reading it back), stop (ending a run). run(), replay() and
+read_processed() are what analysts import; the CLI is a thin layer over them.
 """
 
 from __future__ import annotations
@@ -20,11 +22,9 @@ import functools
 import logging
 import os
 import re
-import shutil
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 
 import polars as pl
@@ -35,18 +35,16 @@ from _random_user_etl.shown import LINE_LIMIT, address_secrets, shorten, shown_u
 from random_user_config import Settings, SettingsError
 from schemas import OUTPUT_SCHEMA
 from _random_user_etl.answer import PageRequest
-from _random_user_etl.client import RateGate, page_sizes
 from _random_user_etl.contract import transform  # one answer body in, the contract frame out
-from _random_user_etl.errors import EtlError, Stopped, StorageError, write_error
-from _random_user_etl.pipeline import Batch, check_picked_seed, fetch_and_stage, first_seed, land, stage_kept
-from _random_user_etl.raw import check_not_staging, clear_stale_raw, kept_folder, kept_pages
-from _random_user_etl import __version__, sort
-from _random_user_etl.sort import SCATTER_ROWS, SORT_RUN_ROWS
-from _random_user_etl.staging import pending_pages, sort_folder, staging_for
-from _random_user_etl.store import BATCH_GLOB, batch_path, check_writable, lake_batches, lake_folder, scan_batches, store_options
-from _random_user_etl.wire import STOP, Fault, make_session, signals_noted, stop_requests
+from _random_user_etl.errors import EtlError, Stopped, write_error
+from _random_user_etl.lake import BATCH_GLOB, lake_batches, lake_folder, scan_batches
+from _random_user_etl.run import Batch, Run
+from _random_user_etl.sources import KeptPages, ServicePages
+from _random_user_etl.stop import Stop
+from _random_user_etl.wire import Fault
+from _random_user_etl import __version__
 
-__all__ = ["Batch", "EtlError", "PageRequest", "main", "read_processed", "replay", "run", "transform"]
+__all__ = ["Batch", "EtlError", "PageRequest", "Stop", "Stopped", "main", "read_processed", "replay", "run", "transform"]
 
 log = logging.getLogger("random_user_etl")
 
@@ -54,59 +52,16 @@ log = logging.getLogger("random_user_etl")
 # ---------------------------------------------------------------- extract, transform, load
 
 
-def run(settings: Settings | None = None, **overrides) -> Batch:
-    """Fetch, transform and land one batch: run() with the defaults, or run(n=500, seed="demo")."""
-    return fetch_and_land(dataclasses.replace(settings or Settings(), **overrides))
+def run(settings: Settings | None = None, stop: Stop | None = None, **overrides) -> Batch:
+    """Fetch, transform and land one batch: run() with the defaults, or run(n=500, seed="demo"); stop.stop() from any thread ends it."""
+    settings = dataclasses.replace(settings or Settings(), **overrides)
+    return Run(settings, ServicePages(), stop).land()
 
 
-def fetch_and_land(settings: Settings, run_rows: int = SORT_RUN_ROWS, group_rows: int = SCATTER_ROWS) -> Batch:
-    """One run of the job; `run_rows` and `group_rows` size the external sort (ExternalSort)."""
-    started = time.monotonic()
-    sizes = page_sizes(settings.n, settings.page_size)
-    gate = RateGate()
-    STOP.clear()  # a new run starts unstopped, even in a session where an earlier one was interrupted
-    # Before the first request: a missing bucket or credentials must not wait until every page is fetched.
-    check_writable(settings.output_dir, store_options(settings))
-    with make_session(settings) as session:
-        seed, first_answer = settings.seed, None
-        if seed is None:
-            seed, first_answer = first_seed(session, settings, gate, sizes)
-        destination = batch_path(settings.output_dir, seed)
-        with staging_for(settings, seed) as folder:
-            if first_answer is not None:
-                check_picked_seed(seed, destination, settings)  # under the seed's lock, before anything is touched
-            kept = kept_folder(settings.raw_dir, seed)
-            todo = pending_pages(folder, settings, seed, sizes)
-            if kept is not None:
-                clear_stale_raw(kept, todo)
-            sorter = sort.ExternalSort(sort_folder(folder), settings.n, run_rows, group_rows)
-            fetch_and_stage(session, settings, gate, seed, sizes, todo, folder, sorter, kept, first_answer)
-            return land(folder, settings, seed, sizes, destination, started, len(todo), sorter, kept)
-
-
-def replay(source: str | Path, settings: Settings | None = None, **overrides) -> Batch:
+def replay(source: str | Path, settings: Settings | None = None, stop: Stop | None = None, **overrides) -> Batch:
     """Rebuild a seed's batch from its kept raw answers alone, with no network at all."""
     settings = dataclasses.replace(settings or Settings(), **overrides)
-    started = time.monotonic()
-    STOP.clear()  # as a run: an earlier failed run set it, and a stop signal would be taken for a second one
-    check_not_staging(Path(source), settings.output_dir)
-    check_writable(settings.output_dir, store_options(settings))
-    seed, pages = kept_pages(Path(source), settings.max_response_bytes)
-    destination = batch_path(settings.output_dir, seed)
-    with staging_for(settings, seed) as folder:
-        shutil.rmtree(folder)
-        folder.mkdir(0o700)  # as own_folder makes it: a replay stopped here leaves no folder others may write in
-        try:
-            sizes = stage_kept(pages, seed, settings, folder)
-        except EtlError as exc:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise type(exc)(str(exc), path=source, doing="cannot replay") from exc
-        # Every page but the last is full, as the live run asked for them: anything else is a mix of runs.
-        if not sum(sizes) or any(size != sizes[0] for size in sizes[:-1]) or sizes[-1] > sizes[0]:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise StorageError(f"the kept pages hold {sizes} users, not one run's pages", path=source, doing="cannot replay")
-        log.info("replayed %d kept page%s of seed %s", len(pages), "" if len(pages) == 1 else "s", seed)
-        return land(folder, settings, seed, sizes, destination, started, 0)
+    return Run(settings, KeptPages(source), stop).land()
 
 
 # ---------------------------------------------------------------- read
@@ -267,29 +222,29 @@ ADDRESS = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://|/")  # an argument of a librar
 
 
 @contextlib.contextmanager
-def stop_on_signals():
+def stop_on_signals(stop: Stop):
     """SIGINT and SIGTERM stop the run promptly (as PID 1 of a container, SIGTERM reaches a process only through a handler)."""
     if threading.current_thread() is not threading.main_thread():
         yield  # only the main thread may set handlers: a caller elsewhere keeps its own
         return
+
+    def on_stop_signal(signum: int, frame) -> None:
+        """Stop every wait and request of the run, and unwind the main thread; a second signal changes nothing."""
+        if stop.asked:
+            return
+        stop.stop(signum)
+        raise Stopped(signum)
+
     # Set after `import polars`, which puts a SIGINT handler of its own in Python's place: with it, a
     # Ctrl-C reached Python only when the main thread next woke, which could be a whole page later.
     previous = {signum: signal.signal(signum, on_stop_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with signals_noted():  # a Polars call the main thread waits in sees a signal too (check_stop)
+        with stop.noting_signals():  # a Polars call the main thread waits in sees a signal too (Stop.check)
             yield
     finally:
         for signum, handler in previous.items():
             # After a stop the process is leaving: a later signal must not change its status or line.
-            signal.signal(signum, signal.SIG_IGN if STOP.is_set() else handler)
-
-
-def on_stop_signal(signum: int, frame) -> None:
-    """Stop every wait and request of the run, and unwind the main thread; a second signal changes nothing."""
-    if STOP.is_set():
-        return
-    stop_requests()
-    raise Stopped(signum)
+            signal.signal(signum, signal.SIG_IGN if stop.asked else handler)
 
 
 def log_causes(exc: BaseException) -> None:
@@ -316,9 +271,10 @@ def main(argv: list[str] | None = None, prog: str = "random_user_etl.py") -> int
         return 2
     # A service's error message, or a library's words, can repeat a key of the address it was given.
     formatter.secrets = address_secrets(settings.api_url)
-    with stop_on_signals():  # held while the last line is printed: a second signal cannot cut it
+    stop = Stop()
+    with stop_on_signals(stop):  # held while the last line is printed: a second signal cannot cut it
         try:
-            replay(source, settings) if source else run(settings)
+            replay(source, settings, stop) if source else run(settings, stop)
         except EtlError as exc:
             log_causes(exc)
             print(f"{parser.prog}: error: {formatter.line(str(exc))}", file=sys.stderr)

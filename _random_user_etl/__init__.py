@@ -1,7 +1,7 @@
 """The Random User ETL's machinery, one module per part; random_user_etl.py composes it and is the public API.
 
-Modules import only those below them: shown; places; errors; wire; answer; client; contract; folders; staging;
-sort; raw; store; pipeline. Nothing here is a stable interface.
+Modules import only those before them: shown; places; errors; stop; wire; answer; client; contract;
+folders; staging; sort; raw; objects; lake; store; progress; run; sources. Nothing here is a stable interface.
 """
 
 __version__ = "1.0.0"  # the one place the version is written: pyproject.toml reads it

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import email.utils
+import functools
 import json
 import logging
 import math
@@ -18,8 +19,9 @@ from _random_user_etl.shown import shorten, shown_url
 from random_user_config import Settings
 from schemas import INCLUDED_FIELDS
 from _random_user_etl.answer import PageRequest
-from _random_user_etl.errors import EtlError, ServiceError, Stopped, on_page
-from _random_user_etl.wire import Answer, Attempt, Fault, STOP, TRANSPORT_ERRORS, fault_of, hold, read_body, unpack
+from _random_user_etl.errors import EtlError, ServiceError, on_page
+from _random_user_etl.stop import Stop
+from _random_user_etl.wire import Answer, Fault, Transport, unpack
 
 log = logging.getLogger("random_user_etl")  # one logger for the job: the CLI lets only its records carry text
 
@@ -36,7 +38,8 @@ class RateGate:
 
     # A bare 429 says nothing of when the limit lifts, so after one every worker waits here while a
     # single request asks again every --rate-limit-wait; refused requests cost the service nothing.
-    def __init__(self) -> None:
+    def __init__(self, stop: Stop) -> None:
+        self.stop = stop  # the run's: a stop or wind-down ends a wait here at once
         self._lock = threading.Lock()
         self._resume_at = 0.0  # when the next probe may go
         self._prober: object | None = None  # the token of the one request probing now
@@ -58,7 +61,7 @@ class RateGate:
                 if left <= 0 and self._prober is None:
                     self._prober = object()
                     return self._prober
-            hold(left if left > 0 else PROBE_POLL)  # the probe's answer decides: look again soon
+            self.stop.hold(left if left > 0 else PROBE_POLL)  # the probe's answer decides: look again soon
 
     def refused(self, settings: Settings, page: int | None, token: object | None) -> tuple[float, float]:
         """Count a bare 429: shut the gate, and say how long it has been shut and when to ask again."""
@@ -154,76 +157,75 @@ def page_params(settings: Settings, request: PageRequest) -> dict:
     return params
 
 
-def fetch_page(session: requests.Session, settings: Settings, request: PageRequest, gate: RateGate | None = None) -> Answer:
-    """One page's answer, by the run's one retry loop."""
-    # How long a page may take: at most --retries + 1 tries of at most --timeout each, with a wait
-    # before each retry of at most --max-wait (a jittered backoff, or the service's Retry-After),
-    # plus any stretches of the rate limit (a bare 429), each ended within --max-wait; they draw
-    # nothing on --retries. A stop ends any wait or try at once. One log line per retry.
-    gate = gate or RateGate()
-    params = page_params(settings, request)
-    where = shown_url(requests.Request("GET", settings.api_url, params=params).prepare().url, path_only=True)
-    retry = 0  # retries made so far
-    while True:
-        token = gate.enter()
-        most = settings.retries
-        last = retry >= most
-        try:
-            response, answer = ask(session, settings, params, last)
-        except Fault as fault:
-            gate.release(token)
-            most = min(most, fault.retries)  # fewer for a fault that retrying does not mend
-            if retry >= most:
-                hint = OFFLINE_WAYS if fault.unreachable else ""
-                raise ServiceError(f"{fault.line}{retries_made(retry, 'gave up after')}{hint}", page=request.page) from fault
-            retry += 1
-            why, seconds = fault.reason, backoff_time(settings, retry)
-        except BaseException as exc:
-            gate.release(token)
-            if isinstance(exc, EtlError):
-                raise on_page(exc, request.page) from exc
-            raise
-        else:
-            if response.status_code == 200:
-                assert answer is not None  # ask() reads the body of every 200
-                gate.served(request.results or 0, token)
-                return answer
-            if rate_limit_refusal(response):
-                waited, seconds = gate.refused(settings, request.page, token)
-                log.warning("rate limited for %s at %s: HTTP 429, pausing all requests, asking again in %gs", seconds_text(waited), where, seconds)
-                continue
-            gate.release(token)
-            if answer is not None or response.is_redirect:
-                raise status_error(response, answer, settings, request.page, retry)
-            retry += 1
-            why, seconds = status_wait(response, retry_after(response), settings, retry, request.page)
-        log.warning("retry %d of %d for %s: %s", retry, most, where, why)
-        hold(seconds)
+class Service:
+    """One run's way to the service: its settings, its transport (or one swapped in), its rate gate and its stop."""
+
+    def __init__(self, settings: Settings, stop: Stop | None = None, transport: Transport | None = None):
+        self.settings, self.stop = settings, stop or Stop()
+        self.transport = transport or Transport(settings, self.stop)
+        self.gate = RateGate(self.stop)
+
+    def __enter__(self) -> Service:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.transport.__exit__(*exc_info)
+
+    def fetch_page(self, request: PageRequest) -> Answer:
+        """One page's answer, by the run's one retry loop."""
+        # How long a page may take: at most --retries + 1 tries of at most --timeout each, with a wait
+        # before each retry of at most --max-wait (a jittered backoff, or the service's Retry-After),
+        # plus any stretches of the rate limit (a bare 429), each ended within --max-wait; they draw
+        # nothing on --retries. A stop ends any wait or try at once. One log line per retry.
+        settings, gate = self.settings, self.gate
+        params = page_params(settings, request)
+        where = shown_url(requests.Request("GET", settings.api_url, params=params).prepare().url, path_only=True)
+        retry = 0  # retries made so far
+        while True:
+            token = gate.enter()
+            most = settings.retries
+            last = retry >= most
+            try:
+                response, answer = self.transport.ask(params, functools.partial(unread, last=last))
+            except Fault as fault:
+                gate.release(token)
+                most = min(most, fault.retries)  # fewer for a fault that retrying does not mend
+                if retry >= most:
+                    hint = OFFLINE_WAYS if fault.unreachable else ""
+                    raise ServiceError(f"{fault.line}{retries_made(retry, 'gave up after')}{hint}", page=request.page) from fault
+                retry += 1
+                why, seconds = fault.reason, backoff_time(settings, retry)
+            except BaseException as exc:
+                gate.release(token)
+                if isinstance(exc, EtlError):
+                    raise on_page(exc, request.page) from exc
+                raise
+            else:
+                if response.status_code == 200:
+                    assert answer is not None  # every 200 is read
+                    gate.served(request.results or 0, token)
+                    return answer
+                if rate_limit_refusal(response):
+                    waited, seconds = gate.refused(settings, request.page, token)
+                    log.warning("rate limited for %s at %s: HTTP 429, pausing all requests, asking again in %gs", seconds_text(waited), where, seconds)
+                    continue
+                gate.release(token)
+                if answer is not None or response.is_redirect:
+                    raise status_error(response, answer, settings, request.page, retry)
+                retry += 1
+                why, seconds = status_wait(response, retry_after(response), settings, retry, request.page)
+            log.warning("retry %d of %d for %s: %s", retry, most, where, why)
+            self.stop.hold(seconds)
+
+
+def unread(response: requests.Response, last: bool) -> bool:
+    """True for an answer whose body is not worth reading: a redirect, the rate limit, or a status still to retry."""
+    return response.is_redirect or rate_limit_refusal(response) or (response.status_code in RETRIED_STATUSES and not last)
 
 
 def rate_limit_refusal(response: requests.Response) -> bool:
     """A 429 that says nothing of when to come back: the service's rate limit, waited out, never a retry."""
     return response.status_code == 429 and retry_after(response) is None
-
-
-def ask(session: requests.Session, settings: Settings, params: dict, last: bool) -> tuple[requests.Response, Answer | None]:
-    """One try, whole within --timeout: the answer, and its bytes unless it is a redirect or a status to retry."""
-    response = None
-    with Attempt(settings.timeout) as attempt:
-        try:
-            # A redirect is not followed: it could lead to plain http on another host.
-            response = session.get(settings.api_url, params=params, timeout=settings.timeout, stream=True, allow_redirects=False)
-            with response:
-                if response.is_redirect or rate_limit_refusal(response) or (response.status_code in RETRIED_STATUSES and not last):
-                    return response, None  # closed unread: a huge or endless error body never fills memory
-                answer = read_body(response, settings.max_response_bytes)
-            if attempt.expired:  # shut at the deadline: what came before is not the whole answer
-                raise requests.exceptions.Timeout()
-            return response, answer
-        except TRANSPORT_ERRORS as exc:
-            if STOP.is_set():
-                raise Stopped() from exc
-            raise fault_of(exc, settings, reading=response is not None, timed_out=attempt.expired) from exc
 
 
 def retries_made(count: int, verb: str = "after") -> str:

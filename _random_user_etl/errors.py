@@ -6,6 +6,7 @@ import contextlib
 import os
 import re
 import signal
+import threading
 from _random_user_etl.shown import LINE_LIMIT, shorten, shown_urls_in
 
 
@@ -57,6 +58,17 @@ class Stopped(KeyboardInterrupt):
         self.signum = signum
 
 
+@contextlib.contextmanager
+def failing_as(doing: str, path=None, page: int | None = None, catching: tuple = (OSError,), by_filename: bool = False):
+    """Turn an OS failure (or any of `catching`) inside into one StorageError line: what was being done to which path, and why."""
+    try:
+        yield
+    except catching as exc:
+        # `by_filename`: the failing call names the path itself (a folder of the operator's deep inside `path`).
+        named = getattr(exc, "filename", None) if by_filename else None
+        raise StorageError(write_error(exc), page=page, path=named or path, doing=doing) from exc
+
+
 def write_error(exc: BaseException) -> str:
     """Why a write failed, in one line; an object store's refusal by its S3 error code and message."""
     # The object store's words (and any library's) are outside text: each piece goes through shorten,
@@ -75,21 +87,51 @@ def write_error(exc: BaseException) -> str:
     return shorten(lines[0], 200) + (f" ({shorten(cause, 80)})" if cause else "")
 
 
-@contextlib.contextmanager
+class _Silencer:
+    """The process's stderr sent nowhere while any thread holds it: the first holder saves and redirects it, the last puts it back."""
+
+    # The process has one stderr: two runs at once each silencing it alone would save the other's
+    # redirect as "the real one" and put it back for good.
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._holders = 0
+        self._saved: int | None = None
+
+    @contextlib.contextmanager
+    def held(self):
+        """While held, what the process writes to file descriptor 2 goes nowhere."""
+        with self._lock:
+            if self._holders == 0:
+                self._saved = self._redirect()
+            self._holders += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._holders -= 1
+                if self._holders == 0 and self._saved is not None:
+                    os.dup2(self._saved, 2)
+                    os.close(self._saved)
+                    self._saved = None
+
+    @staticmethod
+    def _redirect() -> int | None:
+        """Point descriptor 2 at the null device; the saved descriptor, or None if there is no stderr to silence."""
+        try:
+            saved, nowhere = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+        except OSError:
+            return None
+        os.dup2(nowhere, 2)
+        os.close(nowhere)
+        return saved
+
+
+_SILENCER = _Silencer()
+
+
 def panic_text_silenced():
     """While held, what the process writes to its stderr goes nowhere: for a Polars read whose panic the job catches and says itself."""
     # Polars' Rust panic hook writes "thread ... panicked at ..." (and a backtrace) straight to file
     # descriptor 2 before the PanicException reaches Python: only a read that may panic is wrapped,
-    # a moment long, where no other line of the job is due.
-    try:
-        saved, nowhere = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    except OSError:  # no stderr to silence
-        yield
-        return
-    try:
-        os.dup2(nowhere, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(nowhere)
+    # a moment long.
+    return _SILENCER.held()

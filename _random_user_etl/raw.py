@@ -10,7 +10,7 @@ from pathlib import Path
 from _random_user_etl.places import lies_in, staging_root
 from _random_user_etl.shown import shorten
 from _random_user_etl.answer import answer_info
-from _random_user_etl.errors import EtlError, StorageError, write_error
+from _random_user_etl.errors import EtlError, StorageError, failing_as
 from _random_user_etl.folders import found_own_folder, own_folder, write_atomically
 from _random_user_etl.wire import Answer, too_large, unpack, wire_limit
 
@@ -25,13 +25,11 @@ def save_raw(folder: Path | None, page: int, answer: Answer) -> Path | None:
         return None
     # Named "unchecked" until the transform accepts it, so a bad answer never replaces a good one.
     path = folder / f"unchecked-page-{page:05d}.json.gz"
-    try:
+    with failing_as("cannot keep the raw answer in", folder, by_filename=True):
         own_folder(folder)  # made (or found ours) as a page is kept: a run that keeps none leaves no folder
         # The service's own gzip bytes when it sent them: the same body, and no CPU spent again.
         packed = answer.wire if answer.gzipped else gzip.compress(answer.wire, compresslevel=1, mtime=0)
         write_atomically(path, lambda file: file.write(packed))  # 0600: it holds the credentials sent
-    except OSError as exc:
-        raise StorageError(write_error(exc), path=exc.filename or folder, doing="cannot keep the raw answer in") from exc
     return path
 
 
@@ -40,10 +38,8 @@ def settle_raw(path: Path | None, accepted: bool) -> None:
     if path is not None:
         name = path.name.removeprefix("unchecked-")
         settled = path.with_name(f"accepted-{name}" if accepted else f"rejected-{name}")
-        try:
+        with failing_as("cannot keep the raw answer as", settled):
             os.replace(path, settled)
-        except OSError as exc:
-            raise StorageError(write_error(exc), path=settled, doing="cannot keep the raw answer as") from exc
 
 
 def kept_folder(raw_dir: str | None, seed: str) -> Path | None:
@@ -51,10 +47,8 @@ def kept_folder(raw_dir: str | None, seed: str) -> Path | None:
     if raw_dir is None:
         return None
     folder = Path(raw_dir) / seed
-    try:
+    with failing_as("cannot keep the raw answer in", raw_dir):
         found_own_folder(folder)  # refused before any page is fetched, if it is there and not ours
-    except OSError as exc:
-        raise StorageError(write_error(exc), path=raw_dir, doing="cannot keep the raw answer in") from exc
     return folder
 
 
@@ -100,10 +94,8 @@ def kept_pages(source: Path, limit: int) -> tuple[str, list[tuple[int, Path]]]:
             )
         return info["seed"], [(page, source)]
     numbered = {}
-    try:
+    with failing_as("cannot replay", source):
         names = os.listdir(source)
-    except OSError as exc:
-        raise StorageError(write_error(exc), path=source, doing="cannot replay") from exc
     for name in names:
         match = KEPT_PAGE.fullmatch(name)
         if match and match.group(1) is None:  # page-N only: accepted- and rejected- answers are not the batch's
@@ -120,7 +112,7 @@ def read_kept(path: Path, limit: int) -> bytes:
     """A kept answer's body, gunzipped if it was kept compressed, under the same size bound as a live one."""
     gzipped = path.name.endswith(".gz")
     most = wire_limit(limit, gzipped)
-    try:
+    with failing_as("cannot read kept answer", path, catching=(OSError, EtlError)):
         # Opened without blocking and read only if regular: a FIFO or a device would hang or never end.
         with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as handle:
             info = os.fstat(handle.fileno())
@@ -132,10 +124,6 @@ def read_kept(path: Path, limit: int) -> bytes:
         if len(wire) > most:  # grew since it was measured
             raise too_large(limit)
         return unpack(Answer(wire, gzipped), limit)
-    except OSError as exc:
-        raise StorageError(write_error(exc), path=path, doing="cannot read kept answer") from exc
-    except EtlError as exc:
-        raise StorageError(str(exc), path=path, doing="cannot read kept answer") from exc
 
 
 def check_not_staging(source: Path, output_dir: str) -> None:

@@ -1,4 +1,4 @@
-"""The external sort, on Polars' unstable plugin API (register_io_source, PartitionBy; store reads the lake through the first too)."""
+"""The external sort, on Polars' unstable plugin API (register_io_source, PartitionBy; lake reads the lake through the first too)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from polars.io.plugins import register_io_source
 from schemas import SORT_KEY
 from _random_user_etl.errors import StorageError
 from _random_user_etl.folders import found_own_folder, full_disk_said, own_folder
-from _random_user_etl.wire import check_stop
+from _random_user_etl.stop import Stop
 
 log = logging.getLogger("random_user_etl")  # one logger for the job: the CLI lets only its records carry text
 
@@ -53,8 +53,9 @@ class ExternalSort:
     # Staged parts are split into key ranges in groups as they arrive (add), while the run still
     # waits on the network; at the end (ordered) each range is sorted alone, in key order.
 
-    def __init__(self, work: Path, rows: int, run_rows: int = SORT_RUN_ROWS, group_rows: int = SCATTER_ROWS):
-        self.work, self.rows, self.runs = work, rows, math.ceil(rows / run_rows)
+    def __init__(self, work: Path, rows: int, run_rows: int = SORT_RUN_ROWS, group_rows: int = SCATTER_ROWS, stop: Stop | None = None):
+        self.work, self.rows, self.run_rows, self.runs = work, rows, run_rows, math.ceil(rows / run_rows)
+        self.stop = stop or Stop()  # the run's: its stop ends the batch's write at the next key range
         if found_own_folder(work):
             shutil.rmtree(work)  # a killed run's ranges: this run splits its parts afresh
         # Parts are split a group at a time, so each split writes one piece per range, not thousands of slivers.
@@ -128,7 +129,7 @@ class ExternalSort:
             for run, pieces in enumerate(ranges):
                 # On a thread of Polars', while the main thread waits in the sink and runs no signal handler:
                 # a stop ends the write here, and Polars raises it in the main thread (nothing is moved into place).
-                check_stop()
+                self.stop.check()
                 log.debug("writing key range %d of %d", run + 1, self.runs)  # with -v, how far the write is
                 frames = [pl.read_parquet(pieces, hive_partitioning=False, glob=False)] if pieces else []
                 if (run,) in tails:

@@ -14,7 +14,7 @@ from _random_user_etl.places import is_remote, staging_root
 from _random_user_etl.shown import shorten
 from random_user_config import Settings
 from schemas import OUTPUT_SCHEMA
-from _random_user_etl.errors import RefusedPages, StorageError, panic_text_silenced, write_error
+from _random_user_etl.errors import RefusedPages, failing_as, panic_text_silenced
 from _random_user_etl.folders import found_own_folder, is_plain_file, own_folder, own_staging_root, seed_lock, write_atomically
 
 
@@ -33,11 +33,10 @@ PART: dict[str, Any] = dict(compression="zstd", compression_level=1, statistics=
 PART_FORMAT = 2  # the job's own version of a part: a part of another format is fetched again
 
 
-def part_identity(settings: Settings, seed: str, page: int, rows: int, replayed: bool = False) -> dict:
-    """What a staged part must prove about itself before a later run trusts it: everything that shaped its answer."""
+def part_identity(settings: Settings, seed: str, page: int, rows: int, origin: str = "service") -> dict:
+    """What a staged part must prove about itself before a later run trusts it: everything that shaped its answer, and where it came from."""
     # A replayed page says nothing of the nationalities or page size it was asked with: it never
     # stands in for a page of a live run (a stopped replay leaves its staged pages behind).
-    origin = "replay" if replayed else "service"
     # The address (its path holds the API version) only as a hash: it may carry credentials.
     api = hashlib.sha256(settings.api_url.encode()).hexdigest()
     return {
@@ -187,13 +186,18 @@ def page_list(pages: list[int], most: int = 8) -> str:
 
 
 @contextlib.contextmanager
-def staging_for(settings: Settings, seed: str):
-    """Hold the seed's lock and give its staging folder, refusing an output folder we cannot write."""
+def staging_for(settings: Settings, seed: str, resumable: bool = True):
+    """Hold the seed's lock and give its staging folder, refusing an output folder we cannot write; cleared once the batch lands."""
+    # Not `resumable` (a replay): no part staged before stands in for one, so the folder starts empty,
+    # and a failure clears what was staged; a stop leaves it as a live run's, for the next run to clear.
     landed = False
-    try:
+    with failing_as("cannot write to", settings.output_dir, by_filename=True):
         with seed_lock(lambda: own_staging_root(settings.output_dir), seed) as forget:
             folder = own_folder(staging_root(settings.output_dir).absolute() / seed)
             found_own_folder(sort_folder(folder))  # cleared below: refused now if it is a link or another's
+            if not resumable:
+                shutil.rmtree(folder)
+                folder.mkdir(0o700)  # as own_folder makes it: a replay stopped here leaves no folder others may write in
             stopped = False
             try:
                 yield folder
@@ -201,17 +205,21 @@ def staging_for(settings: Settings, seed: str):
             except KeyboardInterrupt:  # a stop (Stopped) leaves the sort's scratch for the next run to clear:
                 stopped = True  # a large batch's is many thousand files, longer to delete than the CronJob's grace
                 raise
+            except BaseException:
+                if not resumable:
+                    shutil.rmtree(folder, ignore_errors=True)
+                raise
             finally:
-                if not stopped:
+                if landed:
+                    shutil.rmtree(folder, ignore_errors=True)  # the batch is in place: its parts are done with
+                elif not stopped:
                     shutil.rmtree(sort_folder(folder), ignore_errors=True)  # derived scratch; the parts stay for a rerun
                 with contextlib.suppress(OSError):
                     folder.rmdir()  # only when empty: a run that staged nothing leaves no folder behind
                 if landed and is_remote(settings.output_dir):
                     forget()  # object storage stages in the shared temp folder: a run that landed leaves nothing there
         if landed and is_remote(settings.output_dir):
-            tidy_private_staging(staging_root(settings.output_dir).absolute())
-    except OSError as exc:
-        raise StorageError(write_error(exc), path=exc.filename or settings.output_dir, doing="cannot write to") from exc
+            tidy_private_staging(folder.parent)
 
 
 def tidy_private_staging(root: Path) -> None:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import http.client
-import os
 import re
-import signal
 import socket
 import ssl
 import threading
 import zlib
+from typing import Any, cast
 import requests
 from requests.adapters import HTTPAdapter
 import urllib3
@@ -20,87 +20,15 @@ from urllib3.poolmanager import pool_classes_by_scheme
 from urllib.parse import urlsplit
 from _random_user_etl.shown import shorten, shown_url
 from random_user_config import MOST_RETRIES, Settings
-from _random_user_etl.errors import AnswerError, Stopped
+from _random_user_etl.errors import AnswerError
+from _random_user_etl.stop import Stop
 
 
 READ_STEP = 1 << 24  # 16 MB: an answer's bytes are read in steps of at most this
 
 
-# Set when the run is told to stop (SIGINT, SIGTERM): every wait ends at once and every request in
-# flight is cut, so the thread pools drain in moments and staged pages stay for the next run.
-STOP = threading.Event()
-
-
-_attempt = threading.local()  # the try each thread's requests belong to, for its connections to find
-
-
-_in_flight: set = set()  # every try under way, cut at once by a stop
-
-
-# While the CLI's handlers are set, the write end of this pipe is Python's signal wakeup fd: the C-level
-# handler writes each signal's number to it the moment it arrives. The Python handler waits for the main
-# thread's next bytecode, which inside a long Polars call (the batch's sink) is when that call returns.
-_signals_read: int | None = None
-
-
-@contextlib.contextmanager
-def signals_noted():
-    """While held (main thread only), every signal with a Python handler is noted at once for check_stop, on any thread."""
-    global _signals_read
-    if os.name == "nt":  # a wakeup fd must be a socket there; runs need POSIX anyway (the seed lock)
-        yield
-        return
-    outer, (read, write) = _signals_read, os.pipe()
-    try:
-        for fd in (read, write):
-            os.set_blocking(fd, False)
-        previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
-        _signals_read = read
-        try:
-            yield
-        finally:
-            _signals_read = outer  # first: no look may read a pipe about to be closed
-            signal.set_wakeup_fd(previous)
-    finally:
-        os.close(read)
-        os.close(write)
-
-
-def noted_signal() -> int | None:
-    """SIGINT or SIGTERM if one arrived since the last look, whether or not the main thread has run its handler yet."""
-    try:
-        numbers = os.read(_signals_read, 512) if _signals_read is not None else b""
-    except OSError:  # nothing written (BlockingIOError)
-        return None
-    return next((signum for signum in numbers if signum in (signal.SIGINT, signal.SIGTERM)), None)
-
-
-def check_stop() -> None:
-    """Raise Stopped if a stop signal came: for code Polars runs on its own thread while the main thread waits in its call."""
-    # Not STOP: a failed page sets it too, to wind the workers down, and a replay after that is no stop.
-    signum = noted_signal()
-    if signum is not None:
-        # The stop starts here: the main thread's handler, run once Polars returns, finds it under way and
-        # raises nothing of its own, so this Stopped (which Polars hands back as it is) carries the stop.
-        stop_requests()
-        raise Stopped(signum)
-
-
-def hold(seconds: float) -> None:
-    """Wait `seconds`, unless the run is told to stop first: then raise Stopped at once."""
-    if STOP.wait(max(seconds, 0)):
-        raise Stopped()
-
-
-def stop_requests() -> None:
-    """Tell the run to stop: every wait ends and every request in flight is cut."""
-    STOP.set()
-    for attempt in list(_in_flight):
-        attempt.cut()
-
-
 class Attempt:
-    """One try of a request, `seconds` from connect to last byte: its socket is shut at that deadline or at a stop."""
+    """One try of a request, `seconds` from connect to last byte: its socket is shut at that deadline or at the run's end."""
 
     def __init__(self, seconds: float):
         self.connection = None
@@ -111,17 +39,12 @@ class Attempt:
         self._timer.daemon = True
 
     def __enter__(self) -> Attempt:
-        _attempt.current = self
-        _in_flight.add(self)
         self._timer.start()
-        if STOP.is_set():  # a stop between the caller's check and here found no try to cut
-            self.cut()
         return self
 
     def __exit__(self, *exc_info) -> None:
         self._timer.cancel()
-        _in_flight.discard(self)
-        _attempt.current = self.connection = None
+        self.connection = None
 
     def attach(self, connection) -> None:
         """Tie the connection this try uses to it, and cut it at once if the try is already over."""
@@ -214,9 +137,9 @@ CHUNK_LINE_MOST = 65536  # a chunk-size line, extensions and all, as http.client
 class StrictResponse(http.client.HTTPResponse):
     """http.client's answer, read past any informational answer, its chunk sizes checked, its body bytes metered."""
 
-    def __init__(self, sock, *args, **kwargs):
+    def __init__(self, sock, *args, attempt: Attempt | None = None, **kwargs):
         super().__init__(sock, *args, **kwargs)
-        self.fp = Metered(self.fp, getattr(_attempt, "current", None))
+        self.fp = cast(Any, Metered(self.fp, attempt))  # http.client reads it as its reader
 
     def _read_status(self):
         """The final answer's status line: a few informational ones before it (102 Processing, 103 Early Hints) are read past."""
@@ -258,10 +181,31 @@ class StrictResponse(http.client.HTTPResponse):
         return int(size[1], 16)
 
 
+class Tries:
+    """The try each thread of one run has under way, for the connections that thread uses to find."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def current(self) -> Attempt | None:
+        """This thread's try under way, if any."""
+        return getattr(self._local, "attempt", None)
+
+    @contextlib.contextmanager
+    def trying(self, attempt: Attempt):
+        """While held, `attempt` is this thread's try."""
+        self._local.attempt = attempt
+        try:
+            yield attempt
+        finally:
+            self._local.attempt = None
+
+
 class _Watched:
     """Mixed into urllib3's connections: a connection in use is tied to its thread's current try; its answers are StrictResponse."""
 
-    response_class = StrictResponse
+    response_class: Any = StrictResponse
+    tries = Tries()  # each session's connection class has its own (watched_pools)
 
     def connect(self):
         """Connect, then tie the new socket to the try under way on this thread."""
@@ -274,34 +218,36 @@ class _Watched:
         return super().request(*args, **kwargs)
 
     def _watch(self) -> None:
-        """Hand this connection to the try under way on this thread, so its deadline can shut it."""
-        attempt = getattr(_attempt, "current", None)
+        """Hand this connection to the try under way on this thread, so its deadline can shut it and its answer is metered against it."""
+        attempt = self.tries.current()
+        self.response_class = functools.partial(StrictResponse, attempt=attempt)  # http.client makes each answer by it
         if attempt is not None:
             attempt.attach(self)
 
 
-def watched(pool_class: type[urllib3.HTTPConnectionPool]) -> type:
-    """A urllib3 pool class whose connections are tied to the try under way."""
-    connection = type(f"Watched{pool_class.ConnectionCls.__name__}", (_Watched, pool_class.ConnectionCls), {})
+def watched(pool_class: type[urllib3.HTTPConnectionPool], tries: Tries) -> type:
+    """A urllib3 pool class whose connections are tied to the try under way in `tries`."""
+    connection = type(f"Watched{pool_class.ConnectionCls.__name__}", (_Watched, pool_class.ConnectionCls), {"tries": tries})
     return type(f"Watched{pool_class.__name__}", (pool_class,), {"ConnectionCls": connection})
-
-
-WATCHED_POOLS = {scheme: watched(pool) for scheme, pool in pool_classes_by_scheme.items()}
 
 
 class WatchedAdapter(HTTPAdapter):
     """requests' adapter on watched connections. It retries nothing itself: fetch_page holds the one retry loop."""
 
+    def __init__(self, tries: Tries, **kwargs):
+        self.pools = {scheme: watched(pool, tries) for scheme, pool in pool_classes_by_scheme.items()}
+        super().__init__(**kwargs)
+
     def init_poolmanager(self, *args, **kwargs):
         """urllib3's pool manager, making watched connections."""
         super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = WATCHED_POOLS
+        self.poolmanager.pool_classes_by_scheme = self.pools
 
     def proxy_manager_for(self, proxy, **proxy_kwargs):
         """urllib3's proxy manager, making watched connections too (SOCKS aside)."""
         manager = super().proxy_manager_for(proxy, **proxy_kwargs)
         if not proxy.lower().startswith("socks"):  # SOCKS has pool classes of its own
-            manager.pool_classes_by_scheme = WATCHED_POOLS
+            manager.pool_classes_by_scheme = self.pools
         return manager
 
 
@@ -313,10 +259,10 @@ class UnredirectedSession(requests.Session):
         return iter(())
 
 
-def make_session(settings: Settings) -> requests.Session:
-    """One pooled, verifying session on watched connections, with no retries or redirects of its own."""
+def make_session(settings: Settings, tries: Tries | None = None) -> requests.Session:
+    """One pooled, verifying session on connections watched by `tries`, with no retries or redirects of its own."""
     session = UnredirectedSession()
-    adapter = WatchedAdapter(max_retries=0, pool_connections=1, pool_maxsize=max(settings.concurrency, 1))
+    adapter = WatchedAdapter(tries or Tries(), max_retries=0, pool_connections=1, pool_maxsize=max(settings.concurrency, 1))
     session.mount("https://", adapter)
     session.mount("http://", adapter)
     session.verify = True
@@ -447,7 +393,7 @@ def framing_allowance(most: int) -> int:
     return most // 8 + CHUNK_LINE_MOST
 
 
-def read_body(response: requests.Response, limit: int) -> Answer:
+def read_body(response: requests.Response, limit: int, attempt: Attempt | None = None) -> Answer:
     """A streamed answer's bytes as sent, refused once they cannot hold a body within the bound."""
     encoding = response.headers.get("Content-Encoding", "").strip().lower()
     if encoding not in ("", "identity", "gzip"):
@@ -464,7 +410,6 @@ def read_body(response: requests.Response, limit: int) -> Answer:
     # answer with no length would allocate whole. A body cut short ends in urllib3's IncompleteRead.
     # Read by read(), not stream(): stream() reads chunked framing by urllib3's own parser, whose size
     # lines have no length limit and whose "-1" reads to the end; read() goes through StrictResponse.
-    attempt = getattr(_attempt, "current", None)
     if attempt is not None:  # whatever the framing, what is read past the headers counts (Metered)
         attempt.bound, attempt.read = most + framing_allowance(most), 0
     wire, size = [], 0
@@ -499,3 +444,36 @@ def unpack(answer: Answer, limit: int) -> bytes:
     if not stream.eof or stream.unused_data:
         raise AnswerError("the answer's gzip stream is cut short or followed by other data")
     return body
+
+
+class Transport:
+    """The one code that knows HTTP: one run's session, each try whole within --timeout and cut by the run's end, every fault translated."""
+
+    def __init__(self, settings: Settings, stop: Stop):
+        self.settings, self.stop, self.tries = settings, stop, Tries()
+        self.session = make_session(settings, self.tries)
+
+    def __enter__(self) -> Transport:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.session.close()
+
+    def ask(self, params: dict, unread) -> tuple[requests.Response, Answer | None]:
+        """One try of a GET of the API with `params`: the answer, and its bytes unless unread(answer) says to close it unread."""
+        response = None
+        with Attempt(self.settings.timeout) as attempt, self.tries.trying(attempt), self.stop.cutting(attempt.cut):
+            try:
+                # A redirect is not followed: it could lead to plain http on another host.
+                response = self.session.get(self.settings.api_url, params=params, timeout=self.settings.timeout, stream=True, allow_redirects=False)
+                with response:
+                    if unread(response):
+                        return response, None  # closed unread: a huge or endless error body never fills memory
+                    answer = read_body(response, self.settings.max_response_bytes, attempt)
+                if attempt.expired:  # shut at the deadline: what came before is not the whole answer
+                    raise requests.exceptions.Timeout()
+                return response, answer
+            except TRANSPORT_ERRORS as exc:
+                if self.stop.ending:  # cut by the run's end, not by the network
+                    raise self.stop.reason() from exc
+                raise fault_of(exc, self.settings, reading=response is not None, timed_out=attempt.expired) from exc

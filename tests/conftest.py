@@ -13,7 +13,6 @@ import pytest
 from fake_api import FakeRandomUser
 from support import FAST, Bucket, Ran, aws_environ, run_cli
 
-from _random_user_etl import wire
 from random_user_config import Settings
 
 
@@ -108,11 +107,3 @@ def s3(s3_endpoint, tmp_path, monkeypatch) -> Bucket:
     client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
     client.create_bucket(Bucket=name)
     return Bucket(name, client)
-
-
-@pytest.fixture(autouse=True)
-def unstopped():
-    """Every test starts, and leaves the process, with the job's stop event clear (a stopped run sets it)."""
-    wire.STOP.clear()
-    yield
-    wire.STOP.clear()

@@ -30,7 +30,10 @@ from fake_api import FIXTURES
 from oracle import COLUMNS, LONE_SURROGATE, USER_COLUMNS, Refused, raw_key, reference_rows, user_rows  # noqa: F401  (the one oracle)
 
 import random_user_etl as etl
-from _random_user_etl import sort, store, wire
+from _random_user_etl import sort, store
+from _random_user_etl.run import Run, SortSizes
+from random_user_config import Settings
+from _random_user_etl.sources import ServicePages
 from _random_user_etl.places import staging_root
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,6 +120,11 @@ def record_sorts(monkeypatch) -> list:
     return made
 
 
+def land_sorted(settings: Settings, run_rows: int, group_rows: int):
+    """A run whose external sort takes these sizes: small ones make a few pages into many key ranges."""
+    return Run(settings, ServicePages(), sort_sizes=SortSizes(run_rows, group_rows)).land()
+
+
 def nationality_counts(users: list[dict]) -> dict[str, int]:
     """How many raw users of each nationality."""
     return dict(collections.Counter(u["nat"] for u in users))
@@ -158,7 +166,6 @@ def main_in_process(argv: list[str]) -> int:
         root.setLevel(level)
         urllib3_log.setLevel(urllib3_level)
         logging.captureWarnings(False)  # main routes warnings into the log: this process's go back to pytest
-        wire.STOP.clear()  # a stopped run leaves the event set: the next test starts unstopped
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
 

@@ -374,7 +374,7 @@ def test_an_output_address_other_than_a_folder_or_s3_bucket_prefix_is_refused_be
 
 def test_a_panic_inside_polars_is_one_line_of_unexpected_failure(cli, monkeypatch, nowhere, out, raw):
     # Polars raises a panic of its Rust code as a BaseException, which a plain `except Exception` lets through.
-    def panics(settings):
+    def panics(settings, stop=None):
         raise pl.exceptions.PanicException("called `Option::unwrap()` on a `None` value")
 
     monkeypatch.setattr(etl, "run", panics)

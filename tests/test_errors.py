@@ -20,7 +20,7 @@ import hypothesis.strategies as st
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
-from support import LOG_LINE, PAGED, PREFIX, assert_one_error_line, assert_rows_are, fast_env, fixture_bytes, raw_users, run_cli
+from support import LOG_LINE, PAGED, PREFIX, assert_one_error_line, assert_rows_are, fast_env, fixture_bytes, land_sorted, raw_users, run_cli
 from fake_api import body, normal, status
 
 import random_user_etl as etl
@@ -284,7 +284,7 @@ def fill_until_it_lands(disk: Path, land) -> set[str]:
 
 def test_a_full_disk_says_so_wherever_the_run_was_writing(api, settings, small_disk):
     run = settings(seed="paged", n=120, page_size=40, concurrency=1, output_dir=str(small_disk / "out"), raw_dir=str(small_disk / "raw"))
-    doing = fill_until_it_lands(small_disk, lambda: etl.fetch_and_land(run, run_rows=17, group_rows=40))
+    doing = fill_until_it_lands(small_disk, lambda: land_sorted(run, 17, 40))
     # Polars said "Invalid thrift: transport error" or "underlying IO error: ..." here, by where the write stopped.
     assert doing == {"cannot keep the raw answer in", "cannot stage in", "cannot split into key ranges in", "cannot write"}
 
@@ -349,7 +349,7 @@ def test_a_write_refused_with_room_on_the_disk_says_why_wherever_the_run_was_wri
         run = settings(seed="paged", n=120, page_size=40, concurrency=1, output_dir=str(tmp_path / f"out-{most}"), raw_dir=None)
         try:
             with file_size_limit(most):
-                etl.fetch_and_land(run, run_rows=17, group_rows=40)
+                land_sorted(run, 17, 40)
             break
         except StorageError as exc:
             # Polars said "Invalid thrift: transport error", or its own words around the errno, by where the write stopped.

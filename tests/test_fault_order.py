@@ -13,7 +13,7 @@ import pytest
 from fake_api import chunk_framing, interim, page_body, raw, reset, truncated
 
 import random_user_etl as etl
-from _random_user_etl import client, wire
+from _random_user_etl import wire
 
 PAGE = page_body("pura", 1, 100)
 
@@ -47,13 +47,13 @@ def mapped_fault(case, api, nowhere, settings, monkeypatch) -> tuple[BaseExcepti
     """Run one case with no retry; the exception the client maps, and whether it came while reading the answer."""
     where, _ = CASES[case]
     seen: list[tuple[BaseException, bool]] = []
-    real = client.fault_of
+    real = wire.fault_of
 
     def keep(exc, settings, reading, timed_out):
         seen.append((exc, reading))
         return real(exc, settings, reading=reading, timed_out=timed_out)
 
-    monkeypatch.setattr(client, "fault_of", keep)
+    monkeypatch.setattr(wire, "fault_of", keep)
     url = {"nowhere": nowhere, "https": api.url.replace("http://", "https://")}.get(where, where) if isinstance(where, str) else api.url
     if not isinstance(where, str):
         api.script(*where)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import itertools
 import json
 import os
@@ -12,6 +11,7 @@ import threading
 import polars as pl
 import pytest
 from support import (
+    land_sorted,
     PAGED,
     assert_null_counts,
     assert_rows_are,
@@ -29,7 +29,9 @@ from support import (
 from fake_api import mutate, normal, rate_limited
 
 import random_user_etl as etl
-from _random_user_etl import pipeline, sort, staging, store
+from _random_user_etl import run, sort, staging
+from _random_user_etl.stop import Stop
+from _random_user_etl.store import LocalFiles
 from random_user_config import Settings
 from schemas import SORT_KEY
 
@@ -49,10 +51,12 @@ def test_the_batch_is_sorted_as_one_sort_of_the_raw_users(tmp_path, monkeypatch,
     users = raw_users(*PAGED)
     parts = stage_recorded_pages(tmp_path / "stage")
     sorts = record_sorts(monkeypatch)
-    when = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
-    report, _ = store.write_batch(parts, str(tmp_path / "batch.parquet"), when, 120, run_rows=run_rows)
+    sorter = sort.ExternalSort(tmp_path / "stage" / "sort", 120, run_rows)
+    sorted_batch = run.sorted_batch(parts, [40, 40, 40], sorter, "paged")
+    LocalFiles(str(tmp_path)).land(sorted_batch)
+    report = sorted_batch.report
     assert sorts[0].runs == -(-120 // run_rows), "the batch was sorted in this many key ranges"
-    batch = pl.read_parquet(tmp_path / "batch.parquet")
+    batch = pl.read_parquet(tmp_path / "random_users_paged.parquet")
     assert batch.select(SORT_KEY).rows() == sorted(raw_key(u) for u in users)
     assert report["rows"] == 120 and report["unique_user_ids"] == 120
     assert_null_counts(report, users)  # counted per page as it is staged, then summed
@@ -192,14 +196,14 @@ def test_a_bad_page_at_concurrency_4_stops_the_run_and_the_rerun_fetches_only_wh
     sorts = record_sorts(monkeypatch)
     api.script(normal(), normal(), mutate(users(duplicate_first_id)))  # the third answer to arrive breaks the contract
     with pytest.raises(etl.EtlError, match=r"^page \d+: 1 contract check\(s\) failed: login\.uuid repeats in 1 records$"):
-        etl.fetch_and_land(settings(n=100, seed="paged", page_size=10, concurrency=4), run_rows=10, group_rows=10)
+        land_sorted(settings(n=100, seed="paged", page_size=10, concurrency=4), 10, 10)
     assert batch_files(out) == []
     assert [t.name for t in threading.enumerate() if t.name.startswith("page")] == [], "fetch and staging threads are all joined"
     assert sorts[0].groups >= 1 and not (out / ".staging" / "paged" / "sort").exists(), "the failed run's key ranges are cleared"
     staged = sorted(p.name for p in (out / ".staging" / "paged").glob("part-*.parquet"))
     assert len(staged) < 10, staged  # which pages got staged first depends on the threads
     first = len(api.requests)
-    again = etl.fetch_and_land(settings(n=100, seed="paged", page_size=10, concurrency=4), run_rows=10, group_rows=10)
+    again = land_sorted(settings(n=100, seed="paged", page_size=10, concurrency=4), 10, 10)
     assert again.rows == 100 and again.pages_reused == len(staged)
     asked = sorted(int(r.params["page"]) for r in api.requests[first:])
     assert asked == sorted(set(range(1, 11)) - {int(name[5:10]) for name in staged}), "staged pages are not asked for again"
@@ -214,10 +218,9 @@ def test_a_batch_is_refused_when_the_key_ranges_lose_a_piece(tmp_path):
     for part in parts:
         sorter.add(part, 40)
     next((tmp_path / "stage" / "sort").glob("group-*/__run=*/*.parquet")).unlink()
-    when = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
     with pytest.raises(etl.EtlError, match=r"the sort's key ranges hold \d+ rows, expected 120"):
-        store.write_batch(parts, str(tmp_path / "batch.parquet"), when, 120, run_rows=17, sorter=sorter)
-    assert not (tmp_path / "batch.parquet").exists()
+        LocalFiles(str(tmp_path)).land(run.sorted_batch(parts, [40, 40, 40], sorter, "paged"))
+    assert not (tmp_path / "random_users_paged.parquet").exists()
 
 
 def test_in_parallel_raises_a_failure_before_taking_more_work():
@@ -234,5 +237,5 @@ def test_in_parallel_raises_a_failure_before_taking_more_work():
         return item
 
     with pytest.raises(ValueError, match="page 0 is bad"):
-        list(pipeline.in_parallel(work, items(), 2))
+        list(run.in_parallel(work, items(), 2, Stop()))
     assert taken == [0, 1], "nothing more is fetched once a result has failed"

@@ -10,7 +10,7 @@ import stat
 
 import polars as pl
 import pytest
-from support import OTHER_UID, OWN_FOLDERS, PURA_ANSWER, assert_one_error_line, batch_files, fast_env, landed, linked, make_bait, plant_folder
+from support import land_sorted, OTHER_UID, OWN_FOLDERS, PURA_ANSWER, assert_one_error_line, batch_files, fast_env, landed, linked, make_bait, plant_folder
 
 import random_user_etl as etl
 from _random_user_etl import sort, staging
@@ -95,5 +95,5 @@ def test_the_sort_folder_is_made_private(api, out, raw, settings, monkeypatch):
 
     monkeypatch.setattr(sort.ExternalSort, "_split", spy)
     # Several key ranges: the sort writes its scratch files.
-    etl.fetch_and_land(settings(seed="paged", n=120, page_size=40, concurrency=1), run_rows=40, group_rows=40)
+    land_sorted(settings(seed="paged", n=120, page_size=40, concurrency=1), 40, 40)
     assert seen and set(seen) == {0o700}

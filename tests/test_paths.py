@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
-from support import PURA_ANSWER, assert_one_error_line, assert_rows_are, raw_key, raw_users, record_sorts, served_users
+from support import land_sorted, PURA_ANSWER, assert_one_error_line, assert_rows_are, raw_key, raw_users, record_sorts, served_users
 
 import random_user_etl as etl
 from random_user_config import Settings, SettingsError
@@ -63,7 +63,7 @@ def test_a_run_sorted_in_many_key_ranges_in_a_folder_named_like_a_pattern(api, s
     decoy_staging(tmp_path / "lake1", "paged", settings)
     sorts = record_sorts(monkeypatch)
     lake = tmp_path / name
-    batch = etl.fetch_and_land(settings(output_dir=str(lake), seed="paged", n=120, page_size=40, concurrency=2), run_rows=17, group_rows=40)
+    batch = land_sorted(settings(output_dir=str(lake), seed="paged", n=120, page_size=40, concurrency=2), 17, 40)
     assert sorts[-1].runs == 8 and sorts[-1].groups >= 1, "split into key ranges while the run went on"
     frame, users = read_batch(batch.path), served_users("paged", 120, 40)
     assert_rows_are(frame, users)

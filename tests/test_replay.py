@@ -16,7 +16,7 @@ from support import PAGED, ROOT, assert_rows_are, batch_files, fast_env, fixture
 from fake_api import mutate, status
 
 import random_user_etl as etl
-from _random_user_etl import pipeline, staging
+from _random_user_etl import staging
 
 PAGES = ["page-00001.json.gz", "page-00002.json.gz", "page-00003.json.gz"]
 
@@ -212,5 +212,6 @@ def test_a_live_run_never_trusts_a_page_a_replay_staged(api, out, raw, settings)
     run = settings(seed="paged", n=120, page_size=40)
     folder = staging.own_staging_root(str(out)) / "paged"
     folder.mkdir(0o700)
-    pipeline.stage_kept([(1, raw / "paged" / "page-00001.json.gz")], "paged", run, folder)
+    kept = gzip.decompress((raw / "paged" / "page-00001.json.gz").read_bytes())
+    staging.stage_part(folder, etl.transform(kept, etl.PageRequest("paged", 1, None)), staging.part_identity(run, "paged", 1, 40, "replay"))
     assert staging.pending_pages(folder, run, "paged", [40, 40, 40]) == [1, 2, 3]

@@ -8,7 +8,6 @@ buckets and looks at what landed. Every value read back is checked against the r
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import http.client
 import http.server
 import json
@@ -24,6 +23,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 from support import (
+    land_sorted,
     GBONLY,
     HELD,
     PAGED,
@@ -48,7 +48,9 @@ from support import (
 from fake_api import mutate, status
 
 import random_user_etl as etl
-from _random_user_etl import staging, store, wire
+from _random_user_etl import run, sort, staging, store
+from _random_user_etl.stop import Stop
+from _random_user_etl.store import ObjectStore
 from _random_user_etl.errors import StorageError, Stopped
 from _random_user_etl.places import staging_root
 from random_user_config import SettingsError
@@ -353,7 +355,7 @@ def test_a_batch_sorted_in_several_key_ranges_lands_in_s3_in_order(settings, s3,
     # Small ranges, so the external sort splits pages while the run goes on and streams its
     # ranges to the object store through Polars' cloud writer.
     sorts = record_sorts(monkeypatch)
-    batch = etl.fetch_and_land(settings(output_dir=s3.url(), seed="paged", n=100, page_size=40, concurrency=2), run_rows=17, group_rows=40)
+    batch = land_sorted(settings(output_dir=s3.url(), seed="paged", n=100, page_size=40, concurrency=2), 17, 40)
     assert sorts[0].runs == 6 and sorts[0].groups >= 1, "split into key ranges while the run went on"
     frame = etl.read_processed(s3.url()).collect()
     users = raw_users(*PAGED, limits={PAGED[2]: 20})
@@ -374,18 +376,18 @@ def staged_paged(folder: Path) -> list[Path]:
 
 
 @contextlib.contextmanager
-def scratch_lost_midway(stage: Path):
+def scratch_lost_midway(stage: Path, stop: Stop):
     """The disk loses the sort's scratch once the write has begun its second key range."""
     with on_log("writing key range 2 of", lambda: shutil.rmtree(staging.sort_folder(stage))), pytest.raises((OSError, pl.exceptions.PolarsError)):
         yield
 
 
 @contextlib.contextmanager
-def stop_signal_arrived():
+def stop_signal_arrived(stage: Path, stop: Stop):
     """A SIGTERM delivered before the write, as the CLI notes it while the main thread waits in Polars."""
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)  # the CLI's handler, minus its unwinding
     try:
-        with wire.signals_noted(), pytest.raises(Stopped):
+        with stop.noting_signals(), pytest.raises(Stopped):
             os.kill(os.getpid(), signal.SIGTERM)
             yield
     finally:
@@ -399,10 +401,16 @@ def test_a_write_that_fails_midway_leaves_the_earlier_object_as_it_was(fault, s3
     # stop, which Polars does not complete an upload after, checks the stop ends the write unlanded.
     stage = tmp_path / "stage"
     parts, key = staged_paged(stage), f"{s3.url()}/random_users_paged.parquet"
-    store.write_batch(parts, key, dt.datetime.now(dt.UTC), 120, run_rows=17)
+    sink, stop = ObjectStore(s3.url(), {}), Stop()
+
+    def land() -> None:
+        """Land the staged pages in key ranges of 17 rows."""
+        sink.land(run.sorted_batch(parts, [40, 40, 40], sort.ExternalSort(staging.sort_folder(stage), 120, 17, stop=stop), "paged"))
+
+    land()
     earlier = s3.client.get_object(Bucket=s3.name, Key=key.split("/", 3)[3])["Body"].read()
-    with fault(stage) if fault is scratch_lost_midway else fault():
-        store.write_batch(parts, key, dt.datetime.now(dt.UTC), 120, run_rows=17)
+    with fault(stage, stop):
+        land()
     assert s3.client.get_object(Bucket=s3.name, Key=key.split("/", 3)[3])["Body"].read() == earlier
 
 
@@ -428,7 +436,7 @@ def test_a_temp_folder_named_like_a_pattern_stages_and_sorts_this_runs_pages_not
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp[1]"))
     monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp[1]"))
     sorts = record_sorts(monkeypatch)
-    etl.fetch_and_land(settings(output_dir=url, seed="paged", n=100, page_size=40, concurrency=2), run_rows=17, group_rows=40)
+    land_sorted(settings(output_dir=url, seed="paged", n=100, page_size=40, concurrency=2), 17, 40)
     assert sorts[0].runs == 6, "sorted in key ranges, in the temp folder"
     frame, users = etl.read_processed(url).collect(), served_users("paged", 100, 40)
     assert_rows_are(frame, users)

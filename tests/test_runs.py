@@ -1,0 +1,70 @@
+"""Runs in one process at once: each run has its own stop, session and rate gate, so one run's failure or stop ends no other."""
+
+from __future__ import annotations
+
+import threading
+
+import polars as pl
+import pytest
+from fake_api import held, mutate, normal
+from support import assert_rows_are, duplicate_first_id, served_users, users, wait_until
+
+import random_user_etl as etl
+
+
+class InThread:
+    """One call of fn on a thread of its own: its result, or what it raised (a KeyboardInterrupt too)."""
+
+    def __init__(self, fn, *args, **kwargs):
+        self.result = self.error = None
+        self.thread = threading.Thread(target=self.call, args=(fn, args, kwargs), daemon=True)
+        self.thread.start()
+
+    def call(self, fn, args, kwargs) -> None:
+        """Keep what fn returned or raised."""
+        try:
+            self.result = fn(*args, **kwargs)
+        except BaseException as exc:  # Stopped is a KeyboardInterrupt: kept, not lost with the thread
+            self.error = exc
+
+    def join(self) -> InThread:
+        """Wait for the call to end (it is bounded by the runs' own deadlines)."""
+        self.thread.join(timeout=60)
+        assert not self.thread.is_alive(), "the run did not end"
+        return self
+
+
+def test_two_runs_at_once_each_land_their_own_rows(api, settings):
+    one = InThread(etl.run, settings(seed="one", n=120, page_size=40, concurrency=2))
+    two = InThread(etl.run, settings(seed="two", n=90, page_size=30, concurrency=2))
+    for run, (seed, n, size) in ((one.join(), ("one", 120, 40)), (two.join(), ("two", 90, 30))):
+        assert run.error is None, run.error
+        assert_rows_are(pl.read_parquet(run.result.path), served_users(seed, n, size))
+
+
+def test_a_run_that_fails_does_not_stop_another_under_way(api, settings):
+    # The other run's first page is held at the service until this one has failed: a failure that
+    # wound down every run in the process would cut that request, and the other run with it.
+    failed = threading.Event()
+    api.script(held(failed.is_set, normal()))
+    other = InThread(etl.run, settings(seed="other", n=80, page_size=40, concurrency=1))
+    wait_until(lambda: len(api.requests) == 1, what="the other run's first request")
+    api.script(mutate(users(duplicate_first_id)))
+    with pytest.raises(etl.EtlError, match=r"login\.uuid repeats"):
+        etl.run(settings(seed="bad", n=40, page_size=40, concurrency=1))
+    failed.set()
+    other.join()
+    assert other.error is None, f"the other run ended with {other.error!r}"
+    assert_rows_are(pl.read_parquet(other.result.path), served_users("other", 80, 40))
+
+
+def test_a_run_stopped_by_its_stop_ends_and_another_lands(api, settings, out):
+    stop = etl.Stop()
+    api.script(held(lambda: stop.asked, normal()))
+    stopped = InThread(etl.run, settings(seed="stopped", n=80, page_size=40, concurrency=1), stop)
+    wait_until(lambda: len(api.requests) == 1, what="the stopped run's first request")
+    stop.stop()
+    assert isinstance(stopped.join().error, etl.Stopped)
+    landed = etl.run(settings(seed="landed", n=80, page_size=40, concurrency=1))
+    assert_rows_are(pl.read_parquet(landed.path), served_users("landed", 80, 40))
+    assert not (out / "random_users_stopped.parquet").exists()
