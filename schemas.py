@@ -95,6 +95,45 @@ OUTPUT_COLUMNS: dict[str, Dtype] = {
 }
 OUTPUT_SCHEMA = pl.Schema(OUTPUT_COLUMNS)
 
+
+# Each output column's PII class: `direct` identifies a person alone, `quasi` identifies in
+# combination with other columns (birth date, place, gender), `none` says nothing of the person.
+DIRECT, QUASI, NONE = "direct", "quasi", "none"
+PII_CLASSES: dict[str, str] = {
+    "user_id": DIRECT,
+    "gender": QUASI,
+    "title": QUASI,  # says gender, and for some nationalities marital status
+    "first_name": DIRECT,
+    "last_name": DIRECT,
+    "full_name": DIRECT,
+    "email": DIRECT,
+    "username": DIRECT,
+    "phone": DIRECT,
+    "cell": DIRECT,
+    "date_of_birth": QUASI,
+    "age": QUASI,
+    "registered_at": QUASI,
+    "street_number": DIRECT,
+    "street_name": DIRECT,
+    "street_address": DIRECT,
+    "city": QUASI,
+    "state": QUASI,
+    "country": QUASI,
+    "postcode": QUASI,
+    "latitude": QUASI,
+    "longitude": QUASI,
+    "timezone_offset": QUASI,
+    "timezone_description": QUASI,
+    "national_id_type": QUASI,  # names the country's id scheme
+    "national_id": DIRECT,
+    "nationality": QUASI,
+    "picture_url": DIRECT,
+    "seed": NONE,
+    "page": NONE,
+    "api_version": NONE,
+    "ingested_at": NONE,
+}
+
 # Where each user column comes from in the raw answer, for error messages that name it.
 SOURCE_FIELDS = {
     "user_id": "login.uuid",
