@@ -1,13 +1,16 @@
-"""The benchmark: the job's transform against the alternatives, the job end to end, memory.
+"""The benchmark: the job's transform against the alternatives, replay, the job end to end, memory, pace.
 
-    python benchmarks/bench.py            # the full benchmark (about 2.5 minutes on 2 cores)
-    python benchmarks/bench.py --quick    # smaller sizes, one repeat: a smoke run of well under a minute
+    python benchmarks/bench.py            # the full benchmark (about 5 minutes on 2 quiet cores, estimated)
+    python benchmarks/bench.py --quick    # smaller sizes, one repeat: a smoke run of about a minute
 
-Offline: every byte comes from tests/fake_api.py (recorded randomuser.me users, distinct ids).
-Every transform's output and every landed batch is checked against the raw JSON (row counts,
-user ids, order, postcodes as text, ...), so a fast wrong answer cannot pass. The end-to-end and memory runs each run the job's CLI in a fresh
-subprocess against a loopback fake served from another subprocess, so neither steals the
-other's GIL, and peak RSS is the kernel's high-water mark of that one job process (VmHWM).
+Its sections are the table SECTIONS: each a runner and its options for the run's arguments, each
+run the same way (a CPU witness, its failures, findings, figures and targets gathered for the
+SUMMARY). Offline: every byte comes from tests/fake_api.py (recorded randomuser.me users,
+distinct ids), served fast from another process by benchmarks/fast_pages.py. Every transform's
+output and every landed batch is checked against the raw JSON (row counts, user ids, order,
+postcodes as text, ...), so a fast wrong answer cannot pass. The replay, end-to-end and memory
+sections each run the job's CLI in a fresh subprocess, so the fake never steals the job's GIL,
+and peak RSS is the kernel's high-water mark of that one job process (VmHWM).
 The full output is also written to benchmarks/results/latest.txt.
 """
 
