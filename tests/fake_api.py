@@ -46,7 +46,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -541,7 +541,7 @@ class _Handler(BaseHTTPRequestHandler):
         # The service reads the last of repeated parameters.
         params = {k: v[-1] for k, v in query.items()}
         try:
-            getattr(self, "_answer_" + answer.kind)(answer, url.path, params)
+            _serve(self, answer, url.path, params)
         except OSError:
             self.close_connection = True  # the client went away; nothing to tell anyone
         except GeneratorCrash:
@@ -550,111 +550,6 @@ class _Handler(BaseHTTPRequestHandler):
             fake._error(error)
             self._send(500, traceback.format_exc().encode(), "text/plain; charset=utf-8")
             self.close_connection = True
-
-    # One method per Answer.kind.
-
-    def _answer_normal(self, answer: Answer, path: str, params: dict[str, str]) -> None:
-        """Serve the page the real service would."""
-        if not self._known_path(path):
-            return
-        self._send(200, self.server.fake._page(params))
-
-    def _answer_hang(self, answer: Answer, path: str, params: dict[str, str]) -> None:
-        """Stall, then serve normally unless the server is stopping."""
-        if self._pause(answer.seconds):
-            self._answer_normal(answer, path, params)
-
-    def _answer_held(self, answer: Answer, path: str, params: dict[str, str]) -> None:
-        """Wait for the test's condition (bounded), then answer as scripted unless the server is stopping."""
-        deadline = time.monotonic() + answer.seconds
-        while not answer.fn() and time.monotonic() < deadline:
-            if not self._pause(0.002):
-                return
-        getattr(self, "_answer_" + answer.then.kind)(answer.then, path, params)
-
-    def _answer_status(self, answer: Answer, path: str, params: dict[str, str]) -> None:
-        """Send the scripted status and body."""
-        self._send(answer.status, answer.body, answer.content_type, answer.headers)
-
-    _answer_body = _answer_status
-    _answer_limited = _answer_status
-
-    def _answer_mutate(self, answer: Answer, path: str, params: dict[str, str]) -> None:
-        """Serve the test's doctored version of the normal response."""
-        doc = json.loads(self.server.fake._page(params))
-        changed = answer.fn(doc)
-        self._send(200, _dumps(doc if changed is None else changed).encode("utf-8"))
-
-    def _answer_reset(self, answer: Answer, path: str, params: dict[str, str]) -> None:
-        """Abort the connection: linger 0 makes close() send RST instead of FIN."""
-        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.close_connection = True
-        # rfile holds a reference to the socket; the fd (and the RST) goes only when both close.
-        self.rfile.close()
-        self.connection.close()
-
-    def _answer_truncated(self, answer: Answer, path: str, params: dict[str, str]) -> None:
-        """Promise the whole body, send half of it, then close."""
-        wire, gzipped = self._encode(self.server.fake._page(params))
-        self._send_headers(200, JSON_TYPE, {"Content-Length": str(len(wire))}, gzipped)
-        self.wfile.write(wire[: len(wire) // 2])
-        self.close_connection = True
-
-    def _answer_reframed(self, answer: Answer, path: str, params: dict[str, str]) -> None:
-        """Send the normal body chunked, or with no length at all (its end is the connection closing)."""
-        payload = self.server.fake._page(params)
-        wire, gzipped = self._encode(payload)
-        self.server.fake._record_sent(payload)
-        self._send_headers(200, JSON_TYPE, answer.headers, gzipped)
-        self.close_connection = True
-        pieces = (wire[start : start + 64 * 1024] for start in range(0, len(wire), 64 * 1024))
-        self._write_body(pieces, chunked="Transfer-Encoding" in answer.headers)
-
-    def _answer_huge(self, answer: Answer, path: str, params: dict[str, str]) -> None:
-        """Stream a JSON-looking body of total_bytes, chunk by chunk, until done or hung up on."""
-        self._send_headers(answer.status, JSON_TYPE, answer.headers, gzipped=False)
-        self.close_connection = True
-        self._write_body(_huge_stream(answer.total_bytes), chunked="Transfer-Encoding" in answer.headers, sent=self._count_huge)
-
-    def _answer_framing(self, answer: Answer, path: str, params: dict[str, str]) -> None:
-        """Send chunked headers, then the scripted framing, counting what is written as huge() does."""
-        self._send_headers(200, JSON_TYPE, {"Transfer-Encoding": "chunked"}, gzipped=False)
-        self.close_connection = True
-        filler, sent = answer.fn(), 0
-        for piece in itertools.chain([answer.body], itertools.repeat(filler)):
-            if sent >= answer.total_bytes or self.server.stopping.is_set():
-                return
-            self.wfile.write(piece)
-            sent += len(piece)
-            self._count_huge(len(piece))
-
-    def _answer_interim(self, answer: Answer, path: str, params: dict[str, str]) -> None:
-        """Send each informational answer in turn, then the normal one."""
-        reasons = {100: "Continue", 102: "Processing", 103: "Early Hints"}
-        for code, times in ((int(code), int(times or 1)) for code, times in answer.headers.items()):
-            hint = f"Link: </api/1.4/?hint={code}>; rel=preload\r\n" if code == 103 else ""
-            self.wfile.write(f"HTTP/1.1 {code} {reasons.get(code, 'Informational')}\r\n{hint}\r\n".encode() * times)
-        self._answer_normal(answer, path, params)
-
-    def _answer_trickle(self, answer: Answer, path: str, params: dict[str, str]) -> None:
-        """Send the headers at once, then the body a few bytes at a time."""
-        wire, gzipped = self._encode(self.server.fake._page(params))
-        self._send_headers(200, JSON_TYPE, {"Content-Length": str(len(wire))}, gzipped)
-        self.close_connection = True
-        self._dribble(wire, answer.seconds)
-
-    def _answer_trickle_headers(self, answer: Answer, path: str, params: dict[str, str]) -> None:
-        """Send the status line and headers a few bytes at a time, then the body the same way."""
-        wire, gzipped = self._encode(self.server.fake._page(params))
-        head = f"HTTP/1.1 200 OK\r\nContent-Type: {JSON_TYPE}\r\nContent-Length: {len(wire)}\r\n"
-        head += "Content-Encoding: gzip\r\n\r\n" if gzipped else "\r\n"
-        self.close_connection = True
-        self._dribble(head.encode() + wire, answer.seconds)
-
-    def _answer_raw(self, answer: Answer, path: str, params: dict[str, str]) -> None:
-        """Write the scripted bytes as they are, then close."""
-        self.wfile.write(answer.body)
-        self.close_connection = True
 
     def _dribble(self, data: bytes, interval: float, step: int = 4) -> None:
         """Write `step` bytes every `interval` seconds, until done, hung up on, or the server stops."""
@@ -730,6 +625,151 @@ class _Handler(BaseHTTPRequestHandler):
             raise
 
 
+# --------------------------------------------------------------------------- answers on the wire
+# One function per Answer.kind, each given the connection's handler: _ANSWERERS maps a kind to it.
+
+Answerer = Callable[[_Handler, Answer, str, dict[str, str]], None]
+
+
+def _serve(handler: _Handler, answer: Answer, path: str, params: dict[str, str]) -> None:
+    """Give the answer its kind names (a kind with no answerer is a KeyError, reported as the fake's error)."""
+    _ANSWERERS[answer.kind](handler, answer, path, params)
+
+
+def _serve_normal(handler: _Handler, answer: Answer, path: str, params: dict[str, str]) -> None:
+    """Serve the page the real service would."""
+    if not handler._known_path(path):
+        return
+    handler._send(200, handler.server.fake._page(params))
+
+
+def _serve_hang(handler: _Handler, answer: Answer, path: str, params: dict[str, str]) -> None:
+    """Stall, then serve normally unless the server is stopping."""
+    if handler._pause(answer.seconds):
+        _serve_normal(handler, answer, path, params)
+
+
+def _serve_held(handler: _Handler, answer: Answer, path: str, params: dict[str, str]) -> None:
+    """Wait for the test's condition (bounded), then answer as scripted unless the server is stopping."""
+    deadline = time.monotonic() + answer.seconds
+    while not answer.fn() and time.monotonic() < deadline:
+        if not handler._pause(0.002):
+            return
+    _serve(handler, answer.then, path, params)
+
+
+def _serve_status(handler: _Handler, answer: Answer, path: str, params: dict[str, str]) -> None:
+    """Send the scripted status and body."""
+    handler._send(answer.status, answer.body, answer.content_type, answer.headers)
+
+
+def _serve_mutate(handler: _Handler, answer: Answer, path: str, params: dict[str, str]) -> None:
+    """Serve the test's doctored version of the normal response."""
+    doc = json.loads(handler.server.fake._page(params))
+    changed = answer.fn(doc)
+    handler._send(200, _dumps(doc if changed is None else changed).encode("utf-8"))
+
+
+def _serve_reset(handler: _Handler, answer: Answer, path: str, params: dict[str, str]) -> None:
+    """Abort the connection: linger 0 makes close() send RST instead of FIN."""
+    handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    handler.close_connection = True
+    # rfile holds a reference to the socket; the fd (and the RST) goes only when both close.
+    handler.rfile.close()
+    handler.connection.close()
+
+
+def _serve_truncated(handler: _Handler, answer: Answer, path: str, params: dict[str, str]) -> None:
+    """Promise the whole body, send half of it, then close."""
+    wire, gzipped = handler._encode(handler.server.fake._page(params))
+    handler._send_headers(200, JSON_TYPE, {"Content-Length": str(len(wire))}, gzipped)
+    handler.wfile.write(wire[: len(wire) // 2])
+    handler.close_connection = True
+
+
+def _serve_reframed(handler: _Handler, answer: Answer, path: str, params: dict[str, str]) -> None:
+    """Send the normal body chunked, or with no length at all (its end is the connection closing)."""
+    payload = handler.server.fake._page(params)
+    wire, gzipped = handler._encode(payload)
+    handler.server.fake._record_sent(payload)
+    handler._send_headers(200, JSON_TYPE, answer.headers, gzipped)
+    handler.close_connection = True
+    pieces = (wire[start : start + 64 * 1024] for start in range(0, len(wire), 64 * 1024))
+    handler._write_body(pieces, chunked="Transfer-Encoding" in answer.headers)
+
+
+def _serve_huge(handler: _Handler, answer: Answer, path: str, params: dict[str, str]) -> None:
+    """Stream a JSON-looking body of total_bytes, chunk by chunk, until done or hung up on."""
+    handler._send_headers(answer.status, JSON_TYPE, answer.headers, gzipped=False)
+    handler.close_connection = True
+    handler._write_body(_huge_stream(answer.total_bytes), chunked="Transfer-Encoding" in answer.headers, sent=handler._count_huge)
+
+
+def _serve_framing(handler: _Handler, answer: Answer, path: str, params: dict[str, str]) -> None:
+    """Send chunked headers, then the scripted framing, counting what is written as huge() does."""
+    handler._send_headers(200, JSON_TYPE, {"Transfer-Encoding": "chunked"}, gzipped=False)
+    handler.close_connection = True
+    filler, sent = answer.fn(), 0
+    for piece in itertools.chain([answer.body], itertools.repeat(filler)):
+        if sent >= answer.total_bytes or handler.server.stopping.is_set():
+            return
+        handler.wfile.write(piece)
+        sent += len(piece)
+        handler._count_huge(len(piece))
+
+
+def _serve_interim(handler: _Handler, answer: Answer, path: str, params: dict[str, str]) -> None:
+    """Send each informational answer in turn, then the normal one."""
+    reasons = {100: "Continue", 102: "Processing", 103: "Early Hints"}
+    for code, times in ((int(code), int(times or 1)) for code, times in answer.headers.items()):
+        hint = f"Link: </api/1.4/?hint={code}>; rel=preload\r\n" if code == 103 else ""
+        handler.wfile.write(f"HTTP/1.1 {code} {reasons.get(code, 'Informational')}\r\n{hint}\r\n".encode() * times)
+    _serve_normal(handler, answer, path, params)
+
+
+def _serve_trickle(handler: _Handler, answer: Answer, path: str, params: dict[str, str]) -> None:
+    """Send the headers at once, then the body a few bytes at a time."""
+    wire, gzipped = handler._encode(handler.server.fake._page(params))
+    handler._send_headers(200, JSON_TYPE, {"Content-Length": str(len(wire))}, gzipped)
+    handler.close_connection = True
+    handler._dribble(wire, answer.seconds)
+
+
+def _serve_trickle_headers(handler: _Handler, answer: Answer, path: str, params: dict[str, str]) -> None:
+    """Send the status line and headers a few bytes at a time, then the body the same way."""
+    wire, gzipped = handler._encode(handler.server.fake._page(params))
+    head = f"HTTP/1.1 200 OK\r\nContent-Type: {JSON_TYPE}\r\nContent-Length: {len(wire)}\r\n"
+    head += "Content-Encoding: gzip\r\n\r\n" if gzipped else "\r\n"
+    handler.close_connection = True
+    handler._dribble(head.encode() + wire, answer.seconds)
+
+
+def _serve_raw(handler: _Handler, answer: Answer, path: str, params: dict[str, str]) -> None:
+    """Write the scripted bytes as they are, then close."""
+    handler.wfile.write(answer.body)
+    handler.close_connection = True
+
+
+_ANSWERERS: dict[str, Answerer] = {
+    "normal": _serve_normal,
+    "limited": _serve_status,  # the fake's own rate limit refused it
+    "status": _serve_status,
+    "body": _serve_status,
+    "hang": _serve_hang,
+    "held": _serve_held,
+    "mutate": _serve_mutate,
+    "reset": _serve_reset,
+    "truncated": _serve_truncated,
+    "reframed": _serve_reframed,
+    "huge": _serve_huge,
+    "framing": _serve_framing,
+    "interim": _serve_interim,
+    "trickle": _serve_trickle,
+    "trickle_headers": _serve_trickle_headers,
+    "raw": _serve_raw,
+}
+
+
 def _huge_stream(total_bytes: int, chunk_size: int = 64 * 1024) -> Iterable[bytes]:
     """Yield total_bytes: the start of a results array, then users, with no end in sight."""
     user = _synthetic_json("huge", 1, 0, 1, USER_FIELDS)[0] + b","
@@ -748,32 +788,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((HOST, 0))
         return sock.getsockname()[1]
-
-
-class _BytesCache:
-    """A thread-safe LRU of bytes values, bounded by their total size."""
-
-    def __init__(self, max_bytes: int):
-        """Keep at most max_bytes of values."""
-        self._max_bytes = max_bytes
-        self._size = 0
-        self._items: OrderedDict[Any, bytes] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: Any, make: Callable[[], bytes]) -> bytes:
-        """The cached value for key, made (outside the lock) and kept on a miss."""
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-        value = make()
-        with self._lock:
-            if key not in self._items:
-                self._items[key] = value
-                self._size += len(value)
-            while self._size > self._max_bytes and len(self._items) > 1:
-                self._size -= len(self._items.popitem(last=False)[1])
-        return value
 
 
 class FakeRandomUser:
@@ -799,11 +813,6 @@ class FakeRandomUser:
         self._thread: threading.Thread | None = None
         self._starter: threading.Thread | None = None
         self._cancel_start = threading.Event()
-        # Benchmark rounds re-pull the same pages: building and gzipping 5 MB pages again
-        # would spend the GIL the job under test needs. Cached bodies are also the very
-        # objects kept in .sent, so the cache costs little extra memory.
-        self._pages = _BytesCache(256 * 2**20)
-        self._gzipped = _BytesCache(128 * 2**20)
 
     # Lifecycle.
 
@@ -926,13 +935,16 @@ class FakeRandomUser:
         """The normal body for these query parameters."""
         if self.picks and not params.get("seed"):
             params = {**params, "seed": self.picks}
-        request = parse_params(params)
-        return self._pages.get(request, request.body)
+        return self._body(parse_params(params))
+
+    def _body(self, request: PageRequest) -> bytes:
+        """The body of one sanitized request, built anew each time (benchmarks/fast_pages.py builds each once)."""
+        return request.body()
 
     def _gzip(self, payload: bytes) -> bytes:
-        """Gzip a body; keyed by the bytes themselves, so doctored bodies are cached too."""
+        """Gzip a body as the service sends it."""
         # Level 1 because pages are 5 MB; mtime 0 keeps the bytes reproducible.
-        return self._gzipped.get(payload, lambda: gzip.compress(payload, compresslevel=1, mtime=0))
+        return gzip.compress(payload, compresslevel=1, mtime=0)
 
     def window_start(self, when: float) -> float:
         """The time.monotonic() at which the rate-limit window holding `when` began."""
