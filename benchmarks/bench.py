@@ -43,7 +43,16 @@ SEED = "bench"
 PAGE = 5000
 LATENCY = 0.2
 # The job's steps whose time the end-to-end section reports (wrapped in the job's process).
-STEPS = ("fetch_page", "unpack", "transform", "stage_part", "split_part", "land")
+# Each is (what the table calls it, the object the job calls it on, its name there).
+STEP_PLACES = (
+    ("fetch_page", "client.Service", "fetch_page"),
+    ("unpack", "run", "unpack"),
+    ("transform", "run", "transform"),
+    ("stage_part", "run", "stage_part"),
+    ("split_part", "sort.ExternalSort", "add"),
+    ("land", "run.Run", "finish"),
+)
+STEPS = tuple(step for step, _, _ in STEP_PLACES)
 CORES = os.cpu_count() or 1
 
 # Heavy imports (polars, pandas, the job) happen inside functions, so the job's child process
@@ -348,7 +357,7 @@ def bench_transform(report: Report, pages: int, repeats: int) -> dict:
         f"  polars {pl.__version__} ({pl.thread_pool_size()} threads), pandas {pd.__version__}, python {sys.version.split()[0]}, "
         f"{CORES} cores; {repeats} timed pass(es) each after a warm-up, interleaved, gc paused while timing; median reported"
     )
-    from _random_user_etl.pipeline import STAGERS
+    from _random_user_etl.run import STAGERS
 
     def as_a_run_types(bodies):
         """The job's transform on STAGERS threads, as a run's staging types pages, in order."""
@@ -502,13 +511,14 @@ def child(args: list[str]) -> None:
 
         return wrapper
 
-    # Where the time goes: the job calls these by their module names, so wrapping them where they are called times them.
-    from _random_user_etl import pipeline
+    # Where the time goes: each step wrapped where the job looks it up (a module's name, or a class's method).
+    import importlib
 
-    for name in STEPS:
-        for module in (etl, pipeline):
-            if callable(getattr(module, name, None)):
-                setattr(module, name, timed(name, getattr(module, name)))
+    for step, place, name in STEP_PLACES:
+        module_name, _, class_name = place.partition(".")
+        owner = importlib.import_module(f"_random_user_etl.{module_name}")
+        owner = getattr(owner, class_name) if class_name else owner
+        setattr(owner, name, timed(step, getattr(owner, name)))
     cpu_before = sum(os.times()[:2])
     rc = etl.main(args)
     done = time.perf_counter()
@@ -530,10 +540,10 @@ def bare_client(args: list[str]) -> None:
 
     url, n, concurrency = args[0], int(args[1]), int(args[2])
     settings = Settings(n=n, seed=SEED, api_url=url, raw_dir=None, concurrency=concurrency, retries=0)
-    session = wire.make_session(settings)  # the job's own network code: what differs from the job is all after it
+    service = client.Service(settings)  # the job's own network code: what differs from the job is all after it
 
     def download(page: int) -> wire.Answer:
-        return client.fetch_page(session, settings, etl.PageRequest(SEED, page, PAGE))
+        return service.fetch_page(etl.PageRequest(SEED, page, PAGE))
 
     def parse(answer: wire.Answer) -> pl.DataFrame:
         # The fastest parser here (Polars', against the raw schema; json.loads would hold the GIL), nothing typed.
