@@ -8,6 +8,7 @@ import sys
 import threading
 from typing import TYPE_CHECKING
 import polars as pl
+import pyarrow.parquet as pq
 from _random_user_etl.errors import write_error
 
 if TYPE_CHECKING:
@@ -18,7 +19,9 @@ def send(job: dict) -> dict:
     """Upload the finished batch file `job["path"]` to `job["destination"]`: the object's size in bytes, or why not."""
     sinked: list[SinkedPathsCallbackArgs] = []
     try:
-        pl.scan_parquet(job["path"], glob=False).sink_parquet(job["destination"], sinked_paths_callback=sinked.append, **job["sink"])
+        # Polars reads no field metadata: the file's own Arrow schema carries it (the PII classes) into the object.
+        fields = pq.read_schema(job["path"])
+        pl.scan_parquet(job["path"], glob=False).sink_parquet(job["destination"], arrow_schema=fields, sinked_paths_callback=sinked.append, **job["sink"])
     except BaseException as exc:  # a panic inside Polars too: the run that started this says it in its one line
         return {"timeout": isinstance(exc, TimeoutError), "said": write_error(exc)}
     return {"bytes": sum(path.num_bytes for args in sinked for path in args.paths)}
