@@ -6,9 +6,8 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 import polars as pl
-import pyarrow as pa
 import random_user_config as config
 from _random_user_etl.places import is_remote
 from _random_user_etl.shown import shorten
@@ -18,6 +17,9 @@ from _random_user_etl.errors import StorageError
 from _random_user_etl.folders import fresh_temp, write_atomically, write_to
 from _random_user_etl.lake import BATCH_GLOB
 from _random_user_etl.objects import WRITE_CHECK, check_writable, object_exists, store_options, upload
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 __all__ = ["BATCH_GLOB", "WRITE_CHECK", "LocalFiles", "ObjectStore", "SortedBatch", "Sink", "batch_path", "sink_for"]
 
@@ -60,6 +62,8 @@ def contract_arrow_schema() -> pa.Schema:
     """The contract as the Arrow schema a batch file embeds: each field's metadata holds its PII class."""
     # Polars keeps no field metadata of its own: it writes a field's metadata only from an Arrow schema
     # given with the rows, of their very names and types (Schema.to_arrow gives those types).
+    import pyarrow as pa  # here, not at the top: it takes half a second, and only a landing batch needs it
+
     metadata = pii_field_metadata()
     return pa.schema([field.with_metadata(metadata[field.name]) for field in OUTPUT_SCHEMA.to_arrow()])
 

@@ -8,7 +8,6 @@ import sys
 import threading
 from typing import TYPE_CHECKING
 import polars as pl
-import pyarrow.parquet as pq
 from _random_user_etl.errors import write_error
 
 if TYPE_CHECKING:
@@ -17,6 +16,8 @@ if TYPE_CHECKING:
 
 def send(job: dict) -> dict:
     """Upload the finished batch file `job["path"]` to `job["destination"]`: the object's size in bytes, or why not."""
+    import pyarrow.parquet as pq  # here, not at the top: the job imports this module for its name, and pyarrow takes half a second
+
     sinked: list[SinkedPathsCallbackArgs] = []
     try:
         # Polars reads no field metadata: the file's own Arrow schema carries it (the PII classes) into the object.
