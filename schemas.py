@@ -134,6 +134,16 @@ PII_CLASSES: dict[str, str] = {
     "ingested_at": NONE,
 }
 
+# Where a landed file's key-value metadata holds the classes (JSON, column to class), for readers of
+# the footer (DuckDB's parquet_kv_metadata, Polars' read_parquet_metadata); beside the quality report.
+PII_METADATA_KEY = "random_user_etl.pii"
+
+
+def pii_field_metadata() -> dict[str, dict[str, str]]:
+    """The Arrow field metadata of the contract: each output column's {"pii": class}, in the contract's order."""
+    return {name: {"pii": PII_CLASSES[name]} for name in OUTPUT_SCHEMA}
+
+
 # Where each user column comes from in the raw answer, for error messages that name it.
 SOURCE_FIELDS = {
     "user_id": "login.uuid",
