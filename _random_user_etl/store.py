@@ -6,20 +6,18 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 import polars as pl
 import random_user_config as config
 from _random_user_etl.places import is_remote
 from _random_user_etl.shown import shorten
 from random_user_config import Settings
 from schemas import OUTPUT_SCHEMA, PII_CLASSES, PII_METADATA_KEY, QUALITY_METADATA_KEY, pii_field_metadata
+from _random_user_etl.arrow import with_field_metadata
 from _random_user_etl.errors import StorageError
 from _random_user_etl.folders import fresh_temp, write_atomically, write_to
 from _random_user_etl.lake import BATCH_GLOB
 from _random_user_etl.objects import WRITE_CHECK, check_writable, object_exists, store_options, upload
-
-if TYPE_CHECKING:
-    import pyarrow as pa
 
 __all__ = ["BATCH_GLOB", "WRITE_CHECK", "LocalFiles", "ObjectStore", "SortedBatch", "Sink", "batch_path", "sink_for"]
 
@@ -55,17 +53,7 @@ class SortedBatch:
         """Write the batch as parquet into an open file, through the streaming engine."""
         # A stop signal during the sink ends it at the next key range (ExternalSort.ordered), or else is
         # raised by its handler as the sink returns: the caller's temp file is removed, never moved into place.
-        self.rows.sink_parquet(file, arrow_schema=contract_arrow_schema(), **self.parquet_options())
-
-
-def contract_arrow_schema() -> pa.Schema:
-    """The contract as the Arrow schema a batch file embeds: each field's metadata holds its PII class."""
-    # Polars keeps no field metadata of its own: it writes a field's metadata only from an Arrow schema
-    # given with the rows, of their very names and types (Schema.to_arrow gives those types).
-    import pyarrow as pa  # here, not at the top: it takes half a second, and only a landing batch needs it
-
-    metadata = pii_field_metadata()
-    return pa.schema([field.with_metadata(metadata[field.name]) for field in OUTPUT_SCHEMA.to_arrow()])
+        self.rows.sink_parquet(file, arrow_schema=with_field_metadata(OUTPUT_SCHEMA, pii_field_metadata()), **self.parquet_options())
 
 
 class Sink(Protocol):
@@ -137,7 +125,7 @@ class ObjectStore:
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
-        return upload(temp, self.where(batch.seed), batch.parquet_options(), self.storage_options)
+        return upload(temp, self.where(batch.seed), {**batch.parquet_options(), "field_metadata": pii_field_metadata()}, self.storage_options)
 
 
 def sink_for(settings: Settings) -> Sink:
