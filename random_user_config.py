@@ -56,6 +56,13 @@ MOST_RESPONSE_MB = 1000
 LEAST_RESPONSE_MB = 0.01  # 10 kB: a page of a few users; less would refuse every answer
 MOST_CONCURRENCY = 64
 
+# How batches land: one parquet file per seed, or one Delta table of every seed.
+FILES, DELTA = "files", "delta"
+TABLE_FORMATS = (FILES, DELTA)
+# A compaction keeps a week of the table's versions readable (time travel, and readers mid-query).
+DEFAULT_RETAIN_HOURS = 168
+MOST_RETAIN_HOURS = 24 * 366 * 10
+
 # A path or URL is taken as typed: whitespace at either end (" /data" makes ./ /data) or a control
 # character anywhere (a newline from a heredoc) would name a folder nobody meant.
 CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -163,6 +170,14 @@ def parse_optional_path(text: str) -> str | None:
     return text
 
 
+def parse_table_format(text: str) -> str:
+    """files or delta, in any case."""
+    word = text.strip().lower()
+    if word not in TABLE_FORMATS:
+        raise ValueError(f"must be {' or '.join(TABLE_FORMATS)}")
+    return word
+
+
 def parse_bool(text: str) -> bool:
     """yes/no, true/false, on/off, 1/0."""
     word = text.strip().lower()
@@ -211,6 +226,17 @@ def at_least(low: int) -> Check:
         """Refuse a value below the least, naming the setting."""
         if value < low:
             raise SettingsError(f"{label} must be at least {low}")
+
+    return check
+
+
+def one_of(words: tuple[str, ...]) -> Check:
+    """A check refusing any value but one of `words`."""
+
+    def check(label: str, value: str) -> None:
+        """Refuse a value not among the words, naming the setting."""
+        if value not in words:
+            raise SettingsError(f"{label} must be {' or '.join(words)}, got '{shorten(str(value))}'")
 
     return check
 
@@ -537,6 +563,19 @@ class Settings:
         64.0,
     )
     allow_http: bool = declare(Setting("allow plain http:// to a host other than loopback", parse_bool, SWITCH), False)
+    table_format: str = declare(
+        Setting(
+            f"how batches land: {FILES} (one parquet file per seed) or {DELTA} (one Delta table, <output-dir>/random_users/)",
+            parse_table_format,
+            takes("FORMAT"),
+            checks=(one_of(TABLE_FORMATS),),
+        ),
+        FILES,
+    )
+    retain_hours: int = declare(
+        ranged("with --compact: hours of the Delta table's history kept; files no version within them needs are removed", parse_int, "H", 0, MOST_RETAIN_HOURS),
+        DEFAULT_RETAIN_HOURS,
+    )
 
     def __post_init__(self):
         """Spell and check each setting on its own, in field order; then the checks across settings (ACROSS)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime as dt
 import difflib
 import functools
 import logging
@@ -37,6 +38,7 @@ from schemas import OUTPUT_SCHEMA
 from _random_user_etl.answer import PageRequest
 from _random_user_etl.contract import transform  # one answer body in, the contract frame out
 from _random_user_etl.errors import EtlError, Stopped, write_error
+from _random_user_etl.delta import scan_table
 from _random_user_etl.lake import BATCH_GLOB, lake_batches, lake_folder, scan_batches
 from _random_user_etl.run import Batch, Run
 from _random_user_etl.sources import KeptPages, ServicePages
@@ -67,13 +69,21 @@ def replay(source: str | Path, settings: Settings | None = None, stop: Stop | No
 # ---------------------------------------------------------------- read
 
 
-def read_processed(output_dir: str | None = None, storage_options: dict | None = None, unique_users: bool = False) -> pl.LazyFrame:
-    """Every batch ever landed, as one lazy frame with the output schema (empty if the folder holds none); with unique_users, each user once."""
+def read_processed(
+    output_dir: str | None = None, storage_options: dict | None = None, unique_users: bool = False, version: int | str | dt.datetime | None = None
+) -> pl.LazyFrame:
+    """Every batch ever landed (its Delta table's, if it has one: at `version`, a number or a time), as one lazy frame with the output schema; with unique_users, each user once."""
     if output_dir == "":
         raise SettingsError("read_processed's output_dir is empty; leave it out for the default lake")
     output_dir = config.lake_address(output_dir) if output_dir else config.setting_value("output_dir")
     if is_remote(output_dir):
         config.check_s3_address(output_dir)  # the addresses a run lands in, and no other: a gs:// would ask a metadata service
+    table = scan_table(output_dir, storage_options, version)
+    if table is not None:
+        lake = table
+    elif version is not None:
+        raise SettingsError(f"read_processed's version reads a Delta table, and {shorten(output_dir)} holds none")
+    elif is_remote(output_dir):
         # Given the schema, Polars reads a glob that matches no object as an empty frame, so an
         # empty prefix is an empty lake without listing the bucket here: nothing is read until collect.
         source = f"{output_dir.rstrip('/')}/{BATCH_GLOB}"

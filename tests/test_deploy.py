@@ -159,8 +159,8 @@ def test_the_image_is_slim_python_non_root_runtime_only_with_the_job_as_entrypoi
     assert json.loads(arguments("ENTRYPOINT")[-1]) == ["python", "random_user_etl.py"]
     assert not arguments("CMD")  # settings come from the environment, not baked-in arguments
     installs = [rest for rest in arguments("RUN") if "pip install" in rest]
-    assert installs == ["pip install --no-cache-dir -r requirements.txt"]
-    assert "requirements.txt" in copied_files() and "requirements-dev.txt" not in copied_files()
+    assert installs == ["pip install --no-cache-dir -r requirements.txt -r requirements-delta.txt"]
+    assert {"requirements.txt", "requirements-delta.txt"} <= set(copied_files()) and "requirements-dev.txt" not in copied_files()
     # Every module of ours that the job imports is in the image, and nothing else of ours is.
     modules = {name for name in image_files() if name.endswith(".py")}
     assert modules == runtime_modules()
