@@ -567,7 +567,7 @@ class Settings:
         Setting(
             f"how batches land: {FILES} (one parquet file per seed) or {DELTA} (one Delta table, <output-dir>/random_users/)",
             parse_table_format,
-            takes("FORMAT"),
+            takes("KIND"),
             checks=(one_of(TABLE_FORMATS),),
         ),
         FILES,

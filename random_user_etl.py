@@ -38,7 +38,9 @@ from schemas import OUTPUT_SCHEMA
 from _random_user_etl.answer import PageRequest
 from _random_user_etl.contract import transform  # one answer body in, the contract frame out
 from _random_user_etl.errors import EtlError, Stopped, write_error
-from _random_user_etl.delta import scan_table
+from _random_user_etl.delta import Compacted, scan_table, table_address
+from _random_user_etl.delta import compact as compact_table
+from _random_user_etl.objects import store_options
 from _random_user_etl.lake import BATCH_GLOB, lake_batches, lake_folder, scan_batches
 from _random_user_etl.run import Batch, Run
 from _random_user_etl.sources import KeptPages, ServicePages
@@ -46,7 +48,7 @@ from _random_user_etl.stop import Stop
 from _random_user_etl.wire import Fault
 from _random_user_etl import __version__
 
-__all__ = ["Batch", "EtlError", "PageRequest", "Stop", "Stopped", "main", "read_processed", "replay", "run", "transform"]
+__all__ = ["Batch", "EtlError", "PageRequest", "Stop", "Stopped", "compact", "main", "read_processed", "replay", "run", "transform"]
 
 log = logging.getLogger("random_user_etl")
 
@@ -64,6 +66,21 @@ def replay(source: str | Path, settings: Settings | None = None, stop: Stop | No
     """Rebuild a seed's batch from its kept raw answers alone, with no network at all."""
     settings = dataclasses.replace(settings or Settings(), **overrides)
     return Run(settings, KeptPages(source), stop).land()
+
+
+def compact(settings: Settings | None = None, **overrides) -> Compacted:
+    """Merge the Delta table's small files in one commit, then vacuum the files no version within --retain-hours needs."""
+    settings = dataclasses.replace(settings or Settings(), **overrides)
+    done = compact_table(settings, store_options(settings) if is_remote(settings.output_dir) else None)
+    log.info(
+        "compacted %s: %d files into %d, version %d; vacuumed %d files",
+        table_address(settings.output_dir),
+        done.files_before,
+        done.files_after,
+        done.version,
+        done.vacuumed,
+    )
+    return done
 
 
 # ---------------------------------------------------------------- read
@@ -166,6 +183,11 @@ def build_parser(prog: str = "random_user_etl.py") -> argparse.ArgumentParser:
         "--replay",
         metavar="PATH",
         help="rebuild a batch with no network from kept raw answers: a <raw-dir>/<seed> folder or one saved answer (.json or .json.gz)",
+    )
+    parser.add_argument(
+        "--compact",
+        action="store_true",
+        help="instead of a run: merge the Delta table's small files, then remove the files no version within --retain-hours needs",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail, and what caused a failure")
     parser.add_argument("--version", action="version", version=f"random-user-etl {__version__}")
@@ -271,11 +293,13 @@ def main(argv: list[str] | None = None, prog: str = "random_user_etl.py") -> int
     """Run the job from the command line, its lines said as `prog`'s; return the exit status."""
     parser = build_parser(prog)
     args = vars(parser.parse_args(argv))
-    verbose, source = args.pop("verbose"), args.pop("replay")
+    verbose, source, compacting = args.pop("verbose"), args.pop("replay"), args.pop("compact")
     formatter = configure_logging(verbose)
     try:
         settings = config.load_settings(args)
         config.check_path_text("--replay", source)
+        if compacting and source:
+            raise SettingsError("--compact and --replay are two jobs: give one")
     except SettingsError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
@@ -284,7 +308,10 @@ def main(argv: list[str] | None = None, prog: str = "random_user_etl.py") -> int
     stop = Stop()
     with stop_on_signals(stop):  # held while the last line is printed: a second signal cannot cut it
         try:
-            replay(source, settings, stop) if source else run(settings, stop)
+            if compacting:
+                compact(settings)
+            else:
+                replay(source, settings, stop) if source else run(settings, stop)
         except EtlError as exc:
             log_causes(exc)
             print(f"{parser.prog}: error: {formatter.line(str(exc))}", file=sys.stderr)

@@ -302,3 +302,68 @@ def test_the_commit_metadata_is_json(settings, out):
     log = sorted((out / TABLE / "_delta_log").glob("*.json"))[1]
     info = next(json.loads(line)["commitInfo"] for line in log.read_text().splitlines() if "commitInfo" in line)
     assert info["random_user_etl.seed"] == "alpha"
+
+
+# ---------------------------------------------------------------- refusals
+
+
+def test_rows_of_another_seed_are_refused_by_the_predicate_in_one_line_without_them(settings, out, tmp_path):
+    from _random_user_etl.delta import DeltaTable as Sink
+    from _random_user_etl.store import SortedBatch
+
+    land(settings, "alpha")
+    beta = rows(out).with_columns(seed=pl.lit("beta"))  # a batch said to be alpha's whose rows are another seed's
+    with pytest.raises(etl.EtlError) as failed:
+        Sink(str(out)).land(SortedBatch(beta.lazy(), "alpha", {}, tmp_path, 1000))
+    said = str(failed.value)
+    assert "\n" not in said and "failed validation" in said
+    assert not any(user_id in said for user_id in beta["user_id"])
+    assert table(out).version() == 1
+    assert_rows_are(rows(out), served_users("alpha", 12, 5))
+
+
+# ---------------------------------------------------------------- replay and maintenance
+
+
+def test_a_replay_lands_into_the_table_like_a_run(settings, out, raw):
+    land(settings, "alpha")
+    before = rows(out).drop("ingested_at").sort("user_id")
+    etl.replay(raw / "alpha", settings(table_format="delta"))
+    commits = batch_commits(table(out))
+    assert [commit["random_user_etl.seed"] for commit in commits] == ["alpha", "alpha"]
+    assert rows(out).drop("ingested_at").sort("user_id").equals(before)
+
+
+def compact_cli(out, *args):
+    """`--compact` of the local table, in this process."""
+    from support import main_in_process
+
+    return main_in_process(["--compact", "--output-dir", str(out), *args])
+
+
+def test_compact_merges_small_files_and_vacuums_what_no_version_within_retain_hours_needs(settings, out, capsys):
+    for seed, n in (("alpha", 12), ("beta", 7), ("gamma", 5), ("alpha", 9)):
+        land(settings, seed, n=n)
+    before = etl.read_processed(str(out)).collect().sort("user_id")
+    files_before = len(table(out).file_uris())
+    on_disk_before = len(list((out / TABLE).glob("*.parquet")))
+    assert compact_cli(out, "--retain-hours", "0") == 0
+    delta = table(out)
+    assert len(delta.file_uris()) < files_before
+    assert len(list((out / TABLE).glob("*.parquet"))) < on_disk_before
+    assert sorted(path.name for path in (out / TABLE).glob("*.parquet")) == sorted(uri.rsplit("/", 1)[1] for uri in delta.file_uris())
+    assert etl.read_processed(str(out)).collect().sort("user_id").equals(before)
+    assert "compacted" in capsys.readouterr().err
+
+
+def test_compact_keeps_the_files_of_versions_within_retain_hours(settings, out):
+    land(settings, "alpha")
+    land(settings, "beta", n=7)
+    assert compact_cli(out) == 0  # the default: a week
+    assert_rows_are(etl.read_processed(str(out), version=1).collect(), served_users("alpha", 12, 5))
+
+
+def test_compact_where_there_is_no_table_fails_in_one_line(out, capsys):
+    out.mkdir()
+    assert compact_cli(out) == 1
+    assert_one_error_line(capsys.readouterr().err, "no Delta table")
