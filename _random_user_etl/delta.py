@@ -90,15 +90,42 @@ def pii_schema() -> Any:
     return with_field_metadata(OUTPUT_SCHEMA, pii_field_metadata())
 
 
-def arrow_stream(batch: SortedBatch) -> Any:
-    """The batch's rows as an Arrow stream of the contract's schema with its field metadata, read lazily a key range at a time."""
-    # Polars exports its own field types but no field metadata: each record batch is given the schema
-    # that carries it (same names and types). arro3 is deltalake's own Arrow library.
-    from arro3.core import RecordBatchReader
+class RowStream:
+    """A batch's rows as an Arrow stream of the contract's schema with its field metadata, read lazily a key range at a time."""
 
-    schema = pii_schema()
-    rows = RecordBatchReader.from_stream(batch.rows.collect_batches(chunk_size=batch.group_rows))
-    return RecordBatchReader.from_batches(schema, (record.with_schema(schema) for record in rows))
+    def __init__(self, batch: SortedBatch):
+        self.batch = batch
+        self.failure: BaseException | None = None  # what reading the rows raised: deltalake hands it back only as text
+
+    def stream(self) -> Any:
+        """The stream deltalake pulls; its records are given the schema that carries the PII classes (same names and types)."""
+        # arro3 is deltalake's own Arrow library. Polars exports its own field types but no field metadata.
+        from arro3.core import RecordBatchReader
+
+        schema = pii_schema()
+        return RecordBatchReader.from_batches(schema, self.records(schema))
+
+    @contextlib.contextmanager
+    def failing_as_read(self):
+        """A write that failed because reading the rows did raises what that read raised (a stop stays a stop)."""
+        try:
+            yield
+        except Exception as exc:
+            if self.failure is not None:
+                raise self.failure from exc
+            raise
+
+    def records(self, schema: Any):
+        """Each record batch of the rows, in key order; a failure (a stop, a lost scratch file) is kept before deltalake sees it."""
+        from arro3.core import RecordBatchReader
+
+        try:
+            for frame in self.batch.rows.collect_batches(chunk_size=self.batch.group_rows):
+                for record in RecordBatchReader.from_stream(frame):
+                    yield record.with_schema(schema)
+        except BaseException as exc:
+            self.failure = exc
+            raise
 
 
 class DeltaTable:
@@ -132,11 +159,11 @@ class DeltaTable:
         from deltalake import CommitProperties, WriterProperties, write_deltalake
 
         self.create()
-        before = self.files()
-        with failing_on_table("cannot commit to", self.address):
+        before, rows = self.files(), RowStream(batch)
+        with failing_on_table("cannot commit to", self.address), rows.failing_as_read():
             write_deltalake(
                 self.address,
-                arrow_stream(batch),
+                rows.stream(),
                 mode="overwrite",
                 predicate=seed_predicate(batch.seed),  # delta-rs checks every incoming row against it
                 schema_mode="merge",  # a column the contract gained joins the table; older rows read it as null

@@ -16,7 +16,7 @@ import polars as pl
 import pytest
 from deltalake import DeltaTable, write_deltalake
 from fake_api import status
-from support import PREFIX, assert_one_error_line, assert_rows_are, fast_env, served_users
+from support import PREFIX, SPARK_MISSING, assert_one_error_line, assert_rows_are, fast_env, served_users
 
 import random_user_etl as etl
 from _random_user_etl import __version__
@@ -367,3 +367,33 @@ def test_compact_where_there_is_no_table_fails_in_one_line(out, capsys):
     out.mkdir()
     assert compact_cli(out) == 1
     assert_one_error_line(capsys.readouterr().err, "no Delta table")
+
+
+def test_a_run_stopped_while_its_batch_is_written_leaves_the_table_at_its_previous_version(settings, out):
+    from support import on_log
+
+    from _random_user_etl.run import Run, SortSizes
+    from _random_user_etl.sources import ServicePages
+
+    land(settings, "alpha")
+    stop = etl.Stop()
+    with on_log("writing key range 2 of", stop.stop), pytest.raises(etl.Stopped):
+        Run(settings(table_format="delta", seed="alpha", n=9, page_size=5), ServicePages(), stop, SortSizes(3, 3)).land()
+    assert table(out).version() == 1
+    assert_rows_are(rows(out), served_users("alpha", 12, 5))
+
+
+@pytest.mark.skipif(SPARK_MISSING is not None, reason=SPARK_MISSING or "")
+@pytest.mark.filterwarnings("ignore:PySpark does not yet fully support pandas:FutureWarning")
+def test_spark_reads_the_tables_current_file_list(settings, out, spark):
+    # Spark without the Delta package reads no log: it is given the files of the version it reads.
+    land(settings, "alpha")
+    land(settings, "beta", n=7)
+    land(settings, "alpha", n=9)  # alpha's first file is no longer in the table, but still on disk
+    assert len(list((out / TABLE).glob("*.parquet"))) > len(table(out).file_uris())
+    frame = spark.read.parquet(*table(out).file_uris())
+    assert [field.name for field in frame.schema.fields] == list(OUTPUT_SCHEMA)
+    counts = {row["seed"]: row["count"] for row in frame.groupBy("seed").count().collect()}
+    assert counts == {"alpha": 9, "beta": 7}
+    ids = {row["user_id"] for row in frame.select("user_id").collect()}
+    assert ids == {u["login"]["uuid"] for u in served_users("alpha", 9, 5) + served_users("beta", 7, 5)}
