@@ -290,6 +290,18 @@ def test_four_runs_land_into_one_table_on_s3_at_once(settings, s3):
     assert sorted(frame["seed"].unique()) == sorted(seeds)
 
 
+def test_compact_compacts_a_table_on_s3(settings, s3):
+    for seed, n in (("alpha", 12), ("beta", 7), ("alpha", 9)):
+        etl.run(settings(table_format="delta", seed=seed, n=n, page_size=5, output_dir=s3.url()))
+    before = etl.read_processed(s3.url()).collect().sort("user_id")
+    done = etl.compact(settings(output_dir=s3.url(), retain_hours=0))
+    assert done.files_after < done.files_before
+    data = [key for key in s3.keys(f"lake/{TABLE}/") if key.endswith(".parquet") and "/_delta_log/" not in key]
+    assert len(data) == done.files_after
+    assert etl.read_processed(s3.url()).collect().sort("user_id").equals(before)
+    assert_rows_are(before, served_users("alpha", 9, 5) + served_users("beta", 7, 5))
+
+
 def test_a_write_check_refuses_a_missing_bucket_before_any_request(api, out, raw, s3):
     ran = etl_cli(api, out, raw, "--seed", "alpha", "--table-format", "delta", "--output-dir", f"s3://{s3.name}-missing/lake")
     assert ran.returncode == 1
