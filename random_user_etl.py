@@ -8,8 +8,9 @@ This module is the job as it runs: settings, extract, transform, load, read, CLI
 lives in the private package _random_user_etl, one module per part: run (one run, from a page
 source to a sink), sources (the service, or kept raw answers), client and wire (the HTTP), answer
 and contract (the transform), staging, sort, folders and raw (what a run keeps on disk), store and
-objects (where a batch lands), lake (reading it back), stop (ending a run). run(), replay() and
-read_processed() are what analysts import; the CLI is a thin layer over them.
+objects (where a batch lands), delta (the lake as one Delta table), lake (reading it back), stop
+(ending a run). run(), replay(), compact() and read_processed() are what analysts import; the CLI
+is a thin layer over them.
 """
 
 from __future__ import annotations

@@ -409,3 +409,17 @@ def test_spark_reads_the_tables_current_file_list(settings, out, spark):
     assert counts == {"alpha": 9, "beta": 7}
     ids = {row["user_id"] for row in frame.select("user_id").collect()}
     assert ids == {u["login"]["uuid"] for u in served_users("alpha", 9, 5) + served_users("beta", 7, 5)}
+
+
+def test_a_picked_seed_whose_rows_are_in_the_table_is_refused_and_the_table_untouched(api, out, raw, cli):
+    from fake_api import PICKED_SEED
+
+    api.picks = PICKED_SEED  # the service picks a seed the table holds
+    env = fast_env(api.url, out, raw, RANDOM_USER_TABLE_FORMAT="delta")
+    assert cli("--seed", "other", "--n", 5, env=env).returncode == 0
+    assert cli("--n", 5, env=env).returncode == 0  # the table holds no row of the picked seed yet: it lands
+    assert sorted(rows(out)["seed"].unique()) == sorted(["other", PICKED_SEED])
+    result = cli("--n", 5, env=env)  # no --seed: the service picks the seed that has landed
+    assert result.returncode == 1
+    assert_one_error_line(result.stderr, rf"a batch of seed {PICKED_SEED} is already at .*{TABLE}: the service picked it")
+    assert table(out).version() == 2
