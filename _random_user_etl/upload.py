@@ -9,6 +9,7 @@ import threading
 from typing import TYPE_CHECKING
 import polars as pl
 from _random_user_etl.errors import write_error
+from _random_user_etl.pii import with_field_classes
 
 if TYPE_CHECKING:
     from polars.io.partition import SinkedPathsCallbackArgs
@@ -18,7 +19,10 @@ def send(job: dict) -> dict:
     """Upload the finished batch file `job["path"]` to `job["destination"]`: the object's size in bytes, or why not."""
     sinked: list[SinkedPathsCallbackArgs] = []
     try:
-        pl.scan_parquet(job["path"], glob=False).sink_parquet(job["destination"], sinked_paths_callback=sinked.append, **job["sink"])
+        rows = pl.scan_parquet(job["path"], glob=False)
+        # A scan loses the fields' metadata: each field's class is set again from the file's own.
+        options = with_field_classes(job["sink"], rows.collect_schema())
+        rows.sink_parquet(job["destination"], sinked_paths_callback=sinked.append, **options)
     except BaseException as exc:  # a panic inside Polars too: the run that started this says it in its one line
         return {"timeout": isinstance(exc, TimeoutError), "said": write_error(exc)}
     return {"bytes": sum(path.num_bytes for args in sinked for path in args.paths)}
