@@ -61,7 +61,8 @@ class ClassedSchema:
     """A Polars schema exported through the Arrow C data interface with each field's class as its metadata (no pyarrow needed)."""
 
     def __init__(self, schema: pl.Schema, classes: dict[str, str]):
-        self.schema, self.classes, self.held = schema, classes, []
+        self.schema, self.classes = schema, classes
+        self.held: list[ctypes.Array] = []
 
     def __arrow_c_schema__(self):
         """Polars' own export of the schema, each top-level field given its class."""

@@ -18,7 +18,7 @@ from _random_user_etl.folders import own_staging_root
 from _random_user_etl.lake import BATCH_GLOB, LAKE_SCAN, lake_batches, lake_folder, scan_batches
 from _random_user_etl.places import is_remote
 from _random_user_etl.pii import pii_metadata, with_field_classes
-from _random_user_etl.store import LocalFiles, ObjectStore
+from _random_user_etl.store import LocalFiles, ObjectStore, SortedBatch
 
 log = logging.getLogger("random_user_etl")
 
@@ -139,22 +139,19 @@ class AnalystObjects(AnalystNames, ObjectStore):
     """An object-storage prefix of analyst files, each landed as a batch is."""
 
 
-@dataclasses.dataclass(frozen=True)
-class AnalystFile:
-    """One analyst file ready to land as a sink lands a batch: its rows, seed, footer metadata and scratch folder."""
-
-    rows: pl.LazyFrame
-    seed: str
-    metadata: dict[str, str]
-    scratch: Path
+class AnalystFile(SortedBatch):
+    """One analyst file, landed by a sink as a batch is: its report is its footer's metadata (key id, source, classes)."""
 
     def parquet_options(self) -> dict[str, Any]:
         """How an analyst file is written: zstd, its key id, source and classes in the footer."""
-        return dict(compression="zstd", compression_level=1, metadata=self.metadata, engine="streaming")
+        return dict(compression="zstd", compression_level=1, metadata=self.report, engine="streaming", row_group_size=self.group_rows)
 
     def write(self, file) -> None:
         """Write the file as parquet into an open file, each field carrying its class."""
         self.rows.sink_parquet(file, **with_field_classes(self.parquet_options(), self.rows.collect_schema()))
+
+
+GROUP_ROWS = 100_000  # an analyst file's row groups: its rows are few columns, and read whole
 
 
 def build_record(source: str, storage_options: dict | None, key: PseudonymKey, k: int) -> dict[str, Any]:
@@ -188,7 +185,7 @@ def analyst_file(rows: pl.LazyFrame, seed: str, record: dict[str, Any], key: Pse
     # In person_key order: a batch is sorted by name, and rows in name order would tell of their names.
     final = suppressed(rows, record["k"]).sort(PERSON_KEY)
     metadata = {PSEUDONYM_METADATA_KEY: json.dumps({**record, "suppressed_rows": rare}), **pii_metadata(analyst_classes())}
-    return AnalystFile(final, seed, metadata, scratch)
+    return AnalystFile(final, seed, metadata, scratch, GROUP_ROWS)
 
 
 # ---------------------------------------------------------------- the analyst lake
@@ -241,7 +238,7 @@ def refresh(output_dir: str, target: str, key: PseudonymKey, k: int, storage_opt
             "analyst file %s built (k=%d, %s rows with their quasi-identifiers suppressed)",
             where,
             k,
-            json.loads(file.metadata[PSEUDONYM_METADATA_KEY])["suppressed_rows"],
+            json.loads(file.report[PSEUDONYM_METADATA_KEY])["suppressed_rows"],
         )
     return built
 
