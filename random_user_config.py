@@ -55,6 +55,8 @@ MOST_BACKOFF = 100
 MOST_RESPONSE_MB = 1000
 LEAST_RESPONSE_MB = 0.01  # 10 kB: a page of a few users; less would refuse every answer
 MOST_CONCURRENCY = 64
+# k past a batch's size would suppress every row: 1,000 is already far past a useful k.
+MOST_K = 1000
 
 # A path or URL is taken as typed: whitespace at either end (" /data" makes ./ /data) or a control
 # character anywhere (a newline from a heredoc) would name a folder nobody meant.
@@ -537,6 +539,17 @@ class Settings:
         64.0,
     )
     allow_http: bool = declare(Setting("allow plain http:// to a host other than loopback", parse_bool, SWITCH), False)
+    k_anonymity: int = declare(
+        ranged(
+            "with --pseudonymise, the fewest people an analyst file's combination of quasi-identifiers may describe; "
+            "rarer combinations have those values suppressed",
+            parse_int,
+            "K",
+            2,
+            MOST_K,
+        ),
+        5,
+    )
 
     def __post_init__(self):
         """Spell and check each setting on its own, in field order; then the checks across settings (ACROSS)."""

@@ -30,7 +30,9 @@ from pathlib import Path
 import polars as pl
 
 import random_user_config as config
-from _random_user_etl.places import is_remote
+from _random_user_etl.places import is_remote, lies_in
+from _random_user_etl import pseudonym
+from _random_user_etl.objects import store_options
 from _random_user_etl.shown import LINE_LIMIT, address_secrets, shorten, shown_url, shown_urls_in, without_secrets
 from random_user_config import Settings, SettingsError
 from schemas import OUTPUT_SCHEMA
@@ -44,7 +46,7 @@ from _random_user_etl.stop import Stop
 from _random_user_etl.wire import Fault
 from _random_user_etl import __version__
 
-__all__ = ["Batch", "EtlError", "PageRequest", "Stop", "Stopped", "main", "read_processed", "replay", "run", "transform"]
+__all__ = ["Batch", "EtlError", "PageRequest", "Stop", "Stopped", "main", "pseudonymise", "read_processed", "read_pseudonymised", "replay", "run", "transform"]
 
 log = logging.getLogger("random_user_etl")
 
@@ -91,6 +93,46 @@ def latest_per_user(lake: pl.LazyFrame) -> pl.LazyFrame:
     return lake.sort("ingested_at", "seed", "page").unique("user_id", keep="last", maintain_order=True)
 
 
+# ---------------------------------------------------------------- the analyst lake
+
+
+def pseudonymise(target: str, settings: Settings | None = None, **overrides) -> dict[str, bool]:
+    """Build or refresh the analyst lake in `target` from the lake in --output-dir, under the key in RANDOM_USER_PSEUDONYM_KEY(_FILE); each analyst file, and whether it was built."""
+    settings = dataclasses.replace(settings or Settings(), **overrides)
+    target = checked_target(target, settings)
+    key = pseudonym.load_key(os.environ)  # before anything is written: a missing or short key is a bad setting
+    return pseudonym.refresh(settings.output_dir, target, key, settings.k_anonymity, store_options(settings))
+
+
+def checked_target(target: str, settings: Settings) -> str:
+    """The analyst lake's address, spelt as a lake's is; refused if it is no place a lake may be, or overlaps the lake itself."""
+    config.check_path_text("--pseudonymise", target)
+    if target == "":
+        raise SettingsError("--pseudonymise names no place for the analyst lake")
+    target = config.lake_address(target)
+    config.check_output_address("--pseudonymise", target)
+    # Analysts are given the target, never the lake: neither may hold the other.
+    if is_remote(target) or is_remote(settings.output_dir):
+        overlaps = target == settings.output_dir or (target + "/").startswith(settings.output_dir + "/") or (settings.output_dir + "/").startswith(target + "/")
+    else:
+        overlaps = lies_in(target, settings.output_dir) or lies_in(settings.output_dir, target)
+    if overlaps:
+        raise SettingsError(
+            f"--pseudonymise '{shorten(target)}' overlaps {config.describe('output_dir')} '{shorten(settings.output_dir)}': keep the analyst lake apart"
+        )
+    return target
+
+
+def read_pseudonymised(target: str, storage_options: dict | None = None) -> pl.LazyFrame:
+    """Every analyst file in `target`, as one lazy frame (empty if it holds none)."""
+    if not target:
+        raise SettingsError("read_pseudonymised needs the analyst lake's folder or s3:// address")
+    target = config.lake_address(target)
+    if is_remote(target):
+        config.check_s3_address(target)
+    return pseudonym.read_analyst_lake(target, storage_options)
+
+
 # ---------------------------------------------------------------- CLI
 
 
@@ -104,6 +146,8 @@ examples (python random_user_etl.py takes the same flags):
       one batch a day in object storage (the AWS_* variables give its credentials)
   random-user-etl --replay raw_data/demo
       rebuild seed demo's batch from its kept raw answers, with no network
+  RANDOM_USER_PSEUDONYM_KEY_FILE=/run/secrets/key random-user-etl --pseudonymise analyst_data
+      the analyst lake: one pseudonymised, k-anonymous file per batch of ./processed_data
 
 exit status:
   0    the batch landed
@@ -156,6 +200,12 @@ def build_parser(prog: str = "random_user_etl.py") -> argparse.ArgumentParser:
         "--replay",
         metavar="PATH",
         help="rebuild a batch with no network from kept raw answers: a <raw-dir>/<seed> folder or one saved answer (.json or .json.gz)",
+    )
+    parser.add_argument(
+        "--pseudonymise",
+        metavar="TARGET",
+        help="build or refresh the analyst lake in TARGET (a folder or s3://bucket/prefix) from the lake in --output-dir, "
+        "under the key in RANDOM_USER_PSEUDONYM_KEY_FILE or RANDOM_USER_PSEUDONYM_KEY",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail, and what caused a failure")
     parser.add_argument("--version", action="version", version=f"random-user-etl {__version__}")
@@ -261,20 +311,24 @@ def main(argv: list[str] | None = None, prog: str = "random_user_etl.py") -> int
     """Run the job from the command line, its lines said as `prog`'s; return the exit status."""
     parser = build_parser(prog)
     args = vars(parser.parse_args(argv))
-    verbose, source = args.pop("verbose"), args.pop("replay")
+    verbose, source, target = args.pop("verbose"), args.pop("replay"), args.pop("pseudonymise")
     formatter = configure_logging(verbose)
     try:
         settings = config.load_settings(args)
         config.check_path_text("--replay", source)
+        key = analyst_key(target, source, settings)
     except SettingsError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
     # A service's error message, or a library's words, can repeat a key of the address it was given.
-    formatter.secrets = address_secrets(settings.api_url)
+    formatter.secrets = address_secrets(settings.api_url) + key
     stop = Stop()
     with stop_on_signals(stop):  # held while the last line is printed: a second signal cannot cut it
         try:
-            replay(source, settings, stop) if source else run(settings, stop)
+            if target is not None:
+                pseudonymise(target, settings)
+            else:
+                replay(source, settings, stop) if source else run(settings, stop)
         except EtlError as exc:
             log_causes(exc)
             print(f"{parser.prog}: error: {formatter.line(str(exc))}", file=sys.stderr)
@@ -290,6 +344,16 @@ def main(argv: list[str] | None = None, prog: str = "random_user_etl.py") -> int
             print(f"{parser.prog}: stopped by {signal.Signals(signum).name}; staged pages are kept and the next run resumes", file=sys.stderr)
             return 128 + signum
     return 0
+
+
+def analyst_key(target: str | None, source: str | None, settings: Settings) -> tuple[str, ...]:
+    """For --pseudonymise, its target and key checked before anything is written; the key's text, which no line may hold."""
+    if target is None:
+        return ()
+    if source is not None:
+        raise SettingsError("--pseudonymise and --replay are two jobs; give one")
+    checked_target(target, settings)
+    return (pseudonym.load_key(os.environ).secret.decode(errors="replace"),)
 
 
 def exit_now(status: int) -> None:

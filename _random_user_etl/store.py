@@ -12,7 +12,7 @@ import random_user_config as config
 from _random_user_etl.places import is_remote
 from _random_user_etl.shown import shorten
 from random_user_config import Settings
-from schemas import OUTPUT_SCHEMA, PII_CLASSES, PII_METADATA_KEY, QUALITY_METADATA_KEY, pii_field_metadata
+from schemas import PII_CLASSES, PII_METADATA_KEY, QUALITY_METADATA_KEY, pii_field_metadata
 from _random_user_etl.arrow import with_field_metadata
 from _random_user_etl.errors import StorageError
 from _random_user_etl.folders import fresh_temp, write_atomically, write_to
@@ -49,11 +49,15 @@ class SortedBatch:
             row_group_size=self.group_rows,
         )
 
+    def field_metadata(self) -> dict[str, dict[str, str]]:
+        """Each column's Arrow field metadata: its PII class."""
+        return pii_field_metadata()
+
     def write(self, file) -> None:
         """Write the batch as parquet into an open file, through the streaming engine."""
         # A stop signal during the sink ends it at the next key range (ExternalSort.ordered), or else is
         # raised by its handler as the sink returns: the caller's temp file is removed, never moved into place.
-        self.rows.sink_parquet(file, arrow_schema=with_field_metadata(OUTPUT_SCHEMA, pii_field_metadata()), **self.parquet_options())
+        self.rows.sink_parquet(file, arrow_schema=with_field_metadata(self.rows.collect_schema(), self.field_metadata()), **self.parquet_options())
 
 
 class Sink(Protocol):
@@ -125,7 +129,7 @@ class ObjectStore:
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
-        return upload(temp, self.where(batch.seed), {**batch.parquet_options(), "field_metadata": pii_field_metadata()}, self.storage_options)
+        return upload(temp, self.where(batch.seed), {**batch.parquet_options(), "field_metadata": batch.field_metadata()}, self.storage_options)
 
 
 def sink_for(settings: Settings) -> Sink:
