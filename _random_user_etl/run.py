@@ -152,6 +152,7 @@ class Run:
         """Unpack, transform and stage one answer, name its kept raw copy after the verdict, and hand it to the sort."""
         request = fetched.request
         assert request.seed is not None and request.page is not None  # a staged page is always asked for by seed and number
+        self.stop.check()  # kept answers and resumed pages need no network, which is where a stop is otherwise seen
         try:
             frame = transform(unpack(fetched.answer, self.settings.max_response_bytes), request)
         except EtlError as exc:
@@ -169,6 +170,7 @@ class Run:
 
     def finish(self) -> Batch:
         """Land the batch from its staged parts, let the source keep what it keeps, clear the staging, say what landed."""
+        self.stop.check()  # every page may have been staged before the run began: nothing else looks before the sort
         parts = [part_path(self.folder, page) for page in range(1, len(self.sizes) + 1)]
         destination = self.sink.where(self.seed)
         try:

@@ -68,3 +68,30 @@ def test_a_run_stopped_by_its_stop_ends_and_another_lands(api, settings, out):
     landed = etl.run(settings(seed="landed", n=80, page_size=40, concurrency=1))
     assert_rows_are(pl.read_parquet(landed.path), served_users("landed", 80, 40))
     assert not (out / "random_users_stopped.parquet").exists()
+
+
+def test_a_replay_whose_stop_was_asked_before_it_started_lands_nothing(api, settings, out, raw):
+    etl.run(settings(seed="kept", n=80, page_size=40))
+    (out / "random_users_kept.parquet").unlink()
+    stop = etl.Stop()
+    stop.stop()
+    with pytest.raises(etl.Stopped):  # no network to cut: the replay itself must see its stop
+        etl.replay(raw / "kept", settings(), stop)
+    assert not (out / "random_users_kept.parquet").exists()
+
+
+def test_a_run_whose_pages_are_all_staged_still_honours_a_stop_asked_before_it(api, settings, out):
+    held_back = threading.Event()
+    api.script(normal(), held(held_back.is_set, normal()))
+    stop = etl.Stop()
+    # The first run stages page 1, then is stopped on page 2; the rerun is asked to stop before it starts.
+    first = InThread(etl.run, settings(seed="resumed", n=80, page_size=40, concurrency=1), stop)
+    wait_until(lambda: len(api.requests) == 2, what="the second page's request")
+    stop.stop()
+    assert isinstance(first.join().error, etl.Stopped)
+    held_back.set()
+    again = etl.Stop()
+    again.stop()
+    with pytest.raises(etl.Stopped):
+        etl.run(settings(seed="resumed", n=40, page_size=40, concurrency=1), again)  # page 1 alone: staged already
+    assert not (out / "random_users_resumed.parquet").exists()
