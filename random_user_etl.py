@@ -230,7 +230,7 @@ def stop_on_signals(stop: Stop):
 
     def on_stop_signal(signum: int, frame) -> None:
         """Stop every wait and request of the run, and unwind the main thread; a second signal changes nothing."""
-        if stop.asked:
+        if stop.ending:  # stopped already, or a failed page is winding the run down: that failure is the run's line
             return
         stop.stop(signum)
         raise Stopped(signum)
