@@ -111,7 +111,7 @@ class Run:
     def land(self) -> Batch:
         """Stage every page the source gives, then land them as one batch through the sink."""
         self.sink.check()  # before the first request: a missing bucket or credentials must not wait until every page is fetched
-        with self.source.opened(self), staging_for(self.settings, self.seed, self.source.resumable) as folder:
+        with self.source.opened(self), staging_for(self.settings, self.seed, self.source.resumable, self.stop.hold) as folder:
             self.folder = folder
             if self.sizes:  # known before staging: its key ranges are split while the run still waits on the network
                 self.sorter = self.new_sorter(sum(self.sizes))
