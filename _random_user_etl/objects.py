@@ -14,6 +14,7 @@ import polars as pl
 import random_user_config as config
 from _random_user_etl.errors import StorageError, write_error
 from _random_user_etl import upload as uploader
+from _random_user_etl.stop import Stop
 
 
 # The object each run writes beside the batches before its first request, to prove the store takes
@@ -32,7 +33,7 @@ CREDENTIAL_VARIABLES = (
 )
 
 
-def upload(path: Path, destination: str, sink: dict, storage_options: dict) -> int:
+def upload(path: Path, destination: str, sink: dict, storage_options: dict, stop: Stop) -> int:
     """Stream a finished batch file to an object key through Polars' cloud writer, in a process of its own, then remove the file; the object's size in bytes."""
     # Polars takes credentials, region and endpoint from the standard
     # AWS_* variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION,
@@ -42,7 +43,7 @@ def upload(path: Path, destination: str, sink: dict, storage_options: dict) -> i
     # trying (--retries), and landing the batch, after the run said it stopped: a killed process cannot.
     job = {"path": str(path), "destination": destination, "sink": {**sink, "storage_options": storage_options}}
     try:
-        answer = in_own_process(job)
+        answer = in_own_process(job, stop)
     finally:
         path.unlink(missing_ok=True)
     if "bytes" in answer:
@@ -52,8 +53,8 @@ def upload(path: Path, destination: str, sink: dict, storage_options: dict) -> i
     raise OSError(errno.EIO, answer["said"])
 
 
-def in_own_process(job: dict) -> dict:
-    """Run the upload job in a child process (the uploader module) and give its outcome; a stop kills it first."""
+def in_own_process(job: dict, stop: Stop) -> dict:
+    """Run the upload job in a child process (the uploader module) and give its outcome; a stop (a signal, or the run's Stop) kills it first."""
     root = str(Path(__file__).resolve().parent.parent)  # where _random_user_etl is, installed or not
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     # -P: no module of the working folder is imported in place of Polars' or the job's.
@@ -72,7 +73,12 @@ def in_own_process(job: dict) -> dict:
         # a job killed by SIGKILL, which runs no handler, takes its upload with it.
         stdin.write(json.dumps(job).encode() + b"\n")
         stdin.flush()
-        said = stdout.read()  # a stop signal's handler raises Stopped here
+        # A stop signal's handler raises Stopped in the read; the run's Stop, asked from any thread, kills the child.
+        with stop.cutting(child.kill):
+            said = stdout.read()
+        if stop.ending and not said.strip():  # killed before it answered: the run's end, not the upload's failure
+            said = None
+            raise stop.reason()
     finally:
         if said is None:
             child.kill()  # stopped: the upload ends now, and no try of it reaches the store after

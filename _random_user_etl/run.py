@@ -202,7 +202,7 @@ def sorted_batch(parts: list[Path], sizes: list[int], sorter: ExternalSort, seed
         ordered = ordered.filter(~pl.struct("user_id", "page").is_in(copies))
     ingested_at = dt.datetime.now(dt.UTC)  # when the batch lands: every row of it, the same instant
     rows = ordered.with_columns(ingested_at=pl.lit(ingested_at, UTC_INSTANT))
-    return SortedBatch(rows, seed, report, parts[0].parent, sorter.run_rows)
+    return SortedBatch(rows, seed, report, parts[0].parent, sorter.run_rows, sorter.stop)
 
 
 def in_parallel(work, items, concurrency: int, stop: Stop):

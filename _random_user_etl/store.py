@@ -17,6 +17,7 @@ from _random_user_etl.errors import StorageError
 from _random_user_etl.folders import fresh_temp, write_atomically, write_to
 from _random_user_etl.lake import BATCH_GLOB
 from _random_user_etl.objects import WRITE_CHECK, check_writable, object_exists, store_options, upload
+from _random_user_etl.stop import Stop
 
 __all__ = ["BATCH_GLOB", "WRITE_CHECK", "LocalFiles", "ObjectStore", "SortedBatch", "Sink", "batch_path", "sink_for"]
 
@@ -30,13 +31,14 @@ def batch_path(output_dir: str, seed: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class SortedBatch:
-    """One batch ready to land: its rows in key order (lazy), its seed and quality report, the scratch folder beside its staging, its row groups' size."""
+    """One batch ready to land: its rows in key order (lazy), its seed and quality report, the scratch folder beside its staging, its row groups' size, its run's stop."""
 
     rows: pl.LazyFrame
     seed: str
     report: dict
     scratch: Path
     group_rows: int
+    stop: Stop
 
     def parquet_options(self) -> dict[str, Any]:
         """How a batch file is written: zstd, its quality report in the footer, row groups of one key range."""
@@ -124,7 +126,7 @@ class ObjectStore:
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
-        return upload(temp, self.where(batch.seed), batch.parquet_options(), self.storage_options)
+        return upload(temp, self.where(batch.seed), batch.parquet_options(), self.storage_options, batch.stop)
 
 
 def sink_for(settings: Settings) -> Sink:

@@ -336,6 +336,29 @@ def test_a_run_stopped_during_its_upload_lands_nothing_after_the_stop_and_a_reru
     assert list(Path(tempfile.gettempdir()).rglob("*.tmp")) == []
 
 
+def test_a_run_in_a_thread_stopped_by_its_stop_during_its_upload_ends_and_lands_nothing(api, settings, s3, s3_endpoint, monkeypatch):
+    # No signal here: the run's own Stop, asked from another thread while the store holds the upload,
+    # must end the upload's process as a signal would; the timeout is far past the wait for the end.
+    with held_store(s3_endpoint, once=True) as held:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", held.url)
+        stop, ended = Stop(), {}
+
+        def land() -> None:
+            """The run, keeping what it raised."""
+            try:
+                ended["batch"] = etl.run(settings(output_dir=s3.url(), seed="paged", n=100, page_size=40, timeout=30, retries=1), stop)
+            except BaseException as exc:  # Stopped is a KeyboardInterrupt
+                ended["error"] = exc
+
+        thread = threading.Thread(target=land, daemon=True)
+        thread.start()
+        wait_until(lambda: held.held.is_set() or not thread.is_alive(), what="the batch's upload held")
+        stop.stop()
+        wait_until(lambda: not thread.is_alive(), 15, "the stopped run to end while the store holds its upload")
+        assert isinstance(ended.get("error"), Stopped), ended
+        assert s3.keys() == []
+
+
 def test_a_multipart_upload_stopped_midway_is_never_completed_and_the_earlier_object_stays(s3, s3_endpoint, tmp_path, monkeypatch):
     # Parts of 5 MiB (S3's least), so a 12 MB batch goes up in three; the store holds part 2's first try.
     monkeypatch.setenv("POLARS_UPLOAD_CHUNK_SIZE", str(5 << 20))
@@ -346,7 +369,7 @@ def test_a_multipart_upload_stopped_midway_is_never_completed_and_the_earlier_ob
         monkeypatch.setenv("AWS_ENDPOINT_URL", held.url)
         pl.DataFrame({"x": range(1_500_000)}).with_columns(pl.col("x").hash()).write_parquet(large, compression="uncompressed")
         with stopped_once(held.held):
-            store.upload(large, f"s3://{s3.name}/{key}", {}, options)
+            store.upload(large, f"s3://{s3.name}/{key}", {}, options, Stop())
         assert s3.client.get_object(Bucket=s3.name, Key=key)["Body"].read() == b"the earlier batch"
     assert not large.exists()
 
