@@ -97,13 +97,13 @@ def store_options(settings: config.Settings) -> dict:
     return {"timeout": deadline, "connect_timeout": deadline, "max_retries": settings.retries}
 
 
-def to_store(call, storage_options: dict):
-    """call(), one Polars call to object storage, on a thread of its own; its result; a timeout said in words."""
+def to_store(call, storage_options: dict, stop: Stop):
+    """call(), one Polars call to object storage, on a thread of its own; its result; a timeout said in words; ended by `stop`."""
     # Polars holds its calling thread until the store answers, and Python runs a signal's handler only
     # on the main thread, between bytecodes: waiting here instead, a stop leaves at once. The call left
     # behind goes on until it ends or the process does: only the write check is made so, whose object
     # each run overwrites and no reader reads (the batch's upload is a process a stop kills: upload).
-    outcome = {}
+    outcome, done = {}, threading.Event()
 
     def work() -> None:
         """Run the call, keeping what it returned or raised."""
@@ -111,10 +111,15 @@ def to_store(call, storage_options: dict):
             outcome["value"] = call()
         except BaseException as exc:  # handed to the waiting thread as it is: a panic too
             outcome["error"] = exc
+        finally:
+            done.set()
 
     worker = threading.Thread(target=work, name="object-store", daemon=True)
     worker.start()
-    worker.join()  # a stop signal's handler raises Stopped here
+    with stop.cutting(done.set):  # the run's Stop, asked from any thread, ends this wait too
+        done.wait()  # a stop signal's handler raises Stopped here
+    if not outcome:  # woken by the run's end while the call goes on
+        raise stop.reason()
     error = outcome.get("error")
     if isinstance(error, TimeoutError) and "timeout" in storage_options:
         raise timed_out(storage_options) from error
@@ -129,13 +134,13 @@ def timed_out(storage_options: dict) -> TimeoutError:
     return TimeoutError(errno.ETIMEDOUT, f"no answer from the object store within {seconds:g}s (--timeout)")
 
 
-def check_writable(output_dir: str, storage_options: dict) -> None:
+def check_writable(output_dir: str, storage_options: dict, stop: Stop) -> None:
     """Before a run's first request: write the write-check object beside the batches, or raise StorageError saying why not."""
     key = f"{output_dir.rstrip('/')}/{WRITE_CHECK}"
     # Through Polars' own cloud writer, as the batch goes: the same credentials, region and endpoint.
     check = pl.LazyFrame({"checked_at": [dt.datetime.now(dt.UTC)]})
     try:
-        to_store(lambda: check.sink_parquet(key, storage_options=storage_options), storage_options)
+        to_store(lambda: check.sink_parquet(key, storage_options=storage_options), storage_options, stop)
     except Exception as exc:  # Polars' credential provider (boto3's, where installed) raises errors of its own too
         raise StorageError(store_refusal(exc), path=output_dir, doing="cannot write to") from exc
 
@@ -148,11 +153,11 @@ def store_refusal(exc: BaseException) -> str:
     return write_error(exc)
 
 
-def object_exists(key: str, storage_options: dict) -> bool:
+def object_exists(key: str, storage_options: dict, stop: Stop) -> bool:
     """True when an object is at `key`; StorageError when the store cannot tell."""
     try:
         # A GET of the footer: the key's HEAD, through Polars' cloud I/O, bounded as every call to the store.
-        to_store(lambda: pl.read_parquet_metadata(key, storage_options=storage_options), storage_options)
+        to_store(lambda: pl.read_parquet_metadata(key, storage_options=storage_options), storage_options, stop)
     except FileNotFoundError:
         return False
     except Exception as exc:  # refused, unreachable, or not a parquet file: something may be there

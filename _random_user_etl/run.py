@@ -100,7 +100,7 @@ class Run:
 
     def __init__(self, settings: Settings, source: PageSource, stop: Stop | None = None, sort_sizes: SortSizes = SortSizes(), sink: Sink | None = None):
         self.settings, self.source, self.stop, self.sort_sizes = settings, source, stop or Stop(), sort_sizes
-        self.sink = sink or sink_for(settings)
+        self.sink = sink or sink_for(settings, self.stop)
         self.started = time.monotonic()
         self.seed = ""
         self.sizes: list[int] = []  # each page's users: asked for, or (replay) as staged
@@ -202,7 +202,7 @@ def sorted_batch(parts: list[Path], sizes: list[int], sorter: ExternalSort, seed
         ordered = ordered.filter(~pl.struct("user_id", "page").is_in(copies))
     ingested_at = dt.datetime.now(dt.UTC)  # when the batch lands: every row of it, the same instant
     rows = ordered.with_columns(ingested_at=pl.lit(ingested_at, UTC_INSTANT))
-    return SortedBatch(rows, seed, report, parts[0].parent, sorter.run_rows, sorter.stop)
+    return SortedBatch(rows, seed, report, parts[0].parent, sorter.run_rows)
 
 
 def in_parallel(work, items, concurrency: int, stop: Stop):

@@ -31,14 +31,13 @@ def batch_path(output_dir: str, seed: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class SortedBatch:
-    """One batch ready to land: its rows in key order (lazy), its seed and quality report, the scratch folder beside its staging, its row groups' size, its run's stop."""
+    """One batch ready to land: its rows in key order (lazy), its seed and quality report, the scratch folder beside its staging, its row groups' size."""
 
     rows: pl.LazyFrame
     seed: str
     report: dict
     scratch: Path
     group_rows: int
-    stop: Stop
 
     def parquet_options(self) -> dict[str, Any]:
         """How a batch file is written: zstd, its quality report in the footer, row groups of one key range."""
@@ -101,12 +100,13 @@ class LocalFiles:
 class ObjectStore:
     """A prefix of an S3 bucket holding one object per seed: each written whole locally, then uploaded in one PUT or multipart upload."""
 
-    def __init__(self, output_dir: str, storage_options: dict):
+    def __init__(self, output_dir: str, storage_options: dict, stop: Stop | None = None):
         self.output_dir, self.storage_options = output_dir, storage_options
+        self.stop = stop or Stop()  # the run's: it ends a call to the store, or the upload, from any thread
 
     def check(self) -> None:
         """Write the write-check object: missing credentials or bucket fail before the first request."""
-        check_writable(self.output_dir, self.storage_options)
+        check_writable(self.output_dir, self.storage_options, self.stop)
 
     def where(self, seed: str) -> str:
         """The seed's key."""
@@ -114,7 +114,7 @@ class ObjectStore:
 
     def holds(self, seed: str) -> bool:
         """True when an object is at the seed's key."""
-        return object_exists(self.where(seed), self.storage_options)
+        return object_exists(self.where(seed), self.storage_options, self.stop)
 
     def land(self, batch: SortedBatch) -> int:
         """Write the batch to a local file, then upload it; the object's size."""
@@ -126,11 +126,11 @@ class ObjectStore:
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
-        return upload(temp, self.where(batch.seed), batch.parquet_options(), self.storage_options, batch.stop)
+        return upload(temp, self.where(batch.seed), batch.parquet_options(), self.storage_options, self.stop)
 
 
-def sink_for(settings: Settings) -> Sink:
-    """The sink of the settings' --output-dir: object storage for s3://, else local files."""
+def sink_for(settings: Settings, stop: Stop) -> Sink:
+    """The sink of the settings' --output-dir, ended by `stop`: object storage for s3://, else local files."""
     if is_remote(settings.output_dir):
-        return ObjectStore(settings.output_dir, store_options(settings))
+        return ObjectStore(settings.output_dir, store_options(settings), stop)
     return LocalFiles(settings.output_dir)
