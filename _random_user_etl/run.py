@@ -110,6 +110,7 @@ class Run:
 
     def land(self) -> Batch:
         """Stage every page the source gives, then land them as one batch through the sink."""
+        self.stop.begin()  # a caller may keep one Stop for its runs one after another
         self.sink.check()  # before the first request: a missing bucket or credentials must not wait until every page is fetched
         with self.source.opened(self), staging_for(self.settings, self.seed, self.source.resumable, self.stop.hold) as folder:
             self.folder = folder

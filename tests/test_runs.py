@@ -134,3 +134,14 @@ def test_a_run_waiting_on_its_seeds_lock_ends_when_its_stop_is_asked(api, settin
     assert isinstance(waiting.join().error, etl.Stopped)
     assert first.join().error is None
     assert_rows_are(pl.read_parquet(out / "random_users_same.parquet"), served_users("same", 80, 40))
+
+
+def test_a_stop_kept_for_the_next_run_after_a_failed_one_lets_that_run_land(api, settings):
+    # A caller may hold one Stop for its runs one after another: the failed run's wind-down was that
+    # run's, and must not cut every try of the next.
+    stop = etl.Stop()
+    api.script(normal(), mutate(users(duplicate_first_id)))
+    with pytest.raises(etl.EtlError, match=r"login\.uuid repeats"):
+        etl.run(settings(seed="bad", n=120, page_size=40, concurrency=2), stop)
+    batch = etl.run(settings(seed="next", n=80, page_size=40, concurrency=2), stop)
+    assert_rows_are(pl.read_parquet(batch.path), served_users("next", 80, 40))
