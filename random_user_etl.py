@@ -96,12 +96,12 @@ def latest_per_user(lake: pl.LazyFrame) -> pl.LazyFrame:
 # ---------------------------------------------------------------- the analyst lake
 
 
-def pseudonymise(target: str, settings: Settings | None = None, **overrides) -> dict[str, bool]:
+def pseudonymise(target: str, settings: Settings | None = None, stop: Stop | None = None, **overrides) -> dict[str, bool]:
     """Build or refresh the analyst lake in `target` from the lake in --output-dir, under the key in RANDOM_USER_PSEUDONYM_KEY(_FILE); each analyst file, and whether it was built."""
     settings = dataclasses.replace(settings or Settings(), **overrides)
     target = checked_target(target, settings)
     key = pseudonym.load_key(os.environ)  # before anything is written: a missing or short key is a bad setting
-    return pseudonym.refresh(settings.output_dir, target, key, settings.k_anonymity, store_options(settings))
+    return pseudonym.refresh(settings.output_dir, target, key, settings.k_anonymity, store_options(settings), stop or Stop())
 
 
 def checked_target(target: str, settings: Settings) -> str:
@@ -280,7 +280,7 @@ def stop_on_signals(stop: Stop):
 
     def on_stop_signal(signum: int, frame) -> None:
         """Stop every wait and request of the run, and unwind the main thread; a second signal changes nothing."""
-        if stop.asked:
+        if stop.ending:  # stopped already, or a failed page is winding the run down: that failure is the run's line
             return
         stop.stop(signum)
         raise Stopped(signum)
@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None, prog: str = "random_user_etl.py") -> int
     with stop_on_signals(stop):  # held while the last line is printed: a second signal cannot cut it
         try:
             if target is not None:
-                pseudonymise(target, settings)
+                pseudonymise(target, settings, stop)
             else:
                 replay(source, settings, stop) if source else run(settings, stop)
         except EtlError as exc:

@@ -17,6 +17,7 @@ from _random_user_etl.errors import StorageError, write_error
 from _random_user_etl.folders import own_staging_root
 from _random_user_etl.lake import BATCH_GLOB, LAKE_SCAN, lake_batches, lake_folder, scan_batches
 from _random_user_etl.places import is_remote
+from _random_user_etl.stop import Stop
 from _random_user_etl.store import LocalFiles, ObjectStore, SortedBatch
 
 log = logging.getLogger("random_user_etl")
@@ -212,17 +213,17 @@ def seed_of(batch: str) -> str:
     return batch.rsplit("/", 1)[-1].removeprefix("random_users_").removesuffix(".parquet")
 
 
-def analyst_sink(target: str, storage_options: dict) -> tuple[AnalystFolder | AnalystObjects, Path]:
+def analyst_sink(target: str, storage_options: dict, stop: Stop) -> tuple[AnalystFolder | AnalystObjects, Path]:
     """Where analyst files land, and the local scratch folder each is written in first."""
     if is_remote(target):
-        return AnalystObjects(target, storage_options), own_staging_root(target)
+        return AnalystObjects(target, storage_options, stop), own_staging_root(target)
     Path(target).mkdir(parents=True, exist_ok=True)
     return AnalystFolder(target), Path(target).absolute()  # beside the file it becomes, so it is moved into place
 
 
-def refresh(output_dir: str, target: str, key: PseudonymKey, k: int, storage_options: dict) -> dict[str, bool]:
-    """Build or refresh the analyst file of every batch; each analyst file, and whether it was built (False: already up to date)."""
-    sink, scratch = analyst_sink(target, storage_options)
+def refresh(output_dir: str, target: str, key: PseudonymKey, k: int, storage_options: dict, stop: Stop) -> dict[str, bool]:
+    """Build or refresh the analyst file of every batch, until `stop`; each analyst file, and whether it was built (False: already up to date)."""
+    sink, scratch = analyst_sink(target, storage_options, stop)
     remote = storage_options if is_remote(output_dir) else None
     built = {}
     for source in lake_sources(output_dir, remote):

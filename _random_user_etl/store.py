@@ -18,6 +18,7 @@ from _random_user_etl.errors import StorageError
 from _random_user_etl.folders import fresh_temp, write_atomically, write_to
 from _random_user_etl.lake import BATCH_GLOB
 from _random_user_etl.objects import WRITE_CHECK, check_writable, object_exists, store_options, upload
+from _random_user_etl.stop import Stop
 
 __all__ = ["BATCH_GLOB", "WRITE_CHECK", "LocalFiles", "ObjectStore", "SortedBatch", "Sink", "batch_path", "sink_for"]
 
@@ -104,12 +105,13 @@ class LocalFiles:
 class ObjectStore:
     """A prefix of an S3 bucket holding one object per seed: each written whole locally, then uploaded in one PUT or multipart upload."""
 
-    def __init__(self, output_dir: str, storage_options: dict):
+    def __init__(self, output_dir: str, storage_options: dict, stop: Stop | None = None):
         self.output_dir, self.storage_options = output_dir, storage_options
+        self.stop = stop or Stop()  # the run's: it ends a call to the store, or the upload, from any thread
 
     def check(self) -> None:
         """Write the write-check object: missing credentials or bucket fail before the first request."""
-        check_writable(self.output_dir, self.storage_options)
+        check_writable(self.output_dir, self.storage_options, self.stop)
 
     def where(self, seed: str) -> str:
         """The seed's key."""
@@ -117,7 +119,7 @@ class ObjectStore:
 
     def holds(self, seed: str) -> bool:
         """True when an object is at the seed's key."""
-        return object_exists(self.where(seed), self.storage_options)
+        return object_exists(self.where(seed), self.storage_options, self.stop)
 
     def land(self, batch: SortedBatch) -> int:
         """Write the batch to a local file, then upload it; the object's size."""
@@ -129,11 +131,11 @@ class ObjectStore:
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
-        return upload(temp, self.where(batch.seed), {**batch.parquet_options(), "field_metadata": batch.field_metadata()}, self.storage_options)
+        return upload(temp, self.where(batch.seed), {**batch.parquet_options(), "field_metadata": batch.field_metadata()}, self.storage_options, self.stop)
 
 
-def sink_for(settings: Settings) -> Sink:
-    """The sink of the settings' --output-dir: object storage for s3://, else local files."""
+def sink_for(settings: Settings, stop: Stop) -> Sink:
+    """The sink of the settings' --output-dir, ended by `stop`: object storage for s3://, else local files."""
     if is_remote(settings.output_dir):
-        return ObjectStore(settings.output_dir, store_options(settings))
+        return ObjectStore(settings.output_dir, store_options(settings), stop)
     return LocalFiles(settings.output_dir)
