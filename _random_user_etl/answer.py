@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from concurrent import futures
 import functools
 import json
 import re
@@ -37,10 +38,18 @@ LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # what is left of a lone escape 
 
 
 # A JSON reader builds a node per value, whatever the value's size: a body of tiny values ("[],[],...")
-# takes dozens of times its size in memory, in Polars and in Python's json alike. The service's layout
-# bounds the values per user, and the users are bounded by the page asked for; an answer in any other
-# layout is read only up to this size, which holds about 1,800 real users.
-MOST_OFF_LAYOUT_BYTES = 2_000_000
+# takes dozens of times its size in memory, in Polars and in Python's json alike. So the values are
+# bounded before any reader runs, by what the users asked for hold, in any layout: every value but the
+# first of a container follows a comma, and every container opens with "[" or "{", so one more than
+# those bytes bounds the values (one inside a text only counts one value too many).
+VALUE_MARKS = b",[{"
+VALUES_PER_USER = 64  # a service user counts 47 so, and one more per comma in its text
+VALUES_ALLOWANCE = 1_000  # the envelope, and room for the fields the service adds
+COUNTED_PIECE = 1 << 20  # the body is counted a piece at a time, so the count copies little of it
+
+
+# Polars' parse releases the GIL, so the layout check (a regular expression, holding it) runs beside it.
+PARSERS = futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="parse")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,16 +66,31 @@ def without_bom(body: bytes) -> bytes:
     return body[len(BOM) :] if body.startswith(BOM) else body
 
 
+def most_values(most_users: int) -> int:
+    """The most JSON values an answer of at most `most_users` users may hold."""
+    return max(most_users, 1) * VALUES_PER_USER + VALUES_ALLOWANCE
+
+
+def count_values(body: bytes) -> int:
+    """At most how many JSON values a body holds: one more than its commas and opening brackets, counted in C."""
+    pieces = (body[start : start + COUNTED_PIECE] for start in range(0, len(body), COUNTED_PIECE))
+    return 1 + sum(len(piece) - len(piece.translate(None, VALUE_MARKS)) for piece in pieces)
+
+
+def check_value_count(body: bytes, most_users: int) -> None:
+    """Refuse, before any reader runs, a body holding more JSON values than `most_users` users hold."""
+    values, most = count_values(body), most_values(most_users)
+    if values > most:
+        raise AnswerError(f"the answer holds up to {values:,} JSON values, more than {most_users} users hold (at most {most:,}): refused unread")
+
+
 def parse_body(body: bytes, schema: pl.Schema = RAW_RESPONSE, most_users: int = MAX_PAGE_SIZE) -> pl.DataFrame:
     """Parse one answer against the raw schema, as Python's json reads it: one row of results, info and error."""
     body = without_bom(body)
+    check_value_count(body, most_users)
+    parsing = PARSERS.submit(parse_json, body, schema)
     in_layout = in_service_layout(body, most_users)
-    if not in_layout and len(body) > MOST_OFF_LAYOUT_BYTES:
-        raise AnswerError(
-            f"the answer is not in the service's compact layout of at most {most_users} users (cut short, reformatted, "
-            f"or holding other fields or more users), and is larger than {MOST_OFF_LAYOUT_BYTES:,} bytes: refused unread"
-        )
-    parsed = parse_json(body, schema)
+    parsed = parsing.result()
     if not in_layout:  # the exact, slower reading only where Polars and json could differ
         faults = json_reading_faults(body)
         if faults:
