@@ -8,9 +8,11 @@ from concurrent import futures
 import functools
 import json
 import re
+from collections.abc import Callable
+from typing import Any
 import polars as pl
 from random_user_config import MAX_PAGE_SIZE, shorten
-from schemas import RAW_INFO, RAW_RESPONSE, SOURCE_FIELDS, Dtype
+from schemas import RAW_INFO, RAW_RESPONSE, RAW_USER, SOURCE_FIELDS, Dtype
 from _random_user_etl.errors import AnswerError
 
 
@@ -31,6 +33,18 @@ USER_LAYOUT = (
 INFO_LAYOUT = "seed,results,page,version"
 
 
+# Where the service's layout starts, cuts between users, and leaves them for the info: no text holds
+# '{"' (a quote after a brace always ends a text), so none of these is ever inside one.
+USER_HEAD = b'{"gender":'
+LAYOUT_HEAD = b'{"results":[' + USER_HEAD
+USER_CUT = b"}," + USER_HEAD
+LAYOUT_TAIL = b'],"info":{'
+USERS_PER_PIECE = 500
+USERS_ONLY = pl.Schema({"results": pl.List(RAW_USER)})
+ENVELOPE_FIELDS: dict[str, Dtype] = {"info": RAW_INFO, "error": pl.String}
+ENVELOPE = pl.Schema(ENVELOPE_FIELDS)
+
+
 SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # a UTF-16 surrogate written as an escape (a byte check)
 
 
@@ -45,7 +59,9 @@ LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # what is left of a lone escape 
 VALUE_MARKS = b",[{"
 VALUES_PER_USER = 64  # a service user counts 47 so, and one more per comma in its text
 VALUES_ALLOWANCE = 1_000  # the envelope, and room for the fields the service adds
-COUNTED_PIECE = 1 << 20  # the body is counted a piece at a time, so the count copies little of it
+# The body is counted a piece at a time: the count copies little of it, and each copy is below glibc's
+# mmap threshold, so freeing it never raises that threshold (which puts later large buffers on the heap).
+COUNTED_PIECE = 1 << 16
 
 
 # Polars' parse releases the GIL, so the layout check (a regular expression, holding it) runs beside it.
@@ -84,18 +100,68 @@ def check_value_count(body: bytes, most_users: int) -> None:
         raise AnswerError(f"the answer holds up to {values:,} JSON values, more than {most_users} users hold (at most {most:,}): refused unread")
 
 
-def parse_body(body: bytes, schema: pl.Schema = RAW_RESPONSE, most_users: int = MAX_PAGE_SIZE) -> pl.DataFrame:
-    """Parse one answer against the raw schema, as Python's json reads it: one row of results, info and error."""
+@dataclasses.dataclass(frozen=True)
+class Parsed:
+    """An answer as read: its users (a struct per user; None where it has no results), its info and its error."""
+
+    users: pl.Series | None
+    info: dict
+    error: str | None
+
+
+def read_strictly(body: bytes, most_users: int, read: Callable[[bytes], Any], whole: Callable[[bytes], Any]) -> Any:
+    """`read(body)` as Python's json reads it: the values bounded first, then the layout checked beside the read.
+
+    Off the layout, `whole(body)` reads it instead (`read` may rely on the layout), checked by Python's json.
+    """
     body = without_bom(body)
     check_value_count(body, most_users)
-    parsing = PARSERS.submit(parse_json, body, schema)
-    in_layout = in_service_layout(body, most_users)
-    parsed = parsing.result()
-    if not in_layout:  # the exact, slower reading only where Polars and json could differ
-        faults = json_reading_faults(body)
-        if faults:
-            raise contract_failure(faults)
+    reading = PARSERS.submit(read, body)
+    if in_service_layout(body, most_users):
+        return reading.result()
+    parsed = reading.result() if read is whole else (futures.wait([reading]), whole(body))[1]
+    faults = json_reading_faults(body)  # the exact, slower reading only where Polars and json could differ
+    if faults:
+        raise contract_failure(faults)
     return parsed
+
+
+def parse_body(body: bytes, schema: pl.Schema = RAW_RESPONSE, most_users: int = MAX_PAGE_SIZE) -> pl.DataFrame:
+    """Parse one answer against a raw schema, as Python's json reads it: one row of its fields."""
+    read = functools.partial(parse_json, schema=schema)
+    return read_strictly(body, most_users, read, read)
+
+
+def parse_answer(body: bytes, most_users: int = MAX_PAGE_SIZE) -> Parsed:
+    """Parse one answer against the raw schema, as Python's json reads it: its users, info and error."""
+    return read_strictly(body, most_users, read_answer, read_whole)
+
+
+def read_whole(body: bytes) -> Parsed:
+    """An answer parsed whole by Polars."""
+    row = parse_json(body, RAW_RESPONSE)
+    results = row.get_column("results")
+    users = None if results.null_count() else results.explode(empty_as_null=False)
+    return Parsed(users, *row.select("info", "error").row(0))
+
+
+def read_answer(body: bytes) -> Parsed:
+    """An answer parsed by Polars, its users in pieces where it starts as the service writes it (else whole)."""
+    # Polars builds a node per value as it parses: a whole page of 5,000 users took 70 MB at its peak,
+    # a piece of 500 users a tenth of that. Cut between users, the pieces are the answer only when it
+    # is in the service's layout, which the layout check then proves (else read_strictly reads it whole).
+    if not body.startswith(LAYOUT_HEAD) or (end := body.rfind(LAYOUT_TAIL)) < 0:
+        return read_whole(body)
+    pieces = []
+    start, step = len(LAYOUT_HEAD) - len(USER_HEAD), max(len(body) * USERS_PER_PIECE // MAX_PAGE_SIZE, 1)
+    while start < end:
+        cut = body.find(USER_CUT, min(start + step, end), end)
+        stop = end if cut < 0 else cut + 1
+        piece = parse_json(b'{"results":[' + body[start:stop] + b"]}", USERS_ONLY)
+        pieces.append(piece.get_column("results").explode(empty_as_null=False))
+        start = stop + 1
+    envelope = parse_json(b"{" + body[end + 2 :], ENVELOPE)
+    return Parsed(pl.concat(pieces) if pieces else None, *envelope.row(0))
 
 
 def parse_json(body: bytes, schema: pl.Schema) -> pl.DataFrame:
@@ -197,12 +263,6 @@ def json_reading_faults(body: bytes) -> list[str]:
     return faults
 
 
-def envelope(parsed: pl.DataFrame) -> dict:
-    """The error, info and user count of a parsed answer, without turning users into Python objects."""
-    row = parsed.select("error", "info", count=pl.col("results").list.len()).row(0, named=True)
-    return {**row, "info": row["info"] or {}}
-
-
 def service_error(message: str) -> AnswerError:
     """The error for an answer that is the service's own error body."""
     return AnswerError(f"the service answered with an error: '{shorten(message, 200)}'")
@@ -210,8 +270,7 @@ def service_error(message: str) -> AnswerError:
 
 def answer_info(body: bytes) -> dict:
     """An answer's info alone, from a parse of only info and error (half a full parse); an error body refused."""
-    info_and_error: dict[str, Dtype] = {"info": RAW_INFO, "error": pl.String}
-    row = parse_body(body, pl.Schema(info_and_error)).row(0, named=True)
+    row = parse_body(body, ENVELOPE).row(0, named=True)
     if row["error"] is not None:
         raise service_error(row["error"])
     info = row["info"] or {}
@@ -225,14 +284,13 @@ def check_page_number(info: dict) -> None:
         raise AnswerError(f"the answer's info.page '{shorten(info['page'])}' is not a page number")
 
 
-def check_envelope(parsed: pl.DataFrame, expect: PageRequest | None) -> dict:
+def check_envelope(parsed: Parsed, expect: PageRequest | None) -> dict:
     """The answer's info, after refusing an error body, missing results, or another page's answer."""
-    row = envelope(parsed)
-    if row["error"] is not None:
-        raise service_error(row["error"])
-    if row["count"] is None:
+    if parsed.error is not None:
+        raise service_error(parsed.error)
+    if parsed.users is None:
         raise AnswerError("the answer has no results")
-    info, got = row["info"], row["count"]
+    info, got = parsed.info or {}, parsed.users.len()
     check_page_number(info)
     if expect is not None:
         check_expected(info, got, expect)
