@@ -300,3 +300,13 @@ def test_a_page_number_in_other_digits_is_refused():
     doc["info"]["page"] = "1\u0661"  # Arabic-Indic one: Python's int() reads "11"
     with pytest.raises(etl.EtlError, match="is not a page number"):
         etl.transform(compact(doc))
+
+
+@pytest.mark.parametrize("text", ['x},{"gender":"y', "x},{\\u0022gender\\u0022:", '"]},{"gender":"male"}],"info":{'])
+def test_a_text_that_looks_like_the_cut_between_users_lands_as_written(text):
+    # The service's layout is parsed in pieces cut between users: no text is ever cut.
+    doc = json.loads(page_body("cut", 1, 2000))
+    doc["results"][700]["location"]["city"] = text
+    doc["results"][1400]["name"]["last"] = text
+    body = compact(doc)
+    assert_rows_are(etl.transform(body), doc["results"])
