@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 from concurrent import futures
 import functools
 import json
 import re
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 import polars as pl
 from random_user_config import MAX_PAGE_SIZE, shorten
 from schemas import RAW_INFO, RAW_RESPONSE, RAW_USER, SOURCE_FIELDS, Dtype
@@ -64,8 +65,12 @@ VALUES_ALLOWANCE = 1_000  # the envelope, and room for the fields the service ad
 COUNTED_PIECE = 1 << 16
 
 
-# Polars' parse releases the GIL, so the layout check (a regular expression, holding it) runs beside it.
-PARSERS = futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="parse")
+# Polars parses on these threads, releasing the GIL, while the thread that asked checks the layout.
+# Two: a piece each on both cores of a small machine; the pages typed at once share them.
+PARSERS = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="parse")
+
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,17 +114,24 @@ class Parsed:
     error: str | None
 
 
-def read_strictly(body: bytes, most_users: int, read: Callable[[bytes], Any], whole: Callable[[bytes], Any]) -> Any:
-    """`read(body)` as Python's json reads it: the values bounded first, then the layout checked beside the read.
+def read_strictly(body: bytes, most_users: int, start: Callable[[bytes], Callable[[], T]], whole: Callable[[bytes], T] | None = None) -> T:
+    """What `start(body)` reads, as Python's json reads it: the values bounded first, the layout checked meanwhile.
 
-    Off the layout, `whole(body)` reads it instead (`read` may rely on the layout), checked by Python's json.
+    `start` sets Polars reading and gives what waits for its result; Polars releases the GIL, so the
+    layout check (a regular expression, holding it) runs beside. Off the layout, what `start` read is
+    checked by Python's json, or, if it relied on the layout, `whole(body)` reads the answer instead.
     """
     body = without_bom(body)
     check_value_count(body, most_users)
-    reading = PARSERS.submit(read, body)
+    reading = start(body)
     if in_service_layout(body, most_users):
-        return reading.result()
-    parsed = reading.result() if read is whole else (futures.wait([reading]), whole(body))[1]
+        return reading()
+    if whole is None:
+        parsed = reading()
+    else:
+        with contextlib.suppress(AnswerError):  # read as if in the layout: discarded
+            reading()
+        parsed = whole(body)
     faults = json_reading_faults(body)  # the exact, slower reading only where Polars and json could differ
     if faults:
         raise contract_failure(faults)
@@ -128,13 +140,12 @@ def read_strictly(body: bytes, most_users: int, read: Callable[[bytes], Any], wh
 
 def parse_body(body: bytes, schema: pl.Schema = RAW_RESPONSE, most_users: int = MAX_PAGE_SIZE) -> pl.DataFrame:
     """Parse one answer against a raw schema, as Python's json reads it: one row of its fields."""
-    read = functools.partial(parse_json, schema=schema)
-    return read_strictly(body, most_users, read, read)
+    return read_strictly(body, most_users, lambda body: PARSERS.submit(parse_json, body, schema).result)
 
 
 def parse_answer(body: bytes, most_users: int = MAX_PAGE_SIZE) -> Parsed:
     """Parse one answer against the raw schema, as Python's json reads it: its users, info and error."""
-    return read_strictly(body, most_users, read_answer, read_whole)
+    return read_strictly(body, most_users, start_answer, read_whole)
 
 
 def read_whole(body: bytes) -> Parsed:
@@ -145,23 +156,38 @@ def read_whole(body: bytes) -> Parsed:
     return Parsed(users, *row.select("info", "error").row(0))
 
 
-def read_answer(body: bytes) -> Parsed:
-    """An answer parsed by Polars, its users in pieces where it starts as the service writes it (else whole)."""
+def start_answer(body: bytes) -> Callable[[], Parsed]:
+    """Set Polars parsing an answer, its users in pieces where it starts as the service writes it (else whole)."""
     # Polars builds a node per value as it parses: a whole page of 5,000 users took 70 MB at its peak,
-    # a piece of 500 users a tenth of that. Cut between users, the pieces are the answer only when it
-    # is in the service's layout, which the layout check then proves (else read_strictly reads it whole).
+    # a piece of 500 users a tenth of that, and the pieces of one page parse on both cores. Cut between
+    # users, the pieces are the answer only in the service's layout, which read_strictly then checks.
     if not body.startswith(LAYOUT_HEAD) or (end := body.rfind(LAYOUT_TAIL)) < 0:
-        return read_whole(body)
-    pieces = []
+        return PARSERS.submit(read_whole, body).result
+    pieces = [PARSERS.submit(piece_users, body, start, stop) for start, stop in user_pieces(body, end)]
+
+    def parsed() -> Parsed:
+        """The users of every piece, in order, and the answer's info and error."""
+        futures.wait(pieces)
+        envelope = parse_json(b"{" + body[end + 2 :], ENVELOPE)
+        return Parsed(pl.concat([piece.result() for piece in pieces]), *envelope.row(0))
+
+    return parsed
+
+
+def user_pieces(body: bytes, end: int) -> Iterator[tuple[int, int]]:
+    """Where each piece of about USERS_PER_PIECE users starts and stops, up to `end`, the users' end."""
     start, step = len(LAYOUT_HEAD) - len(USER_HEAD), max(len(body) * USERS_PER_PIECE // MAX_PAGE_SIZE, 1)
     while start < end:
         cut = body.find(USER_CUT, min(start + step, end), end)
         stop = end if cut < 0 else cut + 1
-        piece = parse_json(b'{"results":[' + body[start:stop] + b"]}", USERS_ONLY)
-        pieces.append(piece.get_column("results").explode(empty_as_null=False))
+        yield start, stop
         start = stop + 1
-    envelope = parse_json(b"{" + body[end + 2 :], ENVELOPE)
-    return Parsed(pl.concat(pieces) if pieces else None, *envelope.row(0))
+
+
+def piece_users(body: bytes, start: int, stop: int) -> pl.Series:
+    """The users written in body[start:stop], parsed by Polars."""
+    piece = parse_json(b'{"results":[' + body[start:stop] + b"]}", USERS_ONLY)
+    return piece.get_column("results").explode(empty_as_null=False)
 
 
 def parse_json(body: bytes, schema: pl.Schema) -> pl.DataFrame:
