@@ -34,13 +34,13 @@ USER_LAYOUT = (
 INFO_LAYOUT = "seed,results,page,version"
 
 
-# Where the service's layout starts, cuts between users, and leaves them for the info: no text holds
-# '{"' (a quote after a brace always ends a text), so none of these is ever inside one.
+# Where the service's layout starts, cuts between users, and leaves them for the info. None of these
+# begins inside a text of valid JSON: its quote would end the text, and no key can follow a text.
 USER_HEAD = b'{"gender":'
 LAYOUT_HEAD = b'{"results":[' + USER_HEAD
 USER_CUT = b"}," + USER_HEAD
 LAYOUT_TAIL = b'],"info":{'
-USERS_PER_PIECE = 500
+PIECE_BYTES = 1 << 19  # about 500 of the service's users
 USERS_ONLY = pl.Schema({"results": pl.List(RAW_USER)})
 ENVELOPE_FIELDS: dict[str, Dtype] = {"info": RAW_INFO, "error": pl.String}
 ENVELOPE = pl.Schema(ENVELOPE_FIELDS)
@@ -175,10 +175,10 @@ def start_answer(body: bytes) -> Callable[[], Parsed]:
 
 
 def user_pieces(body: bytes, end: int) -> Iterator[tuple[int, int]]:
-    """Where each piece of about USERS_PER_PIECE users starts and stops, up to `end`, the users' end."""
-    start, step = len(LAYOUT_HEAD) - len(USER_HEAD), max(len(body) * USERS_PER_PIECE // MAX_PAGE_SIZE, 1)
+    """Where each piece of users (about PIECE_BYTES) starts and stops, up to `end`, where the users end."""
+    start = len(LAYOUT_HEAD) - len(USER_HEAD)
     while start < end:
-        cut = body.find(USER_CUT, min(start + step, end), end)
+        cut = body.find(USER_CUT, min(start + PIECE_BYTES, end), end)
         stop = end if cut < 0 else cut + 1
         yield start, stop
         start = stop + 1
