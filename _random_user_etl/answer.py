@@ -241,13 +241,32 @@ def service_layout(most_users: int, text: str = PLAIN_TEXT) -> re.Pattern:
     return re.compile(rf'\{{"results":\[(?:{user}(?:,{user}){{0,{most_users - 1}}}+)?+\],"info":{info}\}}'.encode())
 
 
+@functools.cache
+def users_layout(text: str = PLAIN_TEXT) -> re.Pattern:
+    """Users in the service's compact layout, one after another, as one regular expression (possessive, as above)."""
+    user = layout_pattern(USER_LAYOUT, text)
+    return re.compile(rf"{user}(?:,{user})*+".encode())
+
+
+@functools.cache
+def tail_layout(text: str = PLAIN_TEXT) -> re.Pattern:
+    """What follows the users in the service's compact layout: its info, and the answer's end."""
+    return re.compile(rf'\],"info":{layout_pattern(INFO_LAYOUT, text)}\}}'.encode())
+
+
 def in_service_layout(body: bytes, most_users: int = MAX_PAGE_SIZE) -> bool:
-    """True for the service's compact layout with no surrogate escape: no key can repeat, and the users are bounded."""
-    if b"\\" not in body:
-        return service_layout(max(most_users, 1)).fullmatch(body) is not None
-    if SURROGATE_ESCAPE.search(body):  # Polars and json may read a surrogate differently
+    """True for the service's compact layout with no surrogate escape: no key can repeat, and Polars reads it as json does."""
+    escaped = b"\\" in body
+    if escaped and SURROGATE_ESCAPE.search(body):  # Polars and json may read a surrogate differently
         return False
-    return service_layout(max(most_users, 1), ESCAPED_TEXT).fullmatch(body) is not None
+    text = ESCAPED_TEXT if escaped else PLAIN_TEXT
+    if not body.startswith(LAYOUT_HEAD) or (end := body.rfind(LAYOUT_TAIL)) < 0:
+        return service_layout(max(most_users, 1), text).fullmatch(body) is not None
+    # Piece by piece, the pieces start_answer parses joined by their commas: a match holds the GIL
+    # throughout, so the threads parsing the pieces take it between two (the values are bounded already).
+    users = users_layout(text)
+    pieces = user_pieces(body, end)
+    return tail_layout(text).fullmatch(body, end) is not None and all(users.fullmatch(body, start, stop) for start, stop in pieces)
 
 
 def dig(value, path: str):

@@ -310,3 +310,15 @@ def test_a_text_that_looks_like_the_cut_between_users_lands_as_written(text):
     doc["results"][1400]["name"]["last"] = text
     body = compact(doc)
     assert_rows_are(etl.transform(body), doc["results"])
+
+
+@pytest.mark.parametrize("user", [0, 2500, 4999])
+def test_a_key_written_twice_anywhere_in_a_full_page_is_refused(user):
+    # The layout of a full page is checked piece by piece: a key twice in any piece is caught.
+    body = page_body("twice", 1, 5000)
+    at = -1
+    for _ in range(user + 1):
+        at = body.index(b',"nat":"', at + 1)
+    body = body[:at] + b',"nat":"XX"' + body[at:]
+    with pytest.raises(etl.EtlError, match=r"1 JSON object\(s\) hold a key twice \(nat\)"):
+        etl.transform(body)
