@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 from pathlib import Path
 
 import polars as pl
@@ -12,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from fake_api import page_body
-from support import PREFIX, fast_env, served_users
+from support import PREFIX, fast_env, run_cli, served_users
 
 import random_user_etl as etl
 from schemas import DIRECT, PII_CLASSES, QUASI
@@ -252,3 +253,71 @@ def test_the_analyst_lake_in_object_storage_is_built_read_and_left_alone_by_a_se
     uploaded = pq.ParquetFile(pa.BufferReader(bodies[0]))
     classes = json.loads(uploaded.metadata.metadata[b"random_user_etl.pii"])
     assert {field.name: field.metadata[b"pii"].decode() for field in uploaded.schema_arrow} == classes
+
+
+def key_env(lake, api, **env) -> dict:
+    """The CLI's environment for the lake of the `lake` fixture, plus `env`."""
+    return fast_env(api.url, Path(lake.output_dir), Path(lake.raw_dir), **env)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "huge"])
+def test_a_key_file_that_is_no_small_regular_file_is_exit_2_at_once(lake, tmp_path, api, kind):
+    path = tmp_path / "key"
+    if kind == "fifo":
+        os.mkfifo(path)  # read whole, it would hold the job for good: no one writes to it
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        path.write_bytes(b"k" * 10_000_000)
+    ran = run_cli("--pseudonymise", tmp_path / "analyst", env=key_env(lake, api, **{KEY_FILE_VARIABLE: path}), timeout=20)
+    assert ran.returncode == 2, ran.stderr
+    (line,) = ran.stderr.strip().splitlines()
+    assert line.startswith(PREFIX) and KEY_FILE_VARIABLE in line
+    assert not (tmp_path / "analyst").exists()
+
+
+def test_a_key_of_bytes_that_are_not_utf_8_is_taken_as_its_bytes(lake, tmp_path, monkeypatch):
+    raw = KEY.encode() + b"\xff\xfe"  # a variable is bytes to the system: Python holds these as surrogates
+    monkeypatch.setenv(KEY_VARIABLE, os.fsdecode(raw))
+    etl.pseudonymise(str(tmp_path / "analyst"), lake)
+    users = served_users("demo2", 40, 40)
+    got = set(etl.read_pseudonymised(str(tmp_path / "analyst")).collect()["person_key"])
+    assert {hmac.new(raw, user["login"]["uuid"].encode(), hashlib.sha256).hexdigest() for user in users} <= got
+
+
+@pytest.mark.parametrize("key", ["x" * 31, "é" * 15 + "x"], ids=["31-ascii", "31-bytes-16-characters"])
+def test_a_key_of_31_bytes_is_refused_and_one_of_32_bytes_taken(lake, tmp_path, cli, api, key):
+    short = cli("--pseudonymise", tmp_path / "analyst", env=key_env(lake, api, **{KEY_VARIABLE: key}))
+    assert short.returncode == 2 and "31 bytes" in short.stderr and key not in short.stderr
+    taken = cli("--pseudonymise", tmp_path / "analyst", env=key_env(lake, api, **{KEY_VARIABLE: key + "y"}))
+    assert taken.returncode == 0, taken.stderr
+
+
+@pytest.mark.parametrize("where", ["raw", "inside-raw", "holding-raw"])
+def test_an_analyst_lake_overlapping_the_raw_answers_is_refused(tmp_path, cli, api, settings, where):
+    # The raw answers hold every direct identifier: analysts given the target must not reach them.
+    lake = settings(output_dir=str(tmp_path / "lake"), raw_dir=str(tmp_path / "keep" / "raw"))
+    etl.run(lake, seed="demo", n=40, page_size=40)
+    target = {"raw": tmp_path / "keep" / "raw", "inside-raw": tmp_path / "keep" / "raw" / "analyst", "holding-raw": tmp_path / "keep"}[where]
+    before = file_state(tmp_path / "keep")
+    ran = cli("--pseudonymise", target, env=key_env(lake, api, **{KEY_VARIABLE: KEY}))
+    assert ran.returncode == 2 and "overlaps" in ran.stderr and "--raw-dir" in ran.stderr, ran.stderr
+    assert file_state(tmp_path / "keep") == before
+    with pytest.raises(etl.config.SettingsError, match="overlaps"):
+        etl.pseudonymise(str(target), lake)
+
+
+def test_a_failed_build_leaves_no_target_behind(tmp_path, cli, api):
+    env = fast_env(api.url, tmp_path / "no-lake", tmp_path / "raw", **{KEY_VARIABLE: KEY})
+    ran = cli("--pseudonymise", tmp_path / "analyst", env=env)
+    assert ran.returncode == 1
+    assert not (tmp_path / "analyst").exists()
+
+
+def test_an_unwritable_target_is_exit_1_in_one_line_naming_it(lake, tmp_path, cli, api, s3):
+    for target in ("s3://no-such-bucket-here/analyst", tmp_path / "file" / "analyst"):
+        (tmp_path / "file").write_text("a file where a folder would be")
+        ran = cli("--pseudonymise", target, env=key_env(lake, api, **{KEY_VARIABLE: KEY}))
+        assert ran.returncode == 1, ran.stderr
+        (line,) = ran.stderr.strip().splitlines()
+        assert line.startswith(PREFIX) and "unexpected" not in line and str(target).split("/")[-2] in line, line
