@@ -344,9 +344,13 @@ def main(argv: list[str] | None = None, prog: str = "random_user_etl.py") -> int
             return 1
         except KeyboardInterrupt as exc:
             signum = getattr(exc, "signum", signal.SIGINT)
-            print(f"{parser.prog}: stopped by {signal.Signals(signum).name}; staged pages are kept and the next run resumes", file=sys.stderr)
+            kept = "the analyst files built so far are kept and the next run builds the rest" if target is not None else STOPPED_RUN_KEEPS
+            print(f"{parser.prog}: stopped by {signal.Signals(signum).name}; {kept}", file=sys.stderr)
             return 128 + signum
     return 0
+
+
+STOPPED_RUN_KEEPS = "staged pages are kept and the next run resumes"  # what a stopped run or replay leaves
 
 
 def analyst_key(target: str | None, source: str | None, settings: Settings) -> tuple[str, ...]:

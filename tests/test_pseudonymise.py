@@ -6,12 +6,16 @@ import hashlib
 import hmac
 import json
 import os
+import signal
 from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from fake_api import page_body
 from support import PREFIX, fast_env, run_cli, served_users
 
@@ -321,3 +325,68 @@ def test_an_unwritable_target_is_exit_1_in_one_line_naming_it(lake, tmp_path, cl
         assert ran.returncode == 1, ran.stderr
         (line,) = ran.stderr.strip().splitlines()
         assert line.startswith(PREFIX) and "unexpected" not in line and str(target).split("/")[-2] in line, line
+
+
+quasi_rows = st.lists(
+    st.tuples(st.sampled_from(["female", "male", None]), st.sampled_from([1950, 1960, 1970, None]), st.sampled_from(["GB", "NO", "TR"])),
+    max_size=60,
+)
+
+
+@given(rows=quasi_rows, k=st.integers(2, 12))
+@hypothesis_settings(max_examples=200, deadline=None)
+def test_suppression_makes_any_frame_k_anonymous_dropping_no_row_and_counting_what_it_suppressed(rows, k):
+    from _random_user_etl.pseudonym import quasi_columns, rare_rows, suppressed
+
+    quasi = quasi_columns()
+    assert sorted(quasi) == ["birth_decade", "gender", "nationality"]
+    frame = pl.DataFrame(rows, schema={"gender": pl.String, "birth_decade": pl.Int32, "nationality": pl.String}, orient="row")
+    frame = frame.with_row_index("row").select("row", *quasi)
+    out = suppressed(frame.lazy(), k).collect()
+    assert out["row"].to_list() == frame["row"].to_list()
+    assert_k_anonymous(out, quasi, k)
+    # A row keeps its values exactly when at least k rows share them; the rest lose all of them, and are counted.
+    sizes = frame.group_by(quasi).len()
+    expected = frame.join(sizes, on=quasi, how="left", nulls_equal=True)
+    kept = expected.filter(pl.col("len") >= k).sort("row")
+    assert out.filter(pl.col("row").is_in(kept["row"].to_list())).equals(kept.select(out.columns))
+    gone = out.filter(~pl.col("row").is_in(kept["row"].to_list()))
+    assert gone.select(pl.col(quasi).is_null().all()).row(0) == (True,) * 3
+    assert rare_rows(frame.lazy(), k) == gone.height
+
+
+HELD_AFTER_THE_FIRST_FILE = """
+import logging, os, sys, time
+import random_user_etl as etl
+release = sys.argv[1]
+
+class Hold(logging.Filter):
+    def filter(self, record):
+        if record.getMessage().startswith("analyst file") and not os.path.exists(release + ".held"):
+            open(release + ".held", "w").close()
+            while not os.path.exists(release):
+                time.sleep(0.002)
+        return True
+
+logging.getLogger("random_user_etl").addFilter(Hold())
+etl.exit_now(etl.main(sys.argv[2:]))
+"""
+
+
+def test_a_stop_between_analyst_files_is_143_with_a_line_of_its_own_and_leaves_no_half_file(lake, tmp_path, api):
+    from support import delivered, signalled_exit, start_cli, wait_until
+
+    target, release, err = tmp_path / "analyst", tmp_path / "release", tmp_path / "stderr.txt"
+    proc = start_cli("--pseudonymise", target, env=key_env(lake, api, **{KEY_VARIABLE: KEY}), log=err, via=(HELD_AFTER_THE_FIRST_FILE, release))
+    try:
+        wait_until(lambda: Path(f"{release}.held").exists() or proc.poll() is not None, what="the first analyst file built")
+        assert proc.poll() is None, err.read_text()
+        code, _ = signalled_exit(proc, signal.SIGTERM, lambda: (wait_until(lambda: delivered(proc.pid, signal.SIGTERM)), release.touch()))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stderr = err.read_text()
+    assert code == 143 and "Traceback" not in stderr, stderr
+    assert stderr.splitlines()[-1] == "random_user_etl.py: stopped by SIGTERM; the analyst files built so far are kept and the next run builds the rest"
+    assert sorted(path.name for path in target.iterdir()) == ["pseudonymised_users_demo.parquet"]
