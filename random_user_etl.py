@@ -111,16 +111,19 @@ def checked_target(target: str, settings: Settings) -> str:
         raise SettingsError("--pseudonymise names no place for the analyst lake")
     target = config.lake_address(target)
     config.check_output_address("--pseudonymise", target)
-    # Analysts are given the target, never the lake: neither may hold the other.
-    if is_remote(target) or is_remote(settings.output_dir):
-        overlaps = target == settings.output_dir or (target + "/").startswith(settings.output_dir + "/") or (settings.output_dir + "/").startswith(target + "/")
-    else:
-        overlaps = lies_in(target, settings.output_dir) or lies_in(settings.output_dir, target)
-    if overlaps:
-        raise SettingsError(
-            f"--pseudonymise '{shorten(target)}' overlaps {config.describe('output_dir')} '{shorten(settings.output_dir)}': keep the analyst lake apart"
-        )
+    # Analysts are given the target, never the lake or the raw answers: none may hold another.
+    for name in ("output_dir", "raw_dir"):
+        place = getattr(settings, name)
+        if place is not None and overlapping(target, place):
+            raise SettingsError(f"--pseudonymise '{shorten(target)}' overlaps {config.describe(name)} '{shorten(place)}': keep the analyst lake apart")
     return target
+
+
+def overlapping(target: str, place: str) -> bool:
+    """True when one of two places is, or lies inside, the other: local folders resolved, object-storage prefixes as spelt."""
+    if is_remote(target) or is_remote(place):
+        return target == place or (target + "/").startswith(place + "/") or (place + "/").startswith(target + "/")
+    return lies_in(target, place) or lies_in(place, target)
 
 
 def read_pseudonymised(target: str, storage_options: dict | None = None) -> pl.LazyFrame:
@@ -341,9 +344,13 @@ def main(argv: list[str] | None = None, prog: str = "random_user_etl.py") -> int
             return 1
         except KeyboardInterrupt as exc:
             signum = getattr(exc, "signum", signal.SIGINT)
-            print(f"{parser.prog}: stopped by {signal.Signals(signum).name}; staged pages are kept and the next run resumes", file=sys.stderr)
+            kept = "the analyst files built so far are kept and the next run builds the rest" if target is not None else STOPPED_RUN_KEEPS
+            print(f"{parser.prog}: stopped by {signal.Signals(signum).name}; {kept}", file=sys.stderr)
             return 128 + signum
     return 0
+
+
+STOPPED_RUN_KEEPS = "staged pages are kept and the next run resumes"  # what a stopped run or replay leaves
 
 
 def analyst_key(target: str | None, source: str | None, settings: Settings) -> tuple[str, ...]:
@@ -353,7 +360,7 @@ def analyst_key(target: str | None, source: str | None, settings: Settings) -> t
     if source is not None:
         raise SettingsError("--pseudonymise and --replay are two jobs; give one")
     checked_target(target, settings)
-    return (pseudonym.load_key(os.environ).secret.decode(errors="replace"),)
+    return (os.fsdecode(pseudonym.load_key(os.environ).secret),)  # as the variable, or the file, spells it
 
 
 def exit_now(status: int) -> None:

@@ -8,12 +8,13 @@ import hmac
 import json
 import logging
 import os
+import stat
 from pathlib import Path
 from typing import Any
 import polars as pl
 from random_user_config import SettingsError
 from schemas import DECADE, KEEP, OUTPUT_SCHEMA, PERSON_KEY, PII_CLASSES, PII_METADATA_KEY, QUASI, TREATMENTS, Dtype
-from _random_user_etl.errors import StorageError, write_error
+from _random_user_etl.errors import StorageError, failing_as, write_error
 from _random_user_etl.folders import own_staging_root
 from _random_user_etl.lake import BATCH_GLOB, LAKE_SCAN, lake_batches, lake_folder, scan_batches
 from _random_user_etl.places import is_remote
@@ -29,6 +30,7 @@ ALGORITHM = "HMAC-SHA256"
 KEY_ID_LABEL = b"random_user_etl pseudonym key id"
 PSEUDONYM_METADATA_KEY = "random_user_etl.pseudonym"  # an analyst file's key id, algorithm, k, source and suppressed rows
 ANALYST_GLOB = "pseudonymised_users_*.parquet"
+WRITE_FAILURES = (OSError, pl.exceptions.PolarsError)  # what making the target, or writing an analyst file into it, can raise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,16 +61,30 @@ def load_key(environ) -> PseudonymKey:
     if text is None and path is None:
         raise SettingsError(f"--pseudonymise needs the key in {KEY_FILE_VARIABLE} (a file, as a mounted Secret) or {KEY_VARIABLE}; it is never a flag")
     if path is not None:
-        try:
-            secret, source = Path(path).read_bytes(), KEY_FILE_VARIABLE
-        except OSError as exc:
-            raise SettingsError(f"{KEY_FILE_VARIABLE} cannot be read: {write_error(exc)}") from None
-        secret = secret.removesuffix(b"\n").removesuffix(b"\r")  # a file written by echo or an editor ends its line
+        secret, source = read_key_file(path).removesuffix(b"\n").removesuffix(b"\r"), KEY_FILE_VARIABLE  # echo and editors end the line
     else:
-        secret, source = text.encode(), KEY_VARIABLE
+        secret, source = os.fsencode(text), KEY_VARIABLE  # the variable's very bytes, UTF-8 or not
     if len(secret) < SHORTEST_KEY:
         raise SettingsError(f"{source} holds a key of {len(secret)} bytes; it must be at least {SHORTEST_KEY} (`openssl rand -hex 32` makes one)")
     return PseudonymKey(secret)
+
+
+LONGEST_KEY_FILE = 4096  # bytes: a key is one short line, and a file far longer is not the key's
+
+
+def read_key_file(path: str) -> bytes:
+    """The key file's bytes: a regular file (or a link to one, as a mounted Secret's is) of at most LONGEST_KEY_FILE bytes; SettingsError else."""
+    try:
+        # Not blocking: a FIFO at the path would hold the job, before its first line, until someone wrote to it.
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as file:
+            if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+                raise SettingsError(f"{KEY_FILE_VARIABLE} names no regular file; it names the file holding the key")
+            secret = file.read(LONGEST_KEY_FILE + 1)
+    except OSError as exc:
+        raise SettingsError(f"{KEY_FILE_VARIABLE} cannot be read: {write_error(exc)}") from None
+    if len(secret) > LONGEST_KEY_FILE:
+        raise SettingsError(f"{KEY_FILE_VARIABLE} names a file of more than {LONGEST_KEY_FILE} bytes; it names the file holding the key alone")
+    return secret
 
 
 # ---------------------------------------------------------------- the treatments
@@ -157,7 +173,10 @@ GROUP_ROWS = 100_000  # an analyst file's row groups: its rows are few columns, 
 def build_record(source: str, storage_options: dict | None, key: PseudonymKey, k: int) -> dict[str, Any]:
     """What an analyst file is built from: the source batch's identity, the key's id, k, the algorithm and the columns."""
     footer = pl.read_parquet_metadata(source, storage_options=storage_options)
-    identity = hashlib.sha256(json.dumps(footer, sort_keys=True).encode())
+    # The instant the batch landed, to the microsecond: a batch landed again within one second has the
+    # same footer (its quality report counts seconds), never the same instant.
+    landed = pl.scan_parquet(source, storage_options=storage_options, glob=False).select(pl.col("ingested_at").max()).collect().item()
+    identity = hashlib.sha256(json.dumps({**footer, "landed": str(landed)}, sort_keys=True).encode())
     if not is_remote(source):  # a file replaced with the same footer still has its own size and time
         info = os.stat(source)
         identity.update(f"{info.st_size}:{info.st_mtime_ns}".encode())
@@ -223,17 +242,20 @@ def analyst_sink(target: str, storage_options: dict, stop: Stop) -> tuple[Analys
 
 def refresh(output_dir: str, target: str, key: PseudonymKey, k: int, storage_options: dict, stop: Stop) -> dict[str, bool]:
     """Build or refresh the analyst file of every batch, until `stop`; each analyst file, and whether it was built (False: already up to date)."""
-    sink, scratch = analyst_sink(target, storage_options, stop)
     remote = storage_options if is_remote(output_dir) else None
+    sources = lake_sources(output_dir, remote)  # first: a lake that cannot be read leaves no target behind
+    with failing_as("cannot make", target, catching=WRITE_FAILURES):
+        sink, scratch = analyst_sink(target, storage_options, stop)
     built = {}
-    for source in lake_sources(output_dir, remote):
+    for source in sources:
         where, record = sink.where(seed_of(source)), build_record(source, remote, key, k)
         built[where] = built_from(where, storage_options if is_remote(target) else None) != record
         if not built[where]:
             log.info("analyst file %s is up to date", where)
             continue
         file = analyst_file(scan_batches([source], remote), seed_of(source), record, key, scratch)
-        sink.land(file)
+        with failing_as("cannot write", where, catching=WRITE_FAILURES):
+            sink.land(file)
         log.info(
             "analyst file %s built (k=%d, %s rows with their quasi-identifiers suppressed)",
             where,

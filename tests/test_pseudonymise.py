@@ -5,14 +5,19 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
+import signal
 from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from fake_api import page_body
-from support import PREFIX, fast_env, served_users
+from support import PREFIX, fast_env, run_cli, served_users
 
 import random_user_etl as etl
 from schemas import DIRECT, PII_CLASSES, QUASI
@@ -139,6 +144,20 @@ def test_every_analyst_file_is_k_anonymous_at_the_k_asked_for(lake, tmp_path, mo
             assert frame.height == DEMO[name.removeprefix("pseudonymised_users_").removesuffix(".parquet")]  # suppressed, never dropped
 
 
+def test_a_landed_5000_user_batch_keeps_most_of_its_quasi_identifiers_and_every_file_is_k_anonymous(settings, tmp_path, monkeypatch):
+    # The small lake above has every row suppressed at k = 5: this one checks k on rows that kept theirs.
+    monkeypatch.setenv(KEY_VARIABLE, KEY)
+    lake = settings(seed="kbig", n=5000, page_size=5000, output_dir=str(tmp_path / "lake"))
+    etl.run(lake)
+    target = tmp_path / "analyst"
+    etl.pseudonymise(str(target), lake)
+    (frame,) = analyst_files(target).values()
+    quasi = quasi_of(target / "pseudonymised_users_kbig.parquet")
+    kept = frame.filter(~pl.any_horizontal(pl.col(quasi).is_null()))
+    assert frame.height == 5000 and kept.height >= 2500, kept.height
+    assert_k_anonymous(frame, quasi, 5)
+
+
 def test_at_least_half_of_a_5000_user_batch_of_all_nationalities_keeps_its_quasi_identifiers_at_k_5():
     from _random_user_etl.pseudonym import PseudonymKey, quasi_columns, suppressed, treated
 
@@ -252,3 +271,136 @@ def test_the_analyst_lake_in_object_storage_is_built_read_and_left_alone_by_a_se
     uploaded = pq.ParquetFile(pa.BufferReader(bodies[0]))
     classes = json.loads(uploaded.metadata.metadata[b"random_user_etl.pii"])
     assert {field.name: field.metadata[b"pii"].decode() for field in uploaded.schema_arrow} == classes
+
+
+def key_env(lake, api, **env) -> dict:
+    """The CLI's environment for the lake of the `lake` fixture, plus `env`."""
+    return fast_env(api.url, Path(lake.output_dir), Path(lake.raw_dir), **env)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "huge"])
+def test_a_key_file_that_is_no_small_regular_file_is_exit_2_at_once(lake, tmp_path, api, kind):
+    path = tmp_path / "key"
+    if kind == "fifo":
+        os.mkfifo(path)  # read whole, it would hold the job for good: no one writes to it
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        path.write_bytes(b"k" * 10_000_000)
+    ran = run_cli("--pseudonymise", tmp_path / "analyst", env=key_env(lake, api, **{KEY_FILE_VARIABLE: path}), timeout=20)
+    assert ran.returncode == 2, ran.stderr
+    (line,) = ran.stderr.strip().splitlines()
+    assert line.startswith(PREFIX) and KEY_FILE_VARIABLE in line
+    assert not (tmp_path / "analyst").exists()
+
+
+def test_a_key_of_bytes_that_are_not_utf_8_is_taken_as_its_bytes(lake, tmp_path, monkeypatch):
+    raw = KEY.encode() + b"\xff\xfe"  # a variable is bytes to the system: Python holds these as surrogates
+    monkeypatch.setenv(KEY_VARIABLE, os.fsdecode(raw))
+    etl.pseudonymise(str(tmp_path / "analyst"), lake)
+    users = served_users("demo2", 40, 40)
+    got = set(etl.read_pseudonymised(str(tmp_path / "analyst")).collect()["person_key"])
+    assert {hmac.new(raw, user["login"]["uuid"].encode(), hashlib.sha256).hexdigest() for user in users} <= got
+
+
+@pytest.mark.parametrize("key", ["x" * 31, "é" * 15 + "x"], ids=["31-ascii", "31-bytes-16-characters"])
+def test_a_key_of_31_bytes_is_refused_and_one_of_32_bytes_taken(lake, tmp_path, cli, api, key):
+    short = cli("--pseudonymise", tmp_path / "analyst", env=key_env(lake, api, **{KEY_VARIABLE: key}))
+    assert short.returncode == 2 and "31 bytes" in short.stderr and key not in short.stderr
+    taken = cli("--pseudonymise", tmp_path / "analyst", env=key_env(lake, api, **{KEY_VARIABLE: key + "y"}))
+    assert taken.returncode == 0, taken.stderr
+
+
+@pytest.mark.parametrize("where", ["raw", "inside-raw", "holding-raw"])
+def test_an_analyst_lake_overlapping_the_raw_answers_is_refused(tmp_path, cli, api, settings, where):
+    # The raw answers hold every direct identifier: analysts given the target must not reach them.
+    lake = settings(output_dir=str(tmp_path / "lake"), raw_dir=str(tmp_path / "keep" / "raw"))
+    etl.run(lake, seed="demo", n=40, page_size=40)
+    target = {"raw": tmp_path / "keep" / "raw", "inside-raw": tmp_path / "keep" / "raw" / "analyst", "holding-raw": tmp_path / "keep"}[where]
+    before = file_state(tmp_path / "keep")
+    ran = cli("--pseudonymise", target, env=key_env(lake, api, **{KEY_VARIABLE: KEY}))
+    assert ran.returncode == 2 and "overlaps" in ran.stderr and "--raw-dir" in ran.stderr, ran.stderr
+    assert file_state(tmp_path / "keep") == before
+    with pytest.raises(etl.config.SettingsError, match="overlaps"):
+        etl.pseudonymise(str(target), lake)
+
+
+def test_a_failed_build_leaves_no_target_behind(tmp_path, cli, api):
+    env = fast_env(api.url, tmp_path / "no-lake", tmp_path / "raw", **{KEY_VARIABLE: KEY})
+    ran = cli("--pseudonymise", tmp_path / "analyst", env=env)
+    assert ran.returncode == 1
+    assert not (tmp_path / "analyst").exists()
+
+
+def test_an_unwritable_target_is_exit_1_in_one_line_naming_it(lake, tmp_path, cli, api, s3):
+    for target in ("s3://no-such-bucket-here/analyst", tmp_path / "file" / "analyst"):
+        (tmp_path / "file").write_text("a file where a folder would be")
+        ran = cli("--pseudonymise", target, env=key_env(lake, api, **{KEY_VARIABLE: KEY}))
+        assert ran.returncode == 1, ran.stderr
+        (line,) = ran.stderr.strip().splitlines()
+        assert line.startswith(PREFIX) and "unexpected" not in line and str(target).split("/")[-2] in line, line
+
+
+quasi_rows = st.lists(
+    st.tuples(st.sampled_from(["female", "male", None]), st.sampled_from([1950, 1960, 1970, None]), st.sampled_from(["GB", "NO", "TR"])),
+    max_size=60,
+)
+
+
+@given(rows=quasi_rows, k=st.integers(2, 12))
+@hypothesis_settings(max_examples=200, deadline=None)
+def test_suppression_makes_any_frame_k_anonymous_dropping_no_row_and_counting_what_it_suppressed(rows, k):
+    from _random_user_etl.pseudonym import quasi_columns, rare_rows, suppressed
+
+    quasi = quasi_columns()
+    assert sorted(quasi) == ["birth_decade", "gender", "nationality"]
+    frame = pl.DataFrame(rows, schema={"gender": pl.String, "birth_decade": pl.Int32, "nationality": pl.String}, orient="row")
+    frame = frame.with_row_index("row").select("row", *quasi)
+    out = suppressed(frame.lazy(), k).collect()
+    assert out["row"].to_list() == frame["row"].to_list()
+    assert_k_anonymous(out, quasi, k)
+    # A row keeps its values exactly when at least k rows share them; the rest lose all of them, and are counted.
+    sizes = frame.group_by(quasi).len()
+    expected = frame.join(sizes, on=quasi, how="left", nulls_equal=True)
+    kept = expected.filter(pl.col("len") >= k).sort("row")
+    assert out.filter(pl.col("row").is_in(kept["row"].to_list())).equals(kept.select(out.columns))
+    gone = out.filter(~pl.col("row").is_in(kept["row"].to_list()))
+    assert gone.select(pl.col(quasi).is_null().all()).row(0) == (True,) * 3
+    assert rare_rows(frame.lazy(), k) == gone.height
+
+
+HELD_AFTER_THE_FIRST_FILE = """
+import logging, os, sys, time
+import random_user_etl as etl
+release = sys.argv[1]
+
+class Hold(logging.Filter):
+    def filter(self, record):
+        if record.getMessage().startswith("analyst file") and not os.path.exists(release + ".held"):
+            open(release + ".held", "w").close()
+            while not os.path.exists(release):
+                time.sleep(0.002)
+        return True
+
+logging.getLogger("random_user_etl").addFilter(Hold())
+etl.exit_now(etl.main(sys.argv[2:]))
+"""
+
+
+def test_a_stop_between_analyst_files_is_143_with_a_line_of_its_own_and_leaves_no_half_file(lake, tmp_path, api):
+    from support import delivered, signalled_exit, start_cli, wait_until
+
+    target, release, err = tmp_path / "analyst", tmp_path / "release", tmp_path / "stderr.txt"
+    proc = start_cli("--pseudonymise", target, env=key_env(lake, api, **{KEY_VARIABLE: KEY}), log=err, via=(HELD_AFTER_THE_FIRST_FILE, release))
+    try:
+        wait_until(lambda: Path(f"{release}.held").exists() or proc.poll() is not None, what="the first analyst file built")
+        assert proc.poll() is None, err.read_text()
+        code, _ = signalled_exit(proc, signal.SIGTERM, lambda: (wait_until(lambda: delivered(proc.pid, signal.SIGTERM)), release.touch()))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stderr = err.read_text()
+    assert code == 143 and "Traceback" not in stderr, stderr
+    assert stderr.splitlines()[-1] == "random_user_etl.py: stopped by SIGTERM; the analyst files built so far are kept and the next run builds the rest"
+    assert sorted(path.name for path in target.iterdir()) == ["pseudonymised_users_demo.parquet"]
