@@ -13,7 +13,7 @@ from typing import Any
 import polars as pl
 from random_user_config import SettingsError
 from schemas import DECADE, KEEP, OUTPUT_SCHEMA, PERSON_KEY, PII_CLASSES, PII_METADATA_KEY, QUASI, TREATMENTS, Dtype
-from _random_user_etl.errors import StorageError, write_error
+from _random_user_etl.errors import StorageError, failing_as, write_error
 from _random_user_etl.folders import own_staging_root
 from _random_user_etl.lake import BATCH_GLOB, LAKE_SCAN, lake_batches, lake_folder, scan_batches
 from _random_user_etl.places import is_remote
@@ -194,17 +194,13 @@ def analyst_file(rows: pl.LazyFrame, seed: str, record: dict[str, Any], key: Pse
 def lake_sources(output_dir: str, storage_options: dict | None) -> list[str]:
     """The lake's batches, local files checked or an object lake's keys, sorted."""
     if not is_remote(output_dir):
-        try:
+        with failing_as("cannot read the lake", output_dir):
             return lake_batches(lake_folder(output_dir))
-        except OSError as exc:
-            raise StorageError(write_error(exc), path=output_dir, doing="cannot read the lake") from exc
     pattern = f"{output_dir.rstrip('/')}/{BATCH_GLOB}"
-    try:
+    with failing_as("cannot list the lake", output_dir, catching=(Exception,)):
         # Polars lists the pattern as a scan would; only the file names are read.
         scan = pl.scan_parquet(pattern, storage_options=storage_options, include_file_paths="path", **LAKE_SCAN)
         paths = scan.select("path").unique().collect()["path"].to_list()
-    except Exception as exc:
-        raise StorageError(write_error(exc), path=output_dir, doing="cannot list the lake") from exc
     return sorted(paths)
 
 
