@@ -213,17 +213,13 @@ def analyst_file(rows: pl.LazyFrame, seed: str, record: dict[str, Any], key: Pse
 def lake_sources(output_dir: str, storage_options: dict | None) -> list[str]:
     """The lake's batches, local files checked or an object lake's keys, sorted."""
     if not is_remote(output_dir):
-        try:
+        with failing_as("cannot read the lake", output_dir):
             return lake_batches(lake_folder(output_dir))
-        except OSError as exc:
-            raise StorageError(write_error(exc), path=output_dir, doing="cannot read the lake") from exc
     pattern = f"{output_dir.rstrip('/')}/{BATCH_GLOB}"
-    try:
+    with failing_as("cannot list the lake", output_dir, catching=(Exception,)):
         # Polars lists the pattern as a scan would; only the file names are read.
         scan = pl.scan_parquet(pattern, storage_options=storage_options, include_file_paths="path", **LAKE_SCAN)
         paths = scan.select("path").unique().collect()["path"].to_list()
-    except Exception as exc:
-        raise StorageError(write_error(exc), path=output_dir, doing="cannot list the lake") from exc
     return sorted(paths)
 
 

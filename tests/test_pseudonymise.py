@@ -29,7 +29,7 @@ DEMO = {"demo": 80, "demo2": 40}  # the service's "demo" page 2 is "demo2" page 
 
 
 def hmac_hex(key: str, user_id: str) -> str:
-    """person_key as the issue defines it, computed here with the standard library."""
+    """person_key as the README defines it (HMAC-SHA256 of the id under the key), computed here with the standard library."""
     return hmac.new(key.encode(), user_id.encode(), hashlib.sha256).hexdigest()
 
 
