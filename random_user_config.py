@@ -55,6 +55,8 @@ MOST_BACKOFF = 100
 MOST_RESPONSE_MB = 1000
 LEAST_RESPONSE_MB = 0.01  # 10 kB: a page of a few users; less would refuse every answer
 MOST_CONCURRENCY = 64
+# k past a batch's size would suppress every row: 1,000 is already far past a useful k.
+MOST_K = 1000
 
 # How batches land: one parquet file per seed, or one Delta table of every seed.
 FILES, DELTA = "files", "delta"
@@ -563,9 +565,22 @@ class Settings:
         64.0,
     )
     allow_http: bool = declare(Setting("allow plain http:// to a host other than loopback", parse_bool, SWITCH), False)
+    k_anonymity: int = declare(
+        ranged(
+            "with --pseudonymise, the fewest people an analyst file's combination of quasi-identifiers may describe; "
+            "rarer combinations have those values suppressed",
+            parse_int,
+            "K",
+            2,
+            MOST_K,
+        ),
+        5,
+    )
     table_format: str = declare(
         Setting(
-            f"how batches land: {FILES} (one parquet file per seed) or {DELTA} (one Delta table, <output-dir>/random_users/)",
+            f"how batches land: {FILES}, one parquet file per seed that any engine reads as it is; or {DELTA} "
+            "(pip install '.[delta]'), one Delta table in <output-dir>/random_users/ with versions, a history, "
+            "seeds landing at once and --compact",
             parse_table_format,
             takes("KIND"),
             checks=(one_of(TABLE_FORMATS),),

@@ -32,7 +32,9 @@ from pathlib import Path
 import polars as pl
 
 import random_user_config as config
-from _random_user_etl.places import is_remote
+from _random_user_etl.places import is_remote, lies_in
+from _random_user_etl import pseudonym
+from _random_user_etl.objects import store_options
 from _random_user_etl.shown import LINE_LIMIT, address_secrets, shorten, shown_url, shown_urls_in, without_secrets
 from random_user_config import Settings, SettingsError
 from schemas import OUTPUT_SCHEMA
@@ -41,7 +43,6 @@ from _random_user_etl.contract import transform  # one answer body in, the contr
 from _random_user_etl.errors import EtlError, Stopped, write_error
 from _random_user_etl.delta import Compacted, scan_table, table_address
 from _random_user_etl.delta import compact as compact_table
-from _random_user_etl.objects import store_options
 from _random_user_etl.lake import BATCH_GLOB, lake_batches, lake_folder, scan_batches
 from _random_user_etl.run import Batch, Run
 from _random_user_etl.sources import KeptPages, ServicePages
@@ -49,7 +50,21 @@ from _random_user_etl.stop import Stop
 from _random_user_etl.wire import Fault
 from _random_user_etl import __version__
 
-__all__ = ["Batch", "EtlError", "PageRequest", "Stop", "Stopped", "compact", "main", "read_processed", "replay", "run", "transform"]
+__all__ = [
+    "Batch",
+    "EtlError",
+    "PageRequest",
+    "Stop",
+    "Stopped",
+    "compact",
+    "main",
+    "pseudonymise",
+    "read_processed",
+    "read_pseudonymised",
+    "replay",
+    "run",
+    "transform",
+]
 
 log = logging.getLogger("random_user_etl")
 
@@ -119,6 +134,49 @@ def latest_per_user(lake: pl.LazyFrame) -> pl.LazyFrame:
     return lake.sort("ingested_at", "seed", "page").unique("user_id", keep="last", maintain_order=True)
 
 
+# ---------------------------------------------------------------- the analyst lake
+
+
+def pseudonymise(target: str, settings: Settings | None = None, stop: Stop | None = None, **overrides) -> dict[str, bool]:
+    """Build or refresh the analyst lake in `target` from the lake in --output-dir, under the key in RANDOM_USER_PSEUDONYM_KEY(_FILE); each analyst file, and whether it was built."""
+    settings = dataclasses.replace(settings or Settings(), **overrides)
+    target = checked_target(target, settings)
+    key = pseudonym.load_key(os.environ)  # before anything is written: a missing or short key is a bad setting
+    return pseudonym.refresh(settings.output_dir, target, key, settings.k_anonymity, store_options(settings), stop or Stop())
+
+
+def checked_target(target: str, settings: Settings) -> str:
+    """The analyst lake's address, spelt as a lake's is; refused if it is no place a lake may be, or overlaps the lake itself."""
+    config.check_path_text("--pseudonymise", target)
+    if target == "":
+        raise SettingsError("--pseudonymise names no place for the analyst lake")
+    target = config.lake_address(target)
+    config.check_output_address("--pseudonymise", target)
+    # Analysts are given the target, never the lake or the raw answers: none may hold another.
+    for name in ("output_dir", "raw_dir"):
+        place = getattr(settings, name)
+        if place is not None and overlapping(target, place):
+            raise SettingsError(f"--pseudonymise '{shorten(target)}' overlaps {config.describe(name)} '{shorten(place)}': keep the analyst lake apart")
+    return target
+
+
+def overlapping(target: str, place: str) -> bool:
+    """True when one of two places is, or lies inside, the other: local folders resolved, object-storage prefixes as spelt."""
+    if is_remote(target) or is_remote(place):
+        return target == place or (target + "/").startswith(place + "/") or (place + "/").startswith(target + "/")
+    return lies_in(target, place) or lies_in(place, target)
+
+
+def read_pseudonymised(target: str, storage_options: dict | None = None) -> pl.LazyFrame:
+    """Every analyst file in `target`, as one lazy frame (empty if it holds none)."""
+    if not target:
+        raise SettingsError("read_pseudonymised needs the analyst lake's folder or s3:// address")
+    target = config.lake_address(target)
+    if is_remote(target):
+        config.check_s3_address(target)
+    return pseudonym.read_analyst_lake(target, storage_options)
+
+
 # ---------------------------------------------------------------- CLI
 
 
@@ -132,6 +190,8 @@ examples (python random_user_etl.py takes the same flags):
       one batch a day in object storage (the AWS_* variables give its credentials)
   random-user-etl --replay raw_data/demo
       rebuild seed demo's batch from its kept raw answers, with no network
+  RANDOM_USER_PSEUDONYM_KEY_FILE=/run/secrets/key random-user-etl --pseudonymise analyst_data
+      the analyst lake: one pseudonymised, k-anonymous file per batch of ./processed_data
 
 exit status:
   0    the batch landed
@@ -184,6 +244,12 @@ def build_parser(prog: str = "random_user_etl.py") -> argparse.ArgumentParser:
         "--replay",
         metavar="PATH",
         help="rebuild a batch with no network from kept raw answers: a <raw-dir>/<seed> folder or one saved answer (.json or .json.gz)",
+    )
+    parser.add_argument(
+        "--pseudonymise",
+        metavar="TARGET",
+        help="build or refresh the analyst lake in TARGET (a folder or s3://bucket/prefix) from the lake in --output-dir, "
+        "under the key in RANDOM_USER_PSEUDONYM_KEY_FILE or RANDOM_USER_PSEUDONYM_KEY",
     )
     parser.add_argument(
         "--compact",
@@ -263,7 +329,7 @@ def stop_on_signals(stop: Stop):
 
     def on_stop_signal(signum: int, frame) -> None:
         """Stop every wait and request of the run, and unwind the main thread; a second signal changes nothing."""
-        if stop.asked:
+        if stop.ending:  # stopped already, or a failed page is winding the run down: that failure is the run's line
             return
         stop.stop(signum)
         raise Stopped(signum)
@@ -294,23 +360,26 @@ def main(argv: list[str] | None = None, prog: str = "random_user_etl.py") -> int
     """Run the job from the command line, its lines said as `prog`'s; return the exit status."""
     parser = build_parser(prog)
     args = vars(parser.parse_args(argv))
-    verbose, source, compacting = args.pop("verbose"), args.pop("replay"), args.pop("compact")
+    verbose, source, target, compacting = args.pop("verbose"), args.pop("replay"), args.pop("pseudonymise"), args.pop("compact")
     formatter = configure_logging(verbose)
     try:
         settings = config.load_settings(args)
         config.check_path_text("--replay", source)
-        if compacting and source:
-            raise SettingsError("--compact and --replay are two jobs: give one")
+        key = analyst_key(target, source, settings)
+        if compacting and (source or target is not None):
+            raise SettingsError("--compact is a job of its own: give it without --replay or --pseudonymise")
     except SettingsError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
     # A service's error message, or a library's words, can repeat a key of the address it was given.
-    formatter.secrets = address_secrets(settings.api_url)
+    formatter.secrets = address_secrets(settings.api_url) + key
     stop = Stop()
     with stop_on_signals(stop):  # held while the last line is printed: a second signal cannot cut it
         try:
             if compacting:
                 compact(settings)
+            elif target is not None:
+                pseudonymise(target, settings, stop)
             else:
                 replay(source, settings, stop) if source else run(settings, stop)
         except EtlError as exc:
@@ -325,9 +394,25 @@ def main(argv: list[str] | None = None, prog: str = "random_user_etl.py") -> int
             return 1
         except KeyboardInterrupt as exc:
             signum = getattr(exc, "signum", signal.SIGINT)
-            print(f"{parser.prog}: stopped by {signal.Signals(signum).name}; staged pages are kept and the next run resumes", file=sys.stderr)
+            kept = "the analyst files built so far are kept and the next run builds the rest" if target is not None else STOPPED_RUN_KEEPS
+            kept = STOPPED_COMPACTION_KEEPS if compacting else kept
+            print(f"{parser.prog}: stopped by {signal.Signals(signum).name}; {kept}", file=sys.stderr)
             return 128 + signum
     return 0
+
+
+STOPPED_RUN_KEEPS = "staged pages are kept and the next run resumes"  # what a stopped run or replay leaves
+STOPPED_COMPACTION_KEEPS = "the table is as its last commit left it"  # a compaction is one commit, then the vacuum
+
+
+def analyst_key(target: str | None, source: str | None, settings: Settings) -> tuple[str, ...]:
+    """For --pseudonymise, its target and key checked before anything is written; the key's text, which no line may hold."""
+    if target is None:
+        return ()
+    if source is not None:
+        raise SettingsError("--pseudonymise and --replay are two jobs; give one")
+    checked_target(target, settings)
+    return (os.fsdecode(pseudonym.load_key(os.environ).secret),)  # as the variable, or the file, spells it
 
 
 def exit_now(status: int) -> None:

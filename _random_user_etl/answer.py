@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+from concurrent import futures
 import functools
 import json
 import re
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 import polars as pl
 from _random_user_etl.shown import shorten
 from random_user_config import MAX_PAGE_SIZE
-from schemas import RAW_INFO, RAW_RESPONSE, SOURCE_FIELDS, Dtype
+from schemas import RAW_INFO, RAW_RESPONSE, RAW_USER, SOURCE_FIELDS, Dtype
 from _random_user_etl.errors import AnswerError
 
 
@@ -31,6 +35,18 @@ USER_LAYOUT = (
 INFO_LAYOUT = "seed,results,page,version"
 
 
+# Where the service's layout starts, cuts between users, and leaves them for the info. None of these
+# begins inside a text of valid JSON: its quote would end the text, and no key can follow a text.
+USER_HEAD = b'{"gender":'
+LAYOUT_HEAD = b'{"results":[' + USER_HEAD
+USER_CUT = b"}," + USER_HEAD
+LAYOUT_TAIL = b'],"info":{'
+PIECE_BYTES = 1 << 19  # about 500 of the service's users
+USERS_ONLY = pl.Schema({"results": pl.List(RAW_USER)})
+ENVELOPE_FIELDS: dict[str, Dtype] = {"info": RAW_INFO, "error": pl.String}
+ENVELOPE = pl.Schema(ENVELOPE_FIELDS)
+
+
 SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # a UTF-16 surrogate written as an escape (a byte check)
 
 
@@ -38,10 +54,24 @@ LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # what is left of a lone escape 
 
 
 # A JSON reader builds a node per value, whatever the value's size: a body of tiny values ("[],[],...")
-# takes dozens of times its size in memory, in Polars and in Python's json alike. The service's layout
-# bounds the values per user, and the users are bounded by the page asked for; an answer in any other
-# layout is read only up to this size, which holds about 1,800 real users.
-MOST_OFF_LAYOUT_BYTES = 2_000_000
+# takes dozens of times its size in memory, in Polars and in Python's json alike. So the values are
+# bounded before any reader runs, by what the users asked for hold, in any layout: every value but the
+# first of a container follows a comma, and every container opens with "[" or "{", so one more than
+# those bytes bounds the values (one inside a text only counts one value too many).
+VALUE_MARKS = b",[{"
+VALUES_PER_USER = 64  # a service user counts 47 so, and one more per comma in its text
+VALUES_ALLOWANCE = 1_000  # the envelope, and room for the fields the service adds
+# The body is counted a piece at a time: the count copies little of it, and each copy is below glibc's
+# mmap threshold, so freeing it never raises that threshold (which puts later large buffers on the heap).
+COUNTED_PIECE = 1 << 16
+
+
+# Polars parses on these threads, releasing the GIL, while the thread that asked checks the layout.
+# Two: a piece each on both cores of a small machine; the pages typed at once share them.
+PARSERS = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="parse")
+
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,21 +88,107 @@ def without_bom(body: bytes) -> bytes:
     return body[len(BOM) :] if body.startswith(BOM) else body
 
 
-def parse_body(body: bytes, schema: pl.Schema = RAW_RESPONSE, most_users: int = MAX_PAGE_SIZE) -> pl.DataFrame:
-    """Parse one answer against the raw schema, as Python's json reads it: one row of results, info and error."""
+def most_values(most_users: int) -> int:
+    """The most JSON values an answer of at most `most_users` users may hold."""
+    return max(most_users, 1) * VALUES_PER_USER + VALUES_ALLOWANCE
+
+
+def count_values(body: bytes) -> int:
+    """At most how many JSON values a body holds: one more than its commas and opening brackets, counted in C."""
+    pieces = (body[start : start + COUNTED_PIECE] for start in range(0, len(body), COUNTED_PIECE))
+    return 1 + sum(len(piece) - len(piece.translate(None, VALUE_MARKS)) for piece in pieces)
+
+
+def check_value_count(body: bytes, most_users: int) -> None:
+    """Refuse, before any reader runs, a body holding more JSON values than `most_users` users hold."""
+    values, most = count_values(body), most_values(most_users)
+    if values > most:
+        raise AnswerError(f"the answer holds up to {values:,} JSON values, more than {most_users} users hold (at most {most:,}): refused unread")
+
+
+@dataclasses.dataclass(frozen=True)
+class Parsed:
+    """An answer as read: its users (a struct per user; None where it has no results), its info and its error."""
+
+    users: pl.Series | None
+    info: dict
+    error: str | None
+
+
+def read_strictly(body: bytes, most_users: int, start: Callable[[bytes], Callable[[], T]], whole: Callable[[bytes], T] | None = None) -> T:
+    """What `start(body)` reads, as Python's json reads it: the values bounded first, the layout checked meanwhile.
+
+    `start` sets Polars reading and gives what waits for its result; Polars releases the GIL, so the
+    layout check (a regular expression, holding it) runs beside. Off the layout, what `start` read is
+    checked by Python's json, or, if it relied on the layout, `whole(body)` reads the answer instead.
+    """
     body = without_bom(body)
-    in_layout = in_service_layout(body, most_users)
-    if not in_layout and len(body) > MOST_OFF_LAYOUT_BYTES:
-        raise AnswerError(
-            f"the answer is not in the service's compact layout of at most {most_users} users (cut short, reformatted, "
-            f"or holding other fields or more users), and is larger than {MOST_OFF_LAYOUT_BYTES:,} bytes: refused unread"
-        )
-    parsed = parse_json(body, schema)
-    if not in_layout:  # the exact, slower reading only where Polars and json could differ
-        faults = json_reading_faults(body)
-        if faults:
-            raise contract_failure(faults)
+    check_value_count(body, most_users)
+    reading = start(body)
+    if in_service_layout(body, most_users):
+        return reading()
+    if whole is None:
+        parsed = reading()
+    else:
+        with contextlib.suppress(AnswerError):  # read as if in the layout: discarded
+            reading()
+        parsed = whole(body)
+    faults = json_reading_faults(body)  # the exact, slower reading only where Polars and json could differ
+    if faults:
+        raise contract_failure(faults)
     return parsed
+
+
+def parse_body(body: bytes, schema: pl.Schema = RAW_RESPONSE, most_users: int = MAX_PAGE_SIZE) -> pl.DataFrame:
+    """Parse one answer against a raw schema, as Python's json reads it: one row of its fields."""
+    return read_strictly(body, most_users, lambda body: PARSERS.submit(parse_json, body, schema).result)
+
+
+def parse_answer(body: bytes, most_users: int = MAX_PAGE_SIZE) -> Parsed:
+    """Parse one answer against the raw schema, as Python's json reads it: its users, info and error."""
+    return read_strictly(body, most_users, start_answer, read_whole)
+
+
+def read_whole(body: bytes) -> Parsed:
+    """An answer parsed whole by Polars."""
+    row = parse_json(body, RAW_RESPONSE)
+    results = row.get_column("results")
+    users = None if results.null_count() else results.explode(empty_as_null=False)
+    return Parsed(users, *row.select("info", "error").row(0))
+
+
+def start_answer(body: bytes) -> Callable[[], Parsed]:
+    """Set Polars parsing an answer, its users in pieces where it starts as the service writes it (else whole)."""
+    # Polars builds a node per value as it parses: a whole page of 5,000 users took 70 MB at its peak,
+    # a piece of 500 users a tenth of that, and the pieces of one page parse on both cores. Cut between
+    # users, the pieces are the answer only in the service's layout, which read_strictly then checks.
+    if not body.startswith(LAYOUT_HEAD) or (end := body.rfind(LAYOUT_TAIL)) < 0:
+        return PARSERS.submit(read_whole, body).result
+    pieces = [PARSERS.submit(piece_users, body, start, stop) for start, stop in user_pieces(body, end)]
+
+    def parsed() -> Parsed:
+        """The users of every piece, in order, and the answer's info and error."""
+        futures.wait(pieces)
+        envelope = parse_json(b"{" + body[end + 2 :], ENVELOPE)
+        return Parsed(pl.concat([piece.result() for piece in pieces]), *envelope.row(0))
+
+    return parsed
+
+
+def user_pieces(body: bytes, end: int) -> Iterator[tuple[int, int]]:
+    """Where each piece of users (about PIECE_BYTES) starts and stops, up to `end`, where the users end."""
+    start = len(LAYOUT_HEAD) - len(USER_HEAD)
+    while start < end:
+        cut = body.find(USER_CUT, min(start + PIECE_BYTES, end), end)
+        stop = end if cut < 0 else cut + 1
+        yield start, stop
+        start = stop + 1
+
+
+def piece_users(body: bytes, start: int, stop: int) -> pl.Series:
+    """The users written in body[start:stop], parsed by Polars."""
+    piece = parse_json(b'{"results":[' + body[start:stop] + b"]}", USERS_ONLY)
+    return piece.get_column("results").explode(empty_as_null=False)
 
 
 def parse_json(body: bytes, schema: pl.Schema) -> pl.DataFrame:
@@ -126,13 +242,32 @@ def service_layout(most_users: int, text: str = PLAIN_TEXT) -> re.Pattern:
     return re.compile(rf'\{{"results":\[(?:{user}(?:,{user}){{0,{most_users - 1}}}+)?+\],"info":{info}\}}'.encode())
 
 
+@functools.cache
+def users_layout(text: str = PLAIN_TEXT) -> re.Pattern:
+    """Users in the service's compact layout, one after another, as one regular expression (possessive, as above)."""
+    user = layout_pattern(USER_LAYOUT, text)
+    return re.compile(rf"{user}(?:,{user})*+".encode())
+
+
+@functools.cache
+def tail_layout(text: str = PLAIN_TEXT) -> re.Pattern:
+    """What follows the users in the service's compact layout: its info, and the answer's end."""
+    return re.compile(rf'\],"info":{layout_pattern(INFO_LAYOUT, text)}\}}'.encode())
+
+
 def in_service_layout(body: bytes, most_users: int = MAX_PAGE_SIZE) -> bool:
-    """True for the service's compact layout with no surrogate escape: no key can repeat, and the users are bounded."""
-    if b"\\" not in body:
-        return service_layout(max(most_users, 1)).fullmatch(body) is not None
-    if SURROGATE_ESCAPE.search(body):  # Polars and json may read a surrogate differently
+    """True for the service's compact layout with no surrogate escape: no key can repeat, and Polars reads it as json does."""
+    escaped = b"\\" in body
+    if escaped and SURROGATE_ESCAPE.search(body):  # Polars and json may read a surrogate differently
         return False
-    return service_layout(max(most_users, 1), ESCAPED_TEXT).fullmatch(body) is not None
+    text = ESCAPED_TEXT if escaped else PLAIN_TEXT
+    if not body.startswith(LAYOUT_HEAD) or (end := body.rfind(LAYOUT_TAIL)) < 0:
+        return service_layout(max(most_users, 1), text).fullmatch(body) is not None
+    # Piece by piece, the pieces start_answer parses joined by their commas: a match holds the GIL
+    # throughout, so the threads parsing the pieces take it between two (the values are bounded already).
+    users = users_layout(text)
+    pieces = user_pieces(body, end)
+    return tail_layout(text).fullmatch(body, end) is not None and all(users.fullmatch(body, start, stop) for start, stop in pieces)
 
 
 def dig(value, path: str):
@@ -174,12 +309,6 @@ def json_reading_faults(body: bytes) -> list[str]:
     return faults
 
 
-def envelope(parsed: pl.DataFrame) -> dict:
-    """The error, info and user count of a parsed answer, without turning users into Python objects."""
-    row = parsed.select("error", "info", count=pl.col("results").list.len()).row(0, named=True)
-    return {**row, "info": row["info"] or {}}
-
-
 def service_error(message: str) -> AnswerError:
     """The error for an answer that is the service's own error body."""
     return AnswerError(f"the service answered with an error: '{shorten(message, 200)}'")
@@ -187,8 +316,7 @@ def service_error(message: str) -> AnswerError:
 
 def answer_info(body: bytes) -> dict:
     """An answer's info alone, from a parse of only info and error (half a full parse); an error body refused."""
-    info_and_error: dict[str, Dtype] = {"info": RAW_INFO, "error": pl.String}
-    row = parse_body(body, pl.Schema(info_and_error)).row(0, named=True)
+    row = parse_body(body, ENVELOPE).row(0, named=True)
     if row["error"] is not None:
         raise service_error(row["error"])
     info = row["info"] or {}
@@ -202,14 +330,13 @@ def check_page_number(info: dict) -> None:
         raise AnswerError(f"the answer's info.page '{shorten(info['page'])}' is not a page number")
 
 
-def check_envelope(parsed: pl.DataFrame, expect: PageRequest | None) -> dict:
+def check_envelope(parsed: Parsed, expect: PageRequest | None) -> dict:
     """The answer's info, after refusing an error body, missing results, or another page's answer."""
-    row = envelope(parsed)
-    if row["error"] is not None:
-        raise service_error(row["error"])
-    if row["count"] is None:
+    if parsed.error is not None:
+        raise service_error(parsed.error)
+    if parsed.users is None:
         raise AnswerError("the answer has no results")
-    info, got = row["info"], row["count"]
+    info, got = parsed.info or {}, parsed.users.len()
     check_page_number(info)
     if expect is not None:
         check_expected(info, got, expect)

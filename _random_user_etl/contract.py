@@ -6,7 +6,7 @@ import datetime as dt
 import polars as pl
 from random_user_config import MAX_PAGE_SIZE
 from schemas import MAX_FIELD_BYTES, NULLABLE_COLUMNS, OUTPUT_SCHEMA, SOURCE_FIELDS, UTC_INSTANT
-from _random_user_etl.answer import PageRequest, check_envelope, contract_failure, parse_body
+from _random_user_etl.answer import PageRequest, check_envelope, contract_failure, parse_answer
 
 
 # An instant as ISO 8601 writes it and a standard reader reads it: chrono alone would also take a
@@ -91,9 +91,9 @@ def check_field_lengths(flat: pl.DataFrame) -> None:
 
 def transform(body: bytes, expect: PageRequest | None = None, ingested_at: dt.datetime | None = None) -> pl.DataFrame:
     """One raw answer body in, the contract frame out in the answer's order, or EtlError saying what is wrong."""
-    parsed = parse_body(body, most_users=expect.results if expect and expect.results else MAX_PAGE_SIZE)
+    parsed = parse_answer(body, most_users=expect.results if expect and expect.results else MAX_PAGE_SIZE)
     info = check_envelope(parsed, expect)
-    users = parsed.get_column("results").explode(empty_as_null=False).struct.unnest()
+    users = parsed.users.struct.unnest() if parsed.users is not None else pl.DataFrame()
     if users.height == 0:
         return OUTPUT_SCHEMA.to_frame()
     flat = users.select(**{name: field(source) for name, source in SOURCE_FIELDS.items()})

@@ -18,6 +18,7 @@ from _random_user_etl.lake import listed
 from _random_user_etl.objects import check_writable
 from _random_user_etl.places import is_remote
 from _random_user_etl.shown import shorten
+from _random_user_etl.stop import Stop
 from _random_user_etl.store import SortedBatch
 
 TABLE = "random_users"  # the table's folder (or prefix) in --output-dir, beside where the files format lands
@@ -86,7 +87,7 @@ def check_no_stranger(address: str, options: dict[str, str]) -> None:
 
 
 def pii_schema() -> Any:
-    """The output contract as an Arrow schema whose fields carry their PII classes."""
+    """The output contract as an Arrow schema whose fields carry their PII classes: the table's at its creation."""
     return with_field_metadata(OUTPUT_SCHEMA, pii_field_metadata())
 
 
@@ -102,7 +103,7 @@ class RowStream:
         # arro3 is deltalake's own Arrow library. Polars exports its own field types but no field metadata.
         from arro3.core import RecordBatchReader
 
-        schema = pii_schema()
+        schema = with_field_metadata(self.batch.rows.collect_schema(), self.batch.field_metadata())
         return RecordBatchReader.from_batches(schema, self.records(schema))
 
     @contextlib.contextmanager
@@ -131,15 +132,16 @@ class RowStream:
 class DeltaTable:
     """One Delta table of every seed at <output-dir>/random_users: a batch lands as one commit that overwrites its seed's rows."""
 
-    def __init__(self, output_dir: str, storage_options: dict | None = None):
+    def __init__(self, output_dir: str, storage_options: dict | None = None, stop: Stop | None = None):
         self.output_dir, self.address = output_dir, table_address(output_dir)
         self.options = delta_options(storage_options, self.address)
         self.storage_options = storage_options or {}
+        self.stop = stop or Stop()  # the run's: it ends the write check from any thread
 
     def check(self) -> None:
         """Object storage: the write check; anywhere, refuse something other than a table at its place."""
         if is_remote(self.output_dir):
-            check_writable(self.output_dir, self.storage_options)
+            check_writable(self.output_dir, self.storage_options, self.stop)
         check_no_stranger(self.address, self.options)
 
     def where(self, seed: str) -> str:

@@ -174,9 +174,12 @@ def write_atomically(path: Path, write, temp_dir: Path | None = None, mode: int 
 LOCK_TRIES = 20
 
 
+LOCK_POLL = 0.05  # seconds between looks at a lock another run holds: a wait the run's stop can end
+
+
 @contextlib.contextmanager
-def seed_lock(make_root, seed: str):
-    """Hold the seed's lock in the folder make_root() gives, so two runs of one seed take turns; yields a forget() that removes it."""
+def seed_lock(make_root, seed: str, hold):
+    """Hold the seed's lock in the folder make_root() gives, so two runs of one seed take turns (hold(seconds) waits between looks); yields a forget() that removes it."""
     import fcntl  # POSIX only, and only a run takes the lock: importing the job and read_processed work on Windows too
 
     for _ in range(LOCK_TRIES):
@@ -188,11 +191,7 @@ def seed_lock(make_root, seed: str):
                 continue  # its folder removed by a run that just finished, after make_root() made it: made again
             raise
         try:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info("another run of seed %s is under way: waiting for it", seed)
-                fcntl.flock(handle, fcntl.LOCK_EX)
+            take_lock(handle, seed, hold)
             if same_file(path, handle):
                 break
         except BaseException:
@@ -206,6 +205,24 @@ def seed_lock(make_root, seed: str):
             yield lambda: path.unlink(missing_ok=True)  # while held: a run waiting on it finds it gone and takes it anew
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def take_lock(handle, seed: str, hold) -> None:
+    """Lock `handle`; while another run of the seed holds it, look again each LOCK_POLL seconds that hold() waits."""
+    import fcntl
+
+    # Not a blocking flock: nothing but a signal to the main thread ends one, and a run stopped by its
+    # Stop (from any thread) must end while it waits, not once the other run has finished.
+    said = False
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if not said:
+                log.info("another run of seed %s is under way: waiting for it", seed)
+                said = True
+            hold(LOCK_POLL)
 
 
 def same_file(path: Path, handle) -> bool:

@@ -14,6 +14,7 @@ import polars as pl
 import random_user_config as config
 from _random_user_etl.errors import StorageError, write_error
 from _random_user_etl import upload as uploader
+from _random_user_etl.stop import Stop
 
 
 # The object each run writes beside the batches before its first request, to prove the store takes
@@ -32,7 +33,7 @@ CREDENTIAL_VARIABLES = (
 )
 
 
-def upload(path: Path, destination: str, sink: dict, storage_options: dict) -> int:
+def upload(path: Path, destination: str, sink: dict, storage_options: dict, stop: Stop) -> int:
     """Stream a finished batch file to an object key through Polars' cloud writer, in a process of its own, then remove the file; the object's size in bytes."""
     # Polars takes credentials, region and endpoint from the standard
     # AWS_* variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION,
@@ -42,7 +43,7 @@ def upload(path: Path, destination: str, sink: dict, storage_options: dict) -> i
     # trying (--retries), and landing the batch, after the run said it stopped: a killed process cannot.
     job = {"path": str(path), "destination": destination, "sink": {**sink, "storage_options": storage_options}}
     try:
-        answer = in_own_process(job)
+        answer = in_own_process(job, stop)
     finally:
         path.unlink(missing_ok=True)
     if "bytes" in answer:
@@ -52,8 +53,8 @@ def upload(path: Path, destination: str, sink: dict, storage_options: dict) -> i
     raise OSError(errno.EIO, answer["said"])
 
 
-def in_own_process(job: dict) -> dict:
-    """Run the upload job in a child process (the uploader module) and give its outcome; a stop kills it first."""
+def in_own_process(job: dict, stop: Stop) -> dict:
+    """Run the upload job in a child process (the uploader module) and give its outcome; a stop (a signal, or the run's Stop) kills it first."""
     root = str(Path(__file__).resolve().parent.parent)  # where _random_user_etl is, installed or not
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     # -P: no module of the working folder is imported in place of Polars' or the job's.
@@ -72,7 +73,12 @@ def in_own_process(job: dict) -> dict:
         # a job killed by SIGKILL, which runs no handler, takes its upload with it.
         stdin.write(json.dumps(job).encode() + b"\n")
         stdin.flush()
-        said = stdout.read()  # a stop signal's handler raises Stopped here
+        # A stop signal's handler raises Stopped in the read; the run's Stop, asked from any thread, kills the child.
+        with stop.cutting(child.kill):
+            said = stdout.read()
+        if stop.ending and not said.strip():  # killed before it answered: the run's end, not the upload's failure
+            said = None
+            raise stop.reason()
     finally:
         if said is None:
             child.kill()  # stopped: the upload ends now, and no try of it reaches the store after
@@ -91,13 +97,13 @@ def store_options(settings: config.Settings) -> dict:
     return {"timeout": deadline, "connect_timeout": deadline, "max_retries": settings.retries}
 
 
-def to_store(call, storage_options: dict):
-    """call(), one Polars call to object storage, on a thread of its own; its result; a timeout said in words."""
+def to_store(call, storage_options: dict, stop: Stop):
+    """call(), one Polars call to object storage, on a thread of its own; its result; a timeout said in words; ended by `stop`."""
     # Polars holds its calling thread until the store answers, and Python runs a signal's handler only
     # on the main thread, between bytecodes: waiting here instead, a stop leaves at once. The call left
     # behind goes on until it ends or the process does: only the write check is made so, whose object
     # each run overwrites and no reader reads (the batch's upload is a process a stop kills: upload).
-    outcome = {}
+    outcome, done = {}, threading.Event()
 
     def work() -> None:
         """Run the call, keeping what it returned or raised."""
@@ -105,10 +111,15 @@ def to_store(call, storage_options: dict):
             outcome["value"] = call()
         except BaseException as exc:  # handed to the waiting thread as it is: a panic too
             outcome["error"] = exc
+        finally:
+            done.set()
 
     worker = threading.Thread(target=work, name="object-store", daemon=True)
     worker.start()
-    worker.join()  # a stop signal's handler raises Stopped here
+    with stop.cutting(done.set):  # the run's Stop, asked from any thread, ends this wait too
+        done.wait()  # a stop signal's handler raises Stopped here
+    if not outcome:  # woken by the run's end while the call goes on
+        raise stop.reason()
     error = outcome.get("error")
     if isinstance(error, TimeoutError) and "timeout" in storage_options:
         raise timed_out(storage_options) from error
@@ -123,13 +134,13 @@ def timed_out(storage_options: dict) -> TimeoutError:
     return TimeoutError(errno.ETIMEDOUT, f"no answer from the object store within {seconds:g}s (--timeout)")
 
 
-def check_writable(output_dir: str, storage_options: dict) -> None:
+def check_writable(output_dir: str, storage_options: dict, stop: Stop) -> None:
     """Before a run's first request: write the write-check object beside the batches, or raise StorageError saying why not."""
     key = f"{output_dir.rstrip('/')}/{WRITE_CHECK}"
     # Through Polars' own cloud writer, as the batch goes: the same credentials, region and endpoint.
     check = pl.LazyFrame({"checked_at": [dt.datetime.now(dt.UTC)]})
     try:
-        to_store(lambda: check.sink_parquet(key, storage_options=storage_options), storage_options)
+        to_store(lambda: check.sink_parquet(key, storage_options=storage_options), storage_options, stop)
     except Exception as exc:  # Polars' credential provider (boto3's, where installed) raises errors of its own too
         raise StorageError(store_refusal(exc), path=output_dir, doing="cannot write to") from exc
 
@@ -142,11 +153,11 @@ def store_refusal(exc: BaseException) -> str:
     return write_error(exc)
 
 
-def object_exists(key: str, storage_options: dict) -> bool:
+def object_exists(key: str, storage_options: dict, stop: Stop) -> bool:
     """True when an object is at `key`; StorageError when the store cannot tell."""
     try:
         # A GET of the footer: the key's HEAD, through Polars' cloud I/O, bounded as every call to the store.
-        to_store(lambda: pl.read_parquet_metadata(key, storage_options=storage_options), storage_options)
+        to_store(lambda: pl.read_parquet_metadata(key, storage_options=storage_options), storage_options, stop)
     except FileNotFoundError:
         return False
     except Exception as exc:  # refused, unreachable, or not a parquet file: something may be there

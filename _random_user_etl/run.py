@@ -100,7 +100,7 @@ class Run:
 
     def __init__(self, settings: Settings, source: PageSource, stop: Stop | None = None, sort_sizes: SortSizes = SortSizes(), sink: Sink | None = None):
         self.settings, self.source, self.stop, self.sort_sizes = settings, source, stop or Stop(), sort_sizes
-        self.sink = sink or sink_for(settings)
+        self.sink = sink or sink_for(settings, self.stop)
         self.started = time.monotonic()
         self.seed = ""
         self.sizes: list[int] = []  # each page's users: asked for, or (replay) as staged
@@ -110,8 +110,9 @@ class Run:
 
     def land(self) -> Batch:
         """Stage every page the source gives, then land them as one batch through the sink."""
+        self.stop.begin()  # a caller may keep one Stop for its runs one after another
         self.sink.check()  # before the first request: a missing bucket or credentials must not wait until every page is fetched
-        with self.source.opened(self), staging_for(self.settings, self.seed, self.source.resumable) as folder:
+        with self.source.opened(self), staging_for(self.settings, self.seed, self.source.resumable, self.stop.hold) as folder:
             self.folder = folder
             if self.sizes:  # known before staging: its key ranges are split while the run still waits on the network
                 self.sorter = self.new_sorter(sum(self.sizes))
@@ -152,6 +153,7 @@ class Run:
         """Unpack, transform and stage one answer, name its kept raw copy after the verdict, and hand it to the sort."""
         request = fetched.request
         assert request.seed is not None and request.page is not None  # a staged page is always asked for by seed and number
+        self.stop.check()  # kept answers and resumed pages need no network, which is where a stop is otherwise seen
         try:
             frame = transform(unpack(fetched.answer, self.settings.max_response_bytes), request)
         except EtlError as exc:
@@ -169,6 +171,7 @@ class Run:
 
     def finish(self) -> Batch:
         """Land the batch from its staged parts, let the source keep what it keeps, clear the staging, say what landed."""
+        self.stop.check()  # every page may have been staged before the run began: nothing else looks before the sort
         parts = [part_path(self.folder, page) for page in range(1, len(self.sizes) + 1)]
         destination = self.sink.where(self.seed)
         try:

@@ -62,7 +62,7 @@ class ExternalSort:
         self.group_rows = max(run_rows, group_rows)
         self.bounds: pl.Series | None = None
         self.waiting: list[Path] = []
-        self.waiting_rows, self.added_rows, self.groups = 0, 0, 0
+        self.waiting_rows, self.groups = 0, 0
         self.taken: set[Path] = set()
         self.lock = threading.Lock()
 
@@ -74,10 +74,8 @@ class ExternalSort:
             self.taken.add(part)
             self.waiting.append(part)
             self.waiting_rows += rows
-            self.added_rows += rows
-            # The last group is not written out: ordered() splits it in memory, saving a round trip.
-            full = self.waiting_rows >= self.group_rows or len(self.waiting) >= GROUP_FILES
-            if full and self.added_rows < self.rows:
+            # What is left short of a group when the run ends, ordered() splits as it starts.
+            if self.waiting_rows >= self.group_rows or len(self.waiting) >= GROUP_FILES:
                 self._split()
 
     def _keyed(self, group: list[Path]) -> pl.LazyFrame:
@@ -109,20 +107,18 @@ class ExternalSort:
             if part not in self.taken:  # a part the run did not add: one resumed, or staged by replay
                 self.add(part, pl.scan_parquet(part, glob=False).select(pl.len()).collect().item() if known is None else known)
         with self.lock:
-            # The last group (at most about two groups' rows) is split here, in memory.
-            last = self._keyed(self.waiting).collect() if self.waiting else None
-            self.waiting, self.waiting_rows = [], 0
+            # The last group is split to disk as the others were: held in memory with its key column, it
+            # was the landing's peak, above the rest of the run's.
+            if self.waiting:
+                self._split()
         ranges: list[list[Path]] = [[] for _ in range(self.runs)]
         by_folder = {f"__run={run}": pieces for run, pieces in enumerate(ranges)}
         for piece in sorted(self.work.glob("group-*/__run=*/*.parquet")):  # one walk, not one per range
             by_folder.get(piece.parent.name, []).append(piece)  # anything else is not a range's piece
         pieces = [piece for run in ranges for piece in run]
         held = pl.scan_parquet(pieces, hive_partitioning=False, glob=False).select(pl.len()).collect().item() if pieces else 0
-        held += last.height if last is not None else 0
         if held != self.rows:  # the batch is built from these pieces, so they must hold every row, once
             raise StorageError(f"the sort's key ranges hold {held} rows, expected {self.rows}")
-        # The last group's rows, by key range, in one pass (not one filter per range).
-        tails = last.partition_by("__run", as_dict=True, include_key=False) if last is not None else {}
 
         def ranges_in_order(with_columns, predicate, n_rows, batch_size):
             """Each key range read, sorted and handed on, in key order (Polars' io-source protocol)."""
@@ -131,12 +127,9 @@ class ExternalSort:
                 # a stop ends the write here, and Polars raises it in the main thread (nothing is moved into place).
                 self.stop.check()
                 log.debug("writing key range %d of %d", run + 1, self.runs)  # with -v, how far the write is
-                frames = [pl.read_parquet(pieces, hive_partitioning=False, glob=False)] if pieces else []
-                if (run,) in tails:
-                    frames.append(tails[(run,)])
-                if not frames:
+                if not pieces:
                     continue
-                frame = pl.concat(frames).sort("__key").drop("__key")
+                frame = pl.read_parquet(pieces, hive_partitioning=False, glob=False).sort("__key").drop("__key")
                 if predicate is not None:
                     frame = frame.filter(predicate)
                 yield frame.select(with_columns) if with_columns is not None else frame

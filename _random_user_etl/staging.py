@@ -186,13 +186,13 @@ def page_list(pages: list[int], most: int = 8) -> str:
 
 
 @contextlib.contextmanager
-def staging_for(settings: Settings, seed: str, resumable: bool = True):
-    """Hold the seed's lock and give its staging folder, refusing an output folder we cannot write; cleared once the batch lands."""
+def staging_for(settings: Settings, seed: str, resumable: bool, hold):
+    """Hold the seed's lock (another run of it waited for by hold(seconds)) and give its staging folder, refusing one we cannot write; cleared once landed."""
     # Not `resumable` (a replay): no part staged before stands in for one, so the folder starts empty,
     # and a failure clears what was staged; a stop leaves it as a live run's, for the next run to clear.
     landed = False
     with failing_as("cannot write to", settings.output_dir, by_filename=True):
-        with seed_lock(lambda: own_staging_root(settings.output_dir), seed) as forget:
+        with seed_lock(lambda: own_staging_root(settings.output_dir), seed, hold) as forget:
             folder = own_folder(staging_root(settings.output_dir).absolute() / seed)
             found_own_folder(sort_folder(folder))  # cleared below: refused now if it is a link or another's
             if not resumable:

@@ -48,6 +48,12 @@ class Stop:
                 self._asked.set()
         self._end()
 
+    def begin(self) -> None:
+        """A run starts on this stop: the wind-down an earlier run of it ended in is over; the user's stop stays."""
+        with self._lock:  # stop() sets its flag under the lock before it ends anything: never cleared after it
+            if not self._asked.is_set():
+                self._ending.clear()
+
     def wind_down(self) -> None:
         """A page failed: every other wait and try of the run ends now, so the failure is said at once."""
         self._end()

@@ -12,12 +12,13 @@ import random_user_config as config
 from _random_user_etl.places import is_remote
 from _random_user_etl.shown import shorten
 from random_user_config import Settings
-from schemas import OUTPUT_SCHEMA, PII_CLASSES, PII_METADATA_KEY, QUALITY_METADATA_KEY, pii_field_metadata
+from schemas import PII_CLASSES, PII_METADATA_KEY, QUALITY_METADATA_KEY, pii_field_metadata
 from _random_user_etl.arrow import with_field_metadata
 from _random_user_etl.errors import StorageError
 from _random_user_etl.folders import fresh_temp, write_atomically, write_to
 from _random_user_etl.lake import BATCH_GLOB
 from _random_user_etl.objects import WRITE_CHECK, check_writable, object_exists, store_options, upload
+from _random_user_etl.stop import Stop
 
 __all__ = ["BATCH_GLOB", "WRITE_CHECK", "LocalFiles", "ObjectStore", "SortedBatch", "Sink", "batch_path", "sink_for"]
 
@@ -49,11 +50,15 @@ class SortedBatch:
             row_group_size=self.group_rows,
         )
 
+    def field_metadata(self) -> dict[str, dict[str, str]]:
+        """Each column's Arrow field metadata: its PII class."""
+        return pii_field_metadata()
+
     def write(self, file) -> None:
         """Write the batch as parquet into an open file, through the streaming engine."""
         # A stop signal during the sink ends it at the next key range (ExternalSort.ordered), or else is
         # raised by its handler as the sink returns: the caller's temp file is removed, never moved into place.
-        self.rows.sink_parquet(file, arrow_schema=with_field_metadata(OUTPUT_SCHEMA, pii_field_metadata()), **self.parquet_options())
+        self.rows.sink_parquet(file, arrow_schema=with_field_metadata(self.rows.collect_schema(), self.field_metadata()), **self.parquet_options())
 
 
 class Sink(Protocol):
@@ -100,12 +105,13 @@ class LocalFiles:
 class ObjectStore:
     """A prefix of an S3 bucket holding one object per seed: each written whole locally, then uploaded in one PUT or multipart upload."""
 
-    def __init__(self, output_dir: str, storage_options: dict):
+    def __init__(self, output_dir: str, storage_options: dict, stop: Stop | None = None):
         self.output_dir, self.storage_options = output_dir, storage_options
+        self.stop = stop or Stop()  # the run's: it ends a call to the store, or the upload, from any thread
 
     def check(self) -> None:
         """Write the write-check object: missing credentials or bucket fail before the first request."""
-        check_writable(self.output_dir, self.storage_options)
+        check_writable(self.output_dir, self.storage_options, self.stop)
 
     def where(self, seed: str) -> str:
         """The seed's key."""
@@ -113,7 +119,7 @@ class ObjectStore:
 
     def holds(self, seed: str) -> bool:
         """True when an object is at the seed's key."""
-        return object_exists(self.where(seed), self.storage_options)
+        return object_exists(self.where(seed), self.storage_options, self.stop)
 
     def land(self, batch: SortedBatch) -> int:
         """Write the batch to a local file, then upload it; the object's size."""
@@ -125,16 +131,16 @@ class ObjectStore:
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
-        return upload(temp, self.where(batch.seed), {**batch.parquet_options(), "field_metadata": pii_field_metadata()}, self.storage_options)
+        return upload(temp, self.where(batch.seed), {**batch.parquet_options(), "field_metadata": batch.field_metadata()}, self.storage_options, self.stop)
 
 
-def sink_for(settings: Settings) -> Sink:
-    """The sink of the settings' --table-format and --output-dir: one Delta table, else object storage for s3://, else local files."""
+def sink_for(settings: Settings, stop: Stop) -> Sink:
+    """The sink of the settings' --table-format and --output-dir, ended by `stop`: one Delta table, else object storage for s3://, else local files."""
     remote = is_remote(settings.output_dir)
     if settings.table_format == config.DELTA:
         from _random_user_etl.delta import DeltaTable  # here: the delta module lands a SortedBatch of this one
 
-        return DeltaTable(settings.output_dir, store_options(settings) if remote else None)
+        return DeltaTable(settings.output_dir, store_options(settings) if remote else None, stop)
     if remote:
-        return ObjectStore(settings.output_dir, store_options(settings))
+        return ObjectStore(settings.output_dir, store_options(settings), stop)
     return LocalFiles(settings.output_dir)

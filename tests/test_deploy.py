@@ -88,7 +88,13 @@ def pod_spec(name: str = JOB) -> dict:
 
 
 def container() -> dict:
-    """The job's one container."""
+    """The job's container that lands the day's batch: the pod's one init container, run before the analyst lake's."""
+    (only,) = pod_spec()["initContainers"]
+    return only
+
+
+def analyst_container() -> dict:
+    """The container that refreshes the analyst lake once the batch has landed."""
     (only,) = pod_spec()["containers"]
     return only
 
@@ -205,8 +211,9 @@ def test_the_cronjob_runs_daily_one_at_a_time_with_bounded_retries_and_resources
     assert 0 < job["backoffLimit"] <= 3
     assert 0 < job["activeDeadlineSeconds"] <= 24 * 3600
     # A bad setting exits 2: the job fails at once instead of retrying what cannot work.
-    (rule,) = [r for r in job["podFailurePolicy"]["rules"] if r["action"] == "FailJob"]
-    assert rule["onExitCodes"] == {"containerName": container()["name"], "operator": "In", "values": [2]}
+    rules = [r for r in job["podFailurePolicy"]["rules"] if r["action"] == "FailJob"]
+    names = [container()["name"], analyst_container()["name"]]
+    assert [r["onExitCodes"] for r in rules] == [{"containerName": name, "operator": "In", "values": [2]} for name in names]
     assert pod_spec()["restartPolicy"] == "Never"
     limits, requests = container()["resources"]["limits"], container()["resources"]["requests"]
     for name in ("cpu", "memory"):
@@ -224,7 +231,8 @@ def test_a_weekly_cronjob_compacts_the_delta_table_with_the_daily_runs_image_set
     for field in ("image", "envFrom", "env", "securityContext", "volumeMounts"):
         assert box[field] == daily[field], field
     assert pod_spec(COMPACTION)["securityContext"] == pod_spec()["securityContext"]
-    assert pod_spec(COMPACTION)["volumes"] == pod_spec()["volumes"]  # compaction rewrites files through the temp folder
+    (tmp,) = [volume for volume in pod_spec()["volumes"] if volume["name"] == "tmp"]
+    assert pod_spec(COMPACTION)["volumes"] == [tmp]  # the daily run's temp folder; no pseudonym key: compaction reads no person
     # The job reads --compact and the ConfigMap as it would: a week of history kept, the table under the daily lake.
     settings = config.load_settings(environ=resource("ConfigMap")["data"])
     assert settings.retain_hours >= 168
@@ -261,6 +269,27 @@ def test_settings_come_from_the_configmap_and_credentials_from_a_secret():
     assert data["RANDOM_USER_SEED"] == "daily-{date}" and settings.seed == "daily-20261124"
     assert places.is_remote(settings.output_dir) and settings.output_dir.startswith("s3://")
     assert settings.raw_dir is None
+
+
+def test_the_analyst_lake_is_refreshed_after_the_batch_under_its_own_prefix_with_the_key_from_a_secret_file():
+    from _random_user_etl.pseudonym import KEY_FILE_VARIABLE, KEY_VARIABLE
+
+    box, data = analyst_container(), resource("ConfigMap")["data"]
+    assert box["image"] == container()["image"] and box["envFrom"] == container()["envFrom"]
+    (flag, target) = box["args"]
+    assert flag == "--pseudonymise" and target.startswith("s3://")
+    lake = config.load_settings(environ=data, today=dt.date(2026, 11, 24)).output_dir
+    assert etl.checked_target(target, config.load_settings(environ=data)) == target and not target.startswith(lake + "/")
+    # The key is a file of its own Secret, mounted read-only; no variable holds the key's text.
+    env = {e["name"]: e for e in box["env"]}
+    assert KEY_VARIABLE not in env and KEY_VARIABLE not in data and KEY_FILE_VARIABLE not in data
+    key_file = Path(env[KEY_FILE_VARIABLE]["value"])
+    (mount,) = [m for m in box["volumeMounts"] if m["mountPath"] == str(key_file.parent)]
+    (volume,) = [v for v in pod_spec()["volumes"] if v["name"] == mount["name"]]
+    assert mount["readOnly"] is True and volume["secret"]["secretName"] != env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"]
+    assert not [m for m in container()["volumeMounts"] if m["name"] == mount["name"]]  # the landing never sees the key
+    assert [e for e in box["env"] if "value" in e] == [env[KEY_FILE_VARIABLE]]  # a path, the one literal
+    assert box["securityContext"] == container()["securityContext"]
 
 
 def dockerfile_environ() -> dict[str, str]:

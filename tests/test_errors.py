@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import hypothesis
@@ -24,7 +25,7 @@ from support import LOG_LINE, PAGED, PREFIX, assert_one_error_line, assert_rows_
 from fake_api import body, normal, status
 
 import random_user_etl as etl
-from _random_user_etl.errors import AnswerError, ServiceError, StorageError, on_page, write_error
+from _random_user_etl.errors import AnswerError, ServiceError, StorageError, on_page, panic_text_silenced, write_error
 from _random_user_etl.folders import write_atomically
 from _random_user_etl.shown import shorten
 
@@ -397,3 +398,31 @@ def test_a_staged_page_that_makes_polars_panic_is_fetched_again_with_no_panic_te
     assert "panicked" not in capfd.readouterr().err
     assert sorted(r.params["page"] for r in api.requests[before:]) == ["1", "3"]
     assert_rows_are(pl.read_parquet(out / "random_users_paged.parquet"), raw_users(*PAGED))
+
+
+@pytest.mark.parametrize("last_out", ["first", "second"])
+def test_two_threads_silencing_stderr_at_once_leave_it_as_it_was(last_out):
+    # The process has one stderr: each holder restoring what it saw would leave it silenced for good.
+    before = os.fstat(2)
+    first_in, second_in, first_may_leave, first_left = (threading.Event() for _ in range(4))
+
+    def first() -> None:
+        """Silence, let the second silence too, and leave when told."""
+        with panic_text_silenced():
+            first_in.set()
+            first_may_leave.wait(10)
+        first_left.set()
+
+    thread = threading.Thread(target=first, daemon=True)
+    thread.start()
+    first_in.wait(10)
+    with panic_text_silenced():
+        second_in.set()
+        if last_out == "second":
+            first_may_leave.set()
+            first_left.wait(10)
+            assert os.fstat(2).st_ino != before.st_ino  # still silenced: the second holds it
+    first_may_leave.set()
+    thread.join(10)
+    after = os.fstat(2)
+    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)

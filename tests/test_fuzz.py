@@ -265,3 +265,29 @@ def refused_on_purpose(body: bytes) -> bool:
 def test_the_unmutated_answers_land_as_the_reference_reads_them(source):
     body = json.dumps(fixture_json(source)).encode()
     assert etl.transform(body, ingested_at=INGESTED).to_dicts() == reference_rows(body, INGESTED)
+
+
+WHITESPACE = st.text(alphabet=" \t\n\r", max_size=3)  # JSON's own whitespace, nothing else
+
+
+def shuffled(value, rng):
+    """A JSON value with the keys of every object in an order drawn from `rng`."""
+    if isinstance(value, dict):
+        keys = list(value)
+        rng.shuffle(keys)
+        return {key: shuffled(value[key], rng) for key in keys}
+    return [shuffled(item, rng) for item in value] if isinstance(value, list) else value
+
+
+@given(data=st.data())
+def test_any_layout_of_an_answer_lands_what_the_standard_reader_reads(data):
+    # Keys in any order, any JSON whitespace between tokens: the same rows as the compact answer.
+    doc = fixture_json(data.draw(st.sampled_from(SOURCES), label="answer"))
+    doc = shuffled(doc, data.draw(st.randoms(use_true_random=False), label="key order"))
+    indent = data.draw(st.one_of(st.none(), st.integers(0, 4), WHITESPACE), label="indent")
+    around = [data.draw(WHITESPACE, label="space") for _ in range(4)]
+    separators = (f"{around[0]},{around[1]}", f"{around[2]}:{around[3]}")
+    text = data.draw(WHITESPACE) + json.dumps(doc, indent=indent, separators=separators, ensure_ascii=data.draw(st.booleans())) + data.draw(WHITESPACE)
+    body = text.encode()
+    compact = json.dumps(doc).encode()
+    assert etl.transform(body, ingested_at=INGESTED).to_dicts() == reference_rows(body, INGESTED) == reference_rows(compact, INGESTED)

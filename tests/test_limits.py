@@ -312,26 +312,58 @@ def minimal_users_answer(total_bytes: int) -> bytes:
     return b'{"results":[' + users + b'],"info":' + json.dumps(doc["info"], separators=(",", ":")).encode() + b"}"
 
 
+def with_junk_values(values: int) -> bytes:
+    """The recorded pura answer (100 users) with an unknown key holding `values` zeros: valid JSON, small."""
+    doc = fixture_json(PURA)
+    doc["junk"] = [0] * values
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+TOO_MANY_VALUES = r"holds up to [0-9,]+ JSON values, more than 100 users hold \(at most 7,400\): refused unread$"
+
+
 @pytest.mark.parametrize(
-    "answer, says",
-    [
-        (
-            lambda: tiny_values_answer(60_000_000),
-            r"not in the service's compact layout of at most 100 users .*, and is larger than 2,000,000 bytes: refused unread",
-        ),
-        (lambda: minimal_users_answer(60_000_000), r"not in the service's compact layout of at most 100 users"),
-    ],
+    "answer",
+    [lambda: tiny_values_answer(60_000_000), lambda: minimal_users_answer(60_000_000)],
     ids=["60-mb-of-empty-arrays", "60-mb-of-empty-users"],
 )
-def test_an_answer_of_tiny_values_is_refused_unread_within_the_pods_memory(api, out, raw, answer, says):
+def test_an_answer_of_tiny_values_is_refused_unread_within_the_pods_memory(api, out, raw, answer):
     # A JSON reader builds a node per value: 60 MB of "[]," took Polars to a 2.2 GB peak, and the answer landed.
     api.script(body(answer()))
-    proc = run_cli("--seed", "pura", "--n", "100", env=fast_env(api.url, out, raw), measure=True)
+    proc = run_cli("--seed", "pura", "--n", "100", "--timeout", "30", env=fast_env(api.url, out, raw), measure=True)
     peak_mb, stderr = proc.peak_mb, proc.stderr
     assert peak_mb < 1024, f"peak RSS {peak_mb:.0f} MB"
     assert proc.returncode == 1, stderr
-    assert_one_error_line(stderr, rf"^{PREFIX}page 1: the answer is {says}")
+    assert_one_error_line(stderr, rf"^{PREFIX}page 1: the answer {TOO_MANY_VALUES}")
     assert batch_files(out) == []
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [lambda: tiny_values_answer(1_000_000), lambda: with_junk_values(3_000), lambda: json.dumps(json.loads(with_junk_values(3_000)), indent=1).encode()],
+    ids=["1-mb-of-empty-arrays", "a-page-with-junk-values", "the-same-indented"],
+)
+def test_an_answer_holding_more_values_than_its_users_is_refused_unread_whatever_its_size(api, out, raw, cli, answer):
+    # Bounded by what it holds, not by its layout or its size: these are small, and used to land.
+    api.script(body(answer()))
+    result = cli("--seed", "pura", "--retries", "0", env=fast_env(api.url, out, raw))
+    assert result.returncode == 1, result.stderr
+    assert_one_error_line(result.stderr, rf"^{PREFIX}page 1: the answer {TOO_MANY_VALUES}")
+    assert batch_files(out) == []
+
+
+def test_a_page_with_junk_values_within_the_allowance_lands(api, settings):
+    doc = json.loads(with_junk_values(2_000))
+    api.script(body(json.dumps(doc, indent=2)))
+    batch = etl.run(settings(seed="pura"))
+    assert_rows_are(pl.read_parquet(batch.path), doc["results"])
+
+
+def test_a_full_page_reindented_by_a_proxy_lands(api, settings):
+    doc = json.loads(page_body("pura", 1, 5000))
+    api.script(body(json.dumps(doc, indent=2)))
+    batch = etl.run(settings(seed="pura", n=5000, page_size=5000))
+    assert_rows_are(pl.read_parquet(batch.path), doc["results"])
 
 
 def test_a_small_answer_off_the_layout_is_still_read_as_json_reads_it(api, settings):

@@ -336,6 +336,43 @@ def test_a_run_stopped_during_its_upload_lands_nothing_after_the_stop_and_a_reru
     assert list(Path(tempfile.gettempdir()).rglob("*.tmp")) == []
 
 
+def stopped_in_a_thread(settings, stop: Stop, held) -> BaseException | None:
+    """What a run into the bucket raised when its Stop was asked from this thread while the store held a call of it."""
+    ended: dict = {}
+
+    def land() -> None:
+        """The run, keeping what it raised."""
+        try:
+            ended["batch"] = etl.run(settings, stop)
+        except BaseException as exc:  # Stopped is a KeyboardInterrupt
+            ended["error"] = exc
+
+    thread = threading.Thread(target=land, daemon=True)
+    thread.start()
+    wait_until(lambda: held.held.is_set() or not thread.is_alive(), what="the store holding the run's call")
+    stop.stop()
+    wait_until(lambda: not thread.is_alive(), 15, "the stopped run to end while the store holds its call")
+    return ended.get("error")
+
+
+def test_a_run_in_a_thread_stopped_by_its_stop_during_its_upload_ends_and_lands_nothing(api, settings, s3, s3_endpoint, monkeypatch):
+    # No signal here: the run's own Stop, asked from another thread while the store holds the upload,
+    # must end the upload's process as a signal would; the timeout is far past the wait for the end.
+    with held_store(s3_endpoint, once=True) as held:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", held.url)
+        ran = settings(output_dir=s3.url(), seed="paged", n=100, page_size=40, timeout=30, retries=1)
+        assert isinstance(stopped_in_a_thread(ran, Stop(), held), Stopped)
+        assert s3.keys() == []
+
+
+def test_a_run_in_a_thread_stopped_by_its_stop_during_the_write_check_ends_before_any_request(api, settings, s3, s3_endpoint, monkeypatch):
+    with held_store(s3_endpoint, holds="/", once=True) as held:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", held.url)
+        ran = settings(output_dir=s3.url(), seed="paged", n=100, page_size=40, timeout=30, retries=1)
+        assert isinstance(stopped_in_a_thread(ran, Stop(), held), Stopped)
+    assert api.requests == [] and s3.keys() == []
+
+
 def test_a_multipart_upload_stopped_midway_is_never_completed_and_the_earlier_object_stays(s3, s3_endpoint, tmp_path, monkeypatch):
     # Parts of 5 MiB (S3's least), so a 12 MB batch goes up in three; the store holds part 2's first try.
     monkeypatch.setenv("POLARS_UPLOAD_CHUNK_SIZE", str(5 << 20))
@@ -346,7 +383,7 @@ def test_a_multipart_upload_stopped_midway_is_never_completed_and_the_earlier_ob
         monkeypatch.setenv("AWS_ENDPOINT_URL", held.url)
         pl.DataFrame({"x": range(1_500_000)}).with_columns(pl.col("x").hash()).write_parquet(large, compression="uncompressed")
         with stopped_once(held.held):
-            store.upload(large, f"s3://{s3.name}/{key}", {}, options)
+            store.upload(large, f"s3://{s3.name}/{key}", {}, options, Stop())
         assert s3.client.get_object(Bucket=s3.name, Key=key)["Body"].read() == b"the earlier batch"
     assert not large.exists()
 
@@ -401,7 +438,8 @@ def test_a_write_that_fails_midway_leaves_the_earlier_object_as_it_was(fault, s3
     # stop, which Polars does not complete an upload after, checks the stop ends the write unlanded.
     stage = tmp_path / "stage"
     parts, key = staged_paged(stage), f"{s3.url()}/random_users_paged.parquet"
-    sink, stop = ObjectStore(s3.url(), {}), Stop()
+    stop = Stop()
+    sink = ObjectStore(s3.url(), {}, stop)
 
     def land() -> None:
         """Land the staged pages in key ranges of 17 rows."""

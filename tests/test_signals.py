@@ -245,3 +245,12 @@ def test_a_stop_while_the_batch_is_written_lands_nothing_and_the_next_run_lands_
     assert batch.drop("ingested_at").equals(earlier.drop("ingested_at"))
     assert batch["ingested_at"].n_unique() == 1 and batch["ingested_at"][0] > earlier["ingested_at"][0]
     assert not (out / ".staging" / "held").exists()
+
+
+def test_a_signal_once_a_failed_page_wound_the_run_down_is_not_taken_for_a_stop():
+    # The failure is the run's: a stop signal while its workers wind down must not turn exit 1 into 143.
+    stop = etl.Stop()
+    with etl.stop_on_signals(stop):
+        stop.wind_down()
+        os.kill(os.getpid(), signal.SIGTERM)  # its handler runs before the next line, in this thread
+        assert not stop.asked

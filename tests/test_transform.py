@@ -7,7 +7,7 @@ import json
 
 import polars as pl
 import pytest
-from support import COLUMNS, fixture_bytes, fixture_json, reference_rows
+from support import COLUMNS, assert_rows_are, fixture_bytes, fixture_json, reference_rows
 from fake_api import _dumps, page_body
 
 import random_user_etl as etl
@@ -46,11 +46,35 @@ def test_a_large_answer_matches_the_raw_json():
     assert_every_column_is_raw(etl.transform(body, ingested_at=INGESTED), body)
 
 
-def test_an_answer_cut_short_is_malformed_json_or_refused_unread_when_large():
+@pytest.mark.parametrize("users", [100, 5000])
+def test_an_answer_cut_short_is_malformed_json(users):
     with pytest.raises(etl.EtlError, match=r"the answer is not JSON of the randomuser.me 1.4 shape \(malformed JSON"):
-        etl.transform(page_body("small", 3, 100)[:-100])
-    with pytest.raises(etl.EtlError, match=r"the answer is not in the service's compact layout of at most 5000 users \(cut short"):
-        etl.transform(page_body("large", 3, 2000)[:-100])
+        etl.transform(page_body("cut", 3, users)[:-100])
+
+
+def reordered(value):
+    """A JSON value with the keys of every object in reverse order."""
+    if isinstance(value, dict):
+        return {key: reordered(value[key]) for key in reversed(value)}
+    return [reordered(item) for item in value] if isinstance(value, list) else value
+
+
+RELAYOUTS = {
+    "indented": lambda doc: json.dumps(doc, indent=2),
+    "keys-reordered": lambda doc: json.dumps(reordered(doc), separators=(",", ":")),
+    "indented-and-reordered": lambda doc: json.dumps(reordered(doc), indent="\t", separators=(" ,", " : ")),
+}
+
+
+@pytest.mark.parametrize("relayout", RELAYOUTS.values(), ids=RELAYOUTS)
+def test_a_full_page_in_another_layout_lands_the_rows_of_the_compact_one(relayout):
+    # A proxy that re-indents, or a person replaying a page saved pretty-printed: the same answer.
+    page = page_body("relaid", 2, 5000)
+    doc = json.loads(page)
+    body = relayout(doc).encode()
+    assert len(body) > 5_000_000 and body != page
+    assert_rows_are(etl.transform(body), doc["results"])
+    assert etl.transform(body, ingested_at=INGESTED).equals(etl.transform(page, ingested_at=INGESTED))
 
 
 def test_string_and_integer_postcodes_in_one_page_keep_their_text():
@@ -276,3 +300,25 @@ def test_a_page_number_in_other_digits_is_refused():
     doc["info"]["page"] = "1\u0661"  # Arabic-Indic one: Python's int() reads "11"
     with pytest.raises(etl.EtlError, match="is not a page number"):
         etl.transform(compact(doc))
+
+
+@pytest.mark.parametrize("text", ['x},{"gender":"y', "x},{\\u0022gender\\u0022:", '"]},{"gender":"male"}],"info":{'])
+def test_a_text_that_looks_like_the_cut_between_users_lands_as_written(text):
+    # The service's layout is parsed in pieces cut between users: no text is ever cut.
+    doc = json.loads(page_body("cut", 1, 2000))
+    doc["results"][700]["location"]["city"] = text
+    doc["results"][1400]["name"]["last"] = text
+    body = compact(doc)
+    assert_rows_are(etl.transform(body), doc["results"])
+
+
+@pytest.mark.parametrize("user", [0, 2500, 4999])
+def test_a_key_written_twice_anywhere_in_a_full_page_is_refused(user):
+    # The layout of a full page is checked piece by piece: a key twice in any piece is caught.
+    body = page_body("twice", 1, 5000)
+    at = -1
+    for _ in range(user + 1):
+        at = body.index(b',"nat":"', at + 1)
+    body = body[:at] + b',"nat":"XX"' + body[at:]
+    with pytest.raises(etl.EtlError, match=r"1 JSON object\(s\) hold a key twice \(nat\)"):
+        etl.transform(body)
