@@ -114,6 +114,20 @@ def test_an_unknown_table_format_is_refused_before_any_request(api, out, raw):
     assert api.requests == [] and not out.exists()
 
 
+def test_an_unknown_table_format_in_the_environment_is_refused_before_any_request(api, out, raw):
+    from support import run_cli
+
+    ran = run_cli("--seed", "alpha", env=fast_env(api.url, out, raw, RANDOM_USER_TABLE_FORMAT="iceberg"))
+    assert ran.returncode == 2
+    assert_one_error_line(ran.stderr, r"RANDOM_USER_TABLE_FORMAT must be files or delta, got 'iceberg'")
+    assert api.requests == [] and not out.exists()
+
+
+def test_compact_with_replay_is_refused_as_bad_settings(out, raw, capsys):
+    assert compact_cli(out, "--replay", str(raw / "alpha")) == 2
+    assert_one_error_line(capsys.readouterr().err, "--compact is a job of its own")
+
+
 def test_a_folder_that_is_no_delta_table_where_the_table_goes_fails_in_one_line_before_any_request(api, out, raw):
     (out / TABLE).mkdir(parents=True)
     (out / TABLE / "notes.txt").write_text("not a table")
