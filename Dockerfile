@@ -19,9 +19,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# Runtime requirements only: no test tools in the image.
-COPY requirements.txt .
-RUN pip install --no-cache-dir -r requirements.txt
+# Runtime requirements only, with the delta extra's (--table-format delta): no test tools in the image.
+COPY requirements.txt requirements-delta.txt ./
+RUN pip install --no-cache-dir -r requirements.txt -r requirements-delta.txt
 
 # A fixed numeric uid, so Kubernetes can check runAsNonRoot against it.
 RUN groupadd --gid 10001 etl \

@@ -58,6 +58,13 @@ MOST_CONCURRENCY = 64
 # k past a batch's size would suppress every row: 1,000 is already far past a useful k.
 MOST_K = 1000
 
+# How batches land: one parquet file per seed, or one Delta table of every seed.
+FILES, DELTA = "files", "delta"
+TABLE_FORMATS = (FILES, DELTA)
+# A compaction keeps a week of the table's versions readable (time travel, and readers mid-query).
+DEFAULT_RETAIN_HOURS = 168
+MOST_RETAIN_HOURS = 24 * 366 * 10
+
 # A path or URL is taken as typed: whitespace at either end (" /data" makes ./ /data) or a control
 # character anywhere (a newline from a heredoc) would name a folder nobody meant.
 CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -165,6 +172,14 @@ def parse_optional_path(text: str) -> str | None:
     return text
 
 
+def parse_table_format(text: str) -> str:
+    """files or delta, in any case."""
+    word = text.strip().lower()
+    if word not in TABLE_FORMATS:
+        raise ValueError(f"must be {' or '.join(TABLE_FORMATS)}")
+    return word
+
+
 def parse_bool(text: str) -> bool:
     """yes/no, true/false, on/off, 1/0."""
     word = text.strip().lower()
@@ -213,6 +228,17 @@ def at_least(low: int) -> Check:
         """Refuse a value below the least, naming the setting."""
         if value < low:
             raise SettingsError(f"{label} must be at least {low}")
+
+    return check
+
+
+def one_of(words: tuple[str, ...]) -> Check:
+    """A check refusing any value but one of `words`."""
+
+    def check(label: str, value: str) -> None:
+        """Refuse a value not among the words, naming the setting."""
+        if value not in words:
+            raise SettingsError(f"{label} must be {' or '.join(words)}, got '{shorten(str(value))}'")
 
     return check
 
@@ -549,6 +575,21 @@ class Settings:
             MOST_K,
         ),
         5,
+    )
+    table_format: str = declare(
+        Setting(
+            f"how batches land: {FILES}, one parquet file per seed that any engine reads as it is; or {DELTA} "
+            "(pip install '.[delta]'), one Delta table in <output-dir>/random_users/ with versions, a history, "
+            "seeds landing at once and --compact",
+            parse_table_format,
+            takes("KIND"),
+            checks=(one_of(TABLE_FORMATS),),
+        ),
+        FILES,
+    )
+    retain_hours: int = declare(
+        ranged("with --compact: hours of the Delta table's history kept; files no version within them needs are removed", parse_int, "H", 0, MOST_RETAIN_HOURS),
+        DEFAULT_RETAIN_HOURS,
     )
 
     def __post_init__(self):

@@ -8,8 +8,9 @@ This module is the job as it runs: settings, extract, transform, load, read, CLI
 lives in the private package _random_user_etl, one module per part: run (one run, from a page
 source to a sink), sources (the service, or kept raw answers), client and wire (the HTTP), answer
 and contract (the transform), staging, sort, folders and raw (what a run keeps on disk), store and
-objects (where a batch lands), lake (reading it back), stop (ending a run). run(), replay() and
-read_processed() are what analysts import; the CLI is a thin layer over them.
+objects (where a batch lands), delta (the lake as one Delta table), lake (reading it back), stop
+(ending a run). run(), replay(), compact() and read_processed() are what analysts import; the CLI
+is a thin layer over them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime as dt
 import difflib
 import functools
 import logging
@@ -39,6 +41,8 @@ from schemas import OUTPUT_SCHEMA
 from _random_user_etl.answer import PageRequest
 from _random_user_etl.contract import transform  # one answer body in, the contract frame out
 from _random_user_etl.errors import EtlError, Stopped, write_error
+from _random_user_etl.delta import Compacted, scan_table, table_address
+from _random_user_etl.delta import compact as compact_table
 from _random_user_etl.lake import BATCH_GLOB, lake_batches, lake_folder, scan_batches
 from _random_user_etl.run import Batch, Run
 from _random_user_etl.sources import KeptPages, ServicePages
@@ -46,7 +50,21 @@ from _random_user_etl.stop import Stop
 from _random_user_etl.wire import Fault
 from _random_user_etl import __version__
 
-__all__ = ["Batch", "EtlError", "PageRequest", "Stop", "Stopped", "main", "pseudonymise", "read_processed", "read_pseudonymised", "replay", "run", "transform"]
+__all__ = [
+    "Batch",
+    "EtlError",
+    "PageRequest",
+    "Stop",
+    "Stopped",
+    "compact",
+    "main",
+    "pseudonymise",
+    "read_processed",
+    "read_pseudonymised",
+    "replay",
+    "run",
+    "transform",
+]
 
 log = logging.getLogger("random_user_etl")
 
@@ -66,16 +84,39 @@ def replay(source: str | Path, settings: Settings | None = None, stop: Stop | No
     return Run(settings, KeptPages(source), stop).land()
 
 
+def compact(settings: Settings | None = None, **overrides) -> Compacted:
+    """Merge the Delta table's small files in one commit, then vacuum the files no version within --retain-hours needs."""
+    settings = dataclasses.replace(settings or Settings(), **overrides)
+    done = compact_table(settings, store_options(settings) if is_remote(settings.output_dir) else None)
+    log.info(
+        "compacted %s: %d files into %d, version %d; vacuumed %d files",
+        table_address(settings.output_dir),
+        done.files_before,
+        done.files_after,
+        done.version,
+        done.vacuumed,
+    )
+    return done
+
+
 # ---------------------------------------------------------------- read
 
 
-def read_processed(output_dir: str | None = None, storage_options: dict | None = None, unique_users: bool = False) -> pl.LazyFrame:
-    """Every batch ever landed, as one lazy frame with the output schema (empty if the folder holds none); with unique_users, each user once."""
+def read_processed(
+    output_dir: str | None = None, storage_options: dict | None = None, unique_users: bool = False, version: int | str | dt.datetime | None = None
+) -> pl.LazyFrame:
+    """Every batch ever landed (its Delta table's, if it has one: at `version`, a number or a time), as one lazy frame with the output schema; with unique_users, each user once."""
     if output_dir == "":
         raise SettingsError("read_processed's output_dir is empty; leave it out for the default lake")
     output_dir = config.lake_address(output_dir) if output_dir else config.setting_value("output_dir")
     if is_remote(output_dir):
         config.check_s3_address(output_dir)  # the addresses a run lands in, and no other: a gs:// would ask a metadata service
+    table = scan_table(output_dir, storage_options, version)
+    if table is not None:
+        lake = table
+    elif version is not None:
+        raise SettingsError(f"read_processed's version reads a Delta table, and {shorten(output_dir)} holds none")
+    elif is_remote(output_dir):
         # Given the schema, Polars reads a glob that matches no object as an empty frame, so an
         # empty prefix is an empty lake without listing the bucket here: nothing is read until collect.
         source = f"{output_dir.rstrip('/')}/{BATCH_GLOB}"
@@ -210,6 +251,11 @@ def build_parser(prog: str = "random_user_etl.py") -> argparse.ArgumentParser:
         help="build or refresh the analyst lake in TARGET (a folder or s3://bucket/prefix) from the lake in --output-dir, "
         "under the key in RANDOM_USER_PSEUDONYM_KEY_FILE or RANDOM_USER_PSEUDONYM_KEY",
     )
+    parser.add_argument(
+        "--compact",
+        action="store_true",
+        help="instead of a run: merge the Delta table's small files, then remove the files no version within --retain-hours needs",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail, and what caused a failure")
     parser.add_argument("--version", action="version", version=f"random-user-etl {__version__}")
     return parser
@@ -314,12 +360,14 @@ def main(argv: list[str] | None = None, prog: str = "random_user_etl.py") -> int
     """Run the job from the command line, its lines said as `prog`'s; return the exit status."""
     parser = build_parser(prog)
     args = vars(parser.parse_args(argv))
-    verbose, source, target = args.pop("verbose"), args.pop("replay"), args.pop("pseudonymise")
+    verbose, source, target, compacting = args.pop("verbose"), args.pop("replay"), args.pop("pseudonymise"), args.pop("compact")
     formatter = configure_logging(verbose)
     try:
         settings = config.load_settings(args)
         config.check_path_text("--replay", source)
         key = analyst_key(target, source, settings)
+        if compacting and (source or target is not None):
+            raise SettingsError("--compact is a job of its own: give it without --replay or --pseudonymise")
     except SettingsError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
@@ -328,7 +376,9 @@ def main(argv: list[str] | None = None, prog: str = "random_user_etl.py") -> int
     stop = Stop()
     with stop_on_signals(stop):  # held while the last line is printed: a second signal cannot cut it
         try:
-            if target is not None:
+            if compacting:
+                compact(settings)
+            elif target is not None:
                 pseudonymise(target, settings, stop)
             else:
                 replay(source, settings, stop) if source else run(settings, stop)
@@ -345,12 +395,14 @@ def main(argv: list[str] | None = None, prog: str = "random_user_etl.py") -> int
         except KeyboardInterrupt as exc:
             signum = getattr(exc, "signum", signal.SIGINT)
             kept = "the analyst files built so far are kept and the next run builds the rest" if target is not None else STOPPED_RUN_KEEPS
+            kept = STOPPED_COMPACTION_KEEPS if compacting else kept
             print(f"{parser.prog}: stopped by {signal.Signals(signum).name}; {kept}", file=sys.stderr)
             return 128 + signum
     return 0
 
 
 STOPPED_RUN_KEEPS = "staged pages are kept and the next run resumes"  # what a stopped run or replay leaves
+STOPPED_COMPACTION_KEEPS = "the table is as its last commit left it"  # a compaction is one commit, then the vacuum
 
 
 def analyst_key(target: str | None, source: str | None, settings: Settings) -> tuple[str, ...]:

@@ -135,7 +135,12 @@ class ObjectStore:
 
 
 def sink_for(settings: Settings, stop: Stop) -> Sink:
-    """The sink of the settings' --output-dir, ended by `stop`: object storage for s3://, else local files."""
-    if is_remote(settings.output_dir):
+    """The sink of the settings' --table-format and --output-dir, ended by `stop`: one Delta table, else object storage for s3://, else local files."""
+    remote = is_remote(settings.output_dir)
+    if settings.table_format == config.DELTA:
+        from _random_user_etl.delta import DeltaTable  # here: the delta module lands a SortedBatch of this one
+
+        return DeltaTable(settings.output_dir, store_options(settings) if remote else None, stop)
+    if remote:
         return ObjectStore(settings.output_dir, store_options(settings), stop)
     return LocalFiles(settings.output_dir)

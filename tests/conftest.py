@@ -107,3 +107,28 @@ def s3(s3_endpoint, tmp_path, monkeypatch) -> Bucket:
     client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
     client.create_bucket(Bucket=name)
     return Bucket(name, client)
+
+
+# One local Spark session, for the tests that read the lake with Spark (engines, Delta).
+
+
+@pytest.fixture(scope="module")
+def spark():
+    """A one-thread local Spark session, bound to loopback, UTC, no UI."""
+    from pyspark.sql import SparkSession
+
+    session = (
+        SparkSession.builder.master("local[1]")
+        .appName("random-user-etl-tests")
+        .config("spark.ui.enabled", "false")
+        .config("spark.sql.shuffle.partitions", "1")
+        .config("spark.default.parallelism", "1")
+        .config("spark.sql.session.timeZone", "UTC")
+        .config("spark.driver.host", "127.0.0.1")
+        .config("spark.driver.bindAddress", "127.0.0.1")
+        .config("spark.driver.memory", "1g")
+        .getOrCreate()
+    )
+    session.sparkContext.setLogLevel("ERROR")
+    yield session
+    session.stop()

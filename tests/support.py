@@ -9,11 +9,13 @@ import contextlib
 import dataclasses
 import gzip
 import hashlib
+import importlib.util
 import json
 import logging
 import os
 import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -600,3 +602,15 @@ def as_nobody(folder: Path, call) -> str:
     finally:
         os.close(read)
         os.waitpid(pid, 0)
+
+
+def spark_missing() -> str | None:
+    """Why the Spark test cannot run here, or None. CI installs pyspark and has Java 17 on PATH."""
+    if importlib.util.find_spec("pyspark") is None:
+        return "pyspark is not installed (requirements-dev.txt installs it)"
+    if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
+        return "no Java runtime: PySpark needs `java` on PATH or JAVA_HOME (Java 17)"
+    return None
+
+
+SPARK_MISSING = spark_missing()

@@ -72,15 +72,19 @@ def resources() -> list[dict]:
     return found
 
 
-def resource(kind: str) -> dict:
-    """The one resource of a kind."""
-    (found,) = [r for r in resources() if r["kind"] == kind]
+JOB = "random-user-etl"  # the daily run's CronJob and the ConfigMap of its settings
+COMPACTION = "random-user-etl-compact"  # the weekly compaction of the Delta table
+
+
+def resource(kind: str, name: str = JOB) -> dict:
+    """The one resource of a kind and name."""
+    (found,) = [r for r in resources() if r["kind"] == kind and r["metadata"]["name"] == name]
     return found
 
 
-def pod_spec() -> dict:
-    """The pod template of the CronJob."""
-    return resource("CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+def pod_spec(name: str = JOB) -> dict:
+    """The pod template of a CronJob."""
+    return resource("CronJob", name)["spec"]["jobTemplate"]["spec"]["template"]["spec"]
 
 
 def container() -> dict:
@@ -165,8 +169,8 @@ def test_the_image_is_slim_python_non_root_runtime_only_with_the_job_as_entrypoi
     assert json.loads(arguments("ENTRYPOINT")[-1]) == ["python", "random_user_etl.py"]
     assert not arguments("CMD")  # settings come from the environment, not baked-in arguments
     installs = [rest for rest in arguments("RUN") if "pip install" in rest]
-    assert installs == ["pip install --no-cache-dir -r requirements.txt"]
-    assert "requirements.txt" in copied_files() and "requirements-dev.txt" not in copied_files()
+    assert installs == ["pip install --no-cache-dir -r requirements.txt -r requirements-delta.txt"]
+    assert {"requirements.txt", "requirements-delta.txt"} <= set(copied_files()) and "requirements-dev.txt" not in copied_files()
     # Every module of ours that the job imports is in the image, and nothing else of ours is.
     modules = {name for name in image_files() if name.endswith(".py")}
     assert modules == runtime_modules()
@@ -183,7 +187,7 @@ def test_the_image_is_slim_python_non_root_runtime_only_with_the_job_as_entrypoi
 
 def test_the_manifests_validate_against_the_kubernetes_schemas():
     found = resources()
-    assert sorted(r["kind"] for r in found) == ["ConfigMap", "CronJob"]  # no Secret is committed
+    assert sorted(r["kind"] for r in found) == ["ConfigMap", "CronJob", "CronJob"]  # no Secret is committed
     for version in K8S_VERSIONS:
         for item in found:
             kubernetes_validate.validate(item, version, strict=True)  # raises on any error
@@ -214,6 +218,25 @@ def test_the_cronjob_runs_daily_one_at_a_time_with_bounded_retries_and_resources
     limits, requests = container()["resources"]["limits"], container()["resources"]["requests"]
     for name in ("cpu", "memory"):
         assert 0 < quantity(requests[name]) <= quantity(limits[name])
+
+
+def test_a_weekly_cronjob_compacts_the_delta_table_with_the_daily_runs_image_settings_and_credentials():
+    spec = resource("CronJob", COMPACTION)["spec"]
+    minute, hour, day, month, weekday = spec["schedule"].split()
+    assert minute.isdigit() and hour.isdigit() and (day, month) == ("*", "*") and weekday.isdigit()
+    assert spec["concurrencyPolicy"] == "Forbid"
+    (box,) = pod_spec(COMPACTION)["containers"]
+    assert box["args"] == ["--compact"]
+    daily = container()
+    for field in ("image", "envFrom", "env", "securityContext", "volumeMounts"):
+        assert box[field] == daily[field], field
+    assert pod_spec(COMPACTION)["securityContext"] == pod_spec()["securityContext"]
+    (tmp,) = [volume for volume in pod_spec()["volumes"] if volume["name"] == "tmp"]
+    assert pod_spec(COMPACTION)["volumes"] == [tmp]  # the daily run's temp folder; no pseudonym key: compaction reads no person
+    # The job reads --compact and the ConfigMap as it would: a week of history kept, the table under the daily lake.
+    settings = config.load_settings(environ=resource("ConfigMap")["data"])
+    assert settings.retain_hours >= 168
+    assert etl.build_parser().parse_args(box["args"]).compact is True
 
 
 def test_the_pod_runs_as_the_images_non_root_user_with_a_read_only_root_and_a_writable_tmp():

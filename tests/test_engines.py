@@ -10,9 +10,6 @@ as a real lake does; every engine must skip them.
 from __future__ import annotations
 
 import datetime as dt
-import importlib.util
-import os
-import shutil
 from pathlib import Path
 
 import duckdb
@@ -20,7 +17,7 @@ import pandas as pd
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
-from support import GBONLY, PURA, assert_rows_are, fixture_json, nationality_counts, raw_users, user_rows
+from support import SPARK_MISSING, GBONLY, PURA, assert_rows_are, fixture_json, nationality_counts, raw_users, user_rows
 
 import random_user_etl as etl
 from schemas import OUTPUT_SCHEMA
@@ -127,40 +124,6 @@ def test_read_processed_reads_an_older_batch_missing_a_contract_column_as_nulls(
 
 
 # ---------------------------------------------------------------- Spark
-
-
-def spark_missing() -> str | None:
-    """Why the Spark test cannot run here, or None. CI installs pyspark and has Java 17 on PATH."""
-    if importlib.util.find_spec("pyspark") is None:
-        return "pyspark is not installed (requirements-dev.txt installs it)"
-    if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
-        return "no Java runtime: PySpark needs `java` on PATH or JAVA_HOME (Java 17)"
-    return None
-
-
-SPARK_MISSING = spark_missing()
-
-
-@pytest.fixture(scope="module")
-def spark():
-    """A one-thread local Spark session, bound to loopback, UTC, no UI."""
-    from pyspark.sql import SparkSession
-
-    session = (
-        SparkSession.builder.master("local[1]")
-        .appName("random-user-etl-tests")
-        .config("spark.ui.enabled", "false")
-        .config("spark.sql.shuffle.partitions", "1")
-        .config("spark.default.parallelism", "1")
-        .config("spark.sql.session.timeZone", "UTC")
-        .config("spark.driver.host", "127.0.0.1")
-        .config("spark.driver.bindAddress", "127.0.0.1")
-        .config("spark.driver.memory", "1g")
-        .getOrCreate()
-    )
-    session.sparkContext.setLogLevel("ERROR")
-    yield session
-    session.stop()
 
 
 @pytest.mark.skipif(SPARK_MISSING is not None, reason=SPARK_MISSING or "")

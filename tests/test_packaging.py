@@ -60,11 +60,16 @@ def test_requirements_txt_pins_exactly_the_runtime_dependencies_of_pyproject():
     assert by_name(requirement_lines(ROOT / "requirements.txt")) == by_name(PYPROJECT["project"]["dependencies"])
 
 
+def test_requirements_delta_txt_pins_exactly_the_delta_extra_of_pyproject():
+    # The image installs requirements-delta.txt beside requirements.txt, `pip install .[delta]` the extra: the same table needs the same.
+    assert by_name(requirement_lines(ROOT / "requirements-delta.txt")) == by_name(PYPROJECT["project"]["optional-dependencies"]["delta"])
+
+
 def test_requirements_dev_txt_installs_the_project_with_its_dev_extra():
     assert requirement_lines(ROOT / "requirements-dev.txt") == ["-e .[dev]"]
     dev = by_name(PYPROJECT["project"]["optional-dependencies"]["dev"])
     assert {"pytest", "pytest-xdist", "moto", "ruff", "mypy", "packaging", "setuptools"} <= set(dev)
-    assert dev["random-user-etl"] == (["analyst"], "")  # the analyst's readers too: the engine tests use them
+    assert dev["random-user-etl"] == (["analyst", "delta"], "")  # the analyst's readers and the Delta table too: the engine and delta tests use them
 
 
 @pytest.fixture(scope="module")
