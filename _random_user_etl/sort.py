@@ -47,6 +47,11 @@ def read_parts(parts: list[Path]) -> pl.DataFrame:
     return pl.concat(groups, rechunk=True)
 
 
+def rows_in(files: list[Path]) -> int:
+    """The rows of some scratch or staged files, read together (at most GROUP_FILES of them: Polars holds some 40 kB per file a read opens)."""
+    return pl.scan_parquet(files, hive_partitioning=False, glob=False).select(pl.len()).collect().item()
+
+
 class ExternalSort:
     """The batch in key order, sorting at most about `run_rows` rows in memory at once."""
 
@@ -116,7 +121,7 @@ class ExternalSort:
         for piece in sorted(self.work.glob("group-*/__run=*/*.parquet")):  # one walk, not one per range
             by_folder.get(piece.parent.name, []).append(piece)  # anything else is not a range's piece
         pieces = [piece for run in ranges for piece in run]
-        held = pl.scan_parquet(pieces, hive_partitioning=False, glob=False).select(pl.len()).collect().item() if pieces else 0
+        held = sum(rows_in(pieces[start : start + GROUP_FILES]) for start in range(0, len(pieces), GROUP_FILES))
         if held != self.rows:  # the batch is built from these pieces, so they must hold every row, once
             raise StorageError(f"the sort's key ranges hold {held} rows, expected {self.rows}")
 
