@@ -1,4 +1,4 @@
-"""The benchmark: the job's transform against the alternatives, replay, the job end to end, memory, pace.
+"""The benchmark: the job's transform against the alternatives, replay, the job end to end, memory, pace, the Delta sink.
 
     python benchmarks/bench.py            # the full benchmark (about 5 minutes on 2 quiet cores, estimated)
     python benchmarks/bench.py --quick    # smaller sizes, one repeat: a smoke run of about a minute
@@ -8,8 +8,8 @@ run the same way (a CPU witness, its failures, findings, figures and targets gat
 SUMMARY). Offline: every byte comes from tests/fake_api.py (recorded randomuser.me users,
 distinct ids), served fast from another process by benchmarks/fast_pages.py. Every transform's
 output and every landed batch is checked against the raw JSON (row counts, user ids, order,
-postcodes as text, ...), so a fast wrong answer cannot pass. The replay, end-to-end and memory
-sections each run the job's CLI in a fresh subprocess, so the fake never steals the job's GIL,
+postcodes as text, ...), so a fast wrong answer cannot pass. The replay, end-to-end, memory and
+delta sections each run the job's CLI in a fresh subprocess, so the fake never steals the job's GIL,
 and peak RSS is the kernel's high-water mark of that one job process (VmHWM).
 The full output is also written to benchmarks/results/latest.txt.
 """
@@ -448,7 +448,12 @@ def run_helper(flag: str, args: list[str], name: str, env: dict | None = None) -
 def run_job(url: str, n: int, concurrency: int, raw_dir: str | None = None, allocator: bool = True) -> dict:
     """Run the job's CLI in a fresh process (raw answers kept in raw_dir if given; the image's allocator settings unless told); its wall times, peak RSS (VmHWM) and output folder."""
     out = tempfile.mkdtemp(prefix="bench-out-")
-    args = [
+    return run_child(job_args(url, n, concurrency, out, raw_dir), out, "job", allocator)
+
+
+def job_args(url: str, n: int, concurrency: int, out: str, raw_dir: str | None) -> list[str]:
+    """The job's CLI for n users of seed SEED from url into out, no retries."""
+    return [
         "--n",
         str(n),
         "--seed",
@@ -466,7 +471,6 @@ def run_job(url: str, n: int, concurrency: int, raw_dir: str | None = None, allo
         "--timeout",
         "60",
     ]
-    return run_child(args, out, "job", allocator)
 
 
 def run_child(args: list[str], out: str, name: str, allocator: bool = True) -> dict:
@@ -610,9 +614,10 @@ def page_keys(page: int) -> tuple:
     return tuple(map(row_key, user_rows(json.loads(page_body(SEED, page, PAGE))["results"]).values()))
 
 
-def expected_order(pages: int) -> list[str]:
-    """The user ids of pages 1..pages in the order a batch must hold them: the raw keys sorted by Python."""
-    return [key[-1] for key in sorted(key for page in range(1, pages + 1) for key in page_keys(page))]
+def expected_order(pages: int, nationality: str | None = None) -> list[str]:
+    """The user ids of pages 1..pages (of one nationality, if given) in the order a batch must hold them: the raw keys sorted by Python."""
+    keys = (key for page in range(1, pages + 1) for key in page_keys(page) if nationality in (None, key[0]))
+    return [key[-1] for key in sorted(keys)]
 
 
 def pages_of(n: int) -> int:
@@ -957,6 +962,122 @@ def bench_pace(report: Report) -> dict:
     return {"failures": failures, "targets": []}
 
 
+# ---------------------------------------------------------------- 6. delta: the Delta sink beside the files
+
+FORMATS = ("files", "delta")
+NATIONALITY = "GB"
+# What the section times, in its table's order: (what the table calls it, what the SUMMARY calls it or None, the landing, the figure from its run).
+LANDINGS = ("land", "re-land")
+MEASURES = (
+    ("land a batch: the landing step (Run.finish)", "landing a batch (Run.finish)", "land", "step"),
+    ("land a batch: the run (main)", None, "land", "run"),
+    ("re-land it (the seed's rows replaced): the landing step", "re-landing it", "re-land", "step"),
+    ("re-land it: the run (main)", None, "re-land", "run"),
+)
+
+
+def land_as(url: str, n: int, out: str, table_format: str) -> dict:
+    """The job's CLI landing seed SEED into out in this table format, in a fresh process (see run_child)."""
+    return run_child([*job_args(url, n, 4, out, None), "--table-format", table_format], out, "job")
+
+
+def check_lake(out: str, table_format: str, expected: list[str], landings: int) -> list[str]:
+    """What read_processed reads from out: the rows, unique ids, the ids in the raw keys' order; the sink's own place, and nothing else left."""
+    import random_user_etl as etl
+    from _random_user_etl import delta, store
+
+    problems = []
+    place = Path(delta.table_address(out) if table_format == "delta" else store.batch_path(out, SEED))
+    if not place.exists():
+        return [f"nothing landed at {place.name}"]
+    ids = etl.read_processed(out).select("user_id").collect()["user_id"]
+    if ids.len() != len(expected):
+        problems.append(f"the lake holds {ids.len():,} rows, expected {len(expected):,}")
+    if ids.n_unique() != ids.len():
+        problems.append(f"the lake's ids repeat: {ids.len() - ids.n_unique():,} duplicates")
+    elif ids.to_list() != expected:
+        problems.append("the lake's ids differ from the raw JSON's" if set(ids) != set(expected) else "the lake's rows are not in the raw keys' order")
+    leftovers = [p.name for p in Path(out).rglob("*") if p.is_file() and place not in (p, *p.parents) and not p.name.endswith(".lock")]
+    if leftovers:
+        problems.append(f"leftover files after landing: {leftovers[:3]}")
+    if table_format == "delta":
+        from deltalake import DeltaTable
+
+        version = DeltaTable(str(place)).version()
+        if version != landings:  # version 0 creates the table empty; then one commit per landing
+            problems.append(f"the table is at version {version} after {landings} landing(s), expected {landings}")
+    return problems
+
+
+def time_reads(outs: dict[str, str], repeats: int, expected: list[str]) -> tuple[dict[str, list[float]], list[str]]:
+    """Seconds to read one nationality from each lake with read_processed, after a warm-up, interleaved; and what was read wrong."""
+    import polars as pl
+
+    import random_user_etl as etl
+
+    def read(out: str) -> pl.DataFrame:
+        return etl.read_processed(out).filter(pl.col("nationality") == NATIONALITY).collect()
+
+    problems = []
+    for name, out in outs.items():  # warm-up (deltalake's import, the OS file cache), checked
+        got = read(out)["user_id"].to_list()
+        if got != expected:
+            how = "are not in the raw keys' order" if sorted(got) == sorted(expected) else f"({len(got):,}) are not the raw JSON's {len(expected):,}"
+            problems.append(f"delta section, {name}: the {NATIONALITY} rows read {how}")
+    times = {name: [] for name in outs}
+    for _ in range(repeats):
+        for name, out in outs.items():
+            started = time.perf_counter()
+            read(out)
+            times[name].append(time.perf_counter() - started)
+    return times, problems
+
+
+def bench_delta(report: Report, n: int, repeats: int) -> dict:
+    """The Delta sink beside the files, in the same run: land a batch, re-land its seed, read one nationality; each as a ratio to the files."""
+    pages = pages_of(n)
+    ids = expected_order(pages)
+    report(
+        f"6. DELTA: the job's CLI lands n = {n:,} ({pages} pages of {PAGE:,}) with --table-format files and delta, then re-lands the seed; a read of one nationality"
+    )
+    report(
+        "  fake API in another process, latency 0, concurrency 4, raw_dir off; each landing a fresh process, same seed, a fresh folder per format and repeat;"
+        f" the formats interleaved; median of {repeats}"
+    )
+    report("  'landing step' = Run.finish (the sorted batch written by the sink), wrapped in the job's process; 'run' = the job's main()")
+    times = {(fmt, landing, figure): [] for fmt in FORMATS for _, _, landing, figure in MEASURES}
+    failures, outs = [], {}
+    with fake_server(0.0, pages) as server:
+        failures += [f"delta section, warm-up: {p}" for p in check_landed(run_job(server.url, PAGE, 4), PAGE, None)]
+        for _ in range(repeats):
+            for fmt in FORMATS:
+                if fmt in outs:  # the last repeat's folders are kept for the reads
+                    shutil.rmtree(outs[fmt], ignore_errors=True)
+                outs[fmt] = out = tempfile.mkdtemp(prefix=f"bench-{fmt}-")
+                for count, landing in enumerate(LANDINGS, start=1):
+                    result = land_as(server.url, n, out, fmt)
+                    if "error" in result:  # a failed landing is reported, never timed
+                        failures.append(f"delta section, {fmt}, {landing}: {result['error']}")
+                        continue
+                    failures += [f"delta section, {fmt}, {landing}: {p}" for p in check_lake(out, fmt, ids, count)]
+                    times[fmt, landing, "run"].append(result["run_s"])
+                    times[fmt, landing, "step"].append(result["spent"]["land"])
+    try:
+        gb = expected_order(pages, NATIONALITY)
+        reads, problems = time_reads(outs, max(repeats, 5), gb)
+        failures += problems
+    finally:
+        for out in outs.values():
+            shutil.rmtree(out, ignore_errors=True)
+    median = lambda ts: statistics.median(ts) if ts else math.nan
+    rows = [[label, short, *(median(times[fmt, landing, figure]) for fmt in FORMATS)] for label, short, landing, figure in MEASURES]
+    read_label = f"read nationality {NATIONALITY} ({len(gb):,} rows): read_processed(out).filter(...).collect()"
+    rows.append([read_label, f"reading {NATIONALITY}", *(median(reads[fmt]) for fmt in FORMATS)])
+    report.table(["measure", "files s", "delta s", "delta / files"], [[label, f"{f:.3f}", f"{d:.3f}", f"{d / f:.2f}x"] for label, _, f, d in rows])
+    figures = [f"delta at n = {n:,}: {short} takes {d / f:.2f}x the files' time ({d:.3f} s against {f:.3f} s)" for _, short, f, d in rows if short]
+    return {"failures": failures, "targets": [], "figures": figures}
+
+
 @functools.cache
 def image_allocator() -> dict[str, str]:
     """The allocator settings the image gives the job, read from the Dockerfile so the two cannot drift apart."""
@@ -1001,6 +1122,7 @@ SECTIONS = (
         lambda a: {"sizes": (20_000, 100_000, 200_000) if a.quick else (20_000, 200_000, 1_000_000), "repeats": repeats_or(a, 2)},
     ),
     Section("pace", bench_pace, lambda a: {}),
+    Section("delta", bench_delta, lambda a: {"n": 20_000 if a.quick else 100_000, "repeats": repeats_or(a, 3)}),
 )
 
 
