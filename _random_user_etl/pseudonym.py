@@ -152,6 +152,7 @@ class AnalystNames:
     """A sink's file names for analyst files instead of batches."""
 
     output_dir: str
+    kind = "analyst file"  # what its lines call it
 
     def where(self, seed: str) -> str:
         """The seed's analyst file."""
@@ -181,7 +182,7 @@ class AnalystObjects(AnalystNames, ObjectStore):
 class AnalystTable(DeltaTable):
     """The analyst lake as one Delta table at <target>/pseudonymised_users: each seed one commit overwriting its rows, its build record in the commit."""
 
-    name = ANALYST_TABLE
+    name, kind = ANALYST_TABLE, "analyst table"
 
     def schema(self) -> Any:
         """The analyst columns as an Arrow schema whose fields carry their classes."""
@@ -332,13 +333,14 @@ def refresh(settings: config.Settings, target: str, key: PseudonymKey, storage_o
         where, record = sink.named(source.seed), build_record(source.identity(), key, k)
         built[where] = sink.built_from(source.seed) != record
         if not built[where]:
-            log.info("analyst file %s is up to date", where)
+            log.info("%s %s is up to date", sink.kind, where)
             continue
         file = analyst_file(source.rows, source.seed, record, key, scratch)
         with failing_as("cannot write", where, catching=WRITE_FAILURES):
             sink.land(file)
         log.info(
-            "analyst file %s built (k=%d, %s rows with their quasi-identifiers suppressed)",
+            "%s %s built (k=%d, %s rows with their quasi-identifiers suppressed)",
+            sink.kind,
             where,
             k,
             json.loads(file.report[PSEUDONYM_METADATA_KEY])["suppressed_rows"],
