@@ -142,7 +142,7 @@ def pseudonymise(target: str, settings: Settings | None = None, stop: Stop | Non
     settings = dataclasses.replace(settings or Settings(), **overrides)
     target = checked_target(target, settings)
     key = pseudonym.load_key(os.environ)  # before anything is written: a missing or short key is a bad setting
-    return pseudonym.refresh(settings.output_dir, target, key, settings.k_anonymity, store_options(settings), stop or Stop())
+    return pseudonym.refresh(settings, target, key, store_options(settings), stop or Stop())
 
 
 def checked_target(target: str, settings: Settings) -> str:
@@ -168,7 +168,7 @@ def overlapping(target: str, place: str) -> bool:
 
 
 def read_pseudonymised(target: str, storage_options: dict | None = None) -> pl.LazyFrame:
-    """Every analyst file in `target`, as one lazy frame (empty if it holds none)."""
+    """The analyst table in `target` if it has one, else every analyst file in it, as one lazy frame (empty if it holds none)."""
     if not target:
         raise SettingsError("read_pseudonymised needs the analyst lake's folder or s3:// address")
     target = config.lake_address(target)

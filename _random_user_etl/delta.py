@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import json
 import os
 from typing import Any
 import polars as pl
@@ -31,9 +32,9 @@ SEED_KEY, VERSION_KEY = "random_user_etl.seed", "random_user_etl.version"
 PLAIN_READERS = {"delta.enableDeletionVectors": "false"}
 
 
-def table_address(output_dir: str) -> str:
-    """Where the lake's table is: random_users/ in the output folder or prefix."""
-    return f"{output_dir.rstrip('/')}/{TABLE}"
+def table_address(output_dir: str, name: str = TABLE) -> str:
+    """Where a table of `name` is in a folder or prefix: the lake's, random_users/, unless told."""
+    return f"{output_dir.rstrip('/')}/{name}"
 
 
 def delta_options(storage_options: dict | None, address: str) -> dict[str, str]:
@@ -132,8 +133,10 @@ class RowStream:
 class DeltaTable:
     """One Delta table of every seed at <output-dir>/random_users: a batch lands as one commit that overwrites its seed's rows."""
 
+    name = TABLE  # the table's folder in output_dir
+
     def __init__(self, output_dir: str, storage_options: dict | None = None, stop: Stop | None = None):
-        self.output_dir, self.address = output_dir, table_address(output_dir)
+        self.output_dir, self.address = output_dir, table_address(output_dir, self.name)
         self.options = delta_options(storage_options, self.address)
         self.storage_options = storage_options or {}
         self.stop = stop or Stop()  # the run's: it ends the write check from any thread
@@ -171,9 +174,26 @@ class DeltaTable:
                 schema_mode="merge",  # a column the contract gained joins the table; older rows read it as null
                 storage_options=self.options,
                 writer_properties=writer_properties(WriterProperties, batch.group_rows),
-                commit_properties=CommitProperties(custom_metadata={SEED_KEY: batch.seed, VERSION_KEY: __version__}),
+                commit_properties=CommitProperties(custom_metadata=self.commit_metadata(batch)),
             )
         return sum(size for path, size in self.files().items() if path not in before)
+
+    def schema(self) -> Any:
+        """The table's Arrow schema at its creation, its fields carrying their PII classes."""
+        return pii_schema()
+
+    def commit_metadata(self, batch: SortedBatch) -> dict[str, str]:
+        """What a batch's commit records beside delta-rs' own: its seed and the job's version."""
+        return {SEED_KEY: batch.seed, VERSION_KEY: __version__}
+
+    def commits(self) -> list[dict[str, Any]]:
+        """The table's commits, newest first (none before it exists)."""
+        from deltalake import DeltaTable as Table
+
+        if not is_table(self.address, self.options):
+            return []
+        with failing_on_table("cannot read", self.address):
+            return sorted(Table(self.address, storage_options=self.options).history(), key=lambda commit: -commit["version"])
 
     def create(self) -> None:
         """Make the table, empty, in a commit of its own, unless it is there: runs landing at once then race only on their rows."""
@@ -188,7 +208,7 @@ class DeltaTable:
             try:
                 # Not retried: a create retried after another's won would commit a second CREATE TABLE on top of it.
                 once = CommitProperties(max_commit_retries=0)
-                Table.create(self.address, pii_schema(), mode="ignore", configuration=PLAIN_READERS, storage_options=self.options, commit_properties=once)
+                Table.create(self.address, self.schema(), mode="ignore", configuration=PLAIN_READERS, storage_options=self.options, commit_properties=once)
             except CommitFailedError:
                 if not is_table(self.address, self.options):  # another run's create won: the table is there all the same
                     raise
@@ -206,7 +226,11 @@ class DeltaTable:
 
 def scan_table(output_dir: str, storage_options: dict | None, version: int | str | dt.datetime | None) -> pl.LazyFrame | None:
     """The lake's table (at `version`, a number or a time, else its latest) as a lazy frame of the output schema; None if there is no table."""
-    address = table_address(output_dir)
+    return scan_schema(table_address(output_dir), storage_options, version, OUTPUT_SCHEMA)
+
+
+def scan_schema(address: str, storage_options: dict | None, version: int | str | dt.datetime | None, schema: pl.Schema) -> pl.LazyFrame | None:
+    """The table at `address` (at `version`, else its latest) as a lazy frame of `schema`; None if there is no table."""
     options = delta_options(storage_options, address)
     if not has_table(address, storage_options, options):
         return None
@@ -214,7 +238,22 @@ def scan_table(output_dir: str, storage_options: dict | None, version: int | str
         table = pl.scan_delta(address, version=version, storage_options=options)
         columns = table.collect_schema()  # the log's schema: reading it reads no rows
     # A column the contract gained after the table's last batch reads as null; one it lost is not read.
-    return table.select(pl.col(name).cast(dtype) if name in columns else pl.lit(None, dtype).alias(name) for name, dtype in OUTPUT_SCHEMA.items())
+    return table.select(pl.col(name).cast(dtype) if name in columns else pl.lit(None, dtype).alias(name) for name, dtype in schema.items())
+
+
+def landed_seeds(output_dir: str, storage_options: dict | None) -> dict[str, str] | None:
+    """Each seed the lake's table holds and the identity of its rows (the table's id, their last ingested_at, their count); None if there is no table."""
+    from deltalake import DeltaTable as Table
+
+    # Not the version that last wrote a seed: commit info goes with the log's old entries, and a
+    # compaction rewrites files, not rows; the last instant a seed's rows landed, to the microsecond, stays.
+    table, address = scan_table(output_dir, storage_options, None), table_address(output_dir)
+    if table is None:
+        return None
+    with failing_on_table("cannot read", address):
+        table_id = Table(address, storage_options=delta_options(storage_options, address)).metadata().id
+        landed = table.group_by("seed").agg(pl.col("ingested_at").max().cast(pl.String).alias("landed"), pl.len().alias("rows")).sort("seed").collect()
+    return {row["seed"]: json.dumps({"table": table_id, **row}, sort_keys=True) for row in landed.iter_rows(named=True)}
 
 
 def writer_properties(properties: Any, group_rows: int) -> Any:

@@ -1,19 +1,24 @@
-"""The analyst lake: the operator's key and its id, person_key, each column's treatment, k-anonymity suppression, one analyst file per batch."""
+"""The analyst lake: the operator's key and its id, person_key, each column's treatment, k-anonymity suppression, one analyst file (or table commit) per batch."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import hmac
 import json
 import logging
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 import polars as pl
+import random_user_config as config
 from random_user_config import SettingsError
 from schemas import DECADE, KEEP, OUTPUT_SCHEMA, PERSON_KEY, PII_CLASSES, PII_METADATA_KEY, QUASI, TREATMENTS, Dtype
+from _random_user_etl.arrow import with_field_metadata
+from _random_user_etl.delta import SEED_KEY, DeltaTable, landed_seeds, scan_schema, scan_table, table_address
 from _random_user_etl.errors import StorageError, failing_as, write_error
 from _random_user_etl.folders import own_staging_root
 from _random_user_etl.lake import BATCH_GLOB, LAKE_SCAN, lake_batches, lake_folder, scan_batches
@@ -30,6 +35,7 @@ ALGORITHM = "HMAC-SHA256"
 KEY_ID_LABEL = b"random_user_etl pseudonym key id"
 PSEUDONYM_METADATA_KEY = "random_user_etl.pseudonym"  # an analyst file's key id, algorithm, k, source and suppressed rows
 ANALYST_GLOB = "pseudonymised_users_*.parquet"
+ANALYST_TABLE = "pseudonymised_users"  # the analyst table's folder in the target, with --table-format delta
 WRITE_FAILURES = (OSError, pl.exceptions.PolarsError)  # what making the target, or writing an analyst file into it, can raise
 
 
@@ -101,6 +107,11 @@ def analyst_classes() -> dict[str, str]:
     return {name: PII_CLASSES[column] for column, (_, name) in TREATMENTS.items() if name}
 
 
+def analyst_field_metadata() -> dict[str, dict[str, str]]:
+    """Each analyst column's Arrow field metadata: its PII class."""
+    return {name: {"pii": kind} for name, kind in analyst_classes().items()}
+
+
 def quasi_columns() -> list[str]:
     """The quasi-identifiers an analyst file keeps: the columns its k-anonymity covers."""
     return [name for name, kind in analyst_classes().items() if kind == QUASI]
@@ -141,18 +152,58 @@ class AnalystNames:
     """A sink's file names for analyst files instead of batches."""
 
     output_dir: str
+    kind = "analyst file"  # what its lines call it
 
     def where(self, seed: str) -> str:
         """The seed's analyst file."""
         return analyst_path(self.output_dir, seed)
 
+    def named(self, seed: str) -> str:
+        """The seed's analyst file, as said in lines and in what refresh returns."""
+        return self.where(seed)
+
 
 class AnalystFolder(AnalystNames, LocalFiles):
     """A local folder of analyst files, each landed as a batch is."""
 
+    def built_from(self, seed: str) -> dict[str, Any] | None:
+        """The build record of the seed's analyst file; None when there is none."""
+        return built_from(self.where(seed), None)
+
 
 class AnalystObjects(AnalystNames, ObjectStore):
     """An object-storage prefix of analyst files, each landed as a batch is."""
+
+    def built_from(self, seed: str) -> dict[str, Any] | None:
+        """The build record of the seed's analyst file; None when there is none."""
+        return built_from(self.where(seed), self.storage_options)
+
+
+class AnalystTable(DeltaTable):
+    """The analyst lake as one Delta table at <target>/pseudonymised_users: each seed one commit overwriting its rows, its build record in the commit."""
+
+    name, kind = ANALYST_TABLE, "analyst table"
+
+    def schema(self) -> Any:
+        """The analyst columns as an Arrow schema whose fields carry their classes."""
+        return with_field_metadata(analyst_schema(), analyst_field_metadata())
+
+    def commit_metadata(self, batch: SortedBatch) -> dict[str, str]:
+        """A seed's commit records, beside the lake's seed and version, the build record an analyst file keeps in its footer."""
+        return {**super().commit_metadata(batch), PSEUDONYM_METADATA_KEY: batch.report[PSEUDONYM_METADATA_KEY]}
+
+    def named(self, seed: str) -> str:
+        """The seed's rows in the table, as said in lines and in what refresh returns."""
+        return f"{self.address} seed {seed}"
+
+    def built_from(self, seed: str) -> dict[str, Any] | None:
+        """The build record of the last commit of the seed's rows; None when none committed them."""
+        commit = next((commit for commit in self.commits() if commit.get(SEED_KEY) == seed), None)
+        if commit is None or PSEUDONYM_METADATA_KEY not in commit:
+            return None
+        record = json.loads(commit[PSEUDONYM_METADATA_KEY])
+        record.pop("suppressed_rows", None)
+        return record
 
 
 class AnalystFile(SortedBatch):
@@ -164,14 +215,20 @@ class AnalystFile(SortedBatch):
 
     def field_metadata(self) -> dict[str, dict[str, str]]:
         """Each analyst column's Arrow field metadata: its PII class."""
-        return {name: {"pii": kind} for name, kind in analyst_classes().items()}
+        return analyst_field_metadata()
 
 
 GROUP_ROWS = 100_000  # an analyst file's row groups: its rows are few columns, and read whole
 
 
-def build_record(source: str, storage_options: dict | None, key: PseudonymKey, k: int) -> dict[str, Any]:
+def build_record(identity: str, key: PseudonymKey, k: int) -> dict[str, Any]:
     """What an analyst file is built from: the source batch's identity, the key's id, k, the algorithm and the columns."""
+    columns = [f"{name}:{how}" for column, (how, name) in TREATMENTS.items() if name]
+    return {"algorithm": ALGORITHM, "key_id": key.id, "k": k, "source": identity, "columns": columns}
+
+
+def file_identity(source: str, storage_options: dict | None) -> str:
+    """A batch file's identity: its footer and the instant it landed, and a local file's size and time."""
     footer = pl.read_parquet_metadata(source, storage_options=storage_options)
     # The instant the batch landed, to the microsecond: a batch landed again within one second has the
     # same footer (its quality report counts seconds), never the same instant.
@@ -180,8 +237,7 @@ def build_record(source: str, storage_options: dict | None, key: PseudonymKey, k
     if not is_remote(source):  # a file replaced with the same footer still has its own size and time
         info = os.stat(source)
         identity.update(f"{info.st_size}:{info.st_mtime_ns}".encode())
-    columns = [f"{name}:{how}" for column, (how, name) in TREATMENTS.items() if name]
-    return {"algorithm": ALGORITHM, "key_id": key.id, "k": k, "source": identity.hexdigest(), "columns": columns}
+    return identity.hexdigest()
 
 
 def built_from(path: str, storage_options: dict | None) -> dict[str, Any] | None:
@@ -223,37 +279,68 @@ def lake_sources(output_dir: str, storage_options: dict | None) -> list[str]:
     return sorted(paths)
 
 
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One batch of the lake to build from: its seed, its rows (lazy) and its identity (told lazily: a batch file's footer is read only when asked)."""
+
+    seed: str
+    rows: pl.LazyFrame
+    identity: Callable[[], str]
+
+
+def batches_of(output_dir: str, storage_options: dict | None) -> list[Source]:
+    """The lake's batches: each seed of its Delta table when it has one, else each batch file."""
+    with failing_as("cannot read the lake", output_dir, catching=(pl.exceptions.PolarsError,)):
+        seeds = landed_seeds(output_dir, storage_options)
+    if seeds is None:
+        return [file_source(path, storage_options) for path in lake_sources(output_dir, storage_options)]
+    table = scan_table(output_dir, storage_options, None)
+    assert table is not None  # landed_seeds found it
+    return [Source(seed, table.filter(pl.col("seed") == seed), functools.partial(str, identity)) for seed, identity in seeds.items()]
+
+
+def file_source(path: str, storage_options: dict | None) -> Source:
+    """A batch file as a source."""
+    return Source(seed_of(path), scan_batches([path], storage_options), lambda: file_identity(path, storage_options))
+
+
 def seed_of(batch: str) -> str:
     """A batch's seed, from its name."""
     return batch.rsplit("/", 1)[-1].removeprefix("random_users_").removesuffix(".parquet")
 
 
-def analyst_sink(target: str, storage_options: dict, stop: Stop) -> tuple[AnalystFolder | AnalystObjects, Path]:
-    """Where analyst files land, and the local scratch folder each is written in first."""
+def analyst_sink(target: str, storage_options: dict, stop: Stop, table_format: str) -> tuple[AnalystFolder | AnalystObjects | AnalystTable, Path]:
+    """Where analyst files (or, for delta, the analyst table's commits) land, and the local scratch folder each is written in first."""
+    if table_format == config.DELTA:
+        table = AnalystTable(target, storage_options if is_remote(target) else None, stop)
+        table.check()
+        return table, own_staging_root(target) if is_remote(target) else Path(target).absolute()  # rows stream straight into the table
     if is_remote(target):
         return AnalystObjects(target, storage_options, stop), own_staging_root(target)
     Path(target).mkdir(parents=True, exist_ok=True)
     return AnalystFolder(target), Path(target).absolute()  # beside the file it becomes, so it is moved into place
 
 
-def refresh(output_dir: str, target: str, key: PseudonymKey, k: int, storage_options: dict, stop: Stop) -> dict[str, bool]:
-    """Build or refresh the analyst file of every batch, until `stop`; each analyst file, and whether it was built (False: already up to date)."""
+def refresh(settings: config.Settings, target: str, key: PseudonymKey, storage_options: dict, stop: Stop) -> dict[str, bool]:
+    """Build or refresh the analyst file (delta: the table's rows) of every batch of --output-dir, until `stop`; each, and whether it was built (False: up to date)."""
+    output_dir, k = settings.output_dir, settings.k_anonymity
     remote = storage_options if is_remote(output_dir) else None
-    sources = lake_sources(output_dir, remote)  # first: a lake that cannot be read leaves no target behind
+    sources = batches_of(output_dir, remote)  # first: a lake that cannot be read leaves no target behind
     with failing_as("cannot make", target, catching=WRITE_FAILURES):
-        sink, scratch = analyst_sink(target, storage_options, stop)
+        sink, scratch = analyst_sink(target, storage_options, stop, settings.table_format)
     built = {}
     for source in sources:
-        where, record = sink.where(seed_of(source)), build_record(source, remote, key, k)
-        built[where] = built_from(where, storage_options if is_remote(target) else None) != record
+        where, record = sink.named(source.seed), build_record(source.identity(), key, k)
+        built[where] = sink.built_from(source.seed) != record
         if not built[where]:
-            log.info("analyst file %s is up to date", where)
+            log.info("%s %s is up to date", sink.kind, where)
             continue
-        file = analyst_file(scan_batches([source], remote), seed_of(source), record, key, scratch)
+        file = analyst_file(source.rows, source.seed, record, key, scratch)
         with failing_as("cannot write", where, catching=WRITE_FAILURES):
             sink.land(file)
         log.info(
-            "analyst file %s built (k=%d, %s rows with their quasi-identifiers suppressed)",
+            "%s %s built (k=%d, %s rows with their quasi-identifiers suppressed)",
+            sink.kind,
             where,
             k,
             json.loads(file.report[PSEUDONYM_METADATA_KEY])["suppressed_rows"],
@@ -262,8 +349,11 @@ def refresh(output_dir: str, target: str, key: PseudonymKey, k: int, storage_opt
 
 
 def read_analyst_lake(target: str, storage_options: dict | None) -> pl.LazyFrame:
-    """Every analyst file of a target as one lazy frame (empty if it holds none)."""
+    """A target's analyst table, else every analyst file of it, as one lazy frame (empty if it holds none)."""
     schema = analyst_schema()
+    table = scan_schema(table_address(target, ANALYST_TABLE), storage_options, None, schema)
+    if table is not None:
+        return table
     if is_remote(target):
         return pl.scan_parquet(f"{target.rstrip('/')}/{ANALYST_GLOB}", schema=schema, storage_options=storage_options)
     files = sorted(str(path.absolute()) for path in lake_folder(target).glob(ANALYST_GLOB))

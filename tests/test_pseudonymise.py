@@ -404,3 +404,102 @@ def test_a_stop_between_analyst_files_is_143_with_a_line_of_its_own_and_leaves_n
     assert code == 143 and "Traceback" not in stderr, stderr
     assert stderr.splitlines()[-1] == "random_user_etl.py: stopped by SIGTERM; the analyst files built so far are kept and the next run builds the rest"
     assert sorted(path.name for path in target.iterdir()) == ["pseudonymised_users_demo.parquet"]
+
+
+# ---------------------------------------------------------------- a lake landed as a Delta table
+
+DELTA_DEMO = {"kbig": (5000, 5000), "demo2": (40, 40)}  # seed: (n, page size); kbig has rows that survive k = 5
+DIRECT_FIELDS = ("name.first", "name.last", "email", "login.username", "phone", "cell", "location.street.name", "location.city", "id.value")
+
+
+def raw_field(user: dict, dotted: str):
+    """A raw user's value at a dotted path of its JSON (None where it has none)."""
+    for part in dotted.split("."):
+        user = user.get(part) if isinstance(user, dict) else None
+    return user
+
+
+@pytest.fixture
+def delta_lake(settings, monkeypatch):
+    """A lake landed as one Delta table (seeds kbig and demo2) from the fake, the key set; the delta settings it was landed with."""
+    monkeypatch.setenv(KEY_VARIABLE, KEY)
+    for seed, (n, page_size) in DELTA_DEMO.items():
+        etl.run(settings(table_format="delta", seed=seed, n=n, page_size=page_size))
+    return settings(table_format="delta")
+
+
+def assert_analyst_rows(frame: pl.DataFrame, seed: str, quasi: list[str]) -> None:
+    """A seed's analyst rows: the stdlib HMAC of every user the fake served it, no raw direct value in any cell, k = 5 on the quasi columns."""
+    served = served_users(seed, *DELTA_DEMO[seed])
+    assert sorted(frame["person_key"]) == sorted(hmac_hex(KEY, user["login"]["uuid"]) for user in served)
+    direct = {str(raw_field(user, field)) for user in served for field in DIRECT_FIELDS if raw_field(user, field) not in (None, "")}
+    direct |= {user["login"]["uuid"] for user in served}
+    cells = {str(value) for column in frame.columns for value in frame[column].drop_nulls()}
+    assert not cells & direct, seed
+    assert_k_anonymous(frame, quasi, 5)
+    if seed == "kbig":
+        assert frame.filter(~pl.any_horizontal(pl.col(quasi).is_null())).height >= 2500
+
+
+def test_a_delta_lake_is_pseudonymised_to_one_analyst_file_per_seed(delta_lake, tmp_path):
+    target = tmp_path / "analyst"
+    etl.pseudonymise(str(target), delta_lake, table_format="files")
+    files = analyst_files(target)
+    assert sorted(files) == ["pseudonymised_users_demo2.parquet", "pseudonymised_users_kbig.parquet"]
+    for seed in DELTA_DEMO:
+        assert_analyst_rows(files[f"pseudonymised_users_{seed}.parquet"], seed, quasi_of(target / f"pseudonymised_users_{seed}.parquet"))
+    assert etl.read_pseudonymised(str(target)).select(pl.len()).collect().item() == 5040
+
+
+def analyst_table(target: Path):
+    """The analyst lake's Delta table as deltalake opens it."""
+    from deltalake import DeltaTable
+
+    return DeltaTable(str(target / "pseudonymised_users"))
+
+
+def seed_commits(target: Path) -> list[str]:
+    """The seed of each commit of the analyst table after its creation, oldest first."""
+    history = sorted(analyst_table(target).history(), key=lambda commit: commit["version"])
+    assert history[0]["operation"] == "CREATE TABLE"
+    return [commit.get("random_user_etl.seed") for commit in history[1:]]
+
+
+def test_with_table_format_delta_the_analyst_lake_is_a_delta_table_of_one_commit_per_seed(delta_lake, tmp_path):
+    target = tmp_path / "analyst"
+    etl.pseudonymise(str(target), delta_lake)
+    assert not list(target.glob("pseudonymised_users_*.parquet"))
+    assert sorted(seed_commits(target)) == sorted(DELTA_DEMO)
+    fields = {field.name: field.metadata.get("pii") for field in analyst_table(target).schema().fields}
+    from _random_user_etl.pseudonym import analyst_classes
+
+    assert fields == analyst_classes() and fields["person_key"] == DIRECT
+    quasi = [name for name, kind in fields.items() if kind == QUASI]
+    rows = pl.scan_delta(str(target / "pseudonymised_users")).collect()  # deltalake's reading, not the job's
+    for seed in DELTA_DEMO:
+        assert_analyst_rows(rows.filter(pl.col("seed") == seed), seed, quasi)
+    lazy = etl.read_pseudonymised(str(target))
+    assert isinstance(lazy, pl.LazyFrame)
+    assert lazy.select(pl.len()).collect().item() == 5040
+
+
+@pytest.mark.parametrize("table_format", ["files", "delta"])
+def test_a_second_run_over_a_delta_lake_changes_nothing_and_a_relanded_seed_is_rebuilt(delta_lake, settings, tmp_path, table_format):
+    target = tmp_path / "analyst"
+    etl.pseudonymise(str(target), delta_lake, table_format=table_format)
+    before = file_state(target)
+    again = etl.pseudonymise(str(target), delta_lake, table_format=table_format)
+    assert not any(again.values()) and len(again) == 2
+    assert file_state(target) == before
+    etl.run(settings(table_format="delta", seed="demo2", n=40, page_size=40))
+    third = etl.pseudonymise(str(target), delta_lake, table_format=table_format)
+    assert sorted(where for where, built in third.items() if built) == [where for where in third if "demo2" in where]
+    after = etl.read_pseudonymised(str(target)).collect()
+    landed = etl.read_processed(delta_lake.output_dir).filter(pl.col("seed") == "demo2").collect()
+    assert sorted(after.filter(pl.col("seed") == "demo2")["ingested_at"].unique()) == sorted(landed["ingested_at"].unique())
+    if table_format == "delta":
+        assert seed_commits(target)[2:] == ["demo2"]
+    else:
+        assert after["seed"].value_counts().sort("seed")["count"].to_list() == [40, 5000]
+        changed = {name for name in file_state(target) if file_state(target)[name] != before.get(name)}
+        assert changed == {"pseudonymised_users_demo2.parquet"}
