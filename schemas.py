@@ -96,43 +96,55 @@ OUTPUT_COLUMNS: dict[str, Dtype] = {
 OUTPUT_SCHEMA = pl.Schema(OUTPUT_COLUMNS)
 
 
-# Each output column's PII class: `direct` identifies a person alone, `quasi` identifies in
-# combination with other columns (birth date, place, gender), `none` says nothing of the person.
+# Each output column's PII class and how it reaches the analyst lake (random_user_etl.pseudonymise):
+# (class, treatment, the analyst column's name). A class: `direct` identifies a person alone, `quasi`
+# identifies in combination with other columns (birth date, place, gender), `none` says nothing of
+# the person. A treatment: `person_key` is the keyed HMAC-SHA256 of the id; `drop` leaves the column
+# out; `keep` copies it; `decade` keeps a date's decade (1987-03-02 -> 1980).
+# Every direct identifier but the id is dropped. Of the quasi-identifiers only coarse global recodings
+# are kept, each one a k-anonymity check covers: gender, birth decade and nationality together keep
+# 100% of a 5,000-user page of the fake service unsuppressed at k = 5, and 98.3% once its columns
+# are shuffled apart as truly random people would be (the fake repeats 280 people); adding the
+# registration year keeps 7%, a state or a time zone under 5%, the title 67%. Country, the id
+# scheme and time zone say no more than nationality does, or place a person too finely.
 DIRECT, QUASI, NONE = "direct", "quasi", "none"
-PII_CLASSES: dict[str, str] = {
-    "user_id": DIRECT,
-    "gender": QUASI,
-    "title": QUASI,  # says gender, and for some nationalities marital status
-    "first_name": DIRECT,
-    "last_name": DIRECT,
-    "full_name": DIRECT,
-    "email": DIRECT,
-    "username": DIRECT,
-    "phone": DIRECT,
-    "cell": DIRECT,
-    "date_of_birth": QUASI,
-    "age": QUASI,
-    "registered_at": QUASI,
-    "street_number": DIRECT,
-    "street_name": DIRECT,
-    "street_address": DIRECT,
-    "city": QUASI,
-    "state": QUASI,
-    "country": QUASI,
-    "postcode": QUASI,
-    "latitude": QUASI,
-    "longitude": QUASI,
-    "timezone_offset": QUASI,
-    "timezone_description": QUASI,
-    "national_id_type": QUASI,  # names the country's id scheme
-    "national_id": DIRECT,
-    "nationality": QUASI,
-    "picture_url": DIRECT,
-    "seed": NONE,
-    "page": NONE,
-    "api_version": NONE,
-    "ingested_at": NONE,
+PERSON_KEY, DROP, KEEP, DECADE = "person_key", "drop", "keep", "decade"
+PII: dict[str, tuple[str, str, str]] = {
+    "user_id": (DIRECT, PERSON_KEY, "person_key"),
+    "gender": (QUASI, KEEP, "gender"),
+    "title": (QUASI, DROP, ""),  # says gender, and for some nationalities marital status; with gender and nationality it splits groups too finely (67% kept)
+    "first_name": (DIRECT, DROP, ""),
+    "last_name": (DIRECT, DROP, ""),
+    "full_name": (DIRECT, DROP, ""),
+    "email": (DIRECT, DROP, ""),
+    "username": (DIRECT, DROP, ""),
+    "phone": (DIRECT, DROP, ""),
+    "cell": (DIRECT, DROP, ""),
+    "date_of_birth": (QUASI, DECADE, "birth_decade"),
+    "age": (QUASI, DROP, ""),  # the birth decade says it to within ten years
+    "registered_at": (QUASI, DROP, ""),  # even its year leaves 7% of people in groups of five
+    "street_number": (DIRECT, DROP, ""),
+    "street_name": (DIRECT, DROP, ""),
+    "street_address": (DIRECT, DROP, ""),
+    "city": (QUASI, DROP, ""),
+    "state": (QUASI, DROP, ""),
+    "country": (QUASI, DROP, ""),  # the service's country is the nationality's
+    "postcode": (QUASI, DROP, ""),
+    "latitude": (QUASI, DROP, ""),
+    "longitude": (QUASI, DROP, ""),
+    "timezone_offset": (QUASI, DROP, ""),
+    "timezone_description": (QUASI, DROP, ""),
+    "national_id_type": (QUASI, DROP, ""),  # names the country's id scheme; names the nationality's id scheme
+    "national_id": (DIRECT, DROP, ""),
+    "nationality": (QUASI, KEEP, "nationality"),
+    "picture_url": (DIRECT, DROP, ""),
+    "seed": (NONE, KEEP, "seed"),
+    "page": (NONE, KEEP, "page"),
+    "api_version": (NONE, KEEP, "api_version"),
+    "ingested_at": (NONE, KEEP, "ingested_at"),
 }
+PII_CLASSES = {column: kind for column, (kind, _, _) in PII.items()}
+TREATMENTS = {column: (how, name) for column, (_, how, name) in PII.items()}
 
 # Where a landed file's key-value metadata holds the classes (JSON, column to class), for readers of
 # the footer (DuckDB's parquet_kv_metadata, Polars' read_parquet_metadata); beside the quality report.
@@ -143,51 +155,6 @@ def pii_field_metadata() -> dict[str, dict[str, str]]:
     """The Arrow field metadata of the contract: each output column's {"pii": class}, in the contract's order."""
     return {name: {"pii": PII_CLASSES[name]} for name in OUTPUT_SCHEMA}
 
-
-# How each column reaches the analyst lake (random_user_etl.pseudonymise), beside its class above:
-# (treatment, the analyst column's name). `person_key` is the keyed HMAC-SHA256 of the id; `drop`
-# leaves the column out; `keep` copies it; `decade` keeps a date's decade (1987-03-02 -> 1980).
-# Every direct identifier but the id is dropped. Of the quasi-identifiers only coarse global recodings
-# are kept, each one a k-anonymity check covers: gender, birth decade and nationality together keep
-# 100% of a 5,000-user page of the fake service unsuppressed at k = 5, and 98.3% once its columns
-# are shuffled apart as truly random people would be (the fake repeats 280 people); adding the
-# registration year keeps 7%, a state or a time zone under 5%, the title 67%. Country, the id
-# scheme and time zone say no more than nationality does, or place a person too finely.
-PERSON_KEY, DROP, KEEP, DECADE = "person_key", "drop", "keep", "decade"
-TREATMENTS: dict[str, tuple[str, str]] = {
-    "user_id": (PERSON_KEY, "person_key"),
-    "gender": (KEEP, "gender"),
-    "title": (DROP, ""),  # with gender and nationality it splits groups too finely (67% kept)
-    "first_name": (DROP, ""),
-    "last_name": (DROP, ""),
-    "full_name": (DROP, ""),
-    "email": (DROP, ""),
-    "username": (DROP, ""),
-    "phone": (DROP, ""),
-    "cell": (DROP, ""),
-    "date_of_birth": (DECADE, "birth_decade"),
-    "age": (DROP, ""),  # the birth decade says it to within ten years
-    "registered_at": (DROP, ""),  # even its year leaves 7% of people in groups of five
-    "street_number": (DROP, ""),
-    "street_name": (DROP, ""),
-    "street_address": (DROP, ""),
-    "city": (DROP, ""),
-    "state": (DROP, ""),
-    "country": (DROP, ""),  # the service's country is the nationality's
-    "postcode": (DROP, ""),
-    "latitude": (DROP, ""),
-    "longitude": (DROP, ""),
-    "timezone_offset": (DROP, ""),
-    "timezone_description": (DROP, ""),
-    "national_id_type": (DROP, ""),  # names the nationality's id scheme
-    "national_id": (DROP, ""),
-    "nationality": (KEEP, "nationality"),
-    "picture_url": (DROP, ""),
-    "seed": (KEEP, "seed"),
-    "page": (KEEP, "page"),
-    "api_version": (KEEP, "api_version"),
-    "ingested_at": (KEEP, "ingested_at"),
-}
 
 # Where each user column comes from in the raw answer, for error messages that name it.
 SOURCE_FIELDS = {
