@@ -27,14 +27,15 @@ class ServicePages:
     resumable = True
 
     def __init__(self, service: Service | None = None):
-        self.service = service  # made from the run's settings and stop when opened, unless one is given (a test's transport)
+        self.given = service  # one given (a test's transport); else each run makes its own from its settings and stop
+        self.service: Service | None = None  # the open run's
         self.first: Answer | None = None  # page 1, when it was asked for with no seed to learn the one the service picks
         self.kept: Path | None = None  # the seed's raw folder, when raw answers are kept
 
     @contextlib.contextmanager
     def opened(self, run: Run):
         """While held, the run's service is open, its seed known (asking for page 1 if the service is to pick it), its page sizes set."""
-        service = self.service or Service(run.settings, run.stop)
+        service = self.given or Service(run.settings, run.stop)
         with service:
             self.service = service
             run.sizes = page_sizes(run.settings.n, run.settings.page_size)

@@ -145,3 +145,16 @@ def test_a_stop_kept_for_the_next_run_after_a_failed_one_lets_that_run_land(api,
         etl.run(settings(seed="bad", n=120, page_size=40, concurrency=2), stop)
     batch = etl.run(settings(seed="next", n=80, page_size=40, concurrency=2), stop)
     assert_rows_are(pl.read_parquet(batch.path), served_users("next", 80, 40))
+
+
+def test_a_page_source_used_for_a_second_run_asks_that_runs_service(api, settings):
+    from fake_api import FakeRandomUser
+    from _random_user_etl.run import Run
+    from _random_user_etl.sources import ServicePages
+
+    source = ServicePages()
+    Run(settings(seed="first", n=40, page_size=40), source).land()
+    with FakeRandomUser() as other:
+        second = Run(settings(seed="second", n=40, page_size=40, api_url=other.url), source).land()
+        assert len(other.requests) == 1 and len(api.requests) == 1, "the second run asked the first run's service"
+    assert_rows_are(pl.read_parquet(second.path), served_users("second", 40, 40))
