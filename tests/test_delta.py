@@ -16,7 +16,7 @@ import polars as pl
 import pytest
 from deltalake import DeltaTable, write_deltalake
 from fake_api import status
-from support import PREFIX, SPARK_MISSING, assert_one_error_line, assert_rows_are, fast_env, served_users
+from support import PREFIX, SPARK_MISSING, assert_one_error_line, assert_rows_are, fast_env, land_sorted, raw_key, served_users
 
 import random_user_etl as etl
 from _random_user_etl import __version__
@@ -165,6 +165,18 @@ def test_the_table_stays_at_the_protocol_plain_readers_handle_with_zstd_files_in
     frame = pl.read_parquet(uri)
     assert frame.height == 12
     assert frame.select(SORT_KEY).equals(frame.select(SORT_KEY).sort(SORT_KEY))
+
+
+# The test above lands one block of rows, which no writer can put out of order.
+@pytest.mark.xfail(
+    strict=True,
+    reason="deltalake 1.6 writes the blocks of one stream on several tasks at once, so they land interleaved "
+    "(pola-rs/polars#26912); docs/operations.md says to sort on read. Strict: it fails CI once a fix makes it pass.",
+)
+def test_a_batch_of_many_key_ranges_lands_in_the_tables_files_in_the_raw_keys_order(settings, out):
+    land_sorted(settings(seed="many", n=1000, page_size=250, concurrency=2, table_format="delta"), 17, 40)
+    rows = pl.concat(pl.read_parquet(uri) for uri in table(out).file_uris())
+    assert rows.select(SORT_KEY).rows() == sorted(map(raw_key, served_users("many", 1000, 250)))
 
 
 def test_the_pii_classes_are_in_the_table_schemas_column_metadata(settings, out):
