@@ -453,24 +453,12 @@ def run_job(url: str, n: int, concurrency: int, raw_dir: str | None = None, allo
 
 def job_args(url: str, n: int, concurrency: int, out: str, raw_dir: str | None) -> list[str]:
     """The job's CLI for n users of seed SEED from url into out, no retries."""
-    return [
-        "--n",
-        str(n),
-        "--seed",
-        SEED,
-        "--api-url",
-        url,
-        "--output-dir",
-        out,
-        "--raw-dir",
-        raw_dir or "off",
-        "--concurrency",
-        str(concurrency),
-        "--retries",
-        "0",
-        "--timeout",
-        "60",
-    ]
+    return cli_flags(n=n, seed=SEED, api_url=url, output_dir=out, raw_dir=raw_dir, concurrency=concurrency, retries=0, timeout=60)
+
+
+def cli_flags(**settings) -> list[str]:
+    """The job's flags for these settings, by the settings' rule: page_size=250 is --page-size 250, raw_dir=None is --raw-dir off."""
+    return [arg for name, value in settings.items() for arg in (f"--{name.replace('_', '-')}", "off" if value is None else str(value))]
 
 
 def run_child(args: list[str], out: str, name: str, allocator: bool = True) -> dict:
@@ -842,30 +830,8 @@ SCALE = PACE_WINDOW / 300
 
 def pace_job_args(url: str, out: str) -> list[str]:
     """The job's CLI for the pace pull: its default waits and retries, scaled like the window."""
-    return [
-        "--n",
-        str(PACE_USERS * PACE_WINDOWS),
-        "--seed",
-        SEED,
-        "--api-url",
-        url,
-        "--output-dir",
-        out,
-        "--raw-dir",
-        "off",
-        "--page-size",
-        str(PACE_PAGE),
-        "--concurrency",
-        "4",
-        "--timeout",
-        "60",
-        "--rate-limit-wait",
-        f"{10 * SCALE:.6f}",
-        "--max-wait",
-        f"{900 * SCALE:.6f}",
-        "--backoff",
-        f"{1 * SCALE:.6f}",
-    ]
+    waits = {name: f"{seconds * SCALE:.6f}" for name, seconds in (("rate_limit_wait", 10), ("max_wait", 900), ("backoff", 1))}
+    return cli_flags(n=PACE_USERS * PACE_WINDOWS, seed=SEED, api_url=url, output_dir=out, raw_dir=None, page_size=PACE_PAGE, concurrency=4, timeout=60, **waits)
 
 
 def dlt_client(args: list[str]) -> None:
