@@ -84,10 +84,10 @@ def replay(source: str | Path, settings: Settings | None = None, stop: Stop | No
     return Run(settings, KeptPages(source), stop).land()
 
 
-def compact(settings: Settings | None = None, **overrides) -> Compacted:
+def compact(settings: Settings | None = None, stop: Stop | None = None, **overrides) -> Compacted:
     """Merge the Delta table's small files in one commit, then vacuum the files no version within --retain-hours needs."""
     settings = dataclasses.replace(settings or Settings(), **overrides)
-    done = compact_table(settings, store_options(settings) if is_remote(settings.output_dir) else None)
+    done = compact_table(settings, store_options(settings) if is_remote(settings.output_dir) else None, stop)
     log.info(
         "compacted %s: %d files into %d, version %d; vacuumed %d files",
         table_address(settings.output_dir),
@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None, prog: str = "random_user_etl.py") -> int
     with stop_on_signals(stop):  # held while the last line is printed: a second signal cannot cut it
         try:
             if compacting:
-                compact(settings)
+                compact(settings, stop)
             elif target is not None:
                 pseudonymise(target, settings, stop)
             else:

@@ -20,7 +20,8 @@ from _random_user_etl.objects import check_writable
 from _random_user_etl.places import is_remote
 from _random_user_etl.shown import shorten
 from _random_user_etl.stop import Stop
-from _random_user_etl.store import SortedBatch
+from _random_user_etl.own_process import in_own_process
+from _random_user_etl.store import SortedBatch, finished_file
 
 TABLE = "random_users"  # the table's folder (or prefix) in --output-dir, beside where the files format lands
 
@@ -92,42 +93,35 @@ def pii_schema() -> Any:
     return with_field_metadata(OUTPUT_SCHEMA, pii_field_metadata())
 
 
-class RowStream:
-    """A batch's rows as an Arrow stream of the contract's schema with its field metadata, read lazily a key range at a time."""
+def file_stream(path: str, field_metadata: dict[str, dict[str, str]], group_rows: int) -> Any:
+    """A finished batch file's rows as the Arrow stream deltalake pulls, a key range at a time, in the schema that carries the PII classes."""
+    # arro3 is deltalake's own Arrow library. Polars exports its own field types but no field metadata.
+    from arro3.core import RecordBatchReader
 
-    def __init__(self, batch: SortedBatch):
-        self.batch = batch
-        self.failure: BaseException | None = None  # what reading the rows raised: deltalake hands it back only as text
+    rows = pl.scan_parquet(path, glob=False)
+    schema = with_field_metadata(rows.collect_schema(), field_metadata)
+    records = (record.with_schema(schema) for frame in rows.collect_batches(chunk_size=group_rows) for record in RecordBatchReader.from_stream(frame))
+    return RecordBatchReader.from_batches(schema, records)
 
-    def stream(self) -> Any:
-        """The stream deltalake pulls; its records are given the schema that carries the PII classes (same names and types)."""
-        # arro3 is deltalake's own Arrow library. Polars exports its own field types but no field metadata.
-        from arro3.core import RecordBatchReader
 
-        schema = with_field_metadata(self.batch.rows.collect_schema(), self.batch.field_metadata())
-        return RecordBatchReader.from_batches(schema, self.records(schema))
+def commit_file(job: dict) -> dict:
+    """A child's job: the finished batch file at job["path"] committed into the table at job["address"], replacing the rows of job["predicate"]; {} or why not."""
+    from deltalake import CommitProperties, WriterProperties, write_deltalake
 
-    @contextlib.contextmanager
-    def failing_as_read(self):
-        """A write that failed because reading the rows did raises what that read raised (a stop stays a stop)."""
-        try:
-            yield
-        except Exception as exc:
-            if self.failure is not None:
-                raise self.failure from exc
-            raise
-
-    def records(self, schema: Any):
-        """Each record batch of the rows, in key order; a failure (a stop, a lost scratch file) is kept before deltalake sees it."""
-        from arro3.core import RecordBatchReader
-
-        try:
-            for frame in self.batch.rows.collect_batches(chunk_size=self.batch.group_rows):
-                for record in RecordBatchReader.from_stream(frame):
-                    yield record.with_schema(schema)
-        except BaseException as exc:
-            self.failure = exc
-            raise
+    try:
+        write_deltalake(
+            job["address"],
+            file_stream(job["path"], job["field_metadata"], job["group_rows"]),
+            mode="overwrite",
+            predicate=job["predicate"],  # delta-rs checks every incoming row against it
+            schema_mode="merge",  # a column the contract gained joins the table; older rows read it as null
+            storage_options=job["options"],
+            writer_properties=writer_properties(WriterProperties, job["group_rows"]),
+            commit_properties=CommitProperties(custom_metadata=job["metadata"]),
+        )
+    except BaseException as exc:  # a panic too: the run says it in its one line
+        return {"said": write_error(exc)}
+    return {}
 
 
 class DeltaTable:
@@ -161,21 +155,26 @@ class DeltaTable:
 
     def land(self, batch: SortedBatch) -> int:
         """Commit the batch in one step, its seed's earlier rows replaced; the bytes of the files it added."""
-        from deltalake import CommitProperties, WriterProperties, write_deltalake
-
+        # In a process of its own, as an upload: deltalake holds the GIL while it works and cannot be
+        # cancelled, so a stop kills the process, and the commit (one write of the log) is made or not.
         self.create()
-        before, rows = self.files(), RowStream(batch)
-        with failing_on_table("cannot commit to", self.address), rows.failing_as_read():
-            write_deltalake(
-                self.address,
-                rows.stream(),
-                mode="overwrite",
-                predicate=seed_predicate(batch.seed),  # delta-rs checks every incoming row against it
-                schema_mode="merge",  # a column the contract gained joins the table; older rows read it as null
-                storage_options=self.options,
-                writer_properties=writer_properties(WriterProperties, batch.group_rows),
-                commit_properties=CommitProperties(custom_metadata=self.commit_metadata(batch)),
-            )
+        before, finished = self.files(), finished_file(batch)
+        job = {
+            "kind": "commit",
+            "path": str(finished),
+            "address": self.address,
+            "options": self.options,
+            "predicate": seed_predicate(batch.seed),
+            "group_rows": batch.group_rows,
+            "field_metadata": batch.field_metadata(),
+            "metadata": self.commit_metadata(batch),
+        }
+        try:
+            answer = in_own_process(job, self.stop)
+        finally:
+            finished.unlink(missing_ok=True)
+        if "said" in answer:
+            raise StorageError(answer["said"], path=self.address, doing="cannot commit to")
         return sum(size for path, size in self.files().items() if path not in before)
 
     def schema(self) -> Any:
@@ -271,19 +270,30 @@ class Compacted:
     vacuumed: int
 
 
-def compact(settings: Settings, storage_options: dict | None = None) -> Compacted:
+def compact(settings: Settings, storage_options: dict | None = None, stop: Stop | None = None) -> Compacted:
     """Merge the table's small files in one commit, then remove the files no version within --retain-hours needs."""
-    from deltalake import DeltaTable as Table, WriterProperties
-
     address = table_address(settings.output_dir)
     options = delta_options(storage_options, address)
     if not is_table(address, options):
         raise StorageError("no Delta table is there (land a batch with --table-format delta first)", path=address, doing="cannot compact")
-    with failing_on_table("cannot compact", address):
-        table = Table(address, storage_options=options)
+    # In a process of its own on one CPU, as a commit: its files keep each batch's rows in key order.
+    answer = in_own_process({"kind": "compact", "address": address, "options": options, "retain_hours": settings.retain_hours}, stop or Stop())
+    if "said" in answer:
+        raise StorageError(answer["said"], path=address, doing="cannot compact")
+    return Compacted(**answer)
+
+
+def compact_table(job: dict) -> dict:
+    """A child's job: the table at job["address"] compacted, then vacuumed of what no version within job["retain_hours"] needs; the counts, or why not."""
+    from deltalake import DeltaTable as Table, WriterProperties
+
+    try:
+        table = Table(job["address"], storage_options=job["options"])
         before = len(table.file_uris())
         table.optimize.compact(writer_properties=writer_properties(WriterProperties, 1_000_000))
         # Retention below the table's own (a week) is the operator's choice: versions older than it stop being readable.
-        removed = table.vacuum(retention_hours=settings.retain_hours, dry_run=False, enforce_retention_duration=False)
-        table = Table(address, storage_options=options)
-        return Compacted(before, len(table.file_uris()), table.version(), len(removed))
+        removed = table.vacuum(retention_hours=job["retain_hours"], dry_run=False, enforce_retention_duration=False)
+        table = Table(job["address"], storage_options=job["options"])
+        return dataclasses.asdict(Compacted(before, len(table.file_uris()), table.version(), len(removed)))
+    except BaseException as exc:  # a panic too: the run says it in its one line
+        return {"said": write_error(exc)}

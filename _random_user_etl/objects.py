@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
-import json
 import os
-import subprocess
-import sys
 import threading
 from pathlib import Path
 import polars as pl
 import random_user_config as config
 from _random_user_etl.errors import StorageError, write_error
-from _random_user_etl import upload as uploader
+from _random_user_etl.own_process import in_own_process
 from _random_user_etl.stop import Stop
 
 
@@ -41,7 +38,7 @@ def upload(path: Path, destination: str, sink: dict, storage_options: dict, stop
     # replaces the key in one step: readers see the old batch or the new one, never part of one.
     # Polars cannot cancel an upload, and on a thread of this process one a stop left behind would go on
     # trying (--retries), and landing the batch, after the run said it stopped: a killed process cannot.
-    job = {"path": str(path), "destination": destination, "sink": {**sink, "storage_options": storage_options}}
+    job = {"kind": "upload", "path": str(path), "destination": destination, "sink": {**sink, "storage_options": storage_options}}
     try:
         answer = in_own_process(job, stop)
     finally:
@@ -51,43 +48,6 @@ def upload(path: Path, destination: str, sink: dict, storage_options: dict, stop
     if answer["timeout"]:
         raise timed_out(storage_options)
     raise OSError(errno.EIO, answer["said"])
-
-
-def in_own_process(job: dict, stop: Stop) -> dict:
-    """Run the upload job in a child process (the uploader module) and give its outcome; a stop (a signal, or the run's Stop) kills it first."""
-    root = str(Path(__file__).resolve().parent.parent)  # where _random_user_etl is, installed or not
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    # -P: no module of the working folder is imported in place of Polars' or the job's.
-    child = subprocess.Popen(
-        [sys.executable, "-P", "-m", uploader.__name__],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
-    stdin, stdout = child.stdin, child.stdout
-    assert stdin is not None and stdout is not None  # both asked for as pipes
-    said = None
-    try:
-        # The job goes as one line and stdin stays open: the child leaves at once when it closes, so
-        # a job killed by SIGKILL, which runs no handler, takes its upload with it.
-        stdin.write(json.dumps(job).encode() + b"\n")
-        stdin.flush()
-        # A stop signal's handler raises Stopped in the read; the run's Stop, asked from any thread, kills the child.
-        with stop.cutting(child.kill):
-            said = stdout.read()
-        if stop.ending and not said.strip():  # killed before it answered: the run's end, not the upload's failure
-            said = None
-            raise stop.reason()
-    finally:
-        if said is None:
-            child.kill()  # stopped: the upload ends now, and no try of it reaches the store after
-        stdin.close()
-        child.wait()
-    lines = said.decode(errors="replace").strip().splitlines()
-    if child.returncode != 0 or not lines:
-        return {"timeout": False, "said": f"the upload's process ended with status {child.returncode} and no answer"}
-    return json.loads(lines[-1])
 
 
 def store_options(settings: config.Settings) -> dict:

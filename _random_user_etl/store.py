@@ -125,13 +125,20 @@ class ObjectStore:
         """Write the batch to a local file, then upload it; the object's size."""
         # Polars completes an upload whose source failed, with the rows sent so far at the key (2.1):
         # the batch is written whole to a local file first, and only a finished file is uploaded.
-        temp = fresh_temp(batch.scratch, "batch.parquet", 0o600)
-        try:
-            write_to(temp, batch.write)  # read straight back: not fsynced
-        except BaseException:
-            temp.unlink(missing_ok=True)
-            raise
-        return upload(temp, self.where(batch.seed), {**batch.parquet_options(), "field_metadata": batch.field_metadata()}, self.storage_options, self.stop)
+        return upload(
+            finished_file(batch), self.where(batch.seed), {**batch.parquet_options(), "field_metadata": batch.field_metadata()}, self.storage_options, self.stop
+        )
+
+
+def finished_file(batch: SortedBatch) -> Path:
+    """The batch written whole, in key order, to a new file beside its staging, for a process of its own to send on."""
+    temp = fresh_temp(batch.scratch, "batch.parquet", 0o600)
+    try:
+        write_to(temp, batch.write)  # read straight back: not fsynced
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return temp
 
 
 def sink_for(settings: Settings, stop: Stop) -> Sink:

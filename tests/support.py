@@ -9,6 +9,8 @@ import contextlib
 import dataclasses
 import gzip
 import hashlib
+import http.client
+import http.server
 import importlib.util
 import json
 import logging
@@ -21,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -614,3 +617,80 @@ def spark_missing() -> str | None:
 
 
 SPARK_MISSING = spark_missing()
+
+
+# ---------------------------------------------------------------- an object store that holds
+
+
+class HeldStore(http.server.ThreadingHTTPServer):
+    """An S3 endpoint on loopback that passes every request on to moto's, but holds those for keys holding `holds` unanswered."""
+
+    daemon_threads = True
+
+    def __init__(self, upstream: str, holds: str, once: bool = False):
+        super().__init__(("127.0.0.1", 0), HeldStoreHandler)
+        self.holds, self.once = holds, once  # once: only the first such request is held, later tries pass
+        self.upstream = urllib.parse.urlsplit(upstream)
+        self.held, self.release = threading.Event(), threading.Event()
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class HeldStoreHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def relay(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.server.holds in self.path and not (self.server.once and self.server.held.is_set()):  # accepted, read, and never answered
+            self.server.held.set()
+            self.server.release.wait(60)
+            self.close_connection = True
+            return
+        upstream = http.client.HTTPConnection(self.server.upstream.hostname, self.server.upstream.port, timeout=10)
+        upstream.request(self.command, self.path, body=body, headers=dict(self.headers))
+        answer = upstream.getresponse()
+        data = answer.read()
+        self.send_response(answer.status)
+        for name, value in answer.getheaders():
+            if name.lower() not in ("transfer-encoding", "connection", "content-length"):
+                self.send_header(name, value)
+        self.send_header("Content-Length", answer.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        upstream.close()
+
+    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = relay
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def held_store(upstream: str, holds: str = "/random_users_", once: bool = False):
+    """A HeldStore serving on a thread of its own while held; by default it holds a batch's upload."""
+    server = HeldStore(upstream, holds, once)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.release.set()
+        server.shutdown()
+        server.server_close()
+
+
+def held_env(api, out, raw, s3, store_url: str, **env) -> dict:
+    """The CLI's variables for a run of seed paged (three pages) landing in the bucket through `store_url`."""
+    return fast_env(api.url, out, raw, RANDOM_USER_OUTPUT_DIR=s3.url(), RANDOM_USER_SEED="paged", RANDOM_USER_PAGE_SIZE=40, AWS_ENDPOINT_URL=store_url, **env)
+
+
+def sigterm_when_held(held: HeldStore, env: dict, log: Path, what: str) -> tuple[int, float]:
+    """Start the CLI with `env`, SIGTERM it once the store holds its request (`what`): its status and seconds from the signal."""
+    proc = start_cli(env=env, log=log)
+    try:
+        wait_until(lambda: held.held.is_set() or proc.poll() is not None, what=what)
+        assert proc.poll() is None, log.read_text()
+        return signalled_exit(proc, signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

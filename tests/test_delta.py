@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures as futures
 import datetime as dt
 import json
+import signal
 import subprocess
 import sys
 
@@ -16,7 +17,21 @@ import polars as pl
 import pytest
 from deltalake import DeltaTable, write_deltalake
 from fake_api import status
-from support import PREFIX, SPARK_MISSING, assert_one_error_line, assert_rows_are, fast_env, land_sorted, raw_key, served_users
+from support import (
+    HELD,
+    PREFIX,
+    SPARK_MISSING,
+    assert_one_error_line,
+    assert_rows_are,
+    fast_env,
+    held_env,
+    held_store,
+    land_sorted,
+    raw_key,
+    served_users,
+    sigterm_when_held,
+    assert_stopped,
+)
 
 import random_user_etl as etl
 from _random_user_etl import __version__
@@ -168,11 +183,6 @@ def test_the_table_stays_at_the_protocol_plain_readers_handle_with_zstd_files_in
 
 
 # The test above lands one block of rows, which no writer can put out of order.
-@pytest.mark.xfail(
-    strict=True,
-    reason="deltalake 1.6 writes the blocks of one stream on several tasks at once, so they land interleaved "
-    "(pola-rs/polars#26912); docs/operations.md says to sort on read. Strict: it fails CI once a fix makes it pass.",
-)
 def test_a_batch_of_many_key_ranges_lands_in_the_tables_files_in_the_raw_keys_order(settings, out):
     land_sorted(settings(seed="many", n=1000, page_size=250, concurrency=2, table_format="delta"), 17, 40)
     rows = pl.concat(pl.read_parquet(uri) for uri in table(out).file_uris())
@@ -449,3 +459,26 @@ def test_a_picked_seed_whose_rows_are_in_the_table_is_refused_and_the_table_unto
     assert result.returncode == 1
     assert_one_error_line(result.stderr, rf"a batch of seed {PICKED_SEED} is already at .*{TABLE}: the service picked it")
     assert table(out).version() == 2
+
+
+def test_compact_keeps_each_batchs_rows_in_their_raw_keys_order(settings, out):
+    for seed in ("many", "more"):
+        land_sorted(settings(seed=seed, n=1000, page_size=250, concurrency=2, table_format="delta"), 17, 40)
+    assert compact_cli(out, "--retain-hours", "0") == 0
+    (uri,) = table(out).file_uris()
+    compacted = pl.read_parquet(uri)
+    assert compacted["seed"].rle().struct.field("value").to_list() in (["many", "more"], ["more", "many"])  # each batch's rows together
+    for seed in ("many", "more"):
+        assert seed_rows(compacted, seed).select(SORT_KEY).rows() == sorted(map(raw_key, served_users(seed, 1000, 250)))
+
+
+def test_sigterm_during_a_commit_the_store_never_answers_ends_the_job_promptly_and_commits_nothing(api, out, raw, s3, s3_endpoint, tmp_path):
+    # deltalake holds the GIL until the store answers, and cannot be cancelled: the commit runs in a
+    # process of its own, which the stop kills; the table stays at the version it had (here, its creation).
+    err = tmp_path / "stderr.txt"
+    with held_store(s3_endpoint, holds=f"/{TABLE}/_delta_log/00000000000000000001.json") as held:
+        env = held_env(api, out, raw, s3, held.url, RANDOM_USER_TABLE_FORMAT="delta", RANDOM_USER_TIMEOUT=HELD)
+        code, seconds = sigterm_when_held(held, env, err, "the batch's commit held")
+    assert_stopped(code, err.read_text(), seconds, signal.SIGTERM)
+    lake = DeltaTable(f"{s3.url()}/{TABLE}", storage_options={"allow_http": "true"})
+    assert lake.version() == 0 and len(lake.file_uris()) == 0

@@ -8,8 +8,6 @@ buckets and looks at what landed. Every value read back is checked against the r
 from __future__ import annotations
 
 import contextlib
-import http.client
-import http.server
 import json
 import os
 import re
@@ -17,7 +15,6 @@ import shutil
 import signal
 import tempfile
 import threading
-import urllib.parse
 from pathlib import Path
 
 import polars as pl
@@ -32,6 +29,9 @@ from support import (
     assert_one_error_line,
     assert_rows_are,
     assert_stopped,
+    held_env,
+    held_store,
+    sigterm_when_held,
     fast_env,
     fixture_bytes,
     nationality_counts,
@@ -41,7 +41,6 @@ from support import (
     record_sorts,
     run_cli,
     served_users,
-    signalled_exit,
     start_cli,
     wait_until,
 )
@@ -200,67 +199,6 @@ def test_an_upper_case_scheme_and_a_bucket_with_no_prefix_land(spelled, api, set
     assert_rows_are(etl.read_processed(address.replace("S3://", "s3://")).collect(), raw_users(PURA))
 
 
-class HeldStore(http.server.ThreadingHTTPServer):
-    """An S3 endpoint on loopback that passes every request on to moto's, but holds those for keys holding `holds` unanswered."""
-
-    daemon_threads = True
-
-    def __init__(self, upstream: str, holds: str, once: bool = False):
-        super().__init__(("127.0.0.1", 0), HeldStoreHandler)
-        self.holds, self.once = holds, once  # once: only the first such request is held, later tries pass
-        self.upstream = urllib.parse.urlsplit(upstream)
-        self.held, self.release = threading.Event(), threading.Event()
-        self.url = f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class HeldStoreHandler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def relay(self):
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        if self.server.holds in self.path and not (self.server.once and self.server.held.is_set()):  # accepted, read, and never answered
-            self.server.held.set()
-            self.server.release.wait(60)
-            self.close_connection = True
-            return
-        upstream = http.client.HTTPConnection(self.server.upstream.hostname, self.server.upstream.port, timeout=10)
-        upstream.request(self.command, self.path, body=body, headers=dict(self.headers))
-        answer = upstream.getresponse()
-        data = answer.read()
-        self.send_response(answer.status)
-        for name, value in answer.getheaders():
-            if name.lower() not in ("transfer-encoding", "connection", "content-length"):
-                self.send_header(name, value)
-        self.send_header("Content-Length", answer.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-        upstream.close()
-
-    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = relay
-
-    def log_message(self, *args):
-        pass
-
-
-@contextlib.contextmanager
-def held_store(upstream: str, holds: str = "/random_users_", once: bool = False):
-    """A HeldStore serving on a thread of its own while held; by default it holds a batch's upload."""
-    server = HeldStore(upstream, holds, once)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.release.set()
-        server.shutdown()
-        server.server_close()
-
-
-def held_env(api, out, raw, s3, store_url: str, **env) -> dict:
-    """The CLI's variables for a run of seed paged (three pages) landing in the bucket through `store_url`."""
-    return fast_env(api.url, out, raw, RANDOM_USER_OUTPUT_DIR=s3.url(), RANDOM_USER_SEED="paged", RANDOM_USER_PAGE_SIZE=40, AWS_ENDPOINT_URL=store_url, **env)
-
-
 def staged_parts(s3) -> list[str]:
     """The parts staged for seed paged in the bucket's private staging folder."""
     return sorted(p.name for p in (s3.staged() / "paged").glob("part-*.parquet"))
@@ -292,15 +230,7 @@ def test_an_upload_the_store_never_answers_ends_the_run_within_its_deadline_and_
 def test_sigterm_during_an_upload_the_store_never_answers_ends_the_job_promptly_and_keeps_the_staged_pages(api, out, raw, s3, s3_endpoint, tmp_path):
     err = tmp_path / "stderr.txt"
     with held_store(s3_endpoint) as held:
-        proc = start_cli(env=held_env(api, out, raw, s3, held.url, RANDOM_USER_TIMEOUT=HELD), log=err)
-        try:
-            wait_until(lambda: held.held.is_set() or proc.poll() is not None, what="the batch's upload held")
-            assert proc.poll() is None, err.read_text()
-            code, seconds = signalled_exit(proc, signal.SIGTERM)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        code, seconds = sigterm_when_held(held, held_env(api, out, raw, s3, held.url, RANDOM_USER_TIMEOUT=HELD), err, "the batch's upload held")
     assert_stopped(code, err.read_text(), seconds, signal.SIGTERM)
     assert staged_parts(s3) == ["part-00001.parquet", "part-00002.parquet", "part-00003.parquet"]
     assert s3.keys() == []
