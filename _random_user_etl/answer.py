@@ -9,6 +9,7 @@ from concurrent import futures
 import functools
 import json
 import re
+import threading
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 import polars as pl
@@ -93,17 +94,52 @@ def most_values(most_users: int) -> int:
     return max(most_users, 1) * VALUES_PER_USER + VALUES_ALLOWANCE
 
 
+def value_marks(body: bytes, start: int = 0, stop: int | None = None) -> int:
+    """The commas and opening brackets in body[start:stop], counted in C."""
+    stop = len(body) if stop is None else stop
+    pieces = (body[at : min(at + COUNTED_PIECE, stop)] for at in range(start, stop, COUNTED_PIECE))
+    return sum(len(piece) - len(piece.translate(None, VALUE_MARKS)) for piece in pieces)
+
+
 def count_values(body: bytes) -> int:
-    """At most how many JSON values a body holds: one more than its commas and opening brackets, counted in C."""
-    pieces = (body[start : start + COUNTED_PIECE] for start in range(0, len(body), COUNTED_PIECE))
-    return 1 + sum(len(piece) - len(piece.translate(None, VALUE_MARKS)) for piece in pieces)
+    """At most how many JSON values a body holds: one more than its commas and opening brackets."""
+    return 1 + value_marks(body)
 
 
 def check_value_count(body: bytes, most_users: int) -> None:
     """Refuse, before any reader runs, a body holding more JSON values than `most_users` users hold."""
     values, most = count_values(body), most_values(most_users)
     if values > most:
-        raise AnswerError(f"the answer holds up to {values:,} JSON values, more than {most_users} users hold (at most {most:,}): refused unread")
+        raise AnswerError(f"the answer holds up to {values:,} JSON values, more than {most_users} users hold (at most {most:,}): refused")
+
+
+class ValueBudget:
+    """The JSON values a body may hold, checked before a reader reads them: all at once, or piece by piece as each is read."""
+
+    def __init__(self, body: bytes, most_users: int):
+        self.body, self.most_users = body, most_users
+        self.left = most_values(most_users)
+        self.lock = threading.Lock()  # pieces are counted on the parsing threads
+        self.refusal: AnswerError | None = None  # once the count passed the bound
+
+    def check_all(self) -> None:
+        """Refuse the body now if it holds more values than its users may."""
+        check_value_count(self.body, self.most_users)
+
+    def spend(self, start: int, stop: int, more: int = 0) -> None:
+        """Count the values of body[start:stop] (and `more` counted by the caller) against what is left; refuse the body once past it."""
+        if self.refusal is None:
+            values = value_marks(self.body, start, stop) + more
+            with self.lock:
+                self.left -= values
+                over = self.left < 0 and self.refusal is None
+            if over:  # the pieces spent so far are part of the body: its whole count is past the bound too
+                try:
+                    self.check_all()
+                except AnswerError as exc:
+                    self.refusal = exc
+        if self.refusal is not None:  # every piece not yet parsed is refused at once, uncounted
+            raise AnswerError(str(self.refusal))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,16 +151,20 @@ class Parsed:
     error: str | None
 
 
-def read_strictly(body: bytes, most_users: int, start: Callable[[bytes], Callable[[], T]], whole: Callable[[bytes], T] | None = None) -> T:
-    """What `start(body)` reads, as Python's json reads it: the values bounded first, the layout checked meanwhile.
+Start = Callable[[bytes, ValueBudget], Callable[[], T]]
 
-    `start` sets Polars reading and gives what waits for its result; Polars releases the GIL, so the
-    layout check (a regular expression, holding it) runs beside. Off the layout, what `start` read is
-    checked by Python's json, or, if it relied on the layout, `whole(body)` reads the answer instead.
+
+def read_strictly(body: bytes, most_users: int, start: Start[T], whole: Callable[[bytes], T] | None = None) -> T:
+    """What `start(body, budget)` reads, as Python's json reads it: the values bounded before they are read, the layout checked meanwhile.
+
+    `start` sets Polars reading, spending the budget before each part it reads, and gives what waits
+    for its result; Polars releases the GIL, so the layout check (a regular expression, holding it)
+    runs beside. Off the layout, what `start` read is checked by Python's json, or, if it relied on
+    the layout, `whole(body)` reads the answer instead, its values counted first.
     """
     body = without_bom(body)
-    check_value_count(body, most_users)
-    reading = start(body)
+    budget = ValueBudget(body, most_users)
+    reading = start(body, budget)
     if in_service_layout(body, most_users):
         return reading()
     if whole is None:
@@ -132,6 +172,7 @@ def read_strictly(body: bytes, most_users: int, start: Callable[[bytes], Callabl
     else:
         with contextlib.suppress(AnswerError):  # read as if in the layout: discarded
             reading()
+        budget.check_all()
         parsed = whole(body)
     faults = json_reading_faults(body)  # the exact, slower reading only where Polars and json could differ
     if faults:
@@ -141,7 +182,13 @@ def read_strictly(body: bytes, most_users: int, start: Callable[[bytes], Callabl
 
 def parse_body(body: bytes, schema: pl.Schema = RAW_RESPONSE, most_users: int = MAX_PAGE_SIZE) -> pl.DataFrame:
     """Parse one answer against a raw schema, as Python's json reads it: one row of its fields."""
-    return read_strictly(body, most_users, lambda body: PARSERS.submit(parse_json, body, schema).result)
+    return read_strictly(body, most_users, functools.partial(start_whole, schema=schema))
+
+
+def start_whole(body: bytes, budget: ValueBudget, schema: pl.Schema) -> Callable[[], pl.DataFrame]:
+    """Set Polars parsing a body whole against `schema`, its values counted first."""
+    budget.check_all()
+    return PARSERS.submit(parse_json, body, schema).result
 
 
 def parse_answer(body: bytes, most_users: int = MAX_PAGE_SIZE) -> Parsed:
@@ -157,18 +204,25 @@ def read_whole(body: bytes) -> Parsed:
     return Parsed(users, *row.select("info", "error").row(0))
 
 
-def start_answer(body: bytes) -> Callable[[], Parsed]:
-    """Set Polars parsing an answer, its users in pieces where it starts as the service writes it (else whole)."""
+def start_answer(body: bytes, budget: ValueBudget) -> Callable[[], Parsed]:
+    """Set Polars parsing an answer, its users in pieces where it starts as the service writes it (else whole), each part's values counted first."""
     # Polars builds a node per value as it parses: a whole page of 5,000 users took 70 MB at its peak,
     # a piece of 500 users a tenth of that, and the pieces of one page parse on both cores. Cut between
     # users, the pieces are the answer only in the service's layout, which read_strictly then checks.
     if not body.startswith(LAYOUT_HEAD) or (end := body.rfind(LAYOUT_TAIL)) < 0:
+        budget.check_all()
         return PARSERS.submit(read_whole, body).result
-    pieces = [PARSERS.submit(piece_users, body, start, stop) for start, stop in user_pieces(body, end)]
+    # Each piece is counted on its parsing thread, just before it is parsed, rather than the whole body
+    # before any: a count takes a tenth of a page's time, and the pieces' parse need not wait for it.
+    cuts = list(user_pieces(body, end))
+    head = len(LAYOUT_HEAD) - len(USER_HEAD)  # where the first piece starts; one comma between two pieces is in neither
+    budget.spend(0, head, more=1 + max(len(cuts) - 1, 0))
+    pieces = [PARSERS.submit(piece_users, body, start, stop, budget) for start, stop in cuts]
 
     def parsed() -> Parsed:
         """The users of every piece, in order, and the answer's info and error."""
         futures.wait(pieces)
+        budget.spend(end, len(body))
         envelope = parse_json(b"{" + body[end + 2 :], ENVELOPE)
         return Parsed(pl.concat([piece.result() for piece in pieces]), *envelope.row(0))
 
@@ -185,8 +239,9 @@ def user_pieces(body: bytes, end: int) -> Iterator[tuple[int, int]]:
         start = stop + 1
 
 
-def piece_users(body: bytes, start: int, stop: int) -> pl.Series:
-    """The users written in body[start:stop], parsed by Polars."""
+def piece_users(body: bytes, start: int, stop: int, budget: ValueBudget) -> pl.Series:
+    """The users written in body[start:stop], parsed by Polars once their values are within the budget."""
+    budget.spend(start, stop)
     piece = parse_json(b'{"results":[' + body[start:stop] + b"]}", USERS_ONLY)
     return piece.get_column("results").explode(empty_as_null=False)
 
@@ -264,7 +319,7 @@ def in_service_layout(body: bytes, most_users: int = MAX_PAGE_SIZE) -> bool:
     if not body.startswith(LAYOUT_HEAD) or (end := body.rfind(LAYOUT_TAIL)) < 0:
         return service_layout(max(most_users, 1), text).fullmatch(body) is not None
     # Piece by piece, the pieces start_answer parses joined by their commas: a match holds the GIL
-    # throughout, so the threads parsing the pieces take it between two (the values are bounded already).
+    # throughout, so the threads parsing the pieces take it between two.
     users = users_layout(text)
     pieces = user_pieces(body, end)
     return tail_layout(text).fullmatch(body, end) is not None and all(users.fullmatch(body, start, stop) for start, stop in pieces)

@@ -319,7 +319,7 @@ def with_junk_values(values: int) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
-TOO_MANY_VALUES = r"holds up to [0-9,]+ JSON values, more than 100 users hold \(at most 7,400\): refused unread$"
+TOO_MANY_VALUES = r"holds up to [0-9,]+ JSON values, more than 100 users hold \(at most 7,400\): refused$"
 
 
 @pytest.mark.parametrize(
@@ -350,6 +350,34 @@ def test_an_answer_holding_more_values_than_its_users_is_refused_unread_whatever
     assert result.returncode == 1, result.stderr
     assert_one_error_line(result.stderr, rf"^{PREFIX}page 1: the answer {TOO_MANY_VALUES}")
     assert batch_files(out) == []
+
+
+def with_values(doc: dict, values: int) -> bytes:
+    """The answer in the service's compact layout, commas added to street names until it counts `values` (one more than its ",[{" bytes)."""
+    compact = lambda: json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()  # noqa: E731
+    missing = values - (1 + sum(compact().count(mark) for mark in (b",", b"[", b"{")))
+    for user in doc["results"]:
+        street = user["location"]["street"]
+        added = min(missing, 256 - len(street["name"].encode()))  # a text field holds at most 256 bytes
+        street["name"] += "," * added
+        missing -= added
+    assert missing == 0
+    return compact()
+
+
+@pytest.mark.parametrize("past", [0, 1], ids=["at-the-bound", "one-past-it"])
+def test_a_page_in_the_layout_is_bounded_by_its_whole_count_of_values_across_its_pieces(past):
+    # Counted a piece at a time as each is parsed: the pieces, the commas between them, the head and
+    # the envelope must add up to the whole answer's count, exactly.
+    doc = json.loads(page_body("commas", 1, 1000))
+    answer = with_values(doc, 1000 * 64 + 1000 + past)  # the bound for 1,000 users
+    assert len(answer) > 2 * (1 << 19), "in three pieces or more"
+    request = etl.PageRequest("commas", 1, 1000)
+    if past:
+        with pytest.raises(etl.EtlError, match=r"holds up to 65,001 JSON values, more than 1000 users hold \(at most 65,000\): refused$"):
+            etl.transform(answer, request)
+    else:
+        assert_rows_are(etl.transform(answer, request), json.loads(answer)["results"])
 
 
 def test_a_page_with_junk_values_within_the_allowance_lands(api, settings):
