@@ -276,8 +276,10 @@ def compact(settings: Settings, storage_options: dict | None = None, stop: Stop 
     options = delta_options(storage_options, address)
     if not is_table(address, options):
         raise StorageError("no Delta table is there (land a batch with --table-format delta first)", path=address, doing="cannot compact")
+    stop = stop or Stop()
+    stop.begin()  # a caller may keep one Stop for its jobs: a run's wind-down would kill this compaction at once
     # In a process of its own on one CPU, as a commit: its files keep each batch's rows in key order.
-    answer = in_own_process({"kind": "compact", "address": address, "options": options, "retain_hours": settings.retain_hours}, stop or Stop())
+    answer = in_own_process({"kind": "compact", "address": address, "options": options, "retain_hours": settings.retain_hours}, stop)
     if "said" in answer:
         raise StorageError(answer["said"], path=address, doing="cannot compact")
     return Compacted(**answer)

@@ -411,6 +411,20 @@ def test_compact_keeps_the_files_of_versions_within_retain_hours(settings, out):
     assert_rows_are(etl.read_processed(str(out), version=1).collect(), served_users("alpha", 12, 5))
 
 
+def test_compact_given_the_stop_of_a_run_that_failed_compacts(settings, out, api):
+    # A caller may keep one Stop for its jobs one after another: a run's failure winds it down, and
+    # that wind-down is the run's alone, as it is for the next run (Run.land begins it again).
+    land(settings, "alpha")
+    land(settings, "beta", n=7)
+    stop = etl.Stop()
+    api.script(*[status(503)] * 4)  # the first try and all three retries
+    with pytest.raises(etl.EtlError):
+        etl.run(settings(table_format="delta", seed="gamma", n=5, page_size=5), stop)
+    done = etl.compact(settings(retain_hours=0), stop)
+    assert done.files_after < done.files_before
+    assert_rows_are(rows(out), served_users("alpha", 12, 5) + served_users("beta", 7, 5))
+
+
 def test_compact_where_there_is_no_table_fails_in_one_line(out, capsys):
     out.mkdir()
     assert compact_cli(out) == 1
