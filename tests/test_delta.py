@@ -29,6 +29,7 @@ from support import (
     land_sorted,
     raw_key,
     served_users,
+    run_cli,
     sigterm_when_held,
     assert_stopped,
 )
@@ -494,5 +495,16 @@ def test_sigterm_during_a_commit_the_store_never_answers_ends_the_job_promptly_a
         env = held_env(api, out, raw, s3, held.url, RANDOM_USER_TABLE_FORMAT="delta", RANDOM_USER_TIMEOUT=HELD)
         code, seconds = sigterm_when_held(held, env, err, "the batch's commit held")
     assert_stopped(code, err.read_text(), seconds, signal.SIGTERM)
+    lake = DeltaTable(f"{s3.url()}/{TABLE}", storage_options={"allow_http": "true"})
+    assert lake.version() == 0 and len(lake.file_uris()) == 0
+
+
+def test_a_commit_the_store_never_answers_fails_in_one_line_that_says_it_timed_out(api, out, raw, s3, s3_endpoint):
+    # delta-rs chains an error's causes on lines of their own ("↳ ..."), the first only "Generic S3 error".
+    with held_store(s3_endpoint, holds=f"/{TABLE}/_delta_log/00000000000000000001.json") as held:
+        env = held_env(api, out, raw, s3, held.url, RANDOM_USER_TABLE_FORMAT="delta", RANDOM_USER_TIMEOUT=1, RANDOM_USER_RETRIES=0)
+        ran = run_cli(env=env)
+    assert ran.returncode == 1
+    assert_one_error_line(ran.stderr, rf"^{PREFIX}cannot commit to {s3.url()}/{TABLE}: .*timed out")
     lake = DeltaTable(f"{s3.url()}/{TABLE}", storage_options={"allow_http": "true"})
     assert lake.version() == 0 and len(lake.file_uris()) == 0
