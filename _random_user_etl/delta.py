@@ -155,8 +155,9 @@ class DeltaTable:
 
     def land(self, batch: SortedBatch) -> int:
         """Commit the batch in one step, its seed's earlier rows replaced; the bytes of the files it added."""
-        # In a process of its own, as an upload: deltalake holds the GIL while it works and cannot be
-        # cancelled, so a stop kills the process, and the commit (one write of the log) is made or not.
+        # In a process of its own, as an upload: deltalake's write cannot be cancelled, and a stop
+        # signal's handler runs only once the main thread's call returns (the store may never answer),
+        # so a stop kills the process, and the commit (one write of the log) is made or not.
         self.create()
         before, finished = self.files(), finished_file(batch)
         job = {

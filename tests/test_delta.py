@@ -488,7 +488,7 @@ def test_compact_keeps_each_batchs_rows_in_their_raw_keys_order(settings, out):
 
 
 def test_sigterm_during_a_commit_the_store_never_answers_ends_the_job_promptly_and_commits_nothing(api, out, raw, s3, s3_endpoint, tmp_path):
-    # deltalake holds the GIL until the store answers, and cannot be cancelled: the commit runs in a
+    # deltalake's write runs until the store answers, and cannot be cancelled: the commit runs in a
     # process of its own, which the stop kills; the table stays at the version it had (here, its creation).
     err = tmp_path / "stderr.txt"
     with held_store(s3_endpoint, holds=f"/{TABLE}/_delta_log/00000000000000000001.json") as held:
