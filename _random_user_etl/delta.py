@@ -155,8 +155,9 @@ class DeltaTable:
 
     def land(self, batch: SortedBatch) -> int:
         """Commit the batch in one step, its seed's earlier rows replaced; the bytes of the files it added."""
-        # In a process of its own, as an upload: deltalake holds the GIL while it works and cannot be
-        # cancelled, so a stop kills the process, and the commit (one write of the log) is made or not.
+        # In a process of its own, as an upload: deltalake's write cannot be cancelled, and a stop
+        # signal's handler runs only once the main thread's call returns (the store may never answer),
+        # so a stop kills the process, and the commit (one write of the log) is made or not.
         self.create()
         before, finished = self.files(), finished_file(batch)
         job = {
@@ -276,8 +277,10 @@ def compact(settings: Settings, storage_options: dict | None = None, stop: Stop 
     options = delta_options(storage_options, address)
     if not is_table(address, options):
         raise StorageError("no Delta table is there (land a batch with --table-format delta first)", path=address, doing="cannot compact")
+    stop = stop or Stop()
+    stop.begin()  # a caller may keep one Stop for its jobs: a run's wind-down would kill this compaction at once
     # In a process of its own on one CPU, as a commit: its files keep each batch's rows in key order.
-    answer = in_own_process({"kind": "compact", "address": address, "options": options, "retain_hours": settings.retain_hours}, stop or Stop())
+    answer = in_own_process({"kind": "compact", "address": address, "options": options, "retain_hours": settings.retain_hours}, stop)
     if "said" in answer:
         raise StorageError(answer["said"], path=address, doing="cannot compact")
     return Compacted(**answer)

@@ -80,10 +80,13 @@ def write_error(exc: BaseException) -> str:
     if code:
         message = re.search(r"<Message>([^<]+)</Message>", text)
         return f"the object store answered {shorten(code.group(1))}" + (f" ({shorten(message.group(1), 160)})" if message else "")
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    # delta-rs (1.6) puts each cause on a line of its own, "↳ ..." in colour, under a first line that
+    # says as little as "Generic S3 error": the last is the one that says why (a timeout, a refusal).
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines() if line.strip()]
     if not lines:
         return type(exc).__name__
-    cause = re.sub(r"^\d+:\s*", "", lines[-1]) if len(lines) > 1 and "Caused by:" in text else ""
+    chained = len(lines) > 1 and ("Caused by:" in text or lines[-1].startswith("↳"))
+    cause = re.sub(r"^(\d+:|↳)\s*", "", lines[-1]) if chained else ""
     return shorten(lines[0], 200) + (f" ({shorten(cause, 80)})" if cause else "")
 
 

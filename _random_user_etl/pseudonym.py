@@ -314,7 +314,7 @@ def analyst_sink(target: str, storage_options: dict, stop: Stop, table_format: s
     if table_format == config.DELTA:
         table = AnalystTable(target, storage_options if is_remote(target) else None, stop)
         table.check()
-        return table, own_staging_root(target) if is_remote(target) else Path(target).absolute()  # rows stream straight into the table
+        return table, own_staging_root(target) if is_remote(target) else Path(target).absolute()  # each seed's rows written whole here, then committed
     if is_remote(target):
         return AnalystObjects(target, storage_options, stop), own_staging_root(target)
     Path(target).mkdir(parents=True, exist_ok=True)
@@ -323,6 +323,7 @@ def analyst_sink(target: str, storage_options: dict, stop: Stop, table_format: s
 
 def refresh(settings: config.Settings, target: str, key: PseudonymKey, storage_options: dict, stop: Stop) -> dict[str, bool]:
     """Build or refresh the analyst file (delta: the table's rows) of every batch of --output-dir, until `stop`; each, and whether it was built (False: up to date)."""
+    stop.begin()  # a caller may keep one Stop for its jobs: a run's wind-down would cut this one's every commit and upload
     output_dir, k = settings.output_dir, settings.k_anonymity
     remote = storage_options if is_remote(output_dir) else None
     sources = batches_of(output_dir, remote)  # first: a lake that cannot be read leaves no target behind

@@ -29,6 +29,7 @@ from support import (
     land_sorted,
     raw_key,
     served_users,
+    run_cli,
     sigterm_when_held,
     assert_stopped,
 )
@@ -411,6 +412,20 @@ def test_compact_keeps_the_files_of_versions_within_retain_hours(settings, out):
     assert_rows_are(etl.read_processed(str(out), version=1).collect(), served_users("alpha", 12, 5))
 
 
+def test_compact_given_the_stop_of_a_run_that_failed_compacts(settings, out, api):
+    # A caller may keep one Stop for its jobs one after another: a run's failure winds it down, and
+    # that wind-down is the run's alone, as it is for the next run (Run.land begins it again).
+    land(settings, "alpha")
+    land(settings, "beta", n=7)
+    stop = etl.Stop()
+    api.script(*[status(503)] * 4)  # the first try and all three retries
+    with pytest.raises(etl.EtlError):
+        etl.run(settings(table_format="delta", seed="gamma", n=5, page_size=5), stop)
+    done = etl.compact(settings(retain_hours=0), stop)
+    assert done.files_after < done.files_before
+    assert_rows_are(rows(out), served_users("alpha", 12, 5) + served_users("beta", 7, 5))
+
+
 def test_compact_where_there_is_no_table_fails_in_one_line(out, capsys):
     out.mkdir()
     assert compact_cli(out) == 1
@@ -473,12 +488,23 @@ def test_compact_keeps_each_batchs_rows_in_their_raw_keys_order(settings, out):
 
 
 def test_sigterm_during_a_commit_the_store_never_answers_ends_the_job_promptly_and_commits_nothing(api, out, raw, s3, s3_endpoint, tmp_path):
-    # deltalake holds the GIL until the store answers, and cannot be cancelled: the commit runs in a
+    # deltalake's write runs until the store answers, and cannot be cancelled: the commit runs in a
     # process of its own, which the stop kills; the table stays at the version it had (here, its creation).
     err = tmp_path / "stderr.txt"
     with held_store(s3_endpoint, holds=f"/{TABLE}/_delta_log/00000000000000000001.json") as held:
         env = held_env(api, out, raw, s3, held.url, RANDOM_USER_TABLE_FORMAT="delta", RANDOM_USER_TIMEOUT=HELD)
         code, seconds = sigterm_when_held(held, env, err, "the batch's commit held")
     assert_stopped(code, err.read_text(), seconds, signal.SIGTERM)
+    lake = DeltaTable(f"{s3.url()}/{TABLE}", storage_options={"allow_http": "true"})
+    assert lake.version() == 0 and len(lake.file_uris()) == 0
+
+
+def test_a_commit_the_store_never_answers_fails_in_one_line_that_says_it_timed_out(api, out, raw, s3, s3_endpoint):
+    # delta-rs chains an error's causes on lines of their own ("↳ ..."), the first only "Generic S3 error".
+    with held_store(s3_endpoint, holds=f"/{TABLE}/_delta_log/00000000000000000001.json") as held:
+        env = held_env(api, out, raw, s3, held.url, RANDOM_USER_TABLE_FORMAT="delta", RANDOM_USER_TIMEOUT=1, RANDOM_USER_RETRIES=0)
+        ran = run_cli(env=env)
+    assert ran.returncode == 1
+    assert_one_error_line(ran.stderr, rf"^{PREFIX}cannot commit to {s3.url()}/{TABLE}: .*timed out")
     lake = DeltaTable(f"{s3.url()}/{TABLE}", storage_options={"allow_http": "true"})
     assert lake.version() == 0 and len(lake.file_uris()) == 0

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
-from fake_api import page_body
+from fake_api import page_body, status
 from support import PREFIX, fast_env, run_cli, served_users
 
 import random_user_etl as etl
@@ -481,6 +481,19 @@ def test_with_table_format_delta_the_analyst_lake_is_a_delta_table_of_one_commit
     lazy = etl.read_pseudonymised(str(target))
     assert isinstance(lazy, pl.LazyFrame)
     assert lazy.select(pl.len()).collect().item() == 5040
+
+
+def test_the_analyst_table_is_built_with_the_stop_of_a_run_that_failed(delta_lake, settings, api, tmp_path):
+    # A caller may keep one Stop for its jobs one after another: a run's failure winds it down, and
+    # that wind-down is the run's alone (Run.land begins it again), not the next job's.
+    stop = etl.Stop()
+    api.script(*[status(503)] * 4)  # the first try and all three retries
+    with pytest.raises(etl.EtlError):
+        etl.run(settings(table_format="delta", seed="gamma", n=5, page_size=5), stop)
+    target = tmp_path / "analyst"
+    built = etl.pseudonymise(str(target), delta_lake, stop)
+    assert len(built) == 2 and all(built.values())
+    assert sorted(seed_commits(target)) == sorted(DELTA_DEMO)
 
 
 @pytest.mark.parametrize("table_format", ["files", "delta"])
