@@ -159,10 +159,8 @@ class DeltaTable:
         # signal's handler runs only once the main thread's call returns (the store may never answer),
         # so a stop kills the process, and the commit (one write of the log) is made or not.
         self.create()
-        before, finished = self.files(), finished_file(batch)
         job = {
             "kind": "commit",
-            "path": str(finished),
             "address": self.address,
             "options": self.options,
             "predicate": seed_predicate(batch.seed),
@@ -170,8 +168,9 @@ class DeltaTable:
             "field_metadata": batch.field_metadata(),
             "metadata": self.commit_metadata(batch),
         }
+        before, finished = self.files(), finished_file(batch)
         try:
-            answer = in_own_process(job, self.stop)
+            answer = in_own_process({**job, "path": str(finished)}, self.stop)
         finally:
             finished.unlink(missing_ok=True)
         if "said" in answer:
