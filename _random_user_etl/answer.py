@@ -56,7 +56,7 @@ LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # what is left of a lone escape 
 
 # A JSON reader builds a node per value, whatever the value's size: a body of tiny values ("[],[],...")
 # takes dozens of times its size in memory, in Polars and in Python's json alike. So the values are
-# bounded before any reader runs, by what the users asked for hold, in any layout: every value but the
+# bounded before a reader reads them, by what the users asked for hold, in any layout: every value but the
 # first of a container follows a comma, and every container opens with "[" or "{", so one more than
 # those bytes bounds the values (one inside a text only counts one value too many).
 VALUE_MARKS = b",[{"
@@ -107,7 +107,7 @@ def count_values(body: bytes) -> int:
 
 
 def check_value_count(body: bytes, most_users: int) -> None:
-    """Refuse, before any reader runs, a body holding more JSON values than `most_users` users hold."""
+    """Refuse a body holding more JSON values than `most_users` users hold."""
     values, most = count_values(body), most_values(most_users)
     if values > most:
         raise AnswerError(f"the answer holds up to {values:,} JSON values, more than {most_users} users hold (at most {most:,}): refused")
@@ -123,23 +123,26 @@ class ValueBudget:
         self.refusal: AnswerError | None = None  # once the count passed the bound
 
     def check_all(self) -> None:
-        """Refuse the body now if it holds more values than its users may."""
-        check_value_count(self.body, self.most_users)
+        """Refuse the body now if it holds more values than its users may (counted whole once, the refusal kept)."""
+        with self.lock:  # one count of the whole body, however many threads ask at once
+            if self.refusal is None:
+                try:
+                    check_value_count(self.body, self.most_users)
+                except AnswerError as exc:
+                    self.refusal = exc
+        if self.refusal is not None:
+            raise AnswerError(str(self.refusal))
 
     def spend(self, start: int, stop: int, more: int = 0) -> None:
         """Count the values of body[start:stop] (and `more` counted by the caller) against what is left; refuse the body once past it."""
-        if self.refusal is None:
+        if self.refusal is None:  # once refused, every piece not yet parsed is refused at once, uncounted
             values = value_marks(self.body, start, stop) + more
             with self.lock:
                 self.left -= values
-                over = self.left < 0 and self.refusal is None
-            if over:  # the pieces spent so far are part of the body: its whole count is past the bound too
-                try:
-                    self.check_all()
-                except AnswerError as exc:
-                    self.refusal = exc
-        if self.refusal is not None:  # every piece not yet parsed is refused at once, uncounted
-            raise AnswerError(str(self.refusal))
+                within = self.left >= 0
+            if within:
+                return
+        self.check_all()  # past the bound: the pieces spent so far are part of the body, so its whole count is too
 
 
 @dataclasses.dataclass(frozen=True)

@@ -158,7 +158,6 @@ class DeltaTable:
         # In a process of its own, as an upload: deltalake's write cannot be cancelled, and a stop
         # signal's handler runs only once the main thread's call returns (the store may never answer),
         # so a stop kills the process, and the commit (one write of the log) is made or not.
-        self.create()
         job = {
             "kind": "commit",
             "address": self.address,
@@ -168,11 +167,15 @@ class DeltaTable:
             "field_metadata": batch.field_metadata(),
             "metadata": self.commit_metadata(batch),
         }
-        before, finished = self.files(), finished_file(batch)
+        finished = None
         try:
+            finished = finished_file(batch)  # first: a stop while it is written leaves the table as it was
+            self.create()
+            before = self.files()
             answer = in_own_process({**job, "path": str(finished)}, self.stop)
         finally:
-            finished.unlink(missing_ok=True)
+            if finished is not None:
+                finished.unlink(missing_ok=True)
         if "said" in answer:
             raise StorageError(answer["said"], path=self.address, doing="cannot commit to")
         return sum(size for path, size in self.files().items() if path not in before)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -47,10 +48,13 @@ def in_own_process(job: dict, stop: Stop) -> dict:
             child.kill()  # stopped: the job ends now, and no try of it reaches the store after
         stdin.close()
         child.wait()
+    # Its answer whatever its status: a stop that killed it after it answered (the commit made) is no failure.
     lines = said.decode(errors="replace").strip().splitlines()
-    if child.returncode != 0 or not lines:
-        return {"timeout": False, "said": f"the {job['kind']}'s process ended with status {child.returncode} and no answer"}
-    return json.loads(lines[-1])
+    with contextlib.suppress(ValueError, IndexError):
+        return json.loads(lines[-1])
+    if stop.ending:  # killed by the stop as it was answering: the run's end
+        raise stop.reason()
+    return {"timeout": False, "said": f"the {job['kind']}'s process ended with status {child.returncode} and no answer"}
 
 
 def leave_when_orphaned() -> None:

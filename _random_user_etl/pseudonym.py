@@ -314,7 +314,10 @@ def analyst_sink(target: str, storage_options: dict, stop: Stop, table_format: s
     if table_format == config.DELTA:
         table = AnalystTable(target, storage_options if is_remote(target) else None, stop)
         table.check()
-        return table, own_staging_root(target) if is_remote(target) else Path(target).absolute()  # each seed's rows written whole here, then committed
+        if is_remote(target):
+            return table, own_staging_root(target)
+        Path(target).mkdir(parents=True, exist_ok=True)
+        return table, Path(target).absolute()  # each seed's rows written whole here, then committed
     if is_remote(target):
         return AnalystObjects(target, storage_options, stop), own_staging_root(target)
     Path(target).mkdir(parents=True, exist_ok=True)

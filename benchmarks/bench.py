@@ -405,7 +405,7 @@ def bench_transform(report: Report, pages: int, repeats: int) -> dict:
     }
     ceiling = med["json.loads alone (floor)"] / med[NO_CHECK]
     report(
-        f"  ceiling: Polars alone, parsing the job's pieces on {STAGERS} threads and typing them with no check at all, "
+        "  ceiling: Polars alone, parsing the job's pieces on its parsing threads and typing them with no check at all, "
         f"is {ceiling:.2f}x faster than json.loads alone; the job's checks take it to {ratios['json']:.2f}x"
     )
     report()
@@ -1095,7 +1095,7 @@ class Section:
     """One section of the benchmark: its --only name, its runner, and the runner's options for a run's arguments."""
 
     name: str
-    run: Callable[..., dict]  # (report, **options) -> {"failures", "targets", and "findings" or "figures" if any}
+    run: Callable[..., dict]  # (report, **options) -> {"failures", "targets", and "findings" and "figures" if any}
     options: Callable[[argparse.Namespace], dict]
 
 

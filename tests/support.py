@@ -636,9 +636,12 @@ class HeldStore(http.server.ThreadingHTTPServer):
 
 
 class HeldStoreHandler(http.server.BaseHTTPRequestHandler):
+    """Each request passed on to the upstream store and its answer back, or held unanswered."""
+
     protocol_version = "HTTP/1.1"
 
     def relay(self):
+        """Pass the request on and its answer back, unless it is one to hold."""
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         if self.server.holds in self.path and not (self.server.once and self.server.held.is_set()):  # accepted, read, and never answered
             self.server.held.set()
@@ -661,7 +664,7 @@ class HeldStoreHandler(http.server.BaseHTTPRequestHandler):
     do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = relay
 
     def log_message(self, *args):
-        pass
+        """Nothing on stderr: the tests read the job's."""
 
 
 @contextlib.contextmanager

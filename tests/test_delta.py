@@ -31,6 +31,8 @@ from support import (
     served_users,
     run_cli,
     sigterm_when_held,
+    start_cli,
+    wait_until,
     assert_stopped,
 )
 
@@ -446,6 +448,19 @@ def test_a_run_stopped_while_its_batch_is_written_leaves_the_table_at_its_previo
     assert_rows_are(rows(out), served_users("alpha", 12, 5))
 
 
+def test_a_first_run_stopped_while_its_batch_is_written_makes_no_table(settings, out):
+    from support import on_log
+
+    from _random_user_etl.run import Run, SortSizes
+    from _random_user_etl.sources import ServicePages
+
+    stop = etl.Stop()
+    with on_log("writing key range 2 of", stop.stop), pytest.raises(etl.Stopped):
+        Run(settings(table_format="delta", seed="alpha", n=9, page_size=5), ServicePages(), stop, SortSizes(3, 3)).land()
+    assert not DeltaTable.is_deltatable(str(out / TABLE))
+    assert etl.read_processed(str(out)).collect().height == 0
+
+
 @pytest.mark.skipif(SPARK_MISSING is not None, reason=SPARK_MISSING or "")
 @pytest.mark.filterwarnings("ignore:PySpark does not yet fully support pandas:FutureWarning")
 def test_spark_reads_the_tables_current_file_list(settings, out, spark):
@@ -506,5 +521,28 @@ def test_a_commit_the_store_never_answers_fails_in_one_line_that_says_it_timed_o
         ran = run_cli(env=env)
     assert ran.returncode == 1
     assert_one_error_line(ran.stderr, rf"^{PREFIX}cannot commit to {s3.url()}/{TABLE}: .*timed out")
+    lake = DeltaTable(f"{s3.url()}/{TABLE}", storage_options={"allow_http": "true"})
+    assert lake.version() == 0 and len(lake.file_uris()) == 0
+
+
+def test_a_commits_process_killed_by_something_else_fails_the_run_in_one_line_and_commits_nothing(api, out, raw, s3, s3_endpoint, tmp_path):
+    # As the kernel's OOM killer would: the run says so and fails (exit 1); the table keeps its version.
+    import psutil
+
+    err = tmp_path / "stderr.txt"
+    with held_store(s3_endpoint, holds=f"/{TABLE}/_delta_log/00000000000000000001.json") as held:
+        proc = start_cli(env=held_env(api, out, raw, s3, held.url, RANDOM_USER_TABLE_FORMAT="delta", RANDOM_USER_TIMEOUT=HELD), log=err)
+        try:
+            wait_until(lambda: held.held.is_set() or proc.poll() is not None, what="the batch's commit held")
+            (commit,) = psutil.Process(proc.pid).children()
+            assert "_random_user_etl.own_process" in commit.cmdline()
+            commit.kill()
+            code = proc.wait(timeout=HELD)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert code == 1
+    assert_one_error_line(err.read_text(), rf"^{PREFIX}cannot commit to {s3.url()}/{TABLE}: the commit's process ended with status -9 and no answer$")
     lake = DeltaTable(f"{s3.url()}/{TABLE}", storage_options={"allow_http": "true"})
     assert lake.version() == 0 and len(lake.file_uris()) == 0
