@@ -39,8 +39,14 @@ def table_address(output_dir: str, name: str = TABLE) -> str:
 
 
 def delta_options(storage_options: dict | None, address: str) -> dict[str, str]:
-    """deltalake's storage options for `address`: Polars' bounds on each request, and plain http only to an endpoint given as http://."""
-    options = {key: str(value) for key, value in (storage_options or {}).items()}
+    """deltalake's storage options for `address`: Polars' bounds on each request as text, and plain http only to an endpoint given as http://."""
+    return {key: str(value) for key, value in scan_options(storage_options, address).items()}
+
+
+def scan_options(storage_options: dict | None, address: str) -> dict[str, Any]:
+    """Polars' storage options for a scan of the table at `address`: its own, typed (max_retries a number), and plain http as for deltalake."""
+    # pl.scan_delta hands them to deltalake and to its own parquet reader, which refuses max_retries as text.
+    options = dict(storage_options or {})
     # Polars' client allows the endpoint of AWS_ENDPOINT_URL as given; delta-rs refuses http:// unless told.
     if is_remote(address) and os.environ.get("AWS_ENDPOINT_URL", "").startswith("http://"):
         options.setdefault("allow_http", "true")
@@ -150,7 +156,13 @@ class DeltaTable:
         if not is_table(self.address, self.options):
             return False
         with failing_on_table("cannot read", self.address):
-            found = pl.scan_delta(self.address, storage_options=self.options).filter(pl.col("seed") == seed).select("seed").head(1).collect()
+            found = (
+                pl.scan_delta(self.address, storage_options=scan_options(self.storage_options, self.address))
+                .filter(pl.col("seed") == seed)
+                .select("seed")
+                .head(1)
+                .collect()
+            )
         return found.height > 0
 
     def land(self, batch: SortedBatch) -> int:
@@ -237,7 +249,7 @@ def scan_schema(address: str, storage_options: dict | None, version: int | str |
     if not has_table(address, storage_options, options):
         return None
     with failing_on_table("cannot read", address):
-        table = pl.scan_delta(address, version=version, storage_options=options)
+        table = pl.scan_delta(address, version=version, storage_options=scan_options(storage_options, address))
         columns = table.collect_schema()  # the log's schema: reading it reads no rows
     # A column the contract gained after the table's last batch reads as null; one it lost is not read.
     return table.select(pl.col(name).cast(dtype) if name in columns else pl.lit(None, dtype).alias(name) for name, dtype in schema.items())

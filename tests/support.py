@@ -209,6 +209,13 @@ class Bucket:
         pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.name, Prefix=prefix)
         return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
 
+    def delta_log(self, table: str) -> list[list[dict]]:
+        """The actions of each version of the Delta table under `table` (a key prefix), read from its log by the standard library."""
+        # Not through deltalake: some of its calls hold the GIL while they wait on the store, which this process serves.
+        keys = [key for key in self.all_keys(f"{table}/_delta_log/") if key.endswith(".json")]
+        bodies = [self.client.get_object(Bucket=self.name, Key=key)["Body"].read().decode() for key in keys]
+        return [[json.loads(line) for line in body.splitlines() if line.strip()] for body in bodies]
+
     def head(self, key: str) -> dict:
         """The object's ETag, size and time."""
         return self.client.head_object(Bucket=self.name, Key=key)

@@ -546,3 +546,19 @@ def test_a_commits_process_killed_by_something_else_fails_the_run_in_one_line_an
     assert_one_error_line(err.read_text(), rf"^{PREFIX}cannot commit to {s3.url()}/{TABLE}: the commit's process ended with status -9 and no answer$")
     lake = DeltaTable(f"{s3.url()}/{TABLE}", storage_options={"allow_http": "true"})
     assert lake.version() == 0 and len(lake.file_uris()) == 0
+
+
+def test_a_picked_seed_whose_rows_are_in_a_table_on_s3_is_refused_and_the_table_untouched(api, s3, tmp_path):
+    # In processes of their own: some of deltalake's calls hold the GIL while they wait on the store,
+    # which this process serves (moto) on a thread. The look for the seed's rows is a scan of the table.
+    from fake_api import PICKED_SEED
+    from support import run_cli
+
+    api.picks = PICKED_SEED
+    env = fast_env(api.url, s3.url(), tmp_path / "raw", RANDOM_USER_TABLE_FORMAT="delta")
+    assert run_cli("--n", 5, env=env).returncode == 0  # the table holds no row of the picked seed yet: it lands
+    result = run_cli("--n", 5, env=env)
+    assert result.returncode == 1
+    assert_one_error_line(result.stderr, rf"a batch of seed {PICKED_SEED} is already at .*{TABLE}: the service picked it")
+    versions = s3.delta_log(f"lake/{TABLE}")
+    assert len(versions) == 2  # its creation, and the one batch: none after the refusal

@@ -516,3 +516,27 @@ def test_a_second_run_over_a_delta_lake_changes_nothing_and_a_relanded_seed_is_r
         assert after["seed"].value_counts().sort("seed")["count"].to_list() == [40, 5000]
         changed = {name for name in file_state(target) if file_state(target)[name] != before.get(name)}
         assert changed == {"pseudonymised_users_demo2.parquet"}
+
+
+def test_a_delta_lake_in_object_storage_is_pseudonymised_into_an_analyst_table_there(api, s3, tmp_path):
+    # Through the CLI, in processes of their own: some of deltalake's calls hold the GIL while they
+    # wait on the store, and this process serves the store (moto) on a thread.
+    target = s3.url("analyst")
+    env = fast_env(api.url, s3.url("lake"), tmp_path / "raw", RANDOM_USER_TABLE_FORMAT="delta", RANDOM_USER_PAGE_SIZE=40, **{KEY_VARIABLE: KEY})
+    for seed, n in DEMO.items():
+        landed = run_cli("--seed", seed, "--n", str(n), env=env)
+        assert landed.returncode == 0, landed.stderr
+    for _ in range(2):  # the second changes nothing
+        ran = run_cli("--pseudonymise", target, env=env)
+        assert ran.returncode == 0, ran.stderr
+    keys = [key for key in s3.all_keys("analyst") if key != "analyst/.random_user_etl-write-check"]
+    assert keys and all(key.startswith("analyst/pseudonymised_users/") for key in keys), keys
+    versions = s3.delta_log("analyst/pseudonymised_users")
+    commits = [next(action["commitInfo"] for action in actions if "commitInfo" in action) for actions in versions[1:]]
+    assert sorted(commit.get("random_user_etl.seed") for commit in commits) == sorted(DEMO)  # one commit each, none from the second run
+    files = [action["add"]["path"] for actions in versions for action in actions if "add" in action]
+    bodies = [s3.client.get_object(Bucket=s3.name, Key=f"analyst/pseudonymised_users/{path}")["Body"].read() for path in files]
+    rows = pl.concat([pl.read_parquet(body) for body in bodies])  # the table's files as any parquet reader reads them
+    served = [u for seed, n in DEMO.items() for u in served_users(seed, n, 40)]
+    assert sorted(rows["person_key"]) == sorted(hmac_hex(KEY, u["login"]["uuid"]) for u in served)
+    assert not [key for key in s3.all_keys("") if ".tmp" in key], "nothing left behind"
