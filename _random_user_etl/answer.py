@@ -245,6 +245,11 @@ def user_pieces(body: bytes, end: int) -> Iterator[tuple[int, int]]:
 def piece_users(body: bytes, start: int, stop: int, budget: ValueBudget) -> pl.Series:
     """The users written in body[start:stop], parsed by Polars once their values are within the budget."""
     budget.spend(start, stop)
+    return parse_piece(body, start, stop)
+
+
+def parse_piece(body: bytes, start: int, stop: int) -> pl.Series:
+    """The users written in body[start:stop], parsed by Polars (their values counted by the caller)."""
     piece = parse_json(b'{"results":[' + body[start:stop] + b"]}", USERS_ONLY)
     return piece.get_column("results").explode(empty_as_null=False)
 

@@ -40,9 +40,6 @@ def in_own_process(job: dict, stop: Stop) -> dict:
         # A stop signal's handler raises Stopped in the read; the run's Stop, asked from any thread, kills the child.
         with stop.cutting(child.kill):
             said = stdout.read()
-        if stop.ending and not said.strip():  # killed before it answered: the run's end, not the job's failure
-            said = None
-            raise stop.reason()
     finally:
         if said is None:
             child.kill()  # stopped: the job ends now, and no try of it reaches the store after
@@ -52,7 +49,7 @@ def in_own_process(job: dict, stop: Stop) -> dict:
     lines = said.decode(errors="replace").strip().splitlines()
     with contextlib.suppress(ValueError, IndexError):
         return json.loads(lines[-1])
-    if stop.ending:  # killed by the stop as it was answering: the run's end
+    if stop.ending:  # killed by the stop before it answered: the run's end, not the job's failure
         raise stop.reason()
     return {"timeout": False, "said": f"the {job['kind']}'s process ended with status {child.returncode} and no answer"}
 

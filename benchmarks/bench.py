@@ -436,11 +436,7 @@ def polars_alone(body: bytes):
     from _random_user_etl import answer, contract
     from schemas import SOURCE_FIELDS
 
-    def piece(start: int, stop: int):
-        """The users of one piece, parsed."""
-        return pl.read_json(b'{"results":[' + body[start:stop] + b"]}", schema=answer.USERS_ONLY).get_column("results").explode()
-
-    pieces = [answer.PARSERS.submit(piece, start, stop) for start, stop in answer.user_pieces(body, body.rfind(answer.LAYOUT_TAIL))]
+    pieces = [answer.PARSERS.submit(answer.parse_piece, body, start, stop) for start, stop in answer.user_pieces(body, body.rfind(answer.LAYOUT_TAIL))]
     users = pl.concat([future.result() for future in pieces]).struct.unnest()
     flat = users.select(**{name: contract.field(source) for name, source in SOURCE_FIELDS.items()})
     return flat.with_columns(**contract.typed_columns())
