@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 from concurrent import futures
 import functools
@@ -43,7 +42,7 @@ LAYOUT_HEAD = b'{"results":[' + USER_HEAD
 USER_CUT = b"}," + USER_HEAD
 LAYOUT_TAIL = b'],"info":{'
 PIECE_BYTES = 1 << 19  # about 500 of the service's users
-USERS_ONLY = pl.Schema({"results": pl.List(RAW_USER)})
+USER_COLUMNS = pl.Schema(RAW_USER.to_schema())
 ENVELOPE_FIELDS: dict[str, Dtype] = {"info": RAW_INFO, "error": pl.String}
 ENVELOPE = pl.Schema(ENVELOPE_FIELDS)
 
@@ -65,9 +64,13 @@ VALUES_ALLOWANCE = 1_000  # the envelope, and room for the fields the service ad
 # The body is counted a piece at a time: the count copies little of it, and each copy is below glibc's
 # mmap threshold, so freeing it never raises that threshold (which puts later large buffers on the heap).
 COUNTED_PIECE = 1 << 16
+# In the service's layout the values are known exactly: a user holds one per key and itself; the answer
+# holds itself, its results, its info and the info's fields.
+LAYOUT_USER_VALUES = 1 + len(re.findall(r"\w+", USER_LAYOUT))
+LAYOUT_ENVELOPE_VALUES = 3 + len(INFO_LAYOUT.split(","))
 
 
-# Polars parses on these threads, releasing the GIL, while the thread that asked checks the layout.
+# Polars parses on these threads, releasing the GIL, while another holds it to check a layout.
 # Two: a piece each on both cores of a small machine; the pages typed at once share them.
 PARSERS = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="parse")
 
@@ -94,142 +97,139 @@ def most_values(most_users: int) -> int:
     return max(most_users, 1) * VALUES_PER_USER + VALUES_ALLOWANCE
 
 
-def value_marks(body: bytes, start: int = 0, stop: int | None = None) -> int:
-    """The commas and opening brackets in body[start:stop], counted in C."""
-    stop = len(body) if stop is None else stop
-    pieces = (body[at : min(at + COUNTED_PIECE, stop)] for at in range(start, stop, COUNTED_PIECE))
-    return sum(len(piece) - len(piece.translate(None, VALUE_MARKS)) for piece in pieces)
-
-
 def count_values(body: bytes) -> int:
-    """At most how many JSON values a body holds: one more than its commas and opening brackets."""
-    return 1 + value_marks(body)
+    """At most how many JSON values a body holds: one more than its commas and opening brackets, counted in C."""
+    pieces = (body[at : at + COUNTED_PIECE] for at in range(0, len(body), COUNTED_PIECE))
+    return 1 + sum(len(piece) - len(piece.translate(None, VALUE_MARKS)) for piece in pieces)
 
 
 def check_value_count(body: bytes, most_users: int) -> None:
     """Refuse a body holding more JSON values than `most_users` users hold."""
+    if count_values(body) > most_values(most_users):
+        raise too_many_values(body, most_users)
+
+
+def too_many_values(body: bytes, most_users: int) -> AnswerError:
+    """The refusal of a body holding more JSON values than `most_users` users hold, saying its whole count."""
     values, most = count_values(body), most_values(most_users)
-    if values > most:
-        raise AnswerError(f"the answer holds up to {values:,} JSON values, more than {most_users} users hold (at most {most:,}): refused")
+    return AnswerError(f"the answer holds up to {values:,} JSON values, more than {most_users} users hold (at most {most:,}): refused")
 
 
-class ValueBudget:
-    """The JSON values a body may hold, checked before a reader reads them: all at once, or piece by piece as each is read."""
+class UserBudget:
+    """The values an answer in the service's layout may still hold, spent as its pieces are parsed."""
 
     def __init__(self, body: bytes, most_users: int):
         self.body, self.most_users = body, most_users
-        self.left = most_values(most_users)
-        self.lock = threading.Lock()  # pieces are counted on the parsing threads
-        self.refusal: AnswerError | None = None  # once the count passed the bound
+        self.left = most_values(most_users) - LAYOUT_ENVELOPE_VALUES
+        self.lock = threading.Lock()  # pieces are parsed on both parsing threads
+        self.refusal: AnswerError | None = None  # once past the bound: every piece not yet parsed is refused at once
 
-    def check_all(self) -> None:
-        """Refuse the body now if it holds more values than its users may (counted whole once, the refusal kept)."""
-        with self.lock:  # one count of the whole body, however many threads ask at once
-            if self.refusal is None:
-                try:
-                    check_value_count(self.body, self.most_users)
-                except AnswerError as exc:
-                    self.refusal = exc
+    def check_open(self) -> None:
+        """Refuse the answer if it was found to hold too many values."""
         if self.refusal is not None:
             raise AnswerError(str(self.refusal))
 
-    def spend(self, start: int, stop: int, more: int = 0) -> None:
-        """Count the values of body[start:stop] (and `more` counted by the caller) against what is left; refuse the body once past it."""
-        if self.refusal is None:  # once refused, every piece not yet parsed is refused at once, uncounted
-            values = value_marks(self.body, start, stop) + more
-            with self.lock:
-                self.left -= values
-                within = self.left >= 0
-            if within:
-                return
-        self.check_all()  # past the bound: the pieces spent so far are part of the body, so its whole count is too
+    def spend(self, users: int) -> None:
+        """Count the values of `users` users just parsed; refuse the answer once past the bound."""
+        with self.lock:
+            self.left -= users * LAYOUT_USER_VALUES
+            if self.left < 0 and self.refusal is None:
+                # Said by the whole count, in the words used for any layout: it is never below the exact one.
+                self.refusal = too_many_values(self.body, self.most_users)
+        self.check_open()
 
 
 @dataclasses.dataclass(frozen=True)
 class Parsed:
-    """An answer as read: its users (a struct per user; None where it has no results), its info and its error."""
+    """An answer as read: its users (a row per user, a column per field; None where it has no results), its info and its error."""
 
-    users: pl.Series | None
+    users: pl.DataFrame | None
     info: dict
     error: str | None
 
 
-Start = Callable[[bytes, ValueBudget], Callable[[], T]]
-
-
-def read_strictly(body: bytes, most_users: int, start: Start[T], whole: Callable[[bytes], T] | None = None) -> T:
-    """What `start(body, budget)` reads, as Python's json reads it: the values bounded before they are read, the layout checked meanwhile.
-
-    `start` sets Polars reading, spending the budget before each part it reads, and gives what waits
-    for its result; Polars releases the GIL, so the layout check (a regular expression, holding it)
-    runs beside. Off the layout, what `start` read is checked by Python's json, or, if it relied on
-    the layout, `whole(body)` reads the answer instead, its values counted first.
-    """
-    body = without_bom(body)
-    budget = ValueBudget(body, most_users)
-    reading = start(body, budget)
-    if in_service_layout(body, most_users):
-        return reading()
-    if whole is None:
-        parsed = reading()
-    else:
-        with contextlib.suppress(AnswerError):  # read as if in the layout: discarded
-            reading()
-        budget.check_all()
-        parsed = whole(body)
-    faults = json_reading_faults(body)  # the exact, slower reading only where Polars and json could differ
-    if faults:
-        raise contract_failure(faults)
-    return parsed
-
-
 def parse_body(body: bytes, schema: pl.Schema = RAW_RESPONSE, most_users: int = MAX_PAGE_SIZE) -> pl.DataFrame:
     """Parse one answer against a raw schema, as Python's json reads it: one row of its fields."""
-    return read_strictly(body, most_users, functools.partial(start_whole, schema=schema))
-
-
-def start_whole(body: bytes, budget: ValueBudget, schema: pl.Schema) -> Callable[[], pl.DataFrame]:
-    """Set Polars parsing a body whole against `schema`, its values counted first."""
-    budget.check_all()
-    return PARSERS.submit(parse_json, body, schema).result
+    body = without_bom(body)
+    check_value_count(body, most_users)
+    return read_checked(body, functools.partial(parse_json, schema=schema), functools.partial(layout_faults, most_users=most_users))
 
 
 def parse_answer(body: bytes, most_users: int = MAX_PAGE_SIZE) -> Parsed:
     """Parse one answer against the raw schema, as Python's json reads it: its users, info and error."""
-    return read_strictly(body, most_users, start_answer, read_whole)
+    body = without_bom(body)
+    in_layout = read_in_layout(body, most_users)
+    if in_layout is not None:
+        return in_layout
+    check_value_count(body, most_users)  # off the layout, the values are counted before any is read
+    return read_checked(body, read_whole, json_reading_faults)
+
+
+def read_checked(body: bytes, read: Callable[[bytes], T], faults_of: Callable[[bytes], list[str]]) -> T:
+    """What `read(body)` gives, refused where `faults_of(body)` finds Python's json would read the body otherwise."""
+    reading = PARSERS.submit(read, body)  # Polars releases the GIL: the check runs beside it
+    try:
+        faults = faults_of(body)
+    finally:
+        futures.wait([reading])
+    parsed = reading.result()  # Polars' refusal first: it says where the JSON breaks
+    if faults:
+        raise contract_failure(faults)
+    return parsed
 
 
 def read_whole(body: bytes) -> Parsed:
     """An answer parsed whole by Polars."""
     row = parse_json(body, RAW_RESPONSE)
     results = row.get_column("results")
-    users = None if results.null_count() else results.explode(empty_as_null=False)
+    users = None if results.null_count() else results.explode(empty_as_null=False).struct.unnest()
     return Parsed(users, *row.select("info", "error").row(0))
 
 
-def start_answer(body: bytes, budget: ValueBudget) -> Callable[[], Parsed]:
-    """Set Polars parsing an answer, its users in pieces where it starts as the service writes it (else whole), each part's values counted first."""
+def read_in_layout(body: bytes, most_users: int) -> Parsed | None:
+    """An answer in the service's compact layout, parsed a piece at a time as each is proven in it; None off the layout."""
     # Polars builds a node per value as it parses: a whole page of 5,000 users took 70 MB at its peak,
     # a piece of 500 users a tenth of that, and the pieces of one page parse on both cores. Cut between
-    # users, the pieces are the answer only in the service's layout, which read_strictly then checks.
+    # users, the pieces are the answer only in the service's layout: each is matched against it before
+    # it is parsed, which also proves its values (45 a user), so none needs counting; its users are.
     if not body.startswith(LAYOUT_HEAD) or (end := body.rfind(LAYOUT_TAIL)) < 0:
-        budget.check_all()
-        return PARSERS.submit(read_whole, body).result
-    # Each piece is counted on its parsing thread, just before it is parsed, rather than the whole body
-    # before any: a count takes a tenth of a page's time, and the pieces' parse need not wait for it.
-    cuts = list(user_pieces(body, end))
-    head = len(LAYOUT_HEAD) - len(USER_HEAD)  # where the first piece starts; one comma between two pieces is in neither
-    budget.spend(0, head, more=1 + max(len(cuts) - 1, 0))
-    pieces = [PARSERS.submit(piece_users, body, start, stop, budget) for start, stop in cuts]
-
-    def parsed() -> Parsed:
-        """The users of every piece, in order, and the answer's info and error."""
-        futures.wait(pieces)
-        budget.spend(end, len(body))
+        return None
+    text = text_pattern(body)
+    if text is None or tail_layout(text).fullmatch(body, end) is None:
+        return None
+    reader = PieceReader(body, text, UserBudget(body, most_users))
+    pieces = [PARSERS.submit(reader.users, start, stop) for start, stop in user_pieces(body, end)]
+    try:
         envelope = parse_json(b"{" + body[end + 2 :], ENVELOPE)
-        return Parsed(pl.concat([piece.result() for piece in pieces]), *envelope.row(0))
+        read = [piece.result() for piece in pieces]
+    finally:  # a piece not yet read never is, once the answer is refused
+        for future in pieces:
+            future.cancel()
+        futures.wait(pieces)
+    users = [part for part in read if part is not None]
+    if len(users) < len(read):
+        return None
+    return Parsed(pl.concat(users), *envelope.row(0))
 
-    return parsed
+
+class PieceReader:
+    """Reads the pieces of one answer on the parsing threads: each matched against the service's layout, then parsed."""
+
+    def __init__(self, body: bytes, text: str, budget: UserBudget):
+        self.body, self.layout, self.budget = body, users_layout(text), budget
+        self.off_layout = False  # once a piece is not in the layout, the rest are not read
+
+    def users(self, start: int, stop: int) -> pl.DataFrame | None:
+        """The users written in body[start:stop], parsed once proven in the layout and counted against the budget; None off it."""
+        # The match holds the GIL while the other thread's piece parses without it: on two cores, each
+        # thread matches a piece while the other parses one, and neither waits on the asking thread.
+        self.budget.check_open()
+        if self.off_layout or self.layout.fullmatch(self.body, start, stop) is None:
+            self.off_layout = True
+            return None
+        users = parse_piece(self.body, start, stop)
+        self.budget.spend(users.height)
+        return users
 
 
 def user_pieces(body: bytes, end: int) -> Iterator[tuple[int, int]]:
@@ -242,22 +242,24 @@ def user_pieces(body: bytes, end: int) -> Iterator[tuple[int, int]]:
         start = stop + 1
 
 
-def piece_users(body: bytes, start: int, stop: int, budget: ValueBudget) -> pl.Series:
-    """The users written in body[start:stop], parsed by Polars once their values are within the budget."""
-    budget.spend(start, stop)
-    return parse_piece(body, start, stop)
-
-
-def parse_piece(body: bytes, start: int, stop: int) -> pl.Series:
-    """The users written in body[start:stop], parsed by Polars (their values counted by the caller)."""
-    piece = parse_json(b'{"results":[' + body[start:stop] + b"]}", USERS_ONLY)
-    return piece.get_column("results").explode(empty_as_null=False)
+def parse_piece(body: bytes, start: int, stop: int) -> pl.DataFrame:
+    """The users written in body[start:stop], a row each, parsed by Polars (the caller has checked their layout)."""
+    # Read as an array of users, not inside an answer: a list of structs to unpack costs a sixth more.
+    return read_json(b"".join((b"[", memoryview(body)[start:stop], b"]")), USER_COLUMNS)
 
 
 def parse_json(body: bytes, schema: pl.Schema) -> pl.DataFrame:
-    """Polars' reading of a body against a schema, or an AnswerError saying what is wrong with it."""
+    """Polars' reading of a body, which must be one JSON object, against a schema, or an AnswerError saying what is wrong with it."""
+    parsed = read_json(body, schema)
+    if parsed.height != 1 or not body.lstrip().startswith(b"{"):
+        raise AnswerError("the answer is not one JSON object")
+    return parsed
+
+
+def read_json(body: bytes, schema: pl.Schema) -> pl.DataFrame:
+    """Polars' reading of JSON against a schema, or an AnswerError saying what is wrong with it."""
     try:
-        parsed = pl.read_json(body, schema=schema)
+        return pl.read_json(body, schema=schema)
     except Exception as exc:  # polars reports malformed JSON as several error types
         head = body[:64].lstrip()[:1]
         if head == b"<":
@@ -267,9 +269,6 @@ def parse_json(body: bytes, schema: pl.Schema) -> pl.DataFrame:
             if faults:
                 raise contract_failure(faults) from exc
         raise AnswerError(f"the answer is not JSON of the randomuser.me 1.4 shape ({json_fault(exc)})") from exc
-    if parsed.height != 1 or not body.lstrip().startswith(b"{"):
-        raise AnswerError("the answer is not one JSON object")
-    return parsed
 
 
 def json_fault(exc: Exception) -> str:
@@ -318,19 +317,24 @@ def tail_layout(text: str = PLAIN_TEXT) -> re.Pattern:
     return re.compile(rf'\],"info":{layout_pattern(INFO_LAYOUT, text)}\}}'.encode())
 
 
+def text_pattern(body: bytes) -> str | None:
+    """The pattern of a text in this body: plain where it holds no backslash; None where it writes a surrogate as an escape."""
+    if b"\\" not in body:
+        return PLAIN_TEXT
+    return None if SURROGATE_ESCAPE.search(body) else ESCAPED_TEXT  # Polars and json may read a surrogate differently
+
+
 def in_service_layout(body: bytes, most_users: int = MAX_PAGE_SIZE) -> bool:
     """True for the service's compact layout with no surrogate escape: no key can repeat, and Polars reads it as json does."""
-    escaped = b"\\" in body
-    if escaped and SURROGATE_ESCAPE.search(body):  # Polars and json may read a surrogate differently
+    text = text_pattern(body)
+    if text is None:
         return False
-    text = ESCAPED_TEXT if escaped else PLAIN_TEXT
-    if not body.startswith(LAYOUT_HEAD) or (end := body.rfind(LAYOUT_TAIL)) < 0:
-        return service_layout(max(most_users, 1), text).fullmatch(body) is not None
-    # Piece by piece, the pieces start_answer parses joined by their commas: a match holds the GIL
-    # throughout, so the threads parsing the pieces take it between two.
-    users = users_layout(text)
-    pieces = user_pieces(body, end)
-    return tail_layout(text).fullmatch(body, end) is not None and all(users.fullmatch(body, start, stop) for start, stop in pieces)
+    return service_layout(max(most_users, 1), text).fullmatch(body) is not None
+
+
+def layout_faults(body: bytes, most_users: int) -> list[str]:
+    """Where Python's json reads a body otherwise than Polars: nowhere in the service's layout, else as it finds."""
+    return [] if in_service_layout(body, most_users) else json_reading_faults(body)  # the exact, slower reading only where they could differ
 
 
 def dig(value, path: str):
@@ -399,7 +403,7 @@ def check_envelope(parsed: Parsed, expect: PageRequest | None) -> dict:
         raise service_error(parsed.error)
     if parsed.users is None:
         raise AnswerError("the answer has no results")
-    info, got = parsed.info or {}, parsed.users.len()
+    info, got = parsed.info or {}, parsed.users.height
     check_page_number(info)
     if expect is not None:
         check_expected(info, got, expect)

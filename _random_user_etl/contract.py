@@ -93,7 +93,7 @@ def transform(body: bytes, expect: PageRequest | None = None, ingested_at: dt.da
     """One raw answer body in, the contract frame out in the answer's order, or EtlError saying what is wrong."""
     parsed = parse_answer(body, most_users=expect.results if expect and expect.results else MAX_PAGE_SIZE)
     info = check_envelope(parsed, expect)
-    users = parsed.users.struct.unnest() if parsed.users is not None else pl.DataFrame()
+    users = parsed.users if parsed.users is not None else pl.DataFrame()
     if users.height == 0:
         return OUTPUT_SCHEMA.to_frame()
     flat = users.select(**{name: field(source) for name, source in SOURCE_FIELDS.items()})

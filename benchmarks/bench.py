@@ -437,7 +437,7 @@ def polars_alone(body: bytes):
     from schemas import SOURCE_FIELDS
 
     pieces = [answer.PARSERS.submit(answer.parse_piece, body, start, stop) for start, stop in answer.user_pieces(body, body.rfind(answer.LAYOUT_TAIL))]
-    users = pl.concat([future.result() for future in pieces]).struct.unnest()
+    users = pl.concat([future.result() for future in pieces])
     flat = users.select(**{name: contract.field(source) for name, source in SOURCE_FIELDS.items()})
     return flat.with_columns(**contract.typed_columns())
 
