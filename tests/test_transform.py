@@ -11,6 +11,7 @@ from support import COLUMNS, assert_rows_are, fixture_bytes, fixture_json, refer
 from fake_api import _dumps, page_body
 
 import random_user_etl as etl
+from _random_user_etl import answer
 
 CONTRACT = pl.Schema(COLUMNS)  # the oracle's own statement of the columns, not the job's schemas
 
@@ -34,6 +35,13 @@ def assert_every_column_is_raw(frame: pl.DataFrame, body: bytes) -> None:
     for row, want in zip(frame.to_dicts(), expected, strict=True):
         for name in CONTRACT:
             assert row[name] == want[name], (row["user_id"], name)
+
+
+@pytest.mark.parametrize("name", [name for name in RECORDED if "noinfo" not in name])
+def test_every_recorded_answer_with_an_info_is_read_the_fast_way_in_the_services_layout(name):
+    # The layout check names the kind of value the service writes under each key: were one wrong, every
+    # real page would be read whole and then again by Python's json: rightly, but slowly.
+    assert answer.read_in_layout(fixture_bytes(name), 5000) is not None
 
 
 @pytest.mark.parametrize("name", RECORDED)
