@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from concurrent import futures
 
 import polars as pl
 import pytest
@@ -11,6 +12,7 @@ from support import COLUMNS, assert_rows_are, fixture_bytes, fixture_json, refer
 from fake_api import _dumps, page_body
 
 import random_user_etl as etl
+from _random_user_etl import answer
 
 CONTRACT = pl.Schema(COLUMNS)  # the oracle's own statement of the columns, not the job's schemas
 
@@ -322,3 +324,33 @@ def test_a_key_written_twice_anywhere_in_a_full_page_is_refused(user):
     body = body[:at] + b',"nat":"XX"' + body[at:]
     with pytest.raises(etl.EtlError, match=r"1 JSON object\(s\) hold a key twice \(nat\)"):
         etl.transform(body)
+
+
+def transformed(body: bytes, expect: etl.PageRequest | None = None):
+    """What the transform gives: the users' ids, or the one line of its refusal."""
+    try:
+        return etl.transform(body, expect)["user_id"].to_list()
+    except etl.EtlError as exc:
+        return str(exc)
+
+
+def test_pages_transformed_at_once_from_many_threads_read_each_as_alone(monkeypatch):
+    # The parsing threads are shared by every page typed at once: one page's refusal, or a piece of it
+    # found off the layout, must never reach another's pieces, and no refusal leaves a piece behind.
+    monkeypatch.setattr(answer, "PIECE_BYTES", 4096)  # a dozen pieces to a page of 60 users
+    good = page_body("shared", 1, 60)
+    doc = json.loads(good)
+    at = good.index(b'"city":"', len(good) * 3 // 4)
+    cases = {
+        "in the layout": (good, None, [u["login"]["uuid"] for u in doc["results"]]),
+        "a space in a late piece": (good[:at] + b'"city": ' + good[at + 7 :], None, [u["login"]["uuid"] for u in doc["results"]]),
+        "a key twice in a late piece": (good[:at] + b'"city":"X",' + good[at:], None, "1 contract check(s) failed: 1 JSON object(s) hold a key twice (city)"),
+        "a control character in a late piece": (good[:at] + b'"city":"\x01' + good[at + 8 :], None, "the answer is not JSON"),
+        "more values than its users hold": (good, etl.PageRequest("shared", 1, 10), "JSON values, more than 10 users hold"),
+    }
+    pages = [name for name in cases for _ in range(12)]
+    with futures.ThreadPoolExecutor(max_workers=6) as pool:
+        got = list(pool.map(lambda name: transformed(*cases[name][:2]), pages))
+    for name, read in zip(pages, got, strict=True):
+        expected = cases[name][2]
+        assert read == expected if isinstance(expected, list) else expected in read, name
