@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from concurrent import futures
 
 import polars as pl
@@ -354,3 +355,24 @@ def test_pages_transformed_at_once_from_many_threads_read_each_as_alone(monkeypa
     for name, read in zip(pages, got, strict=True):
         expected = cases[name][2]
         assert read == expected if isinstance(expected, list) else expected in read, name
+
+
+def leading_zero(body: bytes, key: bytes, nth: int) -> tuple[bytes, int]:
+    """The body with the `nth` number written after `key` given a leading zero (JSON allows none), and where that number starts."""
+    at = [m.end() for m in re.finditer(re.escape(key) + rb"(?=[0-9])", body)][nth]
+    return body[:at] + b"0" + body[at:], at
+
+
+@pytest.mark.parametrize("where", ["a late user", "the info"])
+def test_a_number_no_json_reader_reads_is_placed_where_it_is_in_the_answer(where):
+    # A page in the service's layout is parsed a piece at a time: a fault is still said at its place in
+    # the answer, not in the piece it was parsed in.
+    page = page_body("placed", 1, 1500)
+    assert len(page) > 2 * (1 << 19), "in three pieces or more"
+    body, at = leading_zero(page, b'"postcode":', 1000) if where == "a late user" else leading_zero(page, b'"results":', 0)
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(body)
+    with pytest.raises(etl.EtlError, match=r"malformed JSON at character [0-9]+\)$") as refused:
+        etl.transform(body)
+    said = int(str(refused.value).rsplit(" ", 1)[1].rstrip(")"))
+    assert at <= said <= at + 8, f"said at character {said:,}; the number starts at byte {at:,}"
