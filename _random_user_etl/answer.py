@@ -200,14 +200,14 @@ def read_in_layout(body: bytes, most_users: int) -> Parsed | None:
     reader = PieceReader(body, text, UserBudget(body, most_users))
     pieces = [PARSERS.submit(reader.users, start, stop) for start, stop in user_pieces(body, end)]
     try:
-        envelope = parse_json(b"{" + body[end + 2 :], ENVELOPE)
+        envelope = reader.parsed(lambda: parse_json(b"{" + body[end + 2 :], ENVELOPE))
         read = [piece.result() for piece in pieces]
     finally:  # a piece not yet read never is, once the answer is refused
         for future in pieces:
             future.cancel()
         futures.wait(pieces)
     users = [part for part in read if part is not None]
-    if len(users) < len(read):
+    if envelope is None or len(users) < len(read):
         return None
     return Parsed(pl.concat(users), *envelope.row(0))
 
@@ -220,16 +220,27 @@ class PieceReader:
         self.off_layout = False  # once a piece is not in the layout, the rest are not read
 
     def users(self, start: int, stop: int) -> pl.DataFrame | None:
-        """The users written in body[start:stop], parsed once proven in the layout and counted against the budget; None off it."""
+        """The users written in body[start:stop], parsed once proven in the layout and counted against the budget; None off it, or where Polars refuses it."""
         # The match holds the GIL while the other thread's piece parses without it: on two cores, each
         # thread matches a piece while the other parses one, and neither waits on the asking thread.
         self.budget.check_open()
         if self.off_layout or self.layout.fullmatch(self.body, start, stop) is None:
             self.off_layout = True
             return None
-        users = parse_piece(self.body, start, stop)
-        self.budget.spend(users.height)
+        users = self.parsed(lambda: parse_piece(self.body, start, stop))
+        if users is not None:
+            self.budget.spend(users.height)
         return users
+
+    def parsed(self, read: Callable[[], T]) -> T | None:
+        """What `read()` parses of a part of the answer; None, the answer then off the layout, where Polars refuses the part."""
+        # Polars refuses some text the layout matches (a number written 01, a control character): the
+        # answer is then read whole, so the refusal says where the answer breaks, not where the part does.
+        try:
+            return read()
+        except AnswerError:
+            self.off_layout = True
+            return None
 
 
 def user_pieces(body: bytes, end: int) -> Iterator[tuple[int, int]]:

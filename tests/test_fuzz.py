@@ -18,13 +18,16 @@ import datetime as dt
 import json
 import math
 import os
+import re
 
 import pytest
 from support import LONE_SURROGATE, Refused, fixture_json, reference_rows
+from fake_api import page_body
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import random_user_etl as etl
+from _random_user_etl import answer
 
 # ci: 300 examples (about 2 s), each of the 5 answers under each of the 5 mutations a dozen times over;
 # no example database, so every run draws new ones and the runs add up. long: 20,000, for a change to the transform.
@@ -291,3 +294,74 @@ def test_any_layout_of_an_answer_lands_what_the_standard_reader_reads(data):
     body = text.encode()
     compact = json.dumps(doc).encode()
     assert etl.transform(body, ingested_at=INGESTED).to_dicts() == reference_rows(body, INGESTED) == reference_rows(compact, INGESTED)
+
+
+# ---------------------------------------------------------------- a page in the service's layout, read in pieces
+
+PIECE_BYTES = 2048  # pieces of two or three users, so a small page is cut a dozen times
+IN_PIECES = page_body("pieces", 1, 24)
+# Texts that look like the layout's own cuts and ends, with a quote, a backslash or a lone surrogate.
+CUT_TEXTS = ['},{"gender":"x', '],"info":{', '"},{"gender":"', "\\", '\\"},{"gender":', "\ud800", "😀", "\n", '}],"info":{"seed":"pieces"}}']
+# Raw bytes that leave the layout (a key twice, whitespace, an escape) or JSON itself (a stray quote).
+SNIPPETS = [b',"nat":"XX"', b" ", b"\n", b'\\"', b"\\ud800", b"\\u0041", b'"', b'},{"gender":', b'],"info":{', b"\\", b"\x01"]
+
+TWICE = [b'"gender":', b'"first":', b'"city":', b'"postcode":', b'"uuid":', b'"date":', b'"value":', b'"nat":']
+
+
+def user_span(body: bytes, user: int) -> tuple[int, int]:
+    """Where the compact page's user number `user` starts and ends (json.dumps writes no space, so every user starts alike)."""
+    starts = [at for at in range(len(body)) if body.startswith(b'{"gender":', at)]
+    return starts[user], (starts[user + 1] - 1 if user + 1 < len(starts) else body.rindex(b'],"info":{'))
+
+
+def off_the_layout(data) -> bytes:
+    """The page with one user, or its tail, changed: in a text, in its raw bytes, or after its users."""
+    doc = json.loads(IN_PIECES)
+    user = data.draw(st.integers(0, len(doc["results"]) - 1), label="user")
+    kind = data.draw(st.sampled_from(["text", "twice", "raw", "tail"]), label="kind")
+    if kind == "text":
+        place = doc["results"][user]["location"]
+        place[data.draw(st.sampled_from(["city", "state", "country"]), label="field")] = "".join(
+            data.draw(st.lists(st.sampled_from(CUT_TEXTS), min_size=1, max_size=3), label="text")
+        )
+        return json.dumps(doc, separators=(",", ":"), ensure_ascii=data.draw(st.booleans(), label="ascii")).encode("utf-8", "surrogatepass")
+    start, stop = user_span(IN_PIECES, user)
+    if kind == "twice":  # a key of the user written twice, another value first: Polars would keep that one
+        key = data.draw(st.sampled_from(TWICE), label="key")
+        at = IN_PIECES.index(key, start, stop)
+        return IN_PIECES[:at] + key + data.draw(st.sampled_from([b'"Elsewhere"', b"null", b"7"]), label="first value") + b"," + IN_PIECES[at:]
+    if kind == "raw":
+        # Anywhere in the user, or where a key could follow a value: before a comma or a closing brace.
+        between = [m.start() for m in re.finditer(rb'(?=,"[a-z0-9]+":|\})', IN_PIECES[:stop]) if m.start() >= start]
+        at = data.draw(st.one_of(st.sampled_from(between), st.integers(start, stop)), label="at")
+        return IN_PIECES[:at] + data.draw(st.sampled_from(SNIPPETS), label="snippet") + IN_PIECES[at:]
+    end = IN_PIECES.rindex(b'],"info":{')
+    tail = data.draw(
+        st.sampled_from(
+            [
+                b'],\n  "info": ' + json.dumps(doc["info"], indent=2).encode() + b"\n}",
+                IN_PIECES[end:] + b" ",
+                IN_PIECES[end:] + IN_PIECES[end:],
+                IN_PIECES[end:-1],
+            ]
+        ),
+        label="tail",
+    )
+    return IN_PIECES[:end] + tail
+
+
+@settings(max_examples=150)
+@given(data=st.data())
+def test_a_page_that_leaves_the_layout_in_a_later_piece_refuses_or_lands_what_the_standard_reader_reads(data):
+    # A page that starts in the service's layout is read a piece at a time, each matched against the
+    # layout as it is parsed: whichever piece leaves it, the answer is read as Python's json reads it.
+    body = off_the_layout(data)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(answer, "PIECE_BYTES", PIECE_BYTES)
+        got = outcome(lambda: etl.transform(body, ingested_at=INGESTED).to_dicts())
+    expected = outcome(lambda: reference_rows(body, INGESTED))
+    event(f"reference {'refuses' if expected == REFUSED else 'accepts'}, transform {'refuses' if got == REFUSED else 'accepts'}")
+    if got != REFUSED:
+        assert got == expected
+    elif expected != REFUSED:
+        assert refused_on_purpose(body), "the reference reads this answer, yet the transform refuses it"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
+from concurrent import futures
 
 import polars as pl
 import pytest
@@ -330,3 +332,54 @@ def test_a_key_written_twice_anywhere_in_a_full_page_is_refused(user):
     body = body[:at] + b',"nat":"XX"' + body[at:]
     with pytest.raises(etl.EtlError, match=r"1 JSON object\(s\) hold a key twice \(nat\)"):
         etl.transform(body)
+
+
+def transformed(body: bytes, expect: etl.PageRequest | None = None):
+    """What the transform gives: the users' ids, or the one line of its refusal."""
+    try:
+        return etl.transform(body, expect)["user_id"].to_list()
+    except etl.EtlError as exc:
+        return str(exc)
+
+
+def test_pages_transformed_at_once_from_many_threads_read_each_as_alone(monkeypatch):
+    # The parsing threads are shared by every page typed at once: one page's refusal, or a piece of it
+    # found off the layout, must never reach another's pieces, and no refusal leaves a piece behind.
+    monkeypatch.setattr(answer, "PIECE_BYTES", 4096)  # a dozen pieces to a page of 60 users
+    good = page_body("shared", 1, 60)
+    doc = json.loads(good)
+    at = good.index(b'"city":"', len(good) * 3 // 4)
+    cases = {
+        "in the layout": (good, None, [u["login"]["uuid"] for u in doc["results"]]),
+        "a space in a late piece": (good[:at] + b'"city": ' + good[at + 7 :], None, [u["login"]["uuid"] for u in doc["results"]]),
+        "a key twice in a late piece": (good[:at] + b'"city":"X",' + good[at:], None, "1 contract check(s) failed: 1 JSON object(s) hold a key twice (city)"),
+        "a control character in a late piece": (good[:at] + b'"city":"\x01' + good[at + 8 :], None, "the answer is not JSON"),
+        "more values than its users hold": (good, etl.PageRequest("shared", 1, 10), "JSON values, more than 10 users hold"),
+    }
+    pages = [name for name in cases for _ in range(12)]
+    with futures.ThreadPoolExecutor(max_workers=6) as pool:
+        got = list(pool.map(lambda name: transformed(*cases[name][:2]), pages))
+    for name, read in zip(pages, got, strict=True):
+        expected = cases[name][2]
+        assert read == expected if isinstance(expected, list) else expected in read, name
+
+
+def leading_zero(body: bytes, key: bytes, nth: int) -> tuple[bytes, int]:
+    """The body with the `nth` number written after `key` given a leading zero (JSON allows none), and where that number starts."""
+    at = [m.end() for m in re.finditer(re.escape(key) + rb"(?=[0-9])", body)][nth]
+    return body[:at] + b"0" + body[at:], at
+
+
+@pytest.mark.parametrize("where", ["a late user", "the info"])
+def test_a_number_no_json_reader_reads_is_placed_where_it_is_in_the_answer(where):
+    # A page in the service's layout is parsed a piece at a time: a fault is still said at its place in
+    # the answer, not in the piece it was parsed in.
+    page = page_body("placed", 1, 1500)
+    assert len(page) > 2 * (1 << 19), "in three pieces or more"
+    body, at = leading_zero(page, b'"postcode":', 1000) if where == "a late user" else leading_zero(page, b'"results":', 0)
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(body)
+    with pytest.raises(etl.EtlError, match=r"malformed JSON at character [0-9]+\)$") as refused:
+        etl.transform(body)
+    said = int(str(refused.value).rsplit(" ", 1)[1].rstrip(")"))
+    assert at <= said <= at + 8, f"said at character {said:,}; the number starts at byte {at:,}"
