@@ -21,9 +21,9 @@ from _random_user_etl.errors import AnswerError
 BOM = b"\xef\xbb\xbf"  # json.loads(bytes) skips a UTF-8 byte order mark; so does the transform
 
 
-# The service's own compact layout of a user, key by key. An answer written in it with no backslash
-# anywhere (so no escape can hide a key or a surrogate) holds every key once in every object, and
-# Polars reads it as Python's json does; any other answer is read once more by Python's json to check.
+# The service's own compact layout of a user, key by key. An answer written in it with no surrogate
+# escape (keys are matched as written, so no escape can hide one) holds every key once in every object,
+# and Polars reads it as Python's json does; any other answer is read once more by Python's json to check.
 USER_LAYOUT = (
     "gender,name{title,first,last},location{street{number,name},city,state,country,postcode,"
     "coordinates{latitude,longitude},timezone{offset,description}},email,"
@@ -64,12 +64,6 @@ VALUES_ALLOWANCE = 1_000  # the envelope, and room for the fields the service ad
 # The body is counted a piece at a time: the count copies little of it, and each copy is below glibc's
 # mmap threshold, so freeing it never raises that threshold (which puts later large buffers on the heap).
 COUNTED_PIECE = 1 << 16
-# In the service's layout the values are known exactly: a user holds one per key and itself; the answer
-# holds itself, its results, its info and the info's fields.
-LAYOUT_USER_VALUES = 1 + len(re.findall(r"\w+", USER_LAYOUT))
-LAYOUT_ENVELOPE_VALUES = 3 + len(INFO_LAYOUT.split(","))
-
-
 # Polars parses on these threads, releasing the GIL, while another holds it to check a layout.
 # Two: a piece each on both cores of a small machine; the pages typed at once share them.
 PARSERS = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="parse")
@@ -97,45 +91,44 @@ def most_values(most_users: int) -> int:
     return max(most_users, 1) * VALUES_PER_USER + VALUES_ALLOWANCE
 
 
-def count_values(body: bytes) -> int:
-    """At most how many JSON values a body holds: one more than its commas and opening brackets, counted in C."""
-    pieces = (body[at : at + COUNTED_PIECE] for at in range(0, len(body), COUNTED_PIECE))
-    return 1 + sum(len(piece) - len(piece.translate(None, VALUE_MARKS)) for piece in pieces)
+def value_marks(body: bytes, start: int = 0, stop: int | None = None) -> int:
+    """The commas and opening brackets in body[start:stop], counted in C."""
+    stop = len(body) if stop is None else stop
+    pieces = (body[at : min(at + COUNTED_PIECE, stop)] for at in range(start, stop, COUNTED_PIECE))
+    return sum(len(piece) - len(piece.translate(None, VALUE_MARKS)) for piece in pieces)
 
 
 def check_value_count(body: bytes, most_users: int) -> None:
-    """Refuse a body holding more JSON values than `most_users` users hold."""
-    if count_values(body) > most_values(most_users):
-        raise too_many_values(body, most_users)
+    """Refuse a body holding more JSON values than `most_users` users hold: one more than its commas and opening brackets."""
+    values, most = 1 + value_marks(body), most_values(most_users)
+    if values > most:
+        raise AnswerError(f"the answer holds up to {values:,} JSON values, more than {most_users} users hold (at most {most:,}): refused")
 
 
-def too_many_values(body: bytes, most_users: int) -> AnswerError:
-    """The refusal of a body holding more JSON values than `most_users` users hold, saying its whole count."""
-    values, most = count_values(body), most_values(most_users)
-    return AnswerError(f"the answer holds up to {values:,} JSON values, more than {most_users} users hold (at most {most:,}): refused")
-
-
-class UserBudget:
-    """The values an answer in the service's layout may still hold, spent as its pieces are parsed."""
+class ValueBudget:
+    """The JSON values an answer in the service's layout may hold, spent piece by piece before each is parsed."""
 
     def __init__(self, body: bytes, most_users: int):
         self.body, self.most_users = body, most_users
-        self.left = most_values(most_users) - LAYOUT_ENVELOPE_VALUES
-        self.lock = threading.Lock()  # pieces are parsed on both parsing threads
+        self.left = most_values(most_users)
+        self.lock = threading.Lock()  # pieces are counted on both parsing threads
         self.refusal: AnswerError | None = None  # once past the bound: every piece not yet parsed is refused at once
 
     def check_open(self) -> None:
-        """Refuse the answer if it was found to hold too many values."""
+        """Refuse the answer if its values were found past the bound."""
         if self.refusal is not None:
             raise AnswerError(str(self.refusal))
 
-    def spend(self, users: int) -> None:
-        """Count the values of `users` users just parsed; refuse the answer once past the bound."""
+    def spend(self, values: int) -> None:
+        """Count `values` against what is left; refuse the answer once past the bound, as its whole count says."""
         with self.lock:
-            self.left -= users * LAYOUT_USER_VALUES
+            self.left -= values
             if self.left < 0 and self.refusal is None:
-                # Said by the whole count, in the words used for any layout: it is never below the exact one.
-                self.refusal = too_many_values(self.body, self.most_users)
+                # The parts spent add up to the whole body's count, so the whole count refuses it too.
+                try:
+                    check_value_count(self.body, self.most_users)
+                except AnswerError as exc:
+                    self.refusal = exc
         self.check_open()
 
 
@@ -190,15 +183,19 @@ def read_in_layout(body: bytes, most_users: int) -> Parsed | None:
     """An answer in the service's compact layout, parsed a piece at a time as each is proven in it; None off the layout."""
     # Polars builds a node per value as it parses: a whole page of 5,000 users took 70 MB at its peak,
     # a piece of 500 users a tenth of that, and the pieces of one page parse on both cores. Cut between
-    # users, the pieces are the answer only in the service's layout: each is matched against it before
-    # it is parsed, which also proves its values (45 a user), so none needs counting; its users are.
+    # users, the pieces are the answer only in the service's layout: each is matched against it just
+    # before it is parsed. The values are counted as for any layout, a piece at a time, so the bound
+    # holds an answer to the same count whatever its layout.
     if not body.startswith(LAYOUT_HEAD) or (end := body.rfind(LAYOUT_TAIL)) < 0:
         return None
     text = text_pattern(body)
     if text is None or tail_layout(text).fullmatch(body, end) is None:
         return None
-    reader = PieceReader(body, text, UserBudget(body, most_users))
-    pieces = [PARSERS.submit(reader.users, start, stop) for start, stop in user_pieces(body, end)]
+    budget, cuts = ValueBudget(body, most_users), list(user_pieces(body, end))
+    head = cuts[0][0]  # a comma between two pieces is in neither
+    budget.spend(1 + value_marks(body, 0, head) + len(cuts) - 1 + value_marks(body, end))
+    reader = PieceReader(body, text, budget)
+    pieces = [PARSERS.submit(reader.users, start, stop) for start, stop in cuts]
     try:
         envelope = reader.parsed(lambda: parse_json(b"{" + body[end + 2 :], ENVELOPE))
         read = [piece.result() for piece in pieces]
@@ -213,24 +210,22 @@ def read_in_layout(body: bytes, most_users: int) -> Parsed | None:
 
 
 class PieceReader:
-    """Reads the pieces of one answer on the parsing threads: each matched against the service's layout, then parsed."""
+    """Reads the parts of one answer in the service's layout: each piece, on a parsing thread, matched against it, counted, then parsed."""
 
-    def __init__(self, body: bytes, text: str, budget: UserBudget):
+    def __init__(self, body: bytes, text: str, budget: ValueBudget):
         self.body, self.layout, self.budget = body, users_layout(text), budget
         self.off_layout = False  # once a piece is not in the layout, the rest are not read
 
     def users(self, start: int, stop: int) -> pl.DataFrame | None:
-        """The users written in body[start:stop], parsed once proven in the layout and counted against the budget; None off it, or where Polars refuses it."""
-        # The match holds the GIL while the other thread's piece parses without it: on two cores, each
-        # thread matches a piece while the other parses one, and neither waits on the asking thread.
+        """The users written in body[start:stop], parsed once proven in the layout and its values within the budget; None off it, or where Polars refuses it."""
+        # The match and the count hold the GIL while the other thread's piece parses without it: on two
+        # cores, each thread checks a piece while the other parses one, and neither waits on the asking thread.
         self.budget.check_open()
         if self.off_layout or self.layout.fullmatch(self.body, start, stop) is None:
             self.off_layout = True
             return None
-        users = self.parsed(lambda: parse_piece(self.body, start, stop))
-        if users is not None:
-            self.budget.spend(users.height)
-        return users
+        self.budget.spend(value_marks(self.body, start, stop))
+        return self.parsed(lambda: parse_piece(self.body, start, stop))
 
     def parsed(self, read: Callable[[], T]) -> T | None:
         """What `read()` parses of a part of the answer; None, the answer then off the layout, where Polars refuses the part."""

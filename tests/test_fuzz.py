@@ -350,7 +350,6 @@ def off_the_layout(data) -> bytes:
     return IN_PIECES[:end] + tail
 
 
-@settings(max_examples=150)
 @given(data=st.data())
 def test_a_page_that_leaves_the_layout_in_a_later_piece_refuses_or_lands_what_the_standard_reader_reads(data):
     # A page that starts in the service's layout is read a piece at a time, each matched against the

@@ -7,7 +7,6 @@ its own process, fed by the fake over loopback.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import tracemalloc
@@ -353,42 +352,36 @@ def test_an_answer_holding_more_values_than_its_users_is_refused_unread_whatever
     assert batch_files(out) == []
 
 
-def values_in(doc) -> int:
-    """How many JSON values a document holds, itself included, counted by walking what json read."""
-    inner = doc.values() if isinstance(doc, dict) else doc if isinstance(doc, list) else ()
-    return 1 + sum(values_in(value) for value in inner)
-
-
-def users_with_commas(users: list[dict], envelope: dict) -> bytes:
-    """An answer in the service's compact layout of these users, every street name filled to the field bound with commas."""
-    for user in users:
+def with_values(doc: dict, values: int) -> bytes:
+    """The answer in the service's compact layout, commas added to street names until it counts `values` (one more than its ",[{" bytes)."""
+    compact = lambda: json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()  # noqa: E731
+    missing = values - (1 + sum(compact().count(mark) for mark in (b",", b"[", b"{")))
+    for user in doc["results"]:
         street = user["location"]["street"]
-        street["name"] += "," * (256 - len(street["name"].encode()))  # a text field holds at most 256 bytes
-    info = {**envelope["info"], "results": len(users)}
-    return json.dumps({**envelope, "results": users, "info": info}, separators=(",", ":"), ensure_ascii=False).encode()
+        added = min(missing, 256 - len(street["name"].encode()))  # a text field holds at most 256 bytes
+        street["name"] += "," * added
+        missing -= added
+    assert missing == 0
+    return compact()
 
 
-@pytest.mark.parametrize("past", [0, 1], ids=["the-most-users-that-fit", "one-more"])
-def test_a_page_in_the_layout_is_bounded_by_the_values_it_holds_not_by_commas_in_its_texts(past):
-    # The layout check proves every value of a piece before it is parsed, so a comma inside a text is
-    # no value: the page holding the most users whose values fit the bound for 1,000 users is read (and
-    # then refused for holding more users than asked); one more user is refused as too many values.
-    bound = 1000 * 64 + 1000
-    doc = json.loads(page_body("commas", 1, 1500))
-    envelope = {**doc, "results": []}
-    held = itertools.accumulate((values_in(user) for user in doc["results"]), initial=values_in(envelope))
-    fits = max(users for users, values in enumerate(held) if values <= bound)
-    answer = users_with_commas(doc["results"][: fits + past], envelope)
+@pytest.mark.parametrize("layout", ["compact", "indented"])
+@pytest.mark.parametrize("past", [0, 1], ids=["at-the-bound", "one-past-it"])
+def test_a_page_is_bounded_by_its_whole_count_of_values_whatever_its_layout(past, layout):
+    # In the service's layout the count is made a piece at a time, each piece just before it is
+    # parsed: the pieces, the commas between them, the head and the envelope must add up to the whole
+    # answer's count, exactly, so the same page re-indented meets the same bound.
+    doc = json.loads(page_body("commas", 1, 1000))
+    answer = with_values(doc, 1000 * 64 + 1000 + past)  # the bound for 1,000 users
     assert len(answer) > 2 * (1 << 19), "in three pieces or more"
-    assert answer.count(b",") + answer.count(b"{") + answer.count(b"[") > bound, "more commas and brackets than the bound"
+    if layout == "indented":
+        answer = json.dumps(json.loads(answer), indent=2, ensure_ascii=False).encode()
     request = etl.PageRequest("commas", 1, 1000)
-    says = (
-        r"holds up to [0-9,]+ JSON values, more than 1000 users hold \(at most 65,000\): refused$"
-        if past
-        else rf"asked for 1000 users, the answer holds {fits}$"
-    )
-    with pytest.raises(etl.EtlError, match=says):
-        etl.transform(answer, request)
+    if past:
+        with pytest.raises(etl.EtlError, match=r"holds up to 65,001 JSON values, more than 1000 users hold \(at most 65,000\): refused$"):
+            etl.transform(answer, request)
+    else:
+        assert_rows_are(etl.transform(answer, request), json.loads(answer)["results"])
 
 
 def test_a_page_with_junk_values_within_the_allowance_lands(api, settings):
