@@ -16,24 +16,25 @@ import sys
 import polars as pl
 import pytest
 from deltalake import DeltaTable, write_deltalake
-from fake_api import status
+from fake_api import PICKED_SEED, status
 from support import (
     HELD,
     PREFIX,
     SPARK_MISSING,
     assert_one_error_line,
     assert_rows_are,
+    assert_stopped,
     fast_env,
     held_env,
     held_store,
     land_sorted,
+    on_log,
     raw_key,
-    served_users,
     run_cli,
+    served_users,
     sigterm_when_held,
     start_cli,
     wait_until,
-    assert_stopped,
 )
 
 import random_user_etl as etl
@@ -133,8 +134,6 @@ def test_an_unknown_table_format_is_refused_before_any_request(api, out, raw):
 
 
 def test_an_unknown_table_format_in_the_environment_is_refused_before_any_request(api, out, raw):
-    from support import run_cli
-
     ran = run_cli("--seed", "alpha", env=fast_env(api.url, out, raw, RANDOM_USER_TABLE_FORMAT="iceberg"))
     assert ran.returncode == 2
     assert_one_error_line(ran.stderr, r"RANDOM_USER_TABLE_FORMAT must be files or delta, got 'iceberg'")
@@ -158,8 +157,6 @@ def test_a_folder_that_is_no_delta_table_where_the_table_goes_fails_in_one_line_
 
 def etl_cli(api, out, raw, *args):
     """The CLI in a process of its own, pointed at the fake."""
-    from support import run_cli
-
     return run_cli(*args, env=fast_env(api.url, out, raw))
 
 
@@ -435,8 +432,6 @@ def test_compact_where_there_is_no_table_fails_in_one_line(out, capsys):
 
 
 def test_a_run_stopped_while_its_batch_is_written_leaves_the_table_at_its_previous_version(settings, out):
-    from support import on_log
-
     from _random_user_etl.run import Run, SortSizes
     from _random_user_etl.sources import ServicePages
 
@@ -449,8 +444,6 @@ def test_a_run_stopped_while_its_batch_is_written_leaves_the_table_at_its_previo
 
 
 def test_a_first_run_stopped_while_its_batch_is_written_makes_no_table(settings, out):
-    from support import on_log
-
     from _random_user_etl.run import Run, SortSizes
     from _random_user_etl.sources import ServicePages
 
@@ -478,8 +471,6 @@ def test_spark_reads_the_tables_current_file_list(settings, out, spark):
 
 
 def test_a_picked_seed_whose_rows_are_in_the_table_is_refused_and_the_table_untouched(api, out, raw, cli):
-    from fake_api import PICKED_SEED
-
     api.picks = PICKED_SEED  # the service picks a seed the table holds
     env = fast_env(api.url, out, raw, RANDOM_USER_TABLE_FORMAT="delta")
     assert cli("--seed", "other", "--n", 5, env=env).returncode == 0
@@ -551,9 +542,6 @@ def test_a_commits_process_killed_by_something_else_fails_the_run_in_one_line_an
 def test_a_picked_seed_whose_rows_are_in_a_table_on_s3_is_refused_and_the_table_untouched(api, s3, tmp_path):
     # In processes of their own: some of deltalake's calls hold the GIL while they wait on the store,
     # which this process serves (moto) on a thread. The look for the seed's rows is a scan of the table.
-    from fake_api import PICKED_SEED
-    from support import run_cli
-
     api.picks = PICKED_SEED
     env = fast_env(api.url, s3.url(), tmp_path / "raw", RANDOM_USER_TABLE_FORMAT="delta")
     assert run_cli("--n", 5, env=env).returncode == 0  # the table holds no row of the picked seed yet: it lands

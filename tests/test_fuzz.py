@@ -308,10 +308,13 @@ SNIPPETS = [b',"nat":"XX"', b" ", b"\n", b'\\"', b"\\ud800", b"\\u0041", b'"', b
 TWICE = [b'"gender":', b'"first":', b'"city":', b'"postcode":', b'"uuid":', b'"date":', b'"value":', b'"nat":']
 
 
-def user_span(body: bytes, user: int) -> tuple[int, int]:
-    """Where the compact page's user number `user` starts and ends (json.dumps writes no space, so every user starts alike)."""
-    starts = [at for at in range(len(body)) if body.startswith(b'{"gender":', at)]
-    return starts[user], (starts[user + 1] - 1 if user + 1 < len(starts) else body.rindex(b'],"info":{'))
+USER_STARTS = [found.start() for found in re.finditer(rb'\{"gender":', IN_PIECES)]  # json.dumps writes no space: every user starts alike
+
+
+def user_span(user: int) -> tuple[int, int]:
+    """Where the page's user number `user` starts and ends."""
+    last = user + 1 == len(USER_STARTS)
+    return USER_STARTS[user], (IN_PIECES.rindex(b'],"info":{') if last else USER_STARTS[user + 1] - 1)
 
 
 def off_the_layout(data) -> bytes:
@@ -325,7 +328,7 @@ def off_the_layout(data) -> bytes:
             data.draw(st.lists(st.sampled_from(CUT_TEXTS), min_size=1, max_size=3), label="text")
         )
         return json.dumps(doc, separators=(",", ":"), ensure_ascii=data.draw(st.booleans(), label="ascii")).encode("utf-8", "surrogatepass")
-    start, stop = user_span(IN_PIECES, user)
+    start, stop = user_span(user)
     if kind == "twice":  # a key of the user written twice, another value first: Polars would keep that one
         key = data.draw(st.sampled_from(TWICE), label="key")
         at = IN_PIECES.index(key, start, stop)
